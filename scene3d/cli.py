@@ -1,0 +1,41 @@
+"""``scene3d``: the command line for 3D scenes. One subcommand per verb; each has ``--help``."""
+
+from __future__ import annotations
+
+import argparse
+
+from scene3d.runinfo import run_cli, version_string, versions
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    """Print versions and check that the compiled pieces load (pytorch3d._C, open3d offscreen)."""
+    for k, v in versions().items():
+        print(f"{k:14s} {v}")
+    import torch
+
+    print(f"{'cuda':14s} {torch.cuda.is_available()}")
+    import pytorch3d._C  # noqa: F401
+
+    print(f"{'pytorch3d._C':14s} ok")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scene3d", description="Learn 3D scenes from 2D images.")
+    p.add_argument("--version", action="version", version=version_string("scene3d"))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    s = sub.add_parser("info", help="versions and environment check")
+    s.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    def _main(argv):
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

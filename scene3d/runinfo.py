@@ -1,0 +1,107 @@
+"""Run records and user errors shared by every Plato command (``scene3d`` and ``cryoem``).
+
+Every run writes ``config.json`` with all settings, package versions and the git
+commit. Files are written atomically (temporary file, then rename).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PACKAGES = ("plato3d", "torch", "easypytorch3d", "open3d", "numpy", "scipy", "mrcfile", "starfile",
+            "biopython", "einops", "matplotlib", "scikit-learn", "tqdm", "tfrecord")
+
+
+class UserError(Exception):
+    """Bad user input. The CLI prints ``error: <message>`` on one line and exits with code 2."""
+
+
+def versions() -> dict[str, str]:
+    """Installed versions of Plato and its main dependencies."""
+    out = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def version_string(prog: str) -> str:
+    v = versions()
+    deps = ", ".join(f"{k} {val}" for k, val in v.items() if k != "plato3d")
+    return f"{prog} (plato3d {v['plato3d']}; {deps})"
+
+
+def git_commit() -> str | None:
+    """The commit of the Plato checkout this code runs from, with '+dirty' if modified."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (sha + ("+dirty" if dirty else "")) or None
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; rename it onto ``path`` when the block succeeds.
+
+    For writers that insist on a file name (mrcfile, matplotlib, open3d).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_config(out_dir: str | os.PathLike, settings: dict, name: str = "config.json") -> Path:
+    """Write ``out_dir/config.json``: settings, versions, git commit, command line."""
+    record = {"settings": settings, "versions": versions(), "git_commit": git_commit(),
+              "argv": sys.argv, "host": platform.node()}
+    path = Path(out_dir) / name
+    atomic_write(path, json.dumps(record, indent=2, default=str))
+    return path
+
+
+def run_cli(main_fn, argv=None) -> int:
+    """Run a CLI entry point; a ``UserError`` becomes one line on stderr and exit code 2."""
+    try:
+        return main_fn(argv) or 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
