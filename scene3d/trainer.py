@@ -1,0 +1,454 @@
+"""The one trainer of Plato: every model (GQN, the voxel/mesh/NeRF autoencoders, the cryo-EM atom VAE) uses it.
+
+The model interface
+-------------------
+A model is a ``torch.nn.Module`` with one method::
+
+    def loss(self, batch, step: int) -> dict[str, Tensor]:
+        '''Named scalar loss terms for one batch; ``out["loss"]`` is the total that is minimised.'''
+
+``batch`` is whatever the default ``DataLoader`` collate makes of the dataset's items
+(usually a dict of tensors, already moved to the device); ``step`` is the global
+optimisation step, for annealing schedules. Every other term in the dict is only logged.
+A model may also define ``check_batch(batch)``, called once before training, that raises
+``scene3d.runinfo.UserError`` when data and model disagree (image size, channels ...).
+
+Typical use::
+
+    cfg = TrainConfig(out="runs/x", minutes=30, batch_size=32, lr=5e-4)
+    Trainer(model, dataset, cfg, settings={"model": {...}}).fit()
+
+What the trainer owns
+---------------------
+* **Budget:** ``epochs``, ``steps`` and/or ``minutes`` (wall clock, summed over resumes);
+  training stops at whichever comes first.
+* **Optimisation:** Adam, a learning-rate schedule (:func:`lr_factor`), gradient-norm
+  clipping, and AMP (float16 autocast + GradScaler) on CUDA.
+* **Data order:** each epoch is a permutation drawn from ``(seed, epoch)``; the data
+  position is ``(epoch, batch index)``, so a resumed run sees exactly the batches the
+  uninterrupted run would. Datasets should be deterministic (put randomness in
+  ``model.loss``, which draws from the torch RNG that checkpoints save).
+* **Checkpoints:** ``out/checkpoint.pt`` every ``ckpt_every`` steps, at the end, and on
+  SIGINT / SIGTERM. ``resume=True`` restores model, optimiser, scheduler, AMP scaler,
+  RNG states (torch, CUDA, numpy, python), data position and elapsed time.
+  Checkpoints load with ``torch.load(weights_only=True)``.
+* **DDP:** launched by ``torchrun`` (``WORLD_SIZE > 1``), the trainer joins the process
+  group (gloo on CPU, nccl on CUDA), and splits each global batch of ``batch_size`` into
+  ``batch_size / world`` per process; gradients are averaged, so the run matches a
+  single-process run at the same global batch. Only rank 0 writes files.
+* **Records:** a tqdm bar with the loss terms, ``out/log.csv``, TensorBoard events in
+  ``out/tb/``, and ``out/config.json`` (settings, versions, git commit).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from scene3d.runinfo import UserError, atomic_path, write_config
+
+CHECKPOINT = "checkpoint.pt"
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (written to ``config.json``)."""
+
+    out: str
+    epochs: int | None = None  # budget: stop after this many passes over the data
+    steps: int | None = None  # budget: stop after this many optimisation steps
+    minutes: float | None = None  # budget: stop after this much wall-clock time (summed over resumes)
+    batch_size: int = 32  # global batch (split across DDP processes)
+    lr: float = 5e-4
+    lr_schedule: str = "constant"  # constant | linear | cosine  (see lr_factor)
+    lr_final: float = 5e-5  # end value of the linear / cosine schedules
+    lr_anneal_steps: int = 10_000  # steps over which lr goes from lr to lr_final
+    warmup_steps: int = 0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    grad_clip: float | None = 1.0  # max global gradient norm; None = off
+    amp: bool = True  # float16 autocast + GradScaler, on CUDA only
+    seed: int = 0
+    ckpt_every: int = 500  # steps
+    log_every: int = 10  # steps between CSV / TensorBoard rows
+    resume: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    progress: bool = True
+    tensorboard: bool = True
+    find_unused_parameters: bool = False  # DDP
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` at ``step``.
+
+    * ``constant``: 1.
+    * ``linear``: GQN's schedule form (Eslami et al. 2018, supplement),
+      ``lr_n = max(lr_f + (lr_i - lr_f) (1 - n / N), lr_f)`` with ``N = lr_anneal_steps``.
+    * ``cosine``: half a cosine from ``lr`` to ``lr_final`` over ``lr_anneal_steps``, then flat.
+    A linear warm-up over ``warmup_steps`` multiplies any of them.
+    """
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    frac = min(step / max(cfg.lr_anneal_steps, 1), 1.0)
+    final = cfg.lr_final / cfg.lr
+    if cfg.lr_schedule == "constant":
+        f = 1.0
+    elif cfg.lr_schedule == "linear":
+        f = final + (1 - final) * (1 - frac)
+    elif cfg.lr_schedule == "cosine":
+        f = final + (1 - final) * 0.5 * (1 + math.cos(math.pi * frac))
+    else:
+        raise UserError(f"lr_schedule: expected constant, linear or cosine, got {cfg.lr_schedule!r}")
+    return warm * f
+
+
+def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[list[int]]:
+    """The global batches of one epoch: a permutation of ``range(n)`` from ``(seed, epoch)``, last partial dropped."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    perm = torch.randperm(n, generator=g).tolist()
+    return [perm[i:i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
+
+
+def _to_device(batch, device):
+    if isinstance(batch, Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def rng_state() -> dict:
+    """All RNG states (torch, CUDA, numpy, python) as tensors / lists that ``weights_only`` loads."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+             "python": [py_state[0], list(py_state[1]), py_state[2]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a trainer checkpoint safely (``weights_only=True``); ``path`` may be the run folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.is_file():
+        raise UserError(f"{path}: no checkpoint found (train first, or check the run folder)")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # a truncated or foreign file
+        raise UserError(f"{path}: not a readable Plato checkpoint ({e.__class__.__name__}: {e})") from e
+
+
+class _LossModule(nn.Module):
+    """Routes ``forward`` to ``model.loss`` so DDP's gradient hooks fire."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, step: int):
+        return self.model.loss(batch, step)
+
+
+class Trainer:
+    """Train ``model`` (see the module docstring for its interface) on ``dataset`` under ``cfg``.
+
+    Args:
+        model: an ``nn.Module`` with ``loss(batch, step) -> dict`` (``"loss"`` = total).
+        dataset: a map-style dataset whose items the default collate can stack.
+        cfg: the :class:`TrainConfig`.
+        settings: extra settings (model hyper-parameters, data path ...) recorded in config.json.
+        collate_fn: optional DataLoader collate function.
+    """
+
+    def __init__(self, model: nn.Module, dataset, cfg: TrainConfig, settings: dict | None = None,
+                 collate_fn=None):
+        if not hasattr(model, "loss"):
+            raise TypeError("model: expected an nn.Module with a loss(batch, step) -> dict method")
+        self.cfg, self.dataset, self.collate_fn = cfg, dataset, collate_fn
+        self.settings = settings or {}
+        self.out = Path(cfg.out)
+        self._init_distributed()
+        if cfg.batch_size % self.world:
+            raise UserError(f"--batch-size {cfg.batch_size} is not divisible by the {self.world} DDP processes")
+        if len(dataset) < cfg.batch_size:
+            raise UserError(f"the dataset has {len(dataset)} items, fewer than one batch of {cfg.batch_size}")
+        if cfg.epochs is None and cfg.steps is None and cfg.minutes is None:
+            raise UserError("give a training budget: epochs, steps or minutes")
+        seed_everything(cfg.seed + self.rank)
+        self.model = model.to(self.device)
+        self.net = _LossModule(self.model)
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids,
+                                                           find_unused_parameters=cfg.find_unused_parameters)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
+                                    weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.use_amp = cfg.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.step, self.epoch, self.batch_in_epoch, self.elapsed = 0, 0, 0, 0.0
+        self._stop_signal = None
+
+    # ----------------------------------------------------------------- set-up
+    def _init_distributed(self) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        want = self.cfg.device
+        cuda = torch.cuda.is_available() and want in ("auto", "cuda")
+        if want == "cuda" and not torch.cuda.is_available():
+            raise UserError("--device cuda: CUDA is not available")
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": rng_state(), "step": self.step, "epoch": self.epoch,
+                "batch_in_epoch": self.batch_in_epoch, "elapsed": self.elapsed,
+                "config": _plain(asdict(self.cfg)), "settings": _plain(self.settings)}
+
+    def save_checkpoint(self) -> Path | None:
+        """Write ``out/checkpoint.pt`` atomically (rank 0 only)."""
+        if not self.is_main:
+            return None
+        path = self.out / CHECKPOINT
+        with atomic_path(path) as tmp:
+            torch.save(self.state_dict(), tmp)
+        return path
+
+    def load_state(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        if self.world == 1:
+            set_rng_state(ckpt["rng"])
+        else:  # each rank has its own stream; re-seed it deterministically from the position
+            seed_everything(self.cfg.seed + self.rank + 7919 * ckpt["step"])
+        self.step, self.epoch = ckpt["step"], ckpt["epoch"]
+        self.batch_in_epoch, self.elapsed = ckpt["batch_in_epoch"], ckpt["elapsed"]
+
+    # -------------------------------------------------------------- the loop
+    def _batches(self):
+        """Yield ``(index in epoch, batches in epoch, batch)`` from the current data position, forever."""
+        per_rank = self.cfg.batch_size // self.world
+        epoch, start = self.epoch, self.batch_in_epoch
+        while True:
+            batches = epoch_batches(len(self.dataset), self.cfg.batch_size, self.cfg.seed, epoch)
+            mine = [b[self.rank * per_rank:(self.rank + 1) * per_rank] for b in batches[start:]]
+            # its own generator: making a DataLoader iterator must not consume the global torch RNG
+            g = torch.Generator().manual_seed(self.cfg.seed + epoch)
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=mine, collate_fn=self.collate_fn,
+                                                 generator=g)
+            for i, batch in enumerate(loader):
+                yield start + i, len(batches), batch
+            epoch, start = epoch + 1, 0
+
+    def _budget_left(self, t0: float, elapsed0: float) -> bool:
+        c = self.cfg
+        self.elapsed = elapsed0 + time.time() - t0
+        done = ((c.steps is not None and self.step >= c.steps) or (c.epochs is not None and self.epoch >= c.epochs)
+                or (c.minutes is not None and self.elapsed >= 60 * c.minutes) or self._stop_signal is not None)
+        if self.world > 1:  # every rank must stop at the same step
+            flag = torch.tensor([float(done)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            done = bool(flag.item())
+        return not done
+
+    def train_step(self, batch) -> dict[str, float]:
+        """One optimisation step; returns the loss terms averaged over DDP processes."""
+        batch = _to_device(batch, self.device)
+        self.net.train()
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            terms = self.net(batch, self.step)
+        if "loss" not in terms:
+            raise TypeError("model.loss must return a dict with the total under 'loss'")
+        loss = terms["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"step {self.step}: the loss is {loss.item()} (lower --lr or check the data)")
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.opt)
+        gnorm = None
+        if self.cfg.grad_clip is not None:
+            gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
+        self.step += 1
+        vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
+        if self.world > 1:
+            dist.all_reduce(vals)
+            vals /= self.world
+        out = dict(zip(terms.keys(), vals.tolist()))
+        if gnorm is not None:
+            out["grad_norm"] = float(gnorm)
+        return out
+
+    def fit(self) -> dict:
+        """Train until the budget is spent or a signal arrives; returns a summary dict."""
+        c = self.cfg
+        if c.resume and (self.out / CHECKPOINT).is_file():
+            self.load_state(load_checkpoint(self.out / CHECKPOINT, map_location=self.device))
+        elif c.resume:
+            raise UserError(f"--resume: no {CHECKPOINT} in {self.out}")
+        elif self.is_main and (self.out / CHECKPOINT).is_file():
+            raise UserError(f"{self.out} already holds a run; pass --resume to continue it or choose a new --out")
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_config(self.out, {"train": asdict(c), **self.settings,
+                                    "world_size": self.world, "device": str(self.device)})
+        old = self._install_signal_handlers()
+        log = _Log(self.out, c, self.is_main, start_step=self.step)
+        t0, elapsed0 = time.time(), self.elapsed
+        terms: dict[str, float] = {}
+        checked = False
+        try:
+            batches = self._batches()
+            while self._budget_left(t0, elapsed0):
+                i, n, batch = next(batches)
+                if not checked and hasattr(self.model, "check_batch"):
+                    self.model.check_batch(_to_device(batch, self.device))
+                    checked = True
+                terms = self.train_step(batch)
+                self.batch_in_epoch = i + 1
+                if self.batch_in_epoch == n:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                log.row(self.step, self.epoch, self.elapsed, self.sched.get_last_lr()[0], terms)
+                if self.step % c.ckpt_every == 0:
+                    self.save_checkpoint()
+            self.save_checkpoint()
+        finally:
+            log.close()
+            self._restore_signal_handlers(old)
+        stopped = (f"signal {self._stop_signal}" if self._stop_signal else "budget")
+        return {"step": self.step, "epoch": self.epoch, "elapsed_s": self.elapsed, "stopped_by": stopped,
+                "last": terms}
+
+    # ---------------------------------------------------------------- signals
+    def _install_signal_handlers(self):
+        def handler(signum, frame):
+            self._stop_signal = signal.Signals(signum).name
+
+        try:
+            return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        except ValueError:  # not the main thread
+            return {}
+
+    @staticmethod
+    def _restore_signal_handlers(old: dict) -> None:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _Log:
+    """tqdm bar + ``log.csv`` + TensorBoard, on rank 0 only."""
+
+    def __init__(self, out: Path, cfg: TrainConfig, enabled: bool, start_step: int):
+        self.enabled, self.every = enabled, cfg.log_every
+        self.bar = self.tb = self.csv = self.writer = None
+        self.fields: list[str] | None = None
+        if not enabled:
+            return
+        from tqdm import tqdm
+
+        total = cfg.steps
+        self.bar = tqdm(total=total, initial=start_step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tb"), purge_step=start_step if start_step else None)
+        self.path = out / "log.csv"
+        if start_step == 0 or not self.path.is_file():
+            self.path.unlink(missing_ok=True)
+        else:  # drop rows past the checkpoint so the log matches the resumed run
+            with open(self.path) as f:
+                rows = list(csv.DictReader(f))
+            keep = [r for r in rows if int(r["step"]) <= start_step]
+            if rows:
+                self.fields = list(rows[0].keys())
+                with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+                    w = csv.DictWriter(f, self.fields)
+                    w.writeheader()
+                    w.writerows(keep)
+
+    def row(self, step: int, epoch: int, elapsed: float, lr: float, terms: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.bar.update(1)
+        if step % self.every and step != 1:
+            return
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items() if k != "grad_norm"}, refresh=False)
+        rec = {"step": step, "epoch": epoch, "time_s": round(elapsed, 2), "lr": lr, **terms}
+        if self.fields is None:
+            self.fields = list(rec.keys())
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, self.fields, extrasaction="ignore")
+            if f.tell() == 0:
+                w.writeheader()
+            w.writerow(rec)
+        if self.tb is not None:
+            for k, v in terms.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+            self.tb.add_scalar("train/lr", lr, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(x):
+    """Settings as JSON-like python values, so checkpoints load with weights_only=True."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, (int, float, str, bool)) or x is None:
+        return x
+    return str(x)

@@ -1,0 +1,148 @@
+"""The shared trainer: exact resume after a kill, DDP (2 gloo processes) == single process, logs."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from scene3d.runinfo import UserError
+from scene3d.trainer import TrainConfig, Trainer, load_checkpoint, lr_factor
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Toy(nn.Module):
+    """Noisy linear regression: the noise comes from the torch RNG, so resume must restore it."""
+
+    def __init__(self, noise: float = 0.1, sleep: float = 0.0):
+        super().__init__()
+        self.lin = nn.Linear(4, 2)
+        self.noise, self.sleep = noise, sleep
+
+    def loss(self, batch, step):
+        if self.sleep:
+            time.sleep(self.sleep)
+        x = batch["x"] + self.noise * torch.randn_like(batch["x"])
+        mse = ((self.lin(x) - batch["y"]) ** 2).mean()
+        return {"loss": mse, "mse": mse.detach(), "step_x2": torch.tensor(2.0 * step)}
+
+
+class ToyData(torch.utils.data.Dataset):
+    def __init__(self, n=40):
+        g = torch.Generator().manual_seed(1)
+        self.x = torch.randn(n, 4, generator=g)
+        self.y = self.x @ torch.randn(4, 2, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "y": self.y[i]}
+
+
+def make(out, steps=30, noise=0.1, sleep=0.0, resume=False, batch_size=8, **kw):
+    torch.manual_seed(0)
+    kw = {"progress": False, "tensorboard": False, **kw}
+    cfg = TrainConfig(out=str(out), steps=steps, batch_size=batch_size, lr=0.3, lr_schedule="linear",
+                      lr_anneal_steps=20, lr_final=0.03, warmup_steps=3, ckpt_every=7, log_every=1,
+                      resume=resume, **kw)
+    return Trainer(Toy(noise, sleep), ToyData(), cfg, settings={"toy": True})
+
+
+def run_main():
+    """Entry point for the subprocess runs (killed run, torchrun)."""
+    out, steps, noise, sleep = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+    make(out, steps, noise, sleep).fit()
+
+
+def read_log(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_uninterrupted_run_writes_records(tmp_path):
+    tr = make(tmp_path / "a", steps=12, tensorboard=True)
+    summary = tr.fit()
+    assert summary["step"] == 12 and summary["stopped_by"] == "budget"
+    rows = read_log(tmp_path / "a/log.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 13))
+    assert {"loss", "mse", "lr", "epoch", "grad_norm"} <= set(rows[0])
+    assert float(rows[-1]["loss"]) < float(rows[0]["loss"])
+    assert (tmp_path / "a/config.json").is_file() and list((tmp_path / "a/tb").iterdir())
+    ck = load_checkpoint(tmp_path / "a")
+    assert ck["step"] == 12 and ck["epoch"] == 2  # 40 items / batch 8 = 5 steps per epoch
+    with pytest.raises(UserError, match="--resume"):
+        make(tmp_path / "a", steps=12).fit()
+
+
+def test_killed_run_resumes_exactly(tmp_path):
+    ref = make(tmp_path / "ref", steps=30)
+    ref.fit()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    code = "from tests.scene3d.test_trainer import run_main; run_main()"
+    p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cut"), "30", "0.1", "0.05"], cwd=ROOT,
+                         env=env)
+    log = tmp_path / "cut/log.csv"
+    deadline = time.time() + 60
+    while time.time() < deadline and not (log.is_file() and len(read_log(log)) >= 10):
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(60) == 0
+    stopped = load_checkpoint(tmp_path / "cut")["step"]
+    assert 10 <= stopped < 30, stopped
+    tr = make(tmp_path / "cut", steps=30, resume=True)
+    tr.fit()
+    for a, b in zip(ref.model.parameters(), tr.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [r["loss"] for r in read_log(log)] == [r["loss"] for r in read_log(tmp_path / "ref/log.csv")]
+
+
+def test_ddp_two_gloo_processes_match_single_process(tmp_path):
+    single = make(tmp_path / "single", steps=6, noise=0.0)
+    single.fit()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    script = tmp_path / "entry.py"
+    script.write_text("from tests.scene3d.test_trainer import run_main\nrun_main()\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "ddp"), "6", "0.0", "0.0"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = read_log(tmp_path / "single/log.csv"), read_log(tmp_path / "ddp/log.csv")
+    assert len(a) == len(b) == 6
+    for ra, rb in zip(a, b):
+        assert abs(float(ra["loss"]) - float(rb["loss"])) < 1e-5 * max(1.0, float(ra["loss"]))
+    ddp_state = load_checkpoint(tmp_path / "ddp")["model"]
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(ddp_state[k], v, rtol=1e-5, atol=1e-6)
+    assert "world_size" in (tmp_path / "ddp/config.json").read_text()
+
+
+def test_budget_by_epochs_and_minutes(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "e"), epochs=2, batch_size=8, progress=False, tensorboard=False)
+    assert Trainer(Toy(), ToyData(), cfg).fit()["step"] == 10
+    cfg = TrainConfig(out=str(tmp_path / "m"), minutes=0.0, batch_size=8, progress=False, tensorboard=False)
+    assert Trainer(Toy(), ToyData(), cfg).fit()["step"] == 0
+
+
+def test_lr_schedules():
+    cfg = TrainConfig(out="x", lr=1.0, lr_final=0.1, lr_anneal_steps=10, lr_schedule="linear")
+    assert lr_factor(0, cfg) == 1.0 and abs(lr_factor(5, cfg) - 0.55) < 1e-9 and abs(lr_factor(50, cfg) - 0.1) < 1e-9
+    cfg.lr_schedule = "cosine"
+    assert abs(lr_factor(5, cfg) - 0.55) < 1e-9 and abs(lr_factor(10, cfg) - 0.1) < 1e-9
+    cfg.lr_schedule = "bogus"
+    with pytest.raises(UserError):
+        lr_factor(0, cfg)
+
+
+def test_bad_settings_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="budget"):
+        Trainer(Toy(), ToyData(), TrainConfig(out=str(tmp_path)))
+    with pytest.raises(UserError, match="fewer than one batch"):
+        Trainer(Toy(), ToyData(4), TrainConfig(out=str(tmp_path), steps=1, batch_size=8))
