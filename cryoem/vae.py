@@ -1,0 +1,212 @@
+"""The atom-coordinate VAE (Rosenbaum et al. 2021): particle image -> latent z -> atom coordinates.
+
+One training step (the loop of the design guide, with cryo-EM parts)::
+
+    image --ConvEncoder--> q(z|x) --z--> AtomDecoder --> coordinates (B, N, 3) Å
+        --gaussian_projection(camera from pose)--> projection --CTF, low-pass--> model image
+    loss = -log p(image | model image) + beta * KL(q || N(0, I)) + structural priors
+
+* The encoder, the KL / Gaussian likelihood and the trainer are scene3d's; the projector
+  is ``renderers.gaussian``; the CTF is ``cryoem.ctf``. This module only wires them.
+* The decoder outputs a displacement of every modelled atom from the starting model;
+  its last layer starts at zero, so training starts from the starting model exactly.
+* The likelihood is Gaussian on pixels with the noise sigma estimated from the data
+  (the image corners outside the particle), evaluated in Fourier space (Parseval), where
+  the CTF and the optional low-pass curriculum are applied. ``likelihood="correlation"``
+  replaces it by ``n_pixels * (1 - Pearson correlation)``.
+* The scale between projected density and image values is learned (one scalar).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import Tensor, nn
+
+from cryoem.priors import StructuralPrior
+from renderers.cameras import Camera, axis_angle_to_matrix
+from renderers.gaussian import gaussian_projection
+from scene3d.encoders import ConvEncoder
+from scene3d.objective import gaussian_kl, reparameterize
+from scene3d.runinfo import UserError
+
+
+@dataclass
+class AtomVAEConfig:
+    """Model settings (written to config.json). Lengths in Å."""
+
+    zdim: int = 8
+    enc_width: int = 32
+    dec_hidden: int = 256
+    dec_layers: int = 3
+    beta: float = 1.0  # KL weight (beta-VAE)
+    likelihood: str = "gaussian"  # gaussian | correlation
+    w_bond: float = 1.0  # per Å² of bond-length change, times the number of pixels / 1000
+    w_local: float = 1.0
+    w_clash: float = 1.0
+    local_radius: float = 10.0
+    clash_threshold: float = 3.0
+    lowpass_start: float | None = None  # Å; resolution curriculum start (None = off)
+    curriculum_steps: int = 2000  # steps to reach Nyquist
+    refine_poses: bool = False  # learned per-particle rotation / shift corrections
+    infer_poses: bool = False  # experimental: amortised poses from the encoder
+
+
+class AtomDecoder(nn.Module):
+    """MLP from z (B, zdim) to coordinates (B, N, 3) = x0 + displacement (Å)."""
+
+    def __init__(self, x0: Tensor, zdim: int, hidden: int, layers: int):
+        super().__init__()
+        self.register_buffer("x0", x0.clone())
+        dims = [zdim] + [hidden] * layers
+        mlp = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            mlp += [nn.Linear(a, b), nn.LeakyReLU(0.1)]
+        self.mlp = nn.Sequential(*mlp)
+        self.out = nn.Linear(hidden, 3 * len(x0))
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.x0 + self.out(self.mlp(z)).view(len(z), -1, 3)
+
+
+class AtomVAE(nn.Module):
+    """The atom VAE. ``loss(batch, step)`` follows the scene3d trainer's model interface.
+
+    Args:
+        cfg: :class:`AtomVAEConfig`.
+        x0: (N, 3) starting-model coordinates, Å, centred on the box centre.
+        amplitudes, sigmas: (N,) Gaussian mass and width (Å) of each modelled atom.
+        bonds: (E, 2) bonded pairs of the starting model.
+        box: image side (pixels); apix: pixel size (Å/px).
+        n_particles: dataset size (for per-particle pose corrections).
+        noise_sigma: pixel noise standard deviation of the images (image units).
+        ctf_fn: ``ctf_fn(ctf_params (B, K), box, apix) -> (B, box, box//2+1)`` rfft-layout CTF.
+    A batch is a dict with ``image`` (B, 1, D, D), ``R`` (B, 3, 3), ``shift`` (B, 2) Å,
+    ``ctf`` (B, K) and ``index`` (B,).
+    """
+
+    def __init__(self, cfg: AtomVAEConfig, x0: Tensor, amplitudes: Tensor, sigmas: Tensor, bonds: Tensor,
+                 box: int, apix: float, n_particles: int, noise_sigma: float, ctf_fn):
+        super().__init__()
+        if cfg.likelihood not in ("gaussian", "correlation"):
+            raise UserError(f"--likelihood: expected gaussian or correlation, got {cfg.likelihood!r}")
+        self.cfg, self.box, self.apix, self.ctf_fn = cfg, int(box), float(apix), ctf_fn
+        x0 = x0.float()
+        self.encoder = ConvEncoder(1, self.box, cfg.zdim, width=cfg.enc_width)
+        self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers)
+        self.register_buffer("amplitudes", amplitudes.float())
+        self.register_buffer("sigmas", sigmas.float())
+        self.register_buffer("noise_sigma", torch.tensor(float(noise_sigma)))
+        self.log_scale = nn.Parameter(torch.zeros(()))
+        self.prior = StructuralPrior.from_model(x0, bonds, cfg.local_radius, cfg.clash_threshold)
+        for k in ("bonds", "bond_d0", "local", "local_d0", "clash_pairs"):
+            self.register_buffer(f"prior_{k}", getattr(self.prior, k), persistent=False)
+        self.pose_delta = nn.Embedding(n_particles, 5) if cfg.refine_poses else None
+        if self.pose_delta is not None:
+            nn.init.zeros_(self.pose_delta.weight)
+        self.pose_net = ConvEncoder(1, self.box, 4, width=cfg.enc_width) if cfg.infer_poses else None
+
+    # ----------------------------------------------------------------- parts
+    def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, 1, D, D) images -> mu, logvar (B, zdim)."""
+        return self.encoder(images / self.noise_sigma)
+
+    def decode(self, z: Tensor) -> Tensor:
+        """(B, zdim) -> (B, N, 3) coordinates in Å."""
+        return self.decoder(z)
+
+    def camera(self, R: Tensor, shift: Tensor, index: Tensor | None = None) -> Camera:
+        """Orthographic cameras of a batch, with the learned pose corrections when enabled."""
+        if self.pose_delta is not None and index is not None:
+            d = self.pose_delta(index)
+            R = axis_angle_to_matrix(0.1 * d[:, :3]) @ R  # 0.1: radians per unit, keeps Adam steps small
+            shift = shift + d[:, 3:5]
+        return Camera.from_pose(R, shift, self.apix, self.box)
+
+    def render(self, coords: Tensor, R: Tensor, shift: Tensor, ctf: Tensor, index: Tensor | None = None,
+               step: int | None = None) -> Tensor:
+        """Model images (B, 1, D, D): projection of ``coords`` (B, N, 3), CTF, scale (and the curriculum)."""
+        proj = gaussian_projection(coords, self.amplitudes, self.sigmas, self.camera(R, shift, index))
+        F = torch.fft.rfft2(proj[:, 0]) * self.ctf_fn(ctf, self.box, self.apix) * self.lowpass(step)
+        return (torch.exp(self.log_scale) * torch.fft.irfft2(F, s=(self.box, self.box)))[:, None]
+
+    def lowpass(self, step: int | None) -> Tensor | float:
+        """Soft low-pass filter (D, D//2+1) of the resolution curriculum at ``step`` (1 when off or done)."""
+        c = self.cfg
+        if c.lowpass_start is None or step is None or step >= c.curriculum_steps:
+            return 1.0
+        nyq = 2 * self.apix
+        res = c.lowpass_start + (nyq - c.lowpass_start) * step / c.curriculum_steps  # Å
+        fy = torch.fft.fftfreq(self.box, d=self.apix, device=self.log_scale.device)
+        fx = torch.fft.rfftfreq(self.box, d=self.apix, device=self.log_scale.device)
+        f = torch.sqrt(fy[:, None] ** 2 + fx[None] ** 2)
+        return torch.exp(-math.log(2) * (f * res) ** 2)  # half amplitude at frequency 1 / res
+
+    def prior_terms(self, coords: Tensor) -> dict[str, Tensor]:
+        p = StructuralPrior(self.prior_bonds, self.prior_bond_d0, self.prior_local, self.prior_local_d0,
+                            self.prior_clash_pairs, self.cfg.clash_threshold)
+        return p(coords)
+
+    # ------------------------------------------------------------------ loss
+    def check_batch(self, batch: dict) -> None:
+        img = batch["image"]
+        if img.dim() != 4 or img.shape[1:] != (1, self.box, self.box):
+            raise UserError(f"particles: images are {tuple(img.shape[1:])}, the model expects (1, {self.box}, "
+                            f"{self.box})")
+
+    def reconstruction(self, image: Tensor, model: Tensor, step: int | None) -> Tensor:
+        """Per-image negative log-likelihood (nats) or scaled correlation loss, (B,)."""
+        n = image.shape[-1] * image.shape[-2]
+        lp = self.lowpass(step)
+        if not isinstance(lp, float):
+            image = torch.fft.irfft2(torch.fft.rfft2(image[:, 0]) * lp, s=image.shape[-2:])[:, None]
+        if self.cfg.likelihood == "correlation":
+            a = image.flatten(1) - image.flatten(1).mean(1, keepdim=True)
+            b = model.flatten(1) - model.flatten(1).mean(1, keepdim=True)
+            corr = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + 1e-8)
+            return n * (1 - corr)
+        return ((image - model) ** 2).flatten(1).sum(1) / (2 * self.noise_sigma**2)
+
+    def loss(self, batch: dict, step: int) -> dict[str, Tensor]:
+        img = batch["image"]
+        mu, logvar = self.encode(img)
+        z = reparameterize(mu, logvar)
+        coords = self.decode(z)
+        model = self.render(coords, batch["R"], batch["shift"], batch["ctf"], batch.get("index"), step)
+        rec = self.reconstruction(img, model, step).mean()
+        kl = gaussian_kl(mu, logvar).mean()
+        pri = self.prior_terms(coords)
+        # prior weights are per Å² per 1000 pixels, so they keep their meaning across box sizes
+        w = img.shape[-1] * img.shape[-2] / 1000
+        c = self.cfg
+        total = rec + c.beta * kl + w * (c.w_bond * pri["bond"] + c.w_local * pri["local"] + c.w_clash * pri["clash"])
+        return {"loss": total, "rec": rec, "kl": kl, **pri, "scale": torch.exp(self.log_scale).detach()}
+
+    @torch.no_grad()
+    def init_scale(self, batch: dict) -> float:
+        """Set the image scale by least squares between the data and the starting model's images."""
+        self.log_scale.zero_()
+        coords = self.decoder.x0.expand(len(batch["image"]), -1, -1)
+        m = self.render(coords, batch["R"], batch["shift"], batch["ctf"])
+        s = (m * batch["image"]).sum() / (m * m).sum().clamp_min(1e-12)
+        if s <= 0:
+            raise UserError("particles: the images anti-correlate with the starting model's projections; "
+                            "check the contrast sign (invert the data) or the poses")
+        self.log_scale.fill_(math.log(float(s)))
+        return float(s)
+
+    def settings(self) -> dict:
+        return {"model": asdict(self.cfg), "box": self.box, "apix": self.apix,
+                "n_atoms": len(self.decoder.x0), "noise_sigma": float(self.noise_sigma)}
+
+
+def estimate_noise_sigma(images: Tensor, radius_frac: float = 0.9) -> float:
+    """Pixel noise sigma from the corners of (B, 1, D, D) images, outside a disc of ``radius_frac * D / 2``."""
+    D = images.shape[-1]
+    y, x = torch.meshgrid(torch.arange(D) - D // 2, torch.arange(D) - D // 2, indexing="ij")
+    corner = (x**2 + y**2).float().sqrt() > radius_frac * D / 2
+    return float(images[..., corner].std())
