@@ -1,0 +1,208 @@
+"""Mesh renderer: analytic silhouettes and shading, PyTorch3D camera equivalence, gradients, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from renderers.cameras import Camera, look_at
+from renderers.mesh import MeshRenderer, ico_sphere
+
+
+def camera_looking_at(centre, eye, image_size, ortho=False, **kw) -> Camera:
+    eye = torch.tensor([eye], dtype=torch.float32)
+    R, t = look_at(eye, torch.tensor([centre], dtype=torch.float32))
+    if ortho:
+        return Camera.create(R, t, image_size, pixel_size=kw.get("pixel_size", 0.02))
+    return Camera.create(R, t, image_size, focal=kw.get("focal", 150.0))
+
+
+def iou(a, b):
+    return ((a & b).sum() / (a | b).sum()).item()
+
+
+@pytest.mark.parametrize("ortho", [False, True])
+def test_ico_sphere_hard_silhouette_matches_disc(ortho):
+    radius, centre, eye = 0.8, (0.2, -0.1, 0.3), (1.9, 1.2, -2.0)
+    cam = camera_looking_at(centre, eye, (128, 128), ortho)
+    verts, faces = ico_sphere(3, radius)
+    verts = verts + torch.tensor(centre)
+    sil = MeshRenderer("silhouette", soft=False)(verts[None], faces, cam)[0, 0] > 0.5
+    d = math.dist(centre, eye)
+    rho = radius / 0.02 if ortho else 150.0 * radius / math.sqrt(d**2 - radius**2)
+    v, u = torch.meshgrid(torch.arange(128) + 0.5, torch.arange(128) + 0.5, indexing="ij")
+    disc = (u - 64) ** 2 + (v - 64) ** 2 < rho**2
+    assert iou(sil, disc) >= 0.98, iou(sil, disc)
+
+
+def test_point_lands_on_the_pixel_the_camera_projects_it_to():
+    cam = Camera.create(torch.eye(3)[None], torch.tensor([[0.0, 0.0, 4.0]]), (30, 50), focal=40.0,
+                        principal=torch.tensor([[21.0, 12.0]]))
+    p = torch.tensor([[[0.6, 0.9, 0.5]]])
+    uv, _ = cam.project(p)
+    u, v = uv[0, 0].tolist()
+    # a small triangle (about 2 px) around p, facing the camera
+    tri = p[0] + torch.tensor([[-0.12, -0.1, 0.0], [0.12, -0.1, 0.0], [0.0, 0.14, 0.0]])
+    sil = MeshRenderer("silhouette", soft=False)(tri[None], torch.tensor([[0, 1, 2]]), cam)[0, 0]
+    hit = sil.nonzero()
+    assert len(hit) >= 1
+    assert (hit[:, 0] - int(v)).abs().max() <= 2 and (hit[:, 1] - int(u)).abs().max() <= 2
+    assert sil[int(v), int(u)] == 1
+
+
+def test_flat_shading_of_a_facing_quad_is_ambient_plus_lambert():
+    cam = Camera.create(torch.eye(3)[None], torch.tensor([[0.0, 0.0, 3.0]]), (16, 16), focal=20.0)
+    quad = torch.tensor([[-1.0, -1.0, 0.0], [1.0, -1.0, 0.0], [1.0, 1.0, 0.0], [-1.0, 1.0, 0.0]])
+    faces = torch.tensor([[0, 2, 1], [0, 3, 2]])  # normal cross(v1 - v0, v2 - v0) = -z: towards the camera
+    n = torch.linalg.cross(quad[2] - quad[0], quad[1] - quad[0])
+    assert n[2] < 0
+    light = torch.tensor([0.3, -0.4, -1.0])
+    colour = torch.tensor([0.9, 0.5, 0.2])
+    r = MeshRenderer("shaded", soft=False, shading="flat", light_direction=light.tolist(), ambient=0.25,
+                     diffuse=0.6, specular=0.0, background=(0.0, 0.0, 0.0))
+    image = r(quad[None], faces, cam, colour.expand(1, 4, 3))[0]
+    cos = torch.dot(-torch.tensor([0.0, 0.0, 1.0]), light / light.norm())
+    want = colour * (0.25 + 0.6 * cos)
+    torch.testing.assert_close(image[:, 5, 9], want, atol=1e-5, rtol=0)  # off the shared diagonal edge
+    torch.testing.assert_close(image[:, 0, 0], torch.zeros(3))  # the quad spans 13.3 px; the corner is background
+
+
+def pytorch3d_cameras(dist, elev, azim, fov_deg):
+    from pytorch3d.renderer import FoVPerspectiveCameras, look_at_view_transform
+
+    R, T = look_at_view_transform(dist, elev, azim)
+    return FoVPerspectiveCameras(R=R, T=T, fov=fov_deg)
+
+
+def plato_cameras(dist, elev, azim, fov_deg, size):
+    e, a = torch.deg2rad(torch.tensor(elev)), torch.deg2rad(torch.tensor(azim))
+    eye = dist * torch.stack([torch.cos(e) * torch.sin(a), torch.sin(e), torch.cos(e) * torch.cos(a)], -1)
+    R, t = look_at(eye, torch.zeros_like(eye), up=(0.0, 1.0, 0.0))
+    return Camera.create(R, t, size, fov=math.radians(fov_deg))
+
+
+@pytest.mark.parametrize("mode", ["silhouette", "shaded"])
+def test_our_camera_and_equivalent_pytorch3d_camera_give_identical_images(mode):
+    from pytorch3d.renderer import (
+        BlendParams,
+        DirectionalLights,
+        Materials,
+        MeshRasterizer,
+        RasterizationSettings,
+        SoftPhongShader,
+        SoftSilhouetteShader,
+        TexturesVertex,
+    )
+    from pytorch3d.renderer import MeshRenderer as P3DMeshRenderer
+    from pytorch3d.structures import Meshes
+
+    dist, elev, azim, fov = 3.0, [20.0, -35.0], [30.0, 200.0], 50.0
+    verts, faces = ico_sphere(2, 0.9)
+    verts = verts * torch.tensor([1.0, 0.7, 1.2]) + torch.tensor([0.1, 0.2, -0.1])  # an ellipsoid, off-centre
+    colors = (verts - verts.min(0).values) / (verts.max(0).values - verts.min(0).values)
+    B, size = 2, (32, 32)
+    sigma, gamma = 1e-3, 1e-2
+    ours = MeshRenderer(mode, sigma=sigma, gamma=gamma, faces_per_pixel=10, light_direction=(0.2, 1.0, 0.5),
+                        background=(0.1, 0.2, 0.3), znear=1.0, zfar=100.0, alpha=True)
+    cam = plato_cameras(dist, elev, azim, fov, size)
+    mine = ours(verts.expand(B, -1, -1), faces, cam, colors.expand(B, -1, -1) if mode == "shaded" else None)
+
+    p3d_cam = pytorch3d_cameras(dist, elev, azim, fov)
+    settings = RasterizationSettings(image_size=size, blur_radius=math.log(1 / 1e-4 - 1) * sigma, faces_per_pixel=10)
+    blend = BlendParams(sigma=sigma, gamma=gamma, background_color=(0.1, 0.2, 0.3))
+    if mode == "silhouette":
+        shader = SoftSilhouetteShader(blend_params=blend)
+    else:
+        lights = DirectionalLights(direction=((0.2, 1.0, 0.5),), ambient_color=((0.3,) * 3,),
+                                   diffuse_color=((0.7,) * 3,), specular_color=((0.2,) * 3,))
+        shader = SoftPhongShader(cameras=p3d_cam, lights=lights, materials=Materials(shininess=32.0),
+                                 blend_params=blend)
+    meshes = Meshes([verts] * B, [faces] * B, textures=TexturesVertex([colors] * B))
+    theirs = P3DMeshRenderer(MeshRasterizer(p3d_cam, settings), shader)(meshes, znear=1.0, zfar=100.0)
+    theirs = theirs.permute(0, 3, 1, 2)
+    if mode == "silhouette":
+        theirs = theirs[:, 3:]
+        assert mine.shape == (B, 1, *size)
+    assert 0.05 < (mine[:, -1] > 0.5).float().mean() < 0.8
+    torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)  # float32 camera round-off only
+
+
+def test_vertex_gradient_matches_finite_differences():
+    """A tilted planar hexagon fan: no face turns edge-on, where PyTorch3D drops degenerate faces (a jump)."""
+    ang = torch.arange(6) * math.pi / 3
+    ring = torch.stack([0.7 * torch.cos(ang), 0.6 * torch.sin(ang), 0.3 * torch.cos(ang)], -1)
+    verts = torch.cat([torch.zeros(1, 3), ring])[None]
+    faces = torch.tensor([[0, i, i % 6 + 1] for i in range(1, 7)])
+    cam = camera_looking_at((0.0, 0.0, 0.0), (0.3, 0.4, -2.5), (24, 24), focal=30.0)
+    r = MeshRenderer("silhouette", sigma=2e-3, faces_per_pixel=8)
+    weights = torch.rand(1, 1, 24, 24, generator=torch.Generator().manual_seed(0))
+    loss = lambda v: (r(v, faces, cam) * weights).sum()  # noqa: E731
+    v0 = verts.clone().requires_grad_()
+    grad = torch.autograd.grad(loss(v0), v0)[0]
+    h = 1e-3
+    for vertex in (1, 3, 0):
+        for axis in range(3):
+            e = torch.zeros_like(verts)
+            e[0, vertex, axis] = h
+            fd = (loss(verts + e) - loss(verts - e)) / (2 * h)
+            analytic = grad[0, vertex, axis]
+            assert abs(fd - analytic) <= 0.02 * abs(analytic) + 2e-2, (vertex, axis, fd.item(), analytic.item())
+    assert grad[0, 1].norm() > 1.0  # the boundary vertices move the silhouette
+
+
+def test_colour_gradient_and_float64_round_trip():
+    verts, faces = ico_sphere(1, 0.8)
+    verts = verts.double()[None]
+    cam = camera_looking_at((0.0, 0.0, 0.0), (0.0, 0.5, -2.5), (12, 12), focal=12.0).to(dtype=torch.float64)
+    colors = torch.full((1, verts.shape[1], 3), 0.5, dtype=torch.float64, requires_grad=True)
+    verts.requires_grad_()
+    image = MeshRenderer("shaded", sigma=1e-3, gamma=1e-2)(verts, faces, cam, colors)
+    assert image.dtype == torch.float64 and image.shape == (1, 3, 12, 12)
+    gc, gv = torch.autograd.grad(image.sum(), (colors, verts))
+    assert gc.abs().sum() > 0 and gv.abs().sum() > 0
+    # without specular light and on a black background, the image is linear in the vertex colours
+    bg = MeshRenderer("shaded", sigma=1e-3, gamma=1e-2, background=(0.0,) * 3, specular=0.0)
+    a = bg(verts, faces, cam, colors)
+    torch.testing.assert_close(bg(verts, faces, cam, 2 * colors), 2 * a, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    verts, faces = ico_sphere(2, 0.8)
+    cam = camera_looking_at((0.0, 0.0, 0.0), (0.5, 0.7, -2.5), (32, 32), focal=40.0)
+    r = MeshRenderer("silhouette", sigma=1e-3)
+    torch.testing.assert_close(r(verts[None].cuda(), faces.cuda(), cam.to("cuda")).cpu(), r(verts[None], faces, cam),
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("verts_shape", r"verts: expected shape \(B, V, 3\)"),
+    ("verts_batch", r"verts: expected batch size 1 or 2"),
+    ("verts_dtype", r"verts: expected dtype torch.float32"),
+    ("verts_nan", r"verts: contains NaN or inf"),
+    ("faces_shape", r"faces: expected shape \(F, 3\) or \(B, F, 3\)"),
+    ("faces_float", r"faces: expected an integer tensor"),
+    ("faces_range", r"faces: expected vertex indices in \[0, 42\)"),
+    ("colors_unused", r"colors: only used in shaded mode"),
+    ("colors_shape", r"colors: expected shape \(B, V, 3\) with V=42"),
+    ("camera", r"camera: expected a renderers.cameras.Camera"),
+])
+def test_bad_input_raises_value_error(case, match):
+    verts, faces = ico_sphere(1)
+    cam = Camera.cat([camera_looking_at((0.0, 0.0, 0.0), (0.0, 0.0, -3.0), (8, 8))] * 2)
+    sil, shaded = MeshRenderer(), MeshRenderer("shaded")
+    v = verts[None]
+    calls = {
+        "verts_shape": lambda: sil(verts, faces, cam),
+        "verts_batch": lambda: sil(v.expand(3, -1, -1), faces, cam),
+        "verts_dtype": lambda: sil(v.double(), faces, cam),
+        "verts_nan": lambda: sil(v * float("nan"), faces, cam),
+        "faces_shape": lambda: sil(v, faces[:, :2], cam),
+        "faces_float": lambda: sil(v, faces.float(), cam),
+        "faces_range": lambda: sil(v, faces + 1, cam),
+        "colors_unused": lambda: sil(v, faces, cam, torch.rand(1, 42, 3)),
+        "colors_shape": lambda: shaded(v, faces, cam, torch.rand(1, 40, 3)),
+        "camera": lambda: sil(v, faces, None),
+    }
+    with pytest.raises(ValueError, match=match):
+        calls[case]()
