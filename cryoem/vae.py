@@ -25,9 +25,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor, nn
 
+from cryoem.ctf import CTFParams, ctf_2d
+from cryoem.imaging import fourier_filter, project
 from cryoem.priors import StructuralPrior
-from renderers.cameras import Camera, axis_angle_to_matrix
-from renderers.gaussian import gaussian_projection
+from renderers.cameras import axis_angle_to_matrix
 from scene3d.encoders import ConvEncoder
 from scene3d.objective import gaussian_kl, reparameterize
 from scene3d.runinfo import UserError
@@ -84,17 +85,16 @@ class AtomVAE(nn.Module):
         box: image side (pixels); apix: pixel size (Å/px).
         n_particles: dataset size (for per-particle pose corrections).
         noise_sigma: pixel noise standard deviation of the images (image units).
-        ctf_fn: ``ctf_fn(ctf_params (B, K), box, apix) -> (B, box, box//2+1)`` rfft-layout CTF.
     A batch is a dict with ``image`` (B, 1, D, D), ``R`` (B, 3, 3), ``shift`` (B, 2) Å,
-    ``ctf`` (B, K) and ``index`` (B,).
+    ``ctf`` (B, 9) (``CTFParams.as_tensor``) and ``index`` (B,).
     """
 
     def __init__(self, cfg: AtomVAEConfig, x0: Tensor, amplitudes: Tensor, sigmas: Tensor, bonds: Tensor,
-                 box: int, apix: float, n_particles: int, noise_sigma: float, ctf_fn):
+                 box: int, apix: float, n_particles: int, noise_sigma: float):
         super().__init__()
         if cfg.likelihood not in ("gaussian", "correlation"):
             raise UserError(f"--likelihood: expected gaussian or correlation, got {cfg.likelihood!r}")
-        self.cfg, self.box, self.apix, self.ctf_fn = cfg, int(box), float(apix), ctf_fn
+        self.cfg, self.box, self.apix = cfg, int(box), float(apix)
         x0 = x0.float()
         self.encoder = ConvEncoder(1, self.box, cfg.zdim, width=cfg.enc_width)
         self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers)
@@ -112,27 +112,29 @@ class AtomVAE(nn.Module):
 
     # ----------------------------------------------------------------- parts
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 1, D, D) images -> mu, logvar (B, zdim)."""
-        return self.encoder(images / self.noise_sigma)
+        """(B, 1, D, D) images -> mu, logvar (B, zdim). Each image is standardised first."""
+        x = images - images.mean(dim=(1, 2, 3), keepdim=True)
+        return self.encoder(x / x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8))
 
     def decode(self, z: Tensor) -> Tensor:
         """(B, zdim) -> (B, N, 3) coordinates in Å."""
         return self.decoder(z)
 
-    def camera(self, R: Tensor, shift: Tensor, index: Tensor | None = None) -> Camera:
-        """Orthographic cameras of a batch, with the learned pose corrections when enabled."""
+    def pose(self, R: Tensor, shift: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The batch's rotations (B, 3, 3) and shifts (B, 2) Å, with the learned corrections when enabled."""
         if self.pose_delta is not None and index is not None:
             d = self.pose_delta(index)
             R = axis_angle_to_matrix(0.1 * d[:, :3]) @ R  # 0.1: radians per unit, keeps Adam steps small
             shift = shift + d[:, 3:5]
-        return Camera.from_pose(R, shift, self.apix, self.box)
+        return R, shift
 
     def render(self, coords: Tensor, R: Tensor, shift: Tensor, ctf: Tensor, index: Tensor | None = None,
                step: int | None = None) -> Tensor:
         """Model images (B, 1, D, D): projection of ``coords`` (B, N, 3), CTF, scale (and the curriculum)."""
-        proj = gaussian_projection(coords, self.amplitudes, self.sigmas, self.camera(R, shift, index))
-        F = torch.fft.rfft2(proj[:, 0]) * self.ctf_fn(ctf, self.box, self.apix) * self.lowpass(step)
-        return (torch.exp(self.log_scale) * torch.fft.irfft2(F, s=(self.box, self.box)))[:, None]
+        R, shift = self.pose(R, shift, index)
+        proj = project(coords, self.amplitudes, self.sigmas, R, self.apix, self.box, shift)
+        c = ctf_2d(CTFParams.from_tensor(ctf), self.box, self.apix, dtype=proj.dtype, device=proj.device)
+        return torch.exp(self.log_scale) * fourier_filter(proj, self.apix, None, c * self.lowpass(step))
 
     def lowpass(self, step: int | None) -> Tensor | float:
         """Soft low-pass filter (D, D//2+1) of the resolution curriculum at ``step`` (1 when off or done)."""
