@@ -14,7 +14,7 @@ import numpy as np  # noqa: E402
 from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
-from scene3d.runinfo import atomic_path, atomic_write  # noqa: E402
+from scene3d.runinfo import UserError, atomic_path, atomic_write  # noqa: E402
 
 
 def pca(latents: np.ndarray, k: int = 2) -> tuple[np.ndarray, PCA]:
@@ -94,3 +94,186 @@ def write_index(folder: Path, items: list[tuple[str, str]], title: str, summary:
     path = folder / "index.html"
     atomic_write(path, body)
     return path
+
+
+# ----------------------------------------------------------------------------- the workflow
+def encode_all(model, ds, batch_size: int = 256, progress: bool = True) -> np.ndarray:
+    """Posterior means (N, zdim) of every particle, in the input particle order."""
+    import torch
+    from tqdm import tqdm
+
+    out = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(ds), batch_size), desc="encode", disable=not progress, unit="batch"):
+            idx = np.arange(i, min(i + batch_size, len(ds)))
+            mu, _ = model.encode(ds.images(idx).to(model.log_scale.device))
+            out.append(mu.cpu().numpy())
+    return np.concatenate(out)
+
+
+def decode(model, z: np.ndarray, offset, batch_size: int = 256) -> np.ndarray:
+    """(M, zdim) latents -> (M, N, 3) coordinates in the starting model's frame (Å)."""
+    import torch
+
+    z = np.asarray(z, dtype=np.float32)
+    if z.ndim != 2 or z.shape[1] != model.cfg.zdim:
+        raise UserError(f"--z: expected an (M, {model.cfg.zdim}) array of latents, got shape {z.shape}")
+    with torch.no_grad():
+        xs = [model.decode(torch.as_tensor(z[i:i + batch_size], device=model.log_scale.device)).cpu().numpy()
+              for i in range(0, len(z), batch_size)]
+    return np.concatenate(xs) + np.asarray(offset)[None, None]
+
+
+def write_maps(model, coords: np.ndarray, offset, folder: Path, stem: str) -> list[str]:
+    """Density maps (box³ at the particle pixel size) of each model in ``coords`` (M, N, 3) -> ``stem_XX.mrc``."""
+    import torch
+
+    from cryoem.io import write_mrc
+    from renderers.gaussian import gaussian_density_map
+
+    names = []
+    centred = torch.as_tensor(coords - np.asarray(offset)[None, None], dtype=torch.float32)
+    for i, c in enumerate(centred):
+        vol = gaussian_density_map(c, model.amplitudes, model.sigmas, model.box, model.apix)
+        origin = np.asarray(offset) - (model.box // 2) * model.apix
+        name = f"{stem}_{i:02d}.mrc"
+        write_mrc(folder / name, vol.numpy(), model.apix, origin=tuple(origin))
+        names.append(name)
+    return names
+
+
+def residue_groups(structure) -> tuple[np.ndarray, list[str]]:
+    """Per-atom residue index (N,) and one label per residue (chain:number)."""
+    keys = list(zip(structure.chain.tolist(), structure.resnum.tolist(), structure.icode.tolist()))
+    uniq = list(dict.fromkeys(keys))
+    pos = {k: i for i, k in enumerate(uniq)}
+    return np.array([pos[k] for k in keys]), [f"{c}:{n}{i}" for c, n, i in uniq]
+
+
+def per_residue(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    return np.bincount(groups, weights=values) / np.bincount(groups)
+
+
+def load_color(spec: str | None, n: int) -> tuple[np.ndarray | None, str | None]:
+    """``file.npz:key`` -> a (N,) colour array checked against the particle count."""
+    if spec is None:
+        return None, None
+    path, _, key = spec.rpartition(":")
+    if not path or not key:
+        raise UserError(f"--color {spec}: expected FILE.npz:KEY")
+    if not Path(path).is_file():
+        raise UserError(f"--color {path}: file not found")
+    with np.load(path, allow_pickle=False) as f:
+        if key not in f:
+            raise UserError(f"--color {path}: no array {key!r} (has {', '.join(f.files)})")
+        c = np.asarray(f[key])
+    if c.shape != (n,):
+        raise UserError(f"--color {path}:{key}: expected one value per particle ({n},), got {c.shape}")
+    return c.astype(float), key
+
+
+def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device: str = "cpu",
+                 snapshots: bool = True) -> Path:
+    """Write ``RUN/analysis/`` (latents, PCA/t-SNE, k-means models and maps, traversals, RMSF, index.html)."""
+    from sklearn.manifold import TSNE
+
+    from cryoem.structure import write_pdb
+    from cryoem.train import load_run
+
+    run = Path(run)
+    primary = run / "half1" if (run / "half1" / "model.json").is_file() else run
+    model, rec, ds, s = load_run(primary, device)
+    out = run / "analysis"
+    out.mkdir(parents=True, exist_ok=True)
+    offset = np.asarray(rec["offset"])
+    items: list[tuple[str, str]] = []
+
+    z = encode_all(model, ds)
+    np.save(out / "latents.npy", z)
+    items.append(("latents.npy", f"posterior means, {z.shape[0]} particles x zdim {z.shape[1]}, input order"))
+    cvals, clabel = load_color(color, len(z))
+    scores, p = pca(z, 2)
+    if scores.shape[1] < 2:
+        scores = np.concatenate([scores, np.zeros_like(scores)], 1)
+    centres, labels = kmeans(z, min(k, len(z)))
+    scatter_png(out / "pca.png", scores, "PC of the latents", cvals, clabel, p.transform(centres)
+                if p.n_components_ > 1 else None)
+    ev = ", ".join(f"{v:.0%}" for v in p.explained_variance_ratio_)
+    items.append(("pca.png", f"latent PCA (explained variance {ev}), coloured by {clabel or 'nothing'}; "
+                             "red crosses: k-means centres"))
+    sub = np.random.default_rng(0).choice(len(z), min(len(z), 3000), replace=False)
+    emb = TSNE(2, init="pca", random_state=0, perplexity=min(30, len(sub) - 1)).fit_transform(z[sub])
+    scatter_png(out / "tsne.png", emb, "t-SNE of the latents", None if cvals is None else cvals[sub], clabel)
+    items.append(("tsne.png", f"t-SNE of {len(sub)} particles' latents"))
+
+    km_models = decode(model, centres, offset)
+    write_pdb(out / "kmeans.pdb", s.with_coords(km_models))
+    write_maps(model, km_models, offset, out, "kmeans")
+    counts = np.bincount(labels, minlength=len(centres))
+    items.append(("kmeans.pdb", f"{len(centres)} models decoded at the k-means centres (particles per "
+                                f"cluster: {counts.tolist()}); maps kmeans_XX.mrc"))
+    for pc in range(min(2, z.shape[1])):
+        trav = decode(model, traversal(p if p.n_components_ > pc else pca(z, 2)[1], z, pc), offset)
+        write_pdb(out / f"pc{pc + 1}.pdb", s.with_coords(trav))
+        write_maps(model, trav, offset, out, f"pc{pc + 1}")
+        items.append((f"pc{pc + 1}.pdb", f"10 models along latent PC{pc + 1} (5th to 95th percentile); "
+                                         f"maps pc{pc + 1}_XX.mrc"))
+
+    groups, res_labels = residue_groups(s)
+    sample = np.random.default_rng(1).choice(len(z), min(len(z), 2000), replace=False)
+    models = decode(model, z[sample], offset)
+    atom_rmsf = rmsf(models)
+    res_rmsf = per_residue(atom_rmsf, groups)
+    rmsf_png(out / "rmsf.png", res_rmsf, res_labels, f"per-residue RMSF of {len(sample)} decoded particles")
+    items.append(("rmsf.png", "per-residue RMSF (Å) across decoded particles: where the model moves"))
+    summary = {"particles": len(z), "zdim": z.shape[1], "atoms": s.n_atoms, "k": len(centres),
+               "max_residue_rmsf_A": float(res_rmsf.max()),
+               "pca_explained_variance": p.explained_variance_ratio_.tolist()}
+
+    if primary != run:
+        dis = halfset_disagreement(run, ds, groups)
+        rmsf_png(out / "halfset_disagreement.png", dis, res_labels,
+                 "per-residue disagreement between half-set models (Å)")
+        np.save(out / "halfset_disagreement.npy", dis)
+        items.append(("halfset_disagreement.png", "per-residue RMS difference between the two half-set models' "
+                                                  "decodings of the same particles: high = unsupported by the data"))
+        summary["max_residue_halfset_disagreement_A"] = float(dis.max())
+
+    if snapshots:
+        from cryoem.view import render_models, save_frames, value_colors
+
+        colors = value_colors(atom_rmsf)
+        save_frames(render_models(km_models, colors, size=240), out / "kmeans.png",
+                    [f"k{i}" for i in range(len(km_models))])
+        items.append(("kmeans.png", "k-means models, coloured by per-atom RMSF (viridis: yellow moves most)"))
+        trav = decode(model, traversal(p, z, 0), offset)
+        save_frames(render_models(trav, colors, size=240), out / "pc1.gif")
+        items.append(("pc1.gif", "the motion along latent PC1, back and forth"))
+    write_index(out, items, f"Plato atom VAE analysis: {run}", summary)
+    return out / "index.html"
+
+
+def halfset_disagreement(run: Path, ds, groups: np.ndarray, n: int = 1000) -> np.ndarray:
+    """Per-residue RMS distance (Å) between the two half-set models' decodings of the same particles."""
+    from cryoem.train import load_run
+
+    idx = np.random.default_rng(2).choice(len(ds), min(len(ds), n), replace=False)
+    decs = []
+    for h in ("half1", "half2"):
+        model, rec, _, _ = load_run(run / h)
+        decs.append(decode(model, encode_all(model, _Take(ds, idx), progress=False), rec["offset"]))
+    d2 = ((decs[0] - decs[1]) ** 2).sum(-1).mean(0)
+    return np.sqrt(per_residue(d2, groups))
+
+
+class _Take:
+    """A view of some particles of a ParticleSet, with ``images`` and ``len``."""
+
+    def __init__(self, ds, idx):
+        self.ds, self.idx = ds, np.asarray(idx)
+
+    def __len__(self):
+        return len(self.idx)
+
+    def images(self, i):
+        return self.ds.images(self.idx[i])

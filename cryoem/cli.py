@@ -4,20 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from scene3d.runinfo import run_cli, version_string, versions
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    """Print versions and check that the compiled pieces load (pytorch3d._C, open3d offscreen)."""
-    for k, v in versions().items():
-        print(f"{k:14s} {v}")
-    import torch
-
-    print(f"{'cuda':14s} {torch.cuda.is_available()}")
-    import pytorch3d._C  # noqa: F401
-
-    print(f"{'pytorch3d._C':14s} ok")
-    return 0
+from cryoem import vae_cli
+from scene3d.runinfo import cmd_info, run_cli, version_string
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("info", help="versions and environment check")
     s.set_defaults(func=cmd_info)
+    vae_cli.add_subcommands(sub)
     return p
 
 

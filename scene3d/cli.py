@@ -4,20 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from scene3d.runinfo import run_cli, version_string, versions
-
-
-def cmd_info(args: argparse.Namespace) -> int:
-    """Print versions and check that the compiled pieces load (pytorch3d._C, open3d offscreen)."""
-    for k, v in versions().items():
-        print(f"{k:14s} {v}")
-    import torch
-
-    print(f"{'cuda':14s} {torch.cuda.is_available()}")
-    import pytorch3d._C  # noqa: F401
-
-    print(f"{'pytorch3d._C':14s} ok")
-    return 0
+from scene3d.runinfo import cmd_info, run_cli, version_string
 
 
 def build_parser() -> argparse.ArgumentParser:

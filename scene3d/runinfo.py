@@ -41,6 +41,19 @@ def version_string(prog: str) -> str:
     return f"{prog} (plato3d {v['plato3d']}; {deps})"
 
 
+def cmd_info(args=None) -> int:
+    """``info`` subcommand of both CLIs: versions, CUDA, and whether pytorch3d's compiled part loads."""
+    for k, v in versions().items():
+        print(f"{k:14s} {v}")
+    import torch
+
+    print(f"{'cuda':14s} {torch.cuda.is_available()}")
+    import pytorch3d._C  # noqa: F401
+
+    print(f"{'pytorch3d._C':14s} ok")
+    return 0
+
+
 def git_commit() -> str | None:
     """The commit of the Plato checkout this code runs from, with '+dirty' if modified."""
     here = Path(__file__).resolve().parent.parent

@@ -1,0 +1,140 @@
+"""``cryoem train | analyze | decode | view``: the atom-VAE verbs of the cryoem command line."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+
+def add_subcommands(sub) -> None:
+    """Register the atom-VAE subcommands on an argparse sub-parser collection."""
+    p = sub.add_parser("train", help="train the atom VAE on particles + a starting model",
+                       description="Learn a latent per particle and a decoder from latent to atom coordinates.")
+    p.add_argument("--particles", required=True,
+                   help="particles: RELION .star, cryoSPARC .cs, or .mrcs with --poses and --ctf")
+    p.add_argument("--poses", help="cryoDRGN pose .pkl (with an .mrcs stack)")
+    p.add_argument("--ctf", help="cryoDRGN CTF .pkl (with an .mrcs stack)")
+    p.add_argument("--structure", required=True, help="starting model .pdb / .cif")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--zdim", type=int, default=8)
+    p.add_argument("--atoms", choices=["heavy", "backbone", "ca"], default="backbone")
+    p.add_argument("--center", choices=["centroid", "map"], default="centroid",
+                   help="centroid: the model's centroid sits at the box centre (simulated data); map: the model "
+                        "was fitted in a map of this box with origin 0")
+    p.add_argument("--pixel-size", type=float, help="Å/px, when the metadata lacks it")
+    p.add_argument("--datadir", help="folder of the stacks named in a .cs file")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=int)
+    budget.add_argument("--minutes", type=float)
+    p.add_argument("--steps", type=int, help="budget in optimisation steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--beta", type=float, default=1.0, help="KL weight")
+    p.add_argument("--likelihood", choices=["gaussian", "correlation"], default="gaussian")
+    p.add_argument("--w-bond", type=float, default=1.0)
+    p.add_argument("--w-local", type=float, default=1.0)
+    p.add_argument("--w-clash", type=float, default=1.0)
+    p.add_argument("--lowpass-start", type=float, help="resolution curriculum: start low-pass at this many Å")
+    p.add_argument("--refine-poses", action="store_true", help="learn small per-particle pose corrections")
+    p.add_argument("--infer-poses", action="store_true", help="experimental: amortised pose inference")
+    p.add_argument("--half-sets", action="store_true", help="train two models on independent halves")
+    p.add_argument("--lazy", action="store_true", help="memory-map the stacks instead of loading them")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("analyze", help="latents, PCA/t-SNE, k-means models and maps, traversals, RMSF, index.html")
+    p.add_argument("run")
+    p.add_argument("--k", type=int, default=10, help="k-means clusters")
+    p.add_argument("--color", help="colour the scatter plots by FILE.npz:KEY (one value per particle)")
+    p.add_argument("--no-snapshots", action="store_true", help="skip the open3d pictures")
+    p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("decode", help="decode latents to atomic models")
+    p.add_argument("run")
+    p.add_argument("--z", required=True, help=".npy of shape (M, zdim)")
+    p.add_argument("--out", required=True, help="multi-model .pdb or .cif")
+    p.set_defaults(func=cmd_decode)
+
+    p = sub.add_parser("view", help="look at a (multi-model) .pdb / .cif with open3d")
+    p.add_argument("structure")
+    p.add_argument("--color", choices=["rmsf", "displacement", "chain"], default="chain")
+    p.add_argument("--out", help="snapshot .png (a strip for several models) or .gif; omit for a window")
+    p.add_argument("--size", type=int, default=320)
+    p.set_defaults(func=cmd_view)
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from cryoem.train import DataSpec, train
+    from cryoem.vae import AtomVAEConfig
+    from scene3d.runinfo import UserError
+    from scene3d.trainer import TrainConfig
+
+    if a.epochs is None and a.minutes is None and a.steps is None:
+        raise UserError("give a training budget: --epochs N, --minutes M or --steps S")
+    if a.infer_poses:
+        raise UserError("--infer-poses is not available yet; give consensus poses in the metadata")
+    spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.lazy)
+    cfg = AtomVAEConfig(zdim=a.zdim, beta=a.beta, likelihood=a.likelihood, w_bond=a.w_bond, w_local=a.w_local,
+                        w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
+                        infer_poses=a.infer_poses)
+    tcfg = TrainConfig(out=a.out, epochs=a.epochs, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size,
+                       lr=a.lr, seed=a.seed, resume=a.resume, device=a.device, ckpt_every=200)
+    for name, s in train(spec, cfg, tcfg, halves=a.half_sets).items():
+        print(f"{name}: {s['step']} steps, {s['epoch']} epochs, {s['elapsed_s'] / 60:.1f} min, "
+              f"stopped by {s['stopped_by']}")
+    print(f"run folder: {a.out}")
+    return 0
+
+
+def cmd_analyze(a: argparse.Namespace) -> int:
+    from cryoem.analyze import run_analysis
+
+    index = run_analysis(a.run, k=a.k, color=a.color, snapshots=not a.no_snapshots)
+    print(f"open {index}")
+    return 0
+
+
+def cmd_decode(a: argparse.Namespace) -> int:
+    from cryoem.analyze import decode
+    from cryoem.structure import write_cif, write_pdb
+    from cryoem.train import load_run
+    from scene3d.runinfo import UserError
+
+    if not Path(a.z).is_file():
+        raise UserError(f"--z {a.z}: file not found")
+    z = np.load(a.z, allow_pickle=False)
+    z = z[None] if z.ndim == 1 else z
+    model, rec, _, s = load_run(a.run)
+    models = decode(model, z, rec["offset"])
+    writer = write_cif if a.out.lower().endswith((".cif", ".mmcif")) else write_pdb
+    writer(a.out, s.with_coords(models))
+    print(f"wrote {len(models)} models to {a.out}")
+    return 0
+
+
+def cmd_view(a: argparse.Namespace) -> int:
+    from cryoem.analyze import rmsf
+    from cryoem.structure import read_structure
+    from cryoem.view import atoms_mesh, chain_colors, render_models, save_frames, value_colors
+
+    s = read_structure(a.structure)
+    if a.color == "rmsf":
+        colors = value_colors(rmsf(s.coords))
+    elif a.color == "displacement":
+        colors = np.stack([value_colors(np.linalg.norm(m - s.coords[0], axis=-1), 0,
+                                        np.linalg.norm(s.coords - s.coords[0], axis=-1).max()) for m in s.coords])
+    else:
+        colors = chain_colors(s.chain)
+    if a.out is None:
+        from scene3d.viz import show
+
+        show([atoms_mesh(m, c) for m, c in zip(s.coords, np.broadcast_to(colors, s.coords.shape))][:1])
+        return 0
+    frames = render_models(s.coords, colors, size=a.size)
+    save_frames(frames, a.out, [f"model {i + 1}" for i in range(len(frames))] if len(frames) > 1 else None)
+    print(f"wrote {a.out}")
+    return 0
