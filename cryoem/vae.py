@@ -85,7 +85,7 @@ class AtomVAE(nn.Module):
         box: image side (pixels); apix: pixel size (Å/px).
         n_particles: dataset size (for per-particle pose corrections).
         noise_sigma: pixel noise standard deviation of the images (image units).
-    A batch is a dict with ``image`` (B, 1, D, D), ``R`` (B, 3, 3), ``shift`` (B, 2) Å,
+    A batch is a dict with ``image`` (B, 1, D, D), ``R`` (B, 3, 3), ``shift_A`` (B, 2) Å,
     ``ctf`` (B, 9) (``CTFParams.as_tensor``) and ``index`` (B,).
     """
 
@@ -178,7 +178,7 @@ class AtomVAE(nn.Module):
         mu, logvar = self.encode(img)
         z = reparameterize(mu, logvar)
         coords = self.decode(z)
-        model = self.render(coords, batch["R"], batch["shift"], batch["ctf"], batch.get("index"), step)
+        model = self.render(coords, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"), step)
         rec = self.reconstruction(img, model, step).mean()
         kl = gaussian_kl(mu, logvar).mean()
         pri = self.prior_terms(coords)
@@ -193,7 +193,7 @@ class AtomVAE(nn.Module):
         """Set the image scale by least squares between the data and the starting model's images."""
         self.log_scale.zero_()
         coords = self.decoder.x0.expand(len(batch["image"]), -1, -1)
-        m = self.render(coords, batch["R"], batch["shift"], batch["ctf"])
+        m = self.render(coords, batch["R"], batch["shift_A"], batch["ctf"])
         s = (m * batch["image"]).sum() / (m * m).sum().clamp_min(1e-12)
         if s <= 0:
             raise UserError("particles: the images anti-correlate with the starting model's projections; "

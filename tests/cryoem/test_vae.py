@@ -35,7 +35,7 @@ def toy_data(n=256, seed=0, scale=3.0, swing=10.0, snr=2.0):
     img = fourier_filter(project(coords, torch.ones(40), torch.full((40,), 2.0), R, APIX, BOX, shift),
                          APIX, None, CTFParams.from_tensor(ctf))
     img = scale * (img + img.std() / math.sqrt(snr) * torch.randn(img.shape, generator=g))
-    batch = {"image": img, "R": R, "shift": shift, "ctf": ctf, "index": torch.arange(n)}
+    batch = {"image": img, "R": R, "shift_A": shift, "ctf": ctf, "index": torch.arange(n)}
     return batch, u, x0, bonds
 
 
