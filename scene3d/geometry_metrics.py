@@ -114,3 +114,18 @@ def visual_hull(masks: Tensor, cameras: Camera, res: int = 32, lo: float = -1.0,
     flat = (row.clamp(0, H - 1) * W + col.clamp(0, W - 1))
     hit = torch.gather(masks.reshape(V, -1), 1, flat) & inside
     return hit.all(0).reshape(res, res, res)
+
+
+def mesh_occupancy(verts: Tensor, faces: Tensor, points: Tensor) -> Tensor:
+    """(N,) bool: which of ``points (N, 3)`` lie inside the closed mesh ``verts (V, 3)``, ``faces (F, 3)``.
+
+    Counts ray crossings with open3d's ``RaycastingScene.compute_occupancy`` (C++, fast on CPU).
+    """
+    import numpy as np
+    import open3d as o3d
+
+    scene = o3d.t.geometry.RaycastingScene()
+    scene.add_triangles(o3d.core.Tensor(verts.detach().cpu().numpy().astype(np.float32)),
+                        o3d.core.Tensor(faces.detach().cpu().numpy().astype(np.uint32)))
+    occ = scene.compute_occupancy(o3d.core.Tensor(points.detach().cpu().numpy().astype(np.float32))).numpy()
+    return torch.from_numpy(occ > 0.5).to(points.device)

@@ -128,3 +128,15 @@ def test_foreground_masks():
     img[0, :, 1, 2] = 0.3
     m = foreground_masks(img, background=1.0)
     assert m.shape == (2, 4, 4) and m.sum() == 1 and m[0, 1, 2]
+
+
+def test_mesh_occupancy_of_ico_sphere_matches_ball():
+    from scene3d.geometry_metrics import mesh_occupancy
+
+    verts, faces = ico_sphere(3, 0.7)
+    pts = voxel_centers(24, dtype=torch.float64).reshape(-1, 3)
+    inside = mesh_occupancy(verts, faces, pts)
+    ball = pts.norm(dim=-1) < 0.7
+    assert voxel_iou(inside.reshape(24, 24, 24), ball.reshape(24, 24, 24)).item() > 0.95
+    assert not mesh_occupancy(verts, faces, torch.tensor([[0.0, 0.0, 0.9]])).item()
+    assert mesh_occupancy(verts, faces, torch.tensor([[0.1, 0.2, -0.3]])).item()
