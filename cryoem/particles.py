@@ -8,16 +8,23 @@ file order, no pixels), validates it (:func:`validate`) and wraps it in
     {"image": (1, D, D) float32, "R": (3, 3), "shift_A": (2,), "ctf": (9,), "index": int}
 
 ``R`` is RELION's ``A`` (map frame -> projection frame; see ``renderers.cameras``),
-``shift_A`` the in-plane shift (Å; the particle centre appears at pixel
-``D // 2 + shift_A / pixel_size``), ``ctf`` the ``cryoem.ctf.CTF_FIELDS`` vector
+``shift_A`` the in-plane shift in Plato's convention (Å; the particle centre appears at
+pixel ``D // 2 + shift_A / pixel_size``, i.e. ``t`` of ``Camera.from_pose``), ``ctf`` the ``cryoem.ctf.CTF_FIELDS`` vector
 (radians). Keys whose metadata are absent (no poses / no CTF) are left out.
 
-Conventions verified on the shared interop files (see tests/cryoem/test_conventions.py):
-* cryoDRGN pose ``.pkl``: ``R`` is used as is; ``trans`` (fraction of the box) gives
-  ``shift_A = trans * D * pixel_size`` (same sign as RELION's origin, which cryoDRGN copies).
-* cryoSPARC ``alignments3D/pose`` (axis-angle, rad): ``R = expmap(pose)^T`` and
-  ``alignments3D/shift`` (px) gives ``shift_A = shift * pixel_size``, the conversion
-  cryoDRGN's ``parse_pose_csparc`` uses.
+Conventions (tests/cryoem/test_conventions.py checks them on real files):
+* Rotations: STAR Euler angles through ``renderers.cameras.euler_zyz_to_matrix``; a
+  cryoDRGN pose ``.pkl`` ``R`` is used as is (projecting cryoDRGN's toy volume with it
+  reproduces ``toy_projections.mrcs`` at correlation 0.997; ``R^T`` does not);
+  cryoSPARC ``alignments3D/pose`` (axis-angle, rad) gives ``R = expmap(pose)^T``, the
+  conversion of cryoDRGN's ``parse_pose_csparc``.
+* Shifts: RELION's origin "shifts the observation into the reference projection"
+  (RELION docs, Conventions; ``ObservationModel::predictObservation`` shifts the
+  projection by ``-origin``), so the particle centre sits at ``box//2 - origin``:
+  ``shift_A = -rlnOriginXYAngst`` (``-rlnOriginXY * pixel_size`` before 3.1). cryoDRGN
+  copies RELION's origin into ``trans`` (fraction of the box) and cryoSPARC's
+  ``alignments3D/shift`` (px) has the same sense, so ``shift_A = -trans * D * pixel_size``
+  and ``shift_A = -shift * pixel_size``. The writers negate back.
 """
 
 from __future__ import annotations
@@ -183,9 +190,9 @@ def meta_from_star(path: str | Path, pixel_size: float | None = None) -> Particl
                ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")]
         R = euler_zyz_to_matrix(*ang).numpy()
     if _col(df, "rlnOriginXAngst") and _col(df, "rlnOriginYAngst"):
-        shift = np.stack([_float_col(df, "rlnOriginXAngst", path), _float_col(df, "rlnOriginYAngst", path)], 1)
+        shift = -np.stack([_float_col(df, "rlnOriginXAngst", path), _float_col(df, "rlnOriginYAngst", path)], 1)
     elif _col(df, "rlnOriginX") and _col(df, "rlnOriginY"):
-        shift = np.stack([_float_col(df, "rlnOriginX", path), _float_col(df, "rlnOriginY", path)], 1) * apix
+        shift = -np.stack([_float_col(df, "rlnOriginX", path), _float_col(df, "rlnOriginY", path)], 1) * apix
     elif R is not None:
         shift = np.zeros((len(df), 2))
     return ParticleMeta(files, fidx, iidx, apix, box, R, shift, _ctf_from_star(df, path), str(path))
@@ -240,7 +247,7 @@ def meta_from_cs(path: str | Path, datadir: str | Path | None = None) -> Particl
     if "alignments3D/pose" in names:
         pose = torch.as_tensor(num("alignments3D/pose").reshape(-1, 3))
         R = axis_angle_to_matrix(pose).transpose(1, 2).numpy()
-        shift = num("alignments3D/shift").reshape(-1, 2) * psize[0] if "alignments3D/shift" in names else None
+        shift = -num("alignments3D/shift").reshape(-1, 2) * psize[0] if "alignments3D/shift" in names else None
     ctf = None
     if "ctf/df1_A" in names:
         get = lambda k, d: num(k) if k in names else np.full(len(cs), d)  # noqa: E731
@@ -295,7 +302,7 @@ def meta_from_stack(stack: str | Path, pixel_size: float | None = None, poses: s
         rot = obj[0] if isinstance(obj, (tuple, list)) else obj
         R = _pkl_array(poses, (n, 3, 3), "rotation", stack, rot)
         if isinstance(obj, (tuple, list)) and len(obj) > 1:
-            shift = _pkl_array(poses, (n, 2), "translation", stack, obj[1]) * box * pixel_size
+            shift = -_pkl_array(poses, (n, 2), "translation", stack, obj[1]) * box * pixel_size
         else:
             shift = np.zeros((n, 2))
     return ParticleMeta([stack.resolve()], np.zeros(n, dtype=np.int64), np.arange(n), float(pixel_size), box,
@@ -479,7 +486,7 @@ def write_particles(out_dir: str | Path, images: np.ndarray, pixel_size: float, 
         rot, tilt, psi = (np.rad2deg(a.numpy()) for a in matrix_to_euler_zyz(torch.as_tensor(R, dtype=torch.float64)))
         cols.update(rlnAngleRot=rot, rlnAngleTilt=tilt, rlnAnglePsi=psi)
     if shift_A is not None:
-        cols.update(rlnOriginXAngst=np.asarray(shift_A)[:, 0], rlnOriginYAngst=np.asarray(shift_A)[:, 1])
+        cols.update(rlnOriginXAngst=-np.asarray(shift_A)[:, 0], rlnOriginYAngst=-np.asarray(shift_A)[:, 1])
     if ctf is not None:
         cols.update(rlnDefocusU=c.defocus_u.numpy(), rlnDefocusV=c.defocus_v.numpy(),
                     rlnDefocusAngle=np.rad2deg(c.angle.numpy()), rlnPhaseShift=np.rad2deg(c.phase_shift.numpy()),
