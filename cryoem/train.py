@@ -35,6 +35,7 @@ class DataSpec:
     pixel_size: float | None = None
     datadir: str | None = None
     center: str = "centroid"  # centroid | map: how the model sits relative to the box centre
+    chains: str | None = None  # comma-separated chain ids to model (default: all)
     lazy: bool = False
 
 
@@ -58,6 +59,13 @@ def starting_model(spec: DataSpec, box: int, apix: float) -> tuple[Structure, np
     if s.is_ca_only() and spec.atoms != "ca":
         raise UserError(f"{spec.structure}: the model has only C-alpha atoms; use --atoms ca")
     s = s.select(spec.atoms)
+    if spec.chains:
+        want = [c.strip() for c in spec.chains.split(",") if c.strip()]
+        missing = sorted(set(want) - set(s.chain.tolist()))
+        if missing:
+            raise UserError(f"--chains: {spec.structure} has no chain {', '.join(missing)} "
+                            f"(it has {', '.join(sorted(set(s.chain.tolist())))})")
+        s = s.subset(np.flatnonzero(np.isin(s.chain, want)))
     if s.n_atoms == 0:
         raise UserError(f"{spec.structure}: no {spec.atoms} atoms in the model")
     if spec.center == "centroid":

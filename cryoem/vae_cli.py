@@ -23,6 +23,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--center", choices=["centroid", "map"], default="centroid",
                    help="centroid: the model's centroid sits at the box centre (simulated data); map: the model "
                         "was fitted in a map of this box with origin 0")
+    p.add_argument("--chains", help="comma-separated chain ids of the starting model to model (default: all)")
     p.add_argument("--pixel-size", type=float, help="Å/px, when the metadata lacks it")
     p.add_argument("--datadir", help="folder of the stacks named in a .cs file")
     budget = p.add_mutually_exclusive_group()
@@ -77,7 +78,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise UserError("give a training budget: --epochs N, --minutes M or --steps S")
     if a.infer_poses:
         raise UserError("--infer-poses is not available yet; give consensus poses in the metadata")
-    spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.lazy)
+    spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.chains,
+                    a.lazy)
     cfg = AtomVAEConfig(zdim=a.zdim, beta=a.beta, likelihood=a.likelihood, w_bond=a.w_bond, w_local=a.w_local,
                         w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
                         infer_poses=a.infer_poses)
