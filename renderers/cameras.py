@@ -30,8 +30,11 @@ External conventions (converted here and nowhere else)
   cos pitch, sin pitch]`` in the PyTorch ports (``order="torch"``).
 * RELION: ZYZ Euler angles (rot, tilt, psi) in **degrees** at the file boundary;
   the matrix ``A(rot, tilt, psi)`` maps the map frame to the projection frame
-  (image x = column, y = row), projection along +Z. Origin shifts in Å:
-  the particle appears at ``box // 2 + origin / pixel_size`` (pixel indices).
+  (image x = column, y = row), projection along +Z. Origin shifts in Å: RELION's
+  origin shifts the observed image onto the centred reference projection
+  (``ObservationModel::predictObservation`` shifts the prediction by ``-origin``), so
+  the particle centre appears at ``box // 2 - origin / pixel_size`` (pixel indices)
+  and the camera's in-plane translation is ``t_xy = -origin``.
 """
 
 from __future__ import annotations
@@ -358,11 +361,15 @@ class Camera:
         """
         _check("origin_A", origin_A, (-1, 2))
         R = euler_zyz_to_matrix(*(torch.deg2rad(torch.as_tensor(a, dtype=origin_A.dtype)) for a in (rot, tilt, psi)))
-        return cls.from_pose(R, origin_A, pixel_size, box)
+        return cls.from_pose(R, -origin_A, pixel_size, box)
 
     @classmethod
     def from_pose(cls, R: Tensor, shift_A: Tensor, pixel_size: float | Tensor, box: int) -> "Camera":
-        """Orthographic cryo-EM camera from a rotation (B,3,3) and in-plane shift (B,2) in Å."""
+        """Orthographic cryo-EM camera from a rotation (B,3,3) and in-plane shift (B,2) in Å.
+
+        The particle centre appears at pixel ``box // 2 + shift_A / pixel_size`` (``shift_A``
+        is ``-origin`` in RELION's terms).
+        """
         _check("shift_A", shift_A, (-1, 2))
         t = torch.cat([shift_A, torch.zeros_like(shift_A[:, :1])], -1)
         c = box // 2 + 0.5
@@ -374,7 +381,7 @@ class Camera:
         if not self.orthographic:
             raise ValueError("to_relion: RELION poses need an orthographic camera")
         rot, tilt, psi = matrix_to_euler_zyz(self.R)
-        return torch.rad2deg(rot), torch.rad2deg(tilt), torch.rad2deg(psi), self.t[:, :2].clone()
+        return torch.rad2deg(rot), torch.rad2deg(tilt), torch.rad2deg(psi), -self.t[:, :2]
 
 
 # --------------------------------------------------------------------------- helpers

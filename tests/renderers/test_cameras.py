@@ -211,10 +211,11 @@ def test_projection_relion_from_star():
                              torch.tensor([[ox, oy]]), 2.0, 64)
     A = relion_matrix_independent(*np.radians([rot, tilt, psi]))
     np.testing.assert_allclose(cam.R[0].numpy(), A, atol=1e-12)
-    # a map point p projects to pixel centre box//2 + (A p + origin)_xy / apix (x = column, y = row)
+    # a map point p projects to pixel centre box//2 + (A p - origin)_xy / apix (x = column, y = row):
+    # RELION's predictObservation shifts the reference projection by -origin
     p = torch.tensor([[[4.0, -6.0, 10.0]]])
     uv, _ = cam.project(p)
-    expect = 32 + (A @ p[0, 0].numpy())[:2] / 2.0 + np.array([ox, oy]) / 2.0 + 0.5
+    expect = 32 + (A @ p[0, 0].numpy())[:2] / 2.0 - np.array([ox, oy]) / 2.0 + 0.5
     np.testing.assert_allclose(uv[0, 0].numpy(), expect, atol=1e-9)
 
 
