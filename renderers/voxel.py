@@ -58,8 +58,12 @@ def sample_grid(grid: Tensor, points: Tensor, center: Tensor, size: Tensor, outs
     Returns:
         (B, C, ...) sampled values (channels first).
     """
-    B, C, rest = points.shape[0], grid.shape[1], points.shape[1:-1]
-    g = (points - center) * (2 / size)
+    return _sample_box_coords(grid, (points - center) * (2 / size), outside_zero)
+
+
+def _sample_box_coords(grid: Tensor, g: Tensor, outside_zero: bool) -> Tensor:
+    """``sample_grid`` at box coordinates ``g`` (B, ..., 3), where the box is [-1, 1]^3 -> (B, C, ...)."""
+    B, C, rest = g.shape[0], grid.shape[1], g.shape[1:-1]
     n = B if grid.shape[0] == B else 1
     out = F.grid_sample(grid, g.reshape(n, -1, 1, 1, 3), padding_mode="border", align_corners=False)
     out = out.reshape(B, C, *rest) if n == B else out.reshape(C, B, *rest).transpose(0, 1)
@@ -94,7 +98,7 @@ def stratified_depths(near: Tensor, far: Tensor, n: int, jitter: bool) -> tuple[
     delta = ((far - near) / n)[..., None]
     k = torch.arange(n, dtype=near.dtype, device=near.device)
     u = torch.rand(*near.shape, n, dtype=near.dtype, device=near.device) if jitter else 0.5
-    return near[..., None] + (k + u) * delta, delta
+    return torch.addcmul(near[..., None], k + u, delta), delta
 
 
 def alpha_composite(sigma: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
@@ -106,10 +110,10 @@ def alpha_composite(sigma: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         weights: (..., S); opacity: (...,) ``1 - exp(-sum_k sigma_k delta_k)`` (= sum of the weights).
     """
-    tau = sigma * delta
-    acc = torch.cumsum(tau, -1)
-    weights = torch.exp(tau - acc) * -torch.expm1(-tau)
-    return weights, -torch.expm1(-acc[..., -1])
+    neg_tau = sigma * -delta
+    neg_acc = torch.cumsum(neg_tau, -1)
+    weights = torch.exp(neg_acc - neg_tau) * -torch.expm1(neg_tau)
+    return weights, -torch.expm1(neg_acc[..., -1])
 
 
 class VoxelRenderer(nn.Module):
@@ -161,27 +165,51 @@ class VoxelRenderer(nn.Module):
         origins, dirs = camera.rays()
         B, (Hi, Wi) = len(camera), camera.image_size
         origins, dirs = origins.reshape(B, -1, 3), dirs.reshape(B, -1, 3)
-        center, size = _vec3(self.center, density), _vec3(self.size, density)
-        near, far = ray_box(origins, dirs, center - size / 2, center + size / 2)
+        scale = 2 / _vec3(self.size, density)  # to box coordinates, [-1, 1]^3; ray parameters t are unchanged
+        origins, dirs = (origins - _vec3(self.center, density)) * scale, dirs * scale
+        unit = torch.ones(3, dtype=density.dtype, device=density.device)
+        near, far = ray_box(origins, dirs, -unit, unit)
         if not camera.orthographic:
             near = near.clamp_min(0)
         far = torch.maximum(far, near)
-        t, delta = stratified_depths(near, far, self.n_samples, self.jitter and self.training)
-        points = origins[:, :, None] + t[..., None] * dirs[:, :, None]
-        values = sample_grid(volume, points, center, size, outside_zero=False)  # (B, C', R, S)
-        out = self._integrate(values, delta)
+        out = self._march_hits(volume, origins, dirs, near, far)
         return out.reshape(B, -1, Hi, Wi)
+
+    def _march_hits(self, volume: Tensor, origins: Tensor, dirs: Tensor, near: Tensor, far: Tensor) -> Tensor:
+        """March only the rays that hit the box (padded to the batch's largest count); misses get the empty value.
+
+        Rays (B, R, 3) in box coordinates with their (B, R) ranges -> (B, C, R).
+        """
+        hit = far > near
+        M = int(hit.sum(1).max())
+        miss = self._integrate(volume.new_zeros(1, volume.shape[1], 1, 1), volume.new_zeros(1, 1, 1))
+        if M == hit.shape[1]:
+            return self._march(volume, origins, dirs, near, far)
+        out = miss.expand(hit.shape[0], -1, hit.shape[1])
+        if M == 0:
+            return out.contiguous()
+        order = torch.argsort((~hit).to(torch.uint8), dim=1, stable=True)[:, :M]  # hits first
+        pick = lambda x: x.gather(1, order[..., None].expand(-1, -1, 3))  # noqa: E731
+        marched = self._march(volume, pick(origins), pick(dirs), near.gather(1, order), far.gather(1, order))
+        return out.scatter(2, order[:, None].expand(-1, out.shape[1], -1), marched)
+
+    def _march(self, volume: Tensor, origins: Tensor, dirs: Tensor, near: Tensor, far: Tensor) -> Tensor:
+        """Sample ``n_samples`` points per ray in [near, far] and integrate: (B, M) rays -> (B, C, M)."""
+        t, delta = stratified_depths(near, far, self.n_samples, self.jitter and self.training)
+        g = torch.addcmul(origins[:, :, None], t[..., None], dirs[:, :, None])
+        values = _sample_box_coords(volume, g, outside_zero=False)  # (B, C', M, S), all inside the box
+        return self._integrate(values, delta)
 
     def _integrate(self, values: Tensor, delta: Tensor) -> Tensor:
         """(B, C', R, S) sampled [density, features...] and (B, R, 1) bin widths -> (B, C, R)."""
-        sigma = values[:, 0]
         if self.mode == "projection":
-            return (sigma.sum(-1) * delta[..., 0])[:, None]
+            return values.sum(-1) * delta[..., 0][:, None]
         if self.mode == "absorption":
-            return -torch.expm1(-sigma.sum(-1) * delta[..., 0])[:, None]
-        weights, opacity = alpha_composite(sigma, delta)
+            return -torch.expm1(-values.sum(-1) * delta[..., 0][:, None])
+        sigma, colour = values.split([1, values.shape[1] - 1], 1)  # split, not slices: one cat in backward
+        weights, opacity = alpha_composite(sigma[:, 0], delta)
         bg = torch.as_tensor(self.background, dtype=values.dtype, device=values.device).reshape(1, -1, 1)
-        rgb = (values[:, 1:] * weights[:, None]).sum(-1) + (1 - opacity[:, None]) * bg
+        rgb = (colour * weights[:, None]).sum(-1) + (1 - opacity[:, None]) * bg
         return torch.cat([rgb, opacity[:, None]], 1) if self.alpha else rgb
 
     def _validate(self, density: Tensor, camera: Camera, features: Tensor | None) -> Tensor:
@@ -191,7 +219,7 @@ class VoxelRenderer(nn.Module):
         sizes = check_tensor("density", density, ("B", 1, "D", "H", "W"), like=camera.R)
         if sizes["B"] not in (1, len(camera)):
             raise ValueError(f"density: expected batch size 1 or {len(camera)} (the cameras), got {sizes['B']}")
-        if self.mode != "projection" and bool((density < 0).any()):
+        if self.mode != "projection" and bool(density.min() < 0):
             raise ValueError(f"density: expected non-negative values in {self.mode} mode")
         if self.mode != "emission_absorption":
             if features is not None:

@@ -189,6 +189,23 @@ def test_gradcheck_float64_tiny_grid():
         assert torch.autograd.gradcheck(VoxelRenderer(mode, **kw).eval(), (density, cam))
 
 
+def test_rays_missing_the_box_show_background_and_gradients_survive_compaction():
+    g = torch.Generator().manual_seed(4)
+    density = (torch.rand(2, 1, 3, 4, 3, generator=g, dtype=torch.float64) + 0.2).requires_grad_()
+    features = torch.rand(2, 2, 3, 4, 3, generator=g, dtype=torch.float64).requires_grad_()
+    cam = orbit_cameras(2, (5, 6), dist=3.0)
+    cam = Camera(cam.R, cam.t, cam.focal / 2, cam.principal, cam.image_size)  # wide: the corners miss the box
+    o, d = (x.reshape(2, -1, 3) for x in cam.rays())
+    near, far = ray_box(o, d, -torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
+    miss = (far <= near).reshape(2, 5, 6)
+    assert 0 < miss.sum() < miss.numel() and miss.sum(0).min() < 2  # the two views miss different rays
+    r = VoxelRenderer(n_samples=7, background=(0.3, 0.6), alpha=True).eval()
+    image = r(density, cam, features)
+    want = torch.tensor([0.3, 0.6, 0.0], dtype=torch.float64)[:, None]
+    torch.testing.assert_close(image.permute(1, 0, 2, 3)[:, miss], want.expand(3, int(miss.sum())), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda d_, f_: r(d_, cam, f_), (density, features), fast_mode=True)
+
+
 def test_stratified_jitter_is_unbiased_and_only_in_training():
     cam = orbit_cameras(1, (3, 3), ortho=True)
     density = torch.rand(1, 1, 4, 5, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)

@@ -1,0 +1,264 @@
+"""CPU timings of Plato's renderers next to PyTorch3D's equivalents, run in the same process.
+
+``python -m renderers.bench [--repeats N] [--only voxel,mesh,nerf,gaussian]`` prints one table. Times are the
+best of ``--repeats`` runs, alternating ours and theirs after a warm-up: "fwd" runs under ``torch.no_grad()``,
+"fwd+bwd" builds the graph and back-propagates ``image.sum()`` to the 3D parameters. A ratio is ours / theirs
+(below 1: we are faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+from collections.abc import Callable
+
+import torch
+
+from renderers.cameras import Camera, look_at
+
+ROWS: list[dict] = []
+
+
+def compare(ours: Callable[[], torch.Tensor], theirs: Callable[[], torch.Tensor], params: list[torch.Tensor],
+            repeats: int, bwd_repeats: int | None = None) -> tuple[tuple[float, float], tuple[float, float]]:
+    """Best-of-``repeats`` seconds of (forward, forward + backward) for two closures returning images.
+
+    Runs alternate between the two after one untimed forward each, so that load from other processes on a
+    shared machine hits both alike; the minimum is the least disturbed run.
+    """
+
+    def fwd(fn):
+        with torch.no_grad():
+            fn()
+
+    def fwd_bwd(fn):
+        for p in params:
+            p.grad = None
+        fn().sum().backward()
+
+    best = {}
+    for step, n in ((fwd, repeats), (fwd_bwd, bwd_repeats or repeats)):
+        for fn in (ours, theirs):
+            fwd(fn)
+        for _ in range(n):
+            for name, fn in (("ours", ours), ("theirs", theirs)):
+                t0 = time.perf_counter()
+                step(fn)
+                best[name, step] = min(best.get((name, step), math.inf), time.perf_counter() - t0)
+    return (best["ours", fwd], best["ours", fwd_bwd]), (best["theirs", fwd], best["theirs", fwd_bwd])
+
+
+def record(case: str, settings: str, ours: tuple[float, float], theirs: tuple[float, float], ref: str,
+           note: str = "", images: int = 0) -> None:
+    """Keep one table row; ``images`` > 0 adds an images/s line."""
+    ROWS.append(dict(case=case, settings=settings, ours=ours, theirs=theirs, ref=ref, note=note, images=images))
+    print(f"  done: {case} {settings}", flush=True)
+
+
+def orbit(B: int, size: int, dist: float = 4.0, fov_deg: float = 40.0) -> Camera:
+    ang = torch.linspace(0.0, 2 * math.pi, B + 1)[:B]
+    eye = torch.stack([dist * torch.cos(ang), 0.6 * torch.ones(B), dist * torch.sin(ang)], -1)
+    R, t = look_at(eye, torch.zeros_like(eye))
+    return Camera.create(R, t, (size, size), fov=math.radians(fov_deg))
+
+
+def blob_grid(B: int, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smooth density (B, 1, n, n, n) and colour (B, 3, n, n, n) grids that vanish at the box faces."""
+    g = torch.Generator().manual_seed(seed)
+    ax = torch.linspace(-1 + 1 / n, 1 - 1 / n, n)
+    z, y, x = torch.meshgrid(ax, ax, ax, indexing="ij")
+    c = (torch.rand(B, 4, 3, generator=g) - 0.5) * 0.8
+    r2 = (x - c[..., 0, None, None, None]) ** 2 + (y - c[..., 1, None, None, None]) ** 2 \
+        + (z - c[..., 2, None, None, None]) ** 2
+    density = (4.0 * torch.exp(-r2 / 0.05)).sum(1, keepdim=True)
+    colour = torch.stack([0.5 + 0.4 * torch.sin(3 * x + k) for k in range(3)]).expand(B, 3, n, n, n).contiguous()
+    return density, colour
+
+
+# --------------------------------------------------------------------------- voxel
+def bench_voxel(repeats: int) -> None:
+    from pytorch3d.renderer import EmissionAbsorptionRaymarcher, NDCMultinomialRaysampler, VolumeRenderer
+    from pytorch3d.structures import Volumes
+
+    from renderers.voxel import VoxelRenderer
+
+    B, size, n, S = 8, 64, 64, 128
+    density, colour = blob_grid(B, n)
+    density.requires_grad_(), colour.requires_grad_()
+    cam = orbit(B, size)
+    ours = VoxelRenderer(n_samples=S, size=2.0, alpha=True).eval()
+
+    class DensityToOpacity(torch.nn.Module):
+        """PyTorch3D's EA raymarcher takes opacities: alpha = 1 - exp(-sigma * delta) per ray."""
+
+        def __init__(self):
+            super().__init__()
+            self.ea = EmissionAbsorptionRaymarcher()
+
+        def forward(self, rays_densities, rays_features, ray_bundle, **kw):
+            delta = (ray_bundle.lengths[..., 1] - ray_bundle.lengths[..., 0]) * ray_bundle.directions.norm(dim=-1)
+            return self.ea(-torch.expm1(-rays_densities * delta[..., None, None]), rays_features)
+
+    sampler = NDCMultinomialRaysampler(image_width=size, image_height=size, n_pts_per_ray=S,
+                                       min_depth=4.0 - math.sqrt(3), max_depth=4.0 + math.sqrt(3))
+    theirs = VolumeRenderer(sampler, DensityToOpacity())
+    p3d_cam = cam.to_pytorch3d()
+
+    def p3d():
+        vols = Volumes(densities=density, features=colour, voxel_size=2.0 / (n - 1), align_corners=False)
+        return theirs(cameras=p3d_cam, volumes=vols)[0].permute(0, 3, 1, 2)
+
+    with torch.no_grad():
+        diff = (ours(density, cam, colour) - p3d()).abs().max().item()
+    record("voxel EA", f"B={B} {size}^2 {n}^3 grid RGB {S} samples/ray",
+           *compare(lambda: ours(density, cam, colour), p3d, [density, colour], repeats),
+           "PyTorch3D VolumeRenderer + EA raymarcher", f"max |RGBA diff| {diff:.1e}")
+
+
+# ---------------------------------------------------------------------------- mesh
+def bench_mesh(repeats: int) -> None:
+    from pytorch3d.renderer import (
+        FoVPerspectiveCameras,
+        MeshRasterizer,
+        RasterizationSettings,
+        SoftSilhouetteShader,
+        look_at_view_transform,
+    )
+    from pytorch3d.renderer import MeshRenderer as P3DMeshRenderer
+    from pytorch3d.structures import Meshes
+
+    from renderers.mesh import MeshRenderer, ico_sphere
+
+    B, size, K, sigma = 16, 64, 20, 1e-4
+    verts, faces = ico_sphere(3)
+    verts = verts.expand(B, -1, -1).clone().requires_grad_()
+    R, T = look_at_view_transform(2.7, torch.linspace(-30, 30, B), torch.linspace(0, 330, B))
+    p3d_cam = FoVPerspectiveCameras(R=R, T=T, fov=40.0)
+    cam = Camera.from_pytorch3d(p3d_cam, (size, size))
+    ours = MeshRenderer("silhouette", sigma=sigma, faces_per_pixel=K)
+    settings = RasterizationSettings(image_size=size, blur_radius=math.log(1 / 1e-4 - 1) * sigma, faces_per_pixel=K)
+    theirs = P3DMeshRenderer(MeshRasterizer(cameras=p3d_cam, raster_settings=settings), SoftSilhouetteShader())
+    p3d = lambda: theirs(Meshes(verts=verts, faces=faces.expand(B, -1, -1)))[..., 3]  # noqa: E731
+    with torch.no_grad():
+        diff = (ours(verts, faces, cam)[:, 0] - p3d()).abs().max().item()
+    record("mesh soft silhouette", f"B={B} {size}^2 {faces.shape[0]} faces {K} faces/px",
+           *compare(lambda: ours(verts, faces, cam), p3d, [verts], repeats, bwd_repeats=1),
+           "PyTorch3D rasterizer + SoftSilhouetteShader", f"max |diff| {diff:.1e}")
+
+
+# ---------------------------------------------------------------------------- NeRF
+def bench_nerf(repeats: int) -> None:
+    from pytorch3d.renderer import EmissionAbsorptionRaymarcher
+    from pytorch3d.renderer.implicit.sample_pdf import sample_pdf
+
+    from renderers.nerf import NeRFRenderer, RadianceMLP
+
+    torch.manual_seed(0)
+    mlp = RadianceMLP(depth=4, width=128, skips=())
+    cam = orbit(1, 64)  # 4,096 rays
+    nc, nf, near, far = 64, 128, 2.0, 6.0
+    ours = NeRFRenderer(n_coarse=nc, n_fine=nf, near=near, far=far, chunk=4096).eval()
+    o, d = (x.reshape(1, -1, 3) for x in cam.rays())
+    ea = EmissionAbsorptionRaymarcher()
+
+    def query(t):
+        pts = o[:, :, None] + t[..., None] * d[:, :, None]
+        sigma, rgb = mlp(pts.reshape(1, -1, 3), d[:, :, None].expand_as(pts).reshape(1, -1, 3))
+        return sigma.reshape(t.shape), rgb.reshape(*t.shape, 3)
+
+    def p3d():
+        """The same NeRF from PyTorch3D parts: EA raymarcher on opacities, its C++ sample_pdf."""
+        delta = (far - near) / nc
+        t = near + (torch.arange(nc) + 0.5) * delta
+        t = t.expand(1, o.shape[1], nc)
+        sigma, rgb = query(t)
+        alpha = -torch.expm1(-sigma * delta)
+        trans = torch.cumprod(torch.cat([torch.ones_like(alpha[..., :1]), 1 - alpha[..., :-1]], -1), -1)
+        edges = near + torch.arange(nc + 1) * delta
+        t_f = sample_pdf(edges.expand(1, o.shape[1], nc + 1), (alpha * trans).detach(), nf, det=True)
+        t_all = torch.sort(torch.cat([t, t_f], -1), -1).values
+        mids = (t_all[..., 1:] + t_all[..., :-1]) / 2
+        deltas = torch.diff(torch.cat([torch.full_like(t_all[..., :1], near), mids,
+                                       torch.full_like(t_all[..., :1], far)], -1), dim=-1)
+        sigma, rgb = query(t_all)
+        return ea((-torch.expm1(-sigma * deltas))[..., None], rgb)
+
+    params = list(mlp.parameters())
+    with torch.no_grad():
+        rgba = p3d()
+        diff = (ours.render_rays(mlp, o, d).rgb - (rgba[..., :3] + 1 - rgba[..., 3:])).abs().max().item()
+    record("NeRF", f"{o.shape[1]} rays x ({nc}+{nf}) samples, 4x128 MLP",
+           *compare(lambda: ours(mlp, cam).rgb, p3d, params, repeats),
+           "same MLP, PyTorch3D EA raymarcher + sample_pdf", f"max |RGB diff| {diff:.1e}")
+
+
+# ------------------------------------------------------------------------ Gaussian
+def bench_gaussian(repeats: int) -> None:
+    for box in (64, 128):
+        bench_gaussian_box(box, repeats)
+
+
+def bench_gaussian_box(box: int, repeats: int, N: int = 2000, B: int = 64, ps: float = 1.0,
+                       sigma: float = 2.0) -> None:
+    from renderers.cameras import axis_angle_to_matrix
+    from renderers.gaussian import gaussian_density_map, gaussian_projection
+    from renderers.voxel import VoxelRenderer
+
+    g = torch.Generator().manual_seed(box)
+    u = torch.randn(N, 3, generator=g)
+    centers = u / u.norm(dim=-1, keepdim=True) * torch.rand(N, 1, generator=g) ** (1 / 3) * 0.3 * box * ps
+    centers.requires_grad_()
+    cam = Camera.from_pose(axis_angle_to_matrix(torch.randn(B, 3, generator=g)), torch.zeros(B, 2), ps, box)
+    voxel = VoxelRenderer("projection", n_samples=box, size=box * ps, center=(box / 2 - box // 2 - 0.5) * ps)
+
+    def gauss():
+        return gaussian_projection(centers, 1.0, sigma, cam)
+
+    def via_voxels():
+        m = gaussian_density_map(centers, 1.0, sigma, box, ps)
+        return voxel(m[None, None], cam)
+
+    with torch.no_grad():
+        a, b = gauss(), via_voxels()
+        rel = ((b - a).flatten(1).norm(dim=1) / a.flatten(1).norm(dim=1)).max().item()
+    record("Gaussian projector", f"{N} atoms B={B} {box}^2 (sigma {sigma / ps:.0f} px)",
+           *compare(gauss, via_voxels, [centers], repeats),
+           f"voxel path: {box}^3 density map + projection ({box} samples/ray)",
+           f"rel L2 vs voxel path {rel:.1%}", images=B)
+
+
+def print_table() -> None:
+    head = (f"{'case':<21} {'settings':<44} {'fwd ours':>9} {'fwd ref':>9} {'ratio':>6} "
+            f"{'f+b ours':>9} {'f+b ref':>9} {'ratio':>6}  reference; note")
+    print("\n" + head + "\n" + "-" * len(head))
+    ms = lambda s: f"{1e3 * s:8.1f}ms"  # noqa: E731
+    for r in ROWS:
+        (fo, bo), (ft, bt) = r["ours"], r["theirs"]
+        print(f"{r['case']:<21} {r['settings']:<44} {ms(fo)} {ms(ft)} {fo / ft:6.2f} {ms(bo)} {ms(bt)} "
+              f"{bo / bt:6.2f}  {r['ref']}; {r['note']}")
+        if r["images"]:
+            n = r["images"]
+            print(f"{'':<21} {'  images/s':<44} {n / fo:9.0f} {n / ft:9.0f} {'':>6} {n / bo:9.0f} {n / bt:9.0f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m renderers.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (median)")
+    parser.add_argument("--only", default="voxel,mesh,nerf,gaussian", help="comma-separated cases")
+    args = parser.parse_args(argv)
+    import pytorch3d
+
+    print(f"torch {torch.__version__}, pytorch3d {pytorch3d.__version__}, {torch.get_num_threads()} threads, "
+          f"{os.cpu_count()} CPUs; float32 on CPU")
+    cases = {"voxel": bench_voxel, "mesh": bench_mesh, "nerf": bench_nerf, "gaussian": bench_gaussian}
+    for name in args.only.split(","):
+        if name not in cases:
+            parser.error(f"--only: unknown case {name!r}; expected some of {','.join(cases)}")
+        cases[name](args.repeats)
+    print_table()
+
+
+if __name__ == "__main__":
+    main()
