@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cryoem import vae_cli
+from cryoem import sim_cli, vae_cli
 from scene3d.runinfo import cmd_info, run_cli, version_string
 
 
@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("info", help="versions and environment check")
     s.set_defaults(func=cmd_info)
+    sim_cli.add_subcommands(sub)
     vae_cli.add_subcommands(sub)
     return p
 
