@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from renderers.cameras import Camera, look_at
-from renderers.voxel import VoxelRenderer, ray_box
+from renderers.voxel import VoxelRenderer, alpha_composite, emission_absorption, ray_box
 
 CENTER = (0.1, -0.2, 0.3)
 SIZE = (1.6, 1.2, 1.0)  # box side lengths (x, y, z)
@@ -187,6 +187,20 @@ def test_gradcheck_float64_tiny_grid():
     assert torch.autograd.gradcheck(lambda d, f: ea(d, cam, f), (density, features))
     for mode in ("absorption", "projection"):
         assert torch.autograd.gradcheck(VoxelRenderer(mode, **kw).eval(), (density, cam))
+
+
+@pytest.mark.parametrize("per_sample_delta", [False, True])
+def test_fused_emission_absorption_matches_autograd_reference(per_sample_delta):
+    g = torch.Generator().manual_seed(5)
+    sigma = (3 * torch.rand(2, 4, 6, generator=g, dtype=torch.float64)).requires_grad_()
+    colour = torch.rand(2, 3, 4, 6, generator=g, dtype=torch.float64).requires_grad_()
+    delta = (0.1 + torch.rand(2, 4, 6 if per_sample_delta else 1, generator=g, dtype=torch.float64)).requires_grad_()
+    bg = torch.rand(3, generator=g, dtype=torch.float64).requires_grad_()
+    rgb, opacity = emission_absorption(sigma, colour, delta, bg)
+    w, op = alpha_composite(sigma, delta)
+    torch.testing.assert_close(rgb, (colour * w[:, None]).sum(-1) + (1 - op[:, None]) * bg[:, None])
+    torch.testing.assert_close(opacity, 1 - torch.exp(-(sigma * delta).sum(-1)))
+    assert torch.autograd.gradcheck(emission_absorption, (sigma, colour, delta, bg))
 
 
 def test_rays_missing_the_box_show_background_and_gradients_survive_compaction():
