@@ -21,7 +21,7 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
-__all__ = ["CTFParams", "wavelength", "ctf_2d", "fft_frequencies", "CTF_FIELDS"]
+__all__ = ["CTFParams", "wavelength", "ctf_at", "ctf_2d", "fft_frequencies", "CTF_FIELDS"]
 
 CTF_FIELDS = ("defocus_u", "defocus_v", "angle", "voltage", "cs", "amp_contrast", "phase_shift", "bfactor", "scale")
 
@@ -105,15 +105,12 @@ def fft_frequencies(box: int, pixel_size: float, rfft: bool = True, dtype=torch.
     return KX.to(dtype=dtype, device=device), KY.to(dtype=dtype, device=device)
 
 
-def ctf_2d(params: CTFParams, box: int, pixel_size: float, rfft: bool = True, dtype=torch.float32,
-           device=None) -> Tensor:
-    """CTF of each particle on the FFT grid: (B, box, box//2+1) for ``rfft`` else (B, box, box).
-
-    Computed in float64 and returned in ``dtype`` (the phase is large at high defocus).
-    """
-    kx, ky = fft_frequencies(box, pixel_size, rfft, torch.float64, device)
-    p = {f: getattr(params, f).to(device=device, dtype=torch.float64)[:, None, None] for f in CTF_FIELDS}
-    lam = wavelength(p["voltage"]).to(device)
+def ctf_at(params: CTFParams, kx: Tensor, ky: Tensor) -> Tensor:
+    """CTF of B particles at frequencies ``kx, ky`` (1/Å, any broadcastable shape S): (B, *S) float64."""
+    kx, ky = (torch.as_tensor(k, dtype=torch.float64) for k in (kx, ky))
+    p = {f: getattr(params, f).to(device=kx.device, dtype=torch.float64).reshape(-1, *([1] * kx.dim()))
+         for f in CTF_FIELDS}
+    lam = wavelength(p["voltage"]).to(kx.device)
     k2 = kx**2 + ky**2
     ang = torch.atan2(ky, kx)
     df = 0.5 * (p["defocus_u"] + p["defocus_v"]) + 0.5 * (p["defocus_u"] - p["defocus_v"]) * torch.cos(
@@ -121,5 +118,14 @@ def ctf_2d(params: CTFParams, box: int, pixel_size: float, rfft: bool = True, dt
     w = p["amp_contrast"]
     gamma = (-math.pi * lam * df * k2 + 0.5 * math.pi * (p["cs"] * 1e7) * lam**3 * k2**2
              - p["phase_shift"] - torch.atan(w / torch.sqrt(1 - w**2)))
-    ctf = -torch.sin(gamma) * torch.exp(-p["bfactor"] * k2 / 4) * p["scale"]
-    return ctf.to(dtype)
+    return -torch.sin(gamma) * torch.exp(-p["bfactor"] * k2 / 4) * p["scale"]
+
+
+def ctf_2d(params: CTFParams, box: int, pixel_size: float, rfft: bool = True, dtype=torch.float32,
+           device=None) -> Tensor:
+    """CTF of each particle on the FFT grid: (B, box, box//2+1) for ``rfft`` else (B, box, box).
+
+    Computed in float64 and returned in ``dtype`` (the phase is large at high defocus).
+    """
+    kx, ky = fft_frequencies(box, pixel_size, rfft, torch.float64, device)
+    return ctf_at(params, kx, ky).to(dtype)
