@@ -1,0 +1,329 @@
+"""Multi-view scene datasets: V images + V ``Camera`` s + ground-truth factors per scene.
+
+One in-memory type, :class:`MultiViewDataset`, and its on-disk form (a folder)::
+
+    DIR/meta.json           format, generator, scenes, views, image_size, background, shards, factors
+    DIR/shard-00000.npz     images (n, V, H, W, 3) uint8; R (n, V, 3, 3), t (n, V, 3), focal (n, V, 2),
+                            principal (n, V, 2) float32 in the renderers.cameras convention;
+                            factor_<name> arrays (n, ...); optionally occupancy (n, 32, 32, 32) bit-packed
+    DIR/meshes/scene-000000.ply   ground-truth object meshes (procedural generators only)
+
+Readers for external formats return the same type:
+
+* :func:`load_gqn_tfrecord`: DeepMind's gqn-datasets (``frames``: one JPEG per view,
+  ``cameras``: 5 floats per view ``x, y, z, yaw, pitch``), without TensorFlow.
+* :func:`load_nerf_folder`: NeRF-Blender / nerfstudio ``transforms_{split}.json`` folders.
+
+Items (``dataset[i]``) are dicts that the default collate stacks:
+``images`` (V, 3, H, W) float32 in [0, 1], ``R`` (V, 3, 3), ``t`` (V, 3), ``focal`` (V, 2),
+``principal`` (V, 2) and ``index``. :func:`batch_cameras` turns a batch back into a ``Camera``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from renderers.cameras import Camera
+from scene3d.runinfo import UserError, atomic_path, atomic_write
+
+FORMAT = "plato-multiview-1"
+CAMERA_KEYS = ("R", "t", "focal", "principal")
+
+
+@dataclass
+class MultiViewScene:
+    """One scene: ``images`` (V, 3, H, W) float in [0, 1], V ``cameras``, and its ``factors``."""
+
+    images: Tensor
+    cameras: Camera
+    factors: dict = field(default_factory=dict)
+
+
+class MultiViewDataset(torch.utils.data.Dataset):
+    """N scenes of V views each, held as uint8 images and float32 camera arrays.
+
+    Args:
+        images: (N, V, H, W, 3) uint8.
+        R, t, focal, principal: (N, V, 3, 3), (N, V, 3), (N, V, 2), (N, V, 2) camera parameters.
+        factors: name -> (N, ...) array of ground-truth scene factors.
+        meta: free-form description (generator, background colour, fov ...).
+        occupancy: optional (N, G, G, G) bool occupancy grids of the objects.
+    """
+
+    def __init__(self, images: np.ndarray, R: np.ndarray, t: np.ndarray, focal: np.ndarray, principal: np.ndarray,
+                 factors: dict | None = None, meta: dict | None = None, occupancy: np.ndarray | None = None):
+        if images.ndim != 5 or images.shape[-1] != 3 or images.dtype != np.uint8:
+            raise ValueError(f"images: expected (N, V, H, W, 3) uint8, got {images.shape} {images.dtype}")
+        N, V = images.shape[:2]
+        for name, arr, tail in (("R", R, (3, 3)), ("t", t, (3,)), ("focal", focal, (2,)),
+                                ("principal", principal, (2,))):
+            if arr.shape != (N, V, *tail):
+                raise ValueError(f"{name}: expected shape {(N, V, *tail)}, got {arr.shape}")
+        self.images = images
+        self.R, self.t = R.astype(np.float32), t.astype(np.float32)
+        self.focal, self.principal = focal.astype(np.float32), principal.astype(np.float32)
+        self.factors = factors or {}
+        self.meta = meta or {}
+        self.occupancy = occupancy
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    @property
+    def views(self) -> int:
+        return self.images.shape[1]
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[2:4])
+
+    @property
+    def background(self) -> tuple[float, float, float] | None:
+        bg = self.meta.get("background")
+        return tuple(bg) if bg is not None else None
+
+    def __getitem__(self, i: int) -> dict:
+        img = torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(0, 3, 1, 2).float() / 255
+        item = {k: torch.from_numpy(getattr(self, k)[i]) for k in CAMERA_KEYS}
+        return {"images": img, **item, "index": i}
+
+    def scene(self, i: int) -> MultiViewScene:
+        item = self[i]
+        cams = Camera(item["R"], item["t"], item["focal"], item["principal"], self.image_size)
+        return MultiViewScene(item["images"], cams, {k: v[i] for k, v in self.factors.items()})
+
+    def subset(self, idx) -> "MultiViewDataset":
+        idx = np.asarray(idx)
+        occ = self.occupancy[idx] if self.occupancy is not None else None
+        return MultiViewDataset(self.images[idx], self.R[idx], self.t[idx], self.focal[idx], self.principal[idx],
+                                {k: v[idx] for k, v in self.factors.items()}, dict(self.meta), occ)
+
+    # ------------------------------------------------------------------ disk
+    @classmethod
+    def load(cls, root: str | Path) -> "MultiViewDataset":
+        """Read a dataset folder written by :func:`save` / the generators."""
+        root = Path(root)
+        meta_path = root / "meta.json"
+        if not meta_path.is_file():
+            raise UserError(f"{root}: not a Plato multi-view dataset (no meta.json; make one with `scene3d data`)")
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+        parts: dict[str, list] = {}
+        for shard in meta["shards"]:
+            path = root / shard["file"]
+            if not path.is_file():
+                raise UserError(f"{path}: missing shard listed in meta.json")
+            with np.load(path, allow_pickle=False) as z:
+                for k in z.files:
+                    parts.setdefault(k, []).append(z[k])
+        arr = {k: np.concatenate(v) for k, v in parts.items()}
+        occ = None
+        if "occupancy" in arr:
+            g = meta["occupancy"]["resolution"]
+            occ = np.unpackbits(arr["occupancy"], axis=1)[:, :g ** 3].reshape(-1, g, g, g).astype(bool)
+        factors = {k[len("factor_"):]: v for k, v in arr.items() if k.startswith("factor_")}
+        return cls(arr["images"], arr["R"], arr["t"], arr["focal"], arr["principal"], factors, meta, occ)
+
+    def save(self, root: str | Path, shard_size: int = 500) -> Path:
+        """Write this dataset as a folder of shards (see the module docstring)."""
+        w = ShardWriter(root, shard_size)
+        for i in range(len(self)):
+            occ = self.occupancy[i] if self.occupancy is not None else None
+            w.add(self.images[i], {k: getattr(self, k)[i] for k in CAMERA_KEYS},
+                  {k: v[i] for k, v in self.factors.items()}, occ)
+        return w.close(self.meta)
+
+
+class ShardWriter:
+    """Stream scenes into ``shard-XXXXX.npz`` files; :meth:`close` writes ``meta.json`` last."""
+
+    def __init__(self, root: str | Path, shard_size: int = 500):
+        self.root, self.shard_size = Path(root), shard_size
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.buf: list[dict] = []
+        self.shards: list[dict] = []
+        self.grid: int | None = None
+
+    def add(self, images: np.ndarray, cams: dict, factors: dict, occupancy: np.ndarray | None = None) -> None:
+        """images (V, H, W, 3) uint8; cams: R, t, focal, principal arrays (V, ...); factors: name -> array."""
+        rec = {"images": images, **{k: np.asarray(cams[k], np.float32) for k in CAMERA_KEYS},
+               **{f"factor_{k}": np.asarray(v) for k, v in factors.items()}}
+        if occupancy is not None:
+            self.grid = occupancy.shape[0]
+            rec["occupancy"] = np.packbits(occupancy.reshape(-1))
+        self.buf.append(rec)
+        if len(self.buf) == self.shard_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.buf:
+            return
+        name = f"shard-{len(self.shards):05d}.npz"
+        arrays = {k: np.stack([r[k] for r in self.buf]) for k in self.buf[0]}
+        bio = io.BytesIO()
+        np.savez(bio, **arrays)
+        atomic_write(self.root / name, bio.getvalue())
+        self.shards.append({"file": name, "scenes": len(self.buf)})
+        self.buf = []
+
+    def close(self, meta: dict) -> Path:
+        self._flush()
+        meta = {**meta, "format": FORMAT, "scenes": sum(s["scenes"] for s in self.shards), "shards": self.shards}
+        if self.grid is not None:
+            meta.setdefault("occupancy", {})["resolution"] = self.grid
+        atomic_write(self.root / "meta.json", json.dumps(meta, indent=2))
+        return self.root
+
+
+def batch_cameras(batch: dict, image_size: tuple[int, int]) -> Camera:
+    """Cameras of a collated batch (B, V, ...) flattened to B * V, view-major within each scene."""
+    return Camera(*(batch[k].reshape(-1, *batch[k].shape[2:]) for k in CAMERA_KEYS), image_size)
+
+
+def camera_arrays(cameras: Camera) -> dict[str, np.ndarray]:
+    """A ``Camera`` of V views as the float32 arrays a shard stores."""
+    return {k: getattr(cameras, k).detach().cpu().float().numpy() for k in CAMERA_KEYS}
+
+
+# ------------------------------------------------------------------ GQN tfrecords
+def load_gqn_tfrecord(paths, image_size: int | None = None, fov: float = math.radians(45),
+                      max_scenes: int | None = None) -> MultiViewDataset:
+    """Read DeepMind gqn-datasets tfrecord files without TensorFlow.
+
+    Each record is a ``tf.train.Example`` with ``frames`` (bytes list: one JPEG per view)
+    and ``cameras`` (float list: ``x, y, z, yaw, pitch`` per view, radians, z-up world).
+    Cameras become Plato cameras through ``Camera.from_gqn`` with horizontal ``fov`` (rad).
+
+    Args:
+        paths: one path or a list of ``.tfrecord`` files.
+        image_size: resize the frames to this square size (default: keep).
+        max_scenes: stop after this many records.
+    """
+    from PIL import Image
+    from tfrecord import example_pb2
+    from tfrecord.reader import tfrecord_iterator
+
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    images, cams = [], []
+    for path in paths:
+        if not Path(path).is_file():
+            raise UserError(f"{path}: no such tfrecord file")
+        for k, raw in enumerate(tfrecord_iterator(str(path))):
+            ex = example_pb2.Example.FromString(bytes(raw))
+            feats = ex.features.feature
+            if "frames" not in feats or "cameras" not in feats:
+                raise UserError(f"{path}: record {k} lacks the 'frames' / 'cameras' features of gqn-datasets")
+            frames = list(feats["frames"].bytes_list.value)
+            c = np.asarray(feats["cameras"].float_list.value, np.float32)
+            if c.size != 5 * len(frames):
+                raise UserError(f"{path}: record {k} has {len(frames)} frames but {c.size} camera floats "
+                                f"(expected 5 per frame: x, y, z, yaw, pitch)")
+            imgs = [Image.open(io.BytesIO(f)).convert("RGB") for f in frames]
+            if image_size is not None:
+                imgs = [im.resize((image_size, image_size), Image.BILINEAR) for im in imgs]
+            images.append(np.stack([np.asarray(im) for im in imgs]))
+            cams.append(c.reshape(-1, 5))
+            if max_scenes is not None and len(images) >= max_scenes:
+                break
+    if not images:
+        raise UserError(f"{paths}: no records found")
+    if len({im.shape for im in images}) != 1:
+        raise UserError(f"{paths}: records differ in view count or frame size; pass image_size")
+    images = np.stack(images)
+    N, V, H, W, _ = images.shape
+    cam = Camera.from_gqn(torch.from_numpy(np.concatenate(cams)).double(), (H, W), fov=fov)
+    arr = {k: v.reshape(N, V, *v.shape[1:]) for k, v in camera_arrays(cam).items()}
+    return MultiViewDataset(images, **arr, meta={"source": "gqn-tfrecord", "fov": fov})
+
+
+def write_gqn_tfrecord(path: str | Path, images: np.ndarray, cameras5: np.ndarray, quality: int = 95) -> None:
+    """Write scenes in gqn-datasets' record layout (for tests and interop).
+
+    images: (N, V, H, W, 3) uint8; cameras5: (N, V, 5) ``x, y, z, yaw, pitch``.
+    """
+    from PIL import Image
+    from tfrecord.writer import TFRecordWriter
+
+    with atomic_path(path) as tmp:
+        w = TFRecordWriter(str(tmp))
+        for imgs, cams in zip(images, cameras5):
+            frames = []
+            for im in imgs:
+                b = io.BytesIO()
+                Image.fromarray(im).save(b, format="JPEG", quality=quality)
+                frames.append(b.getvalue())
+            w.write({"frames": (frames, "byte"), "cameras": (cams.reshape(-1).astype(np.float32).tolist(), "float")})
+        w.close()
+
+
+# ---------------------------------------------------------------- NeRF folders
+def load_nerf_folder(root: str | Path, split: str = "train", background=(1.0, 1.0, 1.0),
+                     image_size: int | None = None) -> MultiViewDataset:
+    """Read a NeRF-Blender / nerfstudio folder as one scene of V views.
+
+    ``transforms_{split}.json`` (or ``transforms.json``) holds either ``camera_angle_x``
+    (horizontal fov, radians) or ``fl_x``/``fl_y``/``cx``/``cy``/``w``/``h`` (pixels, nerfstudio),
+    and per frame a ``file_path`` and a 4x4 OpenGL camera-to-world ``transform_matrix``.
+    RGBA images are composited onto ``background`` (RGB in [0, 1]).
+    """
+    from PIL import Image
+
+    root = Path(root)
+    tf = root / f"transforms_{split}.json"
+    if not tf.is_file():
+        tf = root / "transforms.json"
+    if not tf.is_file():
+        raise UserError(f"{root}: no transforms_{split}.json or transforms.json")
+    try:
+        meta = json.loads(tf.read_text())
+        frames = meta["frames"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise UserError(f"{tf}: not a NeRF transforms file ({e})") from e
+    images, c2w = [], []
+    for k, fr in enumerate(frames):
+        p = root / fr["file_path"]
+        if not p.suffix:
+            p = p.with_suffix(".png")
+        if not p.is_file():
+            raise UserError(f"{tf}: frame {k}: image {p} not found")
+        im = Image.open(p)
+        if image_size is not None:
+            im = im.resize((image_size, image_size), Image.BILINEAR)
+        images.append(_composite(np.asarray(im.convert("RGBA")), background))
+        m = np.asarray(fr.get("transform_matrix"), np.float64)
+        if m.shape != (4, 4):
+            raise UserError(f"{tf}: frame {k}: transform_matrix must be 4x4, got {m.shape}")
+        c2w.append(m)
+    H, W = images[0].shape[:2]
+    c2w_t = torch.from_numpy(np.stack(c2w))
+    scale = 1.0
+    if "fl_x" in meta:
+        w0 = meta.get("w", W)
+        scale = W / w0
+        fl = torch.tensor([[meta["fl_x"], meta.get("fl_y", meta["fl_x"])]], dtype=torch.float64) * scale
+        pp = torch.tensor([[meta.get("cx", w0 / 2), meta.get("cy", meta.get("h", H / scale) / 2)]],
+                          dtype=torch.float64) * scale
+        cam = Camera.from_opengl_c2w(c2w_t, (H, W), focal=fl.expand(len(c2w), 2), principal=pp)
+    elif "camera_angle_x" in meta:
+        cam = Camera.from_opengl_c2w(c2w_t, (H, W), fov=float(meta["camera_angle_x"]))
+    else:
+        raise UserError(f"{tf}: expected camera_angle_x or fl_x/fl_y/cx/cy")
+    arr = {k: v[None] for k, v in camera_arrays(cam).items()}
+    return MultiViewDataset(np.stack(images)[None], **arr,
+                            meta={"source": "nerf", "split": split, "background": list(background)})
+
+
+def _composite(rgba: np.ndarray, background) -> np.ndarray:
+    """(H, W, 4) uint8 RGBA over a background RGB in [0, 1] -> (H, W, 3) uint8."""
+    a = rgba[..., 3:4].astype(np.float32) / 255
+    rgb = rgba[..., :3].astype(np.float32) / 255 * a + np.asarray(background, np.float32) * (1 - a)
+    return np.clip(np.round(rgb * 255), 0, 255).astype(np.uint8)
