@@ -57,8 +57,8 @@ def test_astigmatism_angle_and_bfactor():
     assert along_u.item() == pytest.approx(math.sin(math.pi * lam * 20000 * k * k), abs=1e-7)
     assert along_v.item() == pytest.approx(math.sin(math.pi * lam * 10000 * k * k), abs=1e-7)
     pb = CTFParams.create(20000.0, bfactor=100.0, amp_contrast=0.0, cs=0.0)
-    ratio = ctf_at(pb, torch.tensor(k), torch.tensor(0.0)) / ctf_at(CTFParams.create(20000.0, amp_contrast=0.0, cs=0.0),
-                                                                   torch.tensor(k), torch.tensor(0.0))
+    flat = CTFParams.create(20000.0, amp_contrast=0.0, cs=0.0)
+    ratio = ctf_at(pb, t(k), t(0.0)) / ctf_at(flat, t(k), t(0.0))
     assert ratio.item() == pytest.approx(math.exp(-100 * k * k / 4), rel=1e-9)
 
 
