@@ -9,8 +9,8 @@ file order, no pixels), validates it (:func:`validate`) and wraps it in
 
 ``R`` is RELION's ``A`` (map frame -> projection frame; see ``renderers.cameras``),
 ``shift_A`` the in-plane shift in Plato's convention (Å; the particle centre appears at
-pixel ``D // 2 + shift_A / pixel_size``, i.e. ``t`` of ``Camera.from_pose``), ``ctf`` the ``cryoem.ctf.CTF_FIELDS`` vector
-(radians). Keys whose metadata are absent (no poses / no CTF) are left out.
+pixel ``D // 2 + shift_A / pixel_size``, i.e. ``t`` of ``Camera.from_pose``), ``ctf`` the
+``cryoem.ctf.CTF_FIELDS`` vector (radians). Keys whose metadata are absent (no poses / no CTF) are left out.
 
 Conventions (tests/cryoem/test_conventions.py checks them on real files):
 * Rotations: STAR Euler angles through ``renderers.cameras.euler_zyz_to_matrix``; a

@@ -75,6 +75,7 @@ COVALENT_RADII = {"H": 0.31, "C": 0.76, "N": 0.71, "O": 0.66, "F": 0.57, "P": 1.
 BOND_TOLERANCE = 0.45
 CA_CA_MAX = 4.2  # consecutive C-alpha: 3.8 Å trans, 2.9 Å cis; larger means a chain break
 BACKBONE = ("N", "CA", "C", "O")
+WATER = ("HOH", "WAT", "DOD", "H2O")
 
 
 @dataclass
@@ -138,11 +139,11 @@ class Structure:
                               ("element", "name", "resname", "resnum", "chain", "icode", "bfactor")))
 
     def select(self, kind: str) -> "Structure":
-        """``"ca"`` (C-alpha only), ``"backbone"`` (N, CA, C, O), ``"heavy"`` (no H) or ``"all"``."""
+        """``"ca"`` (C-alpha only), ``"backbone"`` (N, CA, C, O), ``"heavy"`` (no H, no water) or ``"all"``."""
         protein = np.isin(self.resname, list(RESIDUES))
         masks = {
             "all": np.ones(self.n_atoms, bool),
-            "heavy": ~np.isin(self.element, ["H", "D"]),
+            "heavy": ~np.isin(self.element, ["H", "D"]) & ~np.isin(self.resname, WATER),
             "backbone": np.isin(self.name, BACKBONE) & protein,
             "ca": (self.name == "CA") & (self.element != "CA") & protein,
         }
