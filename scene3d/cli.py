@@ -3,8 +3,179 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
-from scene3d.runinfo import cmd_info, run_cli, version_string
+from scene3d.runinfo import UserError, cmd_info, run_cli, version_string
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    """Render a procedural multi-view dataset."""
+    from scene3d.generators import generate
+
+    out = generate(args.kind, args.out, args.scenes, args.views, args.size, args.seed, n_cubes=args.cubes,
+                   shard_size=args.shard_size, meshes=not args.no_meshes, renderer=args.renderer,
+                   progress=not args.quiet)
+    print(f"wrote {args.scenes} scenes to {out}")
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    from scene3d.trainer import TrainConfig
+
+    return TrainConfig(out=args.out, epochs=args.epochs, steps=args.steps, minutes=args.minutes,
+                       batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, lr_final=args.lr_final,
+                       lr_anneal_steps=args.lr_anneal_steps, grad_clip=args.grad_clip or None, seed=args.seed,
+                       ckpt_every=args.ckpt_every, resume=args.resume, device=args.device, progress=not args.quiet)
+
+
+def cmd_train_gqn(args: argparse.Namespace) -> int:
+    """Train a GQN on a multi-view dataset folder."""
+    import torch
+
+    from scene3d.data import MultiViewDataset
+    from scene3d.gqn import GQN, GQNConfig
+    from scene3d.trainer import Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = MultiViewDataset.load(args.data)
+    if data.views < 2:
+        raise UserError(f"{args.data}: scenes have {data.views} view(s); GQN needs at least 2")
+    gcfg = GQNConfig(**{f.name: getattr(args, f.name) for f in fields(GQNConfig) if hasattr(args, f.name)})
+    if gcfg.image_size != data.image_size[0] or data.image_size[0] != data.image_size[1]:
+        raise UserError(f"--image-size {gcfg.image_size}: the data in {args.data} has images of "
+                        f"{data.image_size[0]}x{data.image_size[1]} (pass --image-size {data.image_size[0]})")
+    torch.manual_seed(args.seed)
+    model = GQN(gcfg)
+    summary = Trainer(model, data, _train_config(args), settings={"gqn": model.settings(), "data": args.data}).fit()
+    print(f"stopped at step {summary['step']} (epoch {summary['epoch']}, {summary['elapsed_s'] / 60:.1f} min, "
+          f"{summary['stopped_by']}); checkpoint in {args.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a GQN run against the dataset-mean and nearest-context baselines."""
+    from scene3d.data import MultiViewDataset
+    from scene3d.gqn_eval import dataset_mean_image, evaluate, format_table, load_run
+
+    model, ckpt = load_run(args.run)
+    data = MultiViewDataset.load(args.data)
+    if args.scenes:
+        data = data.subset(range(min(args.scenes, len(data))))
+    train_data = ckpt.get("settings", {}).get("data")
+    mean = None
+    try:
+        mean = dataset_mean_image(MultiViewDataset.load(train_data)) if train_data else None
+    except UserError:
+        print(f"note: training data {train_data} not found; the mean-image baseline uses --data")
+    report = evaluate(model, data, args.contexts, train_mean=mean, seed=args.seed, out=args.run)
+    print(format_table(report))
+    print(f"wrote {args.run}/metrics.json and {args.run}/samples.png")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """Linear probes from the frozen representation r (and raw pixels) to ground-truth factors."""
+    from scene3d.data import MultiViewDataset
+    from scene3d.gqn_eval import format_probe, load_run, probe
+
+    model, _ = load_run(args.run)
+    data = MultiViewDataset.load(args.data)
+    if args.scenes:
+        data = data.subset(range(min(args.scenes, len(data))))
+    report = probe(model, data, args.contexts, args.seed, out=args.run)
+    print(format_probe(report))
+    print(f"({report['train_scenes']} train / {report['test_scenes']} held-out scenes; "
+          f"r from {report['contexts']} views, {report['feature_dims']['r']} dims; "
+          f"pixels of view 0, {report['feature_dims']['pixels']} dims) -> {args.run}/probe.json")
+    return 0
+
+
+def _add_data(sub) -> None:
+    s = sub.add_parser("data", help="render a procedural multi-view dataset",
+                       description="Render Shepard-Metzler objects or rooms into sharded uint8 files.")
+    s.add_argument("kind", choices=["shepard-metzler", "rooms"])
+    s.add_argument("--scenes", type=int, default=1000)
+    s.add_argument("--views", type=int, default=None, help="views per scene (default 15 / 10)")
+    s.add_argument("--size", type=int, default=64, help="image side in pixels: 64 (default), 32 or 16")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.add_argument("--cubes", type=int, default=7, help="Shepard-Metzler cubes: 5 or 7")
+    s.add_argument("--renderer", choices=["open3d", "pytorch3d"], default="open3d",
+                   help="open3d offscreen (default) or PyTorch3D's rasteriser (faster on a busy CPU)")
+    s.add_argument("--shard-size", type=int, default=500)
+    s.add_argument("--no-meshes", action="store_true", help="skip the per-scene ground-truth .ply meshes")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_data)
+
+
+def _add_train(sub) -> None:
+    from scene3d.gqn import GQNConfig
+
+    s = sub.add_parser("train", help="train a model").add_subparsers(dest="model", required=True, metavar="MODEL")
+    g = s.add_parser("gqn", help="train a Generative Query Network",
+                     description="Train GQN (representation network + ConvDRAW) with the shared trainer.")
+    g.add_argument("--data", required=True, help="multi-view dataset folder (scene3d data ...)")
+    g.add_argument("--out", required=True, help="run folder")
+    budget = g.add_argument_group("budget (first reached stops)")
+    budget.add_argument("--minutes", type=float, default=None)
+    budget.add_argument("--steps", type=int, default=None, help="optimisation steps")
+    budget.add_argument("--epochs", type=int, default=None)
+    opt = g.add_argument_group("optimisation")
+    opt.add_argument("--batch-size", type=int, default=32)
+    opt.add_argument("--lr", type=float, default=5e-4, help="initial learning rate (paper: 5e-4)")
+    opt.add_argument("--lr-final", type=float, default=5e-5, help="final learning rate (paper: 5e-5)")
+    opt.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default="linear",
+                     help="linear = the paper's annealing form")
+    opt.add_argument("--lr-anneal-steps", type=int, default=20_000, help="paper: 1.6e6")
+    opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
+    opt.add_argument("--seed", type=int, default=0)
+    opt.add_argument("--ckpt-every", type=int, default=200, help="checkpoint interval in steps")
+    opt.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    opt.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    opt.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    opt.add_argument("--quiet", action="store_true", help="no progress bar")
+    d = GQNConfig()
+    m = g.add_argument_group("model (CPU defaults; the paper's values in brackets)")
+    m.add_argument("--image-size", dest="image_size", type=int, default=d.image_size, help="[64]")
+    m.add_argument("--representation", choices=["pool", "tower", "pyramid"], default=d.representation)
+    m.add_argument("--r-channels", dest="r_channels", type=int, default=d.r_channels, help="[256]")
+    m.add_argument("--hidden", type=int, default=d.hidden, help="ConvLSTM channels [256]")
+    m.add_argument("--z-channels", dest="z_channels", type=int, default=d.z_channels, help="[3]")
+    m.add_argument("--canvas-channels", dest="canvas_channels", type=int, default=d.canvas_channels, help="[256]")
+    m.add_argument("--gen-steps", dest="steps", type=int, default=d.steps, help="ConvDRAW steps L [12]")
+    m.add_argument("--kernel", type=int, default=d.kernel, help="[5]")
+    m.add_argument("--unshared-cores", dest="share_cores", action="store_false")
+    m.add_argument("--sigma-start", dest="sigma_start", type=float, default=d.sigma_start)
+    m.add_argument("--sigma-end", dest="sigma_end", type=float, default=d.sigma_end)
+    m.add_argument("--sigma-anneal-steps", dest="sigma_anneal_steps", type=int, default=d.sigma_anneal_steps,
+                   help="[2e5]")
+    m.add_argument("--max-contexts", dest="max_contexts", type=int, default=d.max_contexts)
+    g.set_defaults(func=cmd_train_gqn)
+
+
+def _add_eval(sub) -> None:
+    s = sub.add_parser("eval", help="score a GQN run (metrics.json, samples.png)",
+                       description="MSE, PSNR, masked PSNR, SSIM and ELBO per number of contexts, beside the "
+                                   "dataset-mean and nearest-context baselines.")
+    s.add_argument("run", help="run folder (holds checkpoint.pt)")
+    s.add_argument("--data", required=True, help="held-out multi-view dataset folder")
+    s.add_argument("--contexts", type=int, nargs="+", default=[1, 3, 5])
+    s.add_argument("--scenes", type=int, default=0, help="use only the first N scenes (0 = all)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_eval)
+
+
+def _add_probe(sub) -> None:
+    s = sub.add_parser("probe", help="linear probes from r to ground-truth factors",
+                       description="Fit linear probes (80/20 split) from the frozen representation r, and from "
+                                   "one view's raw pixels, to the scenes' factors.")
+    s.add_argument("run")
+    s.add_argument("--data", required=True)
+    s.add_argument("--contexts", type=int, default=5, help="views summed into r")
+    s.add_argument("--scenes", type=int, default=0, help="use only the first N scenes (0 = all)")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_probe)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -13,6 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("info", help="versions and environment check")
     s.set_defaults(func=cmd_info)
+    _add_data(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_probe(sub)
     return p
 
 

@@ -1,0 +1,206 @@
+"""Generative Query Network (Eslami et al., Science 2018): representation networks + ConvDRAW.
+
+A scene's representation is the sum of ``f(x_k, v_k)`` over its K context views; the
+ConvDRAW generator (``renderers.gqn``) renders it at a query viewpoint. Viewpoints are
+GQN 7-vectors from our cameras (``Camera.to_gqn(order="deepmind")``, z-up world).
+
+Training (``GQN.loss``) draws, per batch, K ~ U{1..max_contexts} context views and one
+distinct query view per scene, and minimises the negative ELBO per pixel
+
+    -ELBO = -log N(x_q; mean, sigma_t^2) + sum_l KL(q(z_l) || pi(z_l))
+
+with the pixel sigma annealed linearly from ``sigma_start`` = 2.0 to ``sigma_end`` = 0.7
+over ``sigma_anneal_steps`` (the paper: 2e5 steps; our CPU default 2e3).
+
+CPU defaults (the paper's values in brackets): 32² images [64²], L = 6 steps [12],
+ConvLSTM hidden 48 [256], canvas 32 channels [256], z 4 channels [3], 3x3 kernels [5x5],
+r 64 channels [256], tower representation at H/4, shared cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from renderers.cameras import Camera
+from renderers.gqn import ConvDRAW
+from scene3d.data import CAMERA_KEYS
+from scene3d.objective import bits_per_dim, gaussian_log_likelihood
+from scene3d.runinfo import UserError
+
+
+@dataclass
+class GQNConfig:
+    """Hyper-parameters of a GQN (written to config.json and checkpoints)."""
+
+    image_size: int = 32
+    channels: int = 3
+    representation: str = "tower"  # pool | tower | pyramid
+    r_channels: int = 64
+    hidden: int = 48
+    z_channels: int = 4
+    canvas_channels: int = 32
+    steps: int = 6  # L
+    kernel: int = 3
+    share_cores: bool = True
+    sigma_start: float = 2.0
+    sigma_end: float = 0.7
+    sigma_anneal_steps: int = 2000
+    max_contexts: int = 5
+    v_dim: int = 7
+
+
+# ------------------------------------------------------------ representations
+class Tower(nn.Module):
+    """The 'tower' network: (x (B, C, H, W), v (B, 7)) -> r (B, c, H/4, W/4), with residual skips."""
+
+    def __init__(self, channels: int = 3, c: int = 256, v_dim: int = 7):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, c, 2, stride=2)
+        self.conv2 = nn.Conv2d(c, c, 2, stride=2)
+        self.conv3 = nn.Conv2d(c, c // 2, 3, padding=1)
+        self.conv4 = nn.Conv2d(c // 2, c, 2, stride=2)
+        self.conv5 = nn.Conv2d(c + v_dim, c, 3, padding=1)
+        self.conv6 = nn.Conv2d(c + v_dim, c // 2, 3, padding=1)
+        self.conv7 = nn.Conv2d(c // 2, c, 3, padding=1)
+        self.conv8 = nn.Conv2d(c, c, 1)
+
+    def forward(self, x: Tensor, v: Tensor) -> Tensor:
+        a = F.relu(self.conv1(x))
+        r = F.relu(self.conv4(F.relu(self.conv3(a)))) + F.relu(self.conv2(a))
+        a = torch.cat([r, v[:, :, None, None].expand(-1, -1, *r.shape[-2:])], 1)
+        r = F.relu(self.conv7(F.relu(self.conv6(a)))) + F.relu(self.conv5(a))
+        return F.relu(self.conv8(r))
+
+
+class Pool(Tower):
+    """The 'pool' network: the tower followed by global average pooling -> (B, c, 1, 1)."""
+
+    def forward(self, x: Tensor, v: Tensor) -> Tensor:
+        return super().forward(x, v).mean((2, 3), keepdim=True)
+
+
+class Pyramid(nn.Module):
+    """The 'pyramid' network: v broadcast onto the image, stride-2 convs, then one conv to 1x1 -> (B, c, 1, 1)."""
+
+    def __init__(self, channels: int = 3, c: int = 256, v_dim: int = 7, image_size: int = 64):
+        super().__init__()
+        layers, cin, size, width = [], channels + v_dim, image_size, c // 8
+        while size > 4:
+            layers += [nn.Conv2d(cin, width, 2, stride=2), nn.ReLU()]
+            cin, size, width = width, size // 2, min(2 * width, c)
+        layers += [nn.Conv2d(cin, c, size), nn.ReLU()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor, v: Tensor) -> Tensor:
+        return self.net(torch.cat([x, v[:, :, None, None].expand(-1, -1, *x.shape[-2:])], 1))
+
+
+def representation_net(cfg: GQNConfig) -> nn.Module:
+    if cfg.representation == "tower":
+        return Tower(cfg.channels, cfg.r_channels, cfg.v_dim)
+    if cfg.representation == "pool":
+        return Pool(cfg.channels, cfg.r_channels, cfg.v_dim)
+    if cfg.representation == "pyramid":
+        return Pyramid(cfg.channels, cfg.r_channels, cfg.v_dim, cfg.image_size)
+    raise UserError(f"--representation: expected pool, tower or pyramid, got {cfg.representation!r}")
+
+
+# ----------------------------------------------------------------------- GQN
+def viewpoints(batch: dict) -> Tensor:
+    """(B, V, 7) GQN viewpoint vectors of a collated multi-view batch."""
+    B, V = batch["R"].shape[:2]
+    H, W = batch["images"].shape[-2:]
+    cams = Camera(*(batch[k].reshape(B * V, *batch[k].shape[2:]) for k in CAMERA_KEYS), (H, W))
+    return cams.to_gqn(order="deepmind").reshape(B, V, 7).to(batch["images"].dtype)
+
+
+def gather_views(x: Tensor, idx: Tensor) -> Tensor:
+    """x (B, V, ...) and idx (B, K) -> (B, K, ...)."""
+    return x[torch.arange(x.shape[0], device=x.device)[:, None], idx]
+
+
+class GQN(nn.Module):
+    """Representation network + ConvDRAW generator, trained by :class:`scene3d.trainer.Trainer`."""
+
+    def __init__(self, cfg: GQNConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.image_size % 4:
+            raise UserError(f"image size {cfg.image_size}: GQN needs a multiple of 4")
+        self.rep = representation_net(cfg)
+        self.gen = ConvDRAW(cfg.channels, cfg.image_size, cfg.r_channels, cfg.v_dim, cfg.hidden, cfg.z_channels,
+                            cfg.canvas_channels, cfg.steps, 4, cfg.kernel, cfg.share_cores)
+
+    def sigma(self, step: int) -> float:
+        """Pixel standard deviation at ``step``: linear from sigma_start to sigma_end, then flat."""
+        c = self.cfg
+        frac = min(step / max(c.sigma_anneal_steps, 1), 1.0)
+        return c.sigma_end + (c.sigma_start - c.sigma_end) * (1 - frac)
+
+    def represent(self, images: Tensor, v: Tensor) -> Tensor:
+        """Context images (B, K, C, H, W) and viewpoints (B, K, 7) -> r (B, r_channels, h, w), summed over K."""
+        B, K = images.shape[:2]
+        r = self.rep(images.flatten(0, 1), v.flatten(0, 1))
+        return r.view(B, K, *r.shape[1:]).sum(1)
+
+    def check_batch(self, batch: dict) -> None:
+        x = batch["images"]
+        c = self.cfg
+        if x.dim() != 5 or x.shape[2:] != (c.channels, c.image_size, c.image_size):
+            raise UserError(f"data images are {tuple(x.shape[2:])} (C, H, W) but the model expects "
+                            f"({c.channels}, {c.image_size}, {c.image_size})")
+        if x.shape[1] < 2:
+            raise UserError(f"data scenes have {x.shape[1]} view(s); GQN needs at least 2 (contexts + query)")
+
+    def split(self, batch: dict, k: int, generator: torch.Generator | None = None):
+        """Random k context views and one distinct query view per scene.
+
+        Returns ctx_x (B, k, C, H, W), ctx_v (B, k, 7), q_x (B, C, H, W), q_v (B, 7), ctx_idx, q_idx.
+        """
+        x, v = batch["images"], viewpoints(batch)
+        B, V = x.shape[:2]
+        perm = torch.rand(B, V, generator=generator).argsort(1).to(x.device)
+        ctx, q = perm[:, :k], perm[:, k]
+        return gather_views(x, ctx), gather_views(v, ctx), gather_views(x, q[:, None])[:, 0], \
+            gather_views(v, q[:, None])[:, 0], ctx, q
+
+    def loss(self, batch: dict, step: int) -> dict[str, Tensor]:
+        V = batch["images"].shape[1]
+        k = int(torch.randint(1, min(self.cfg.max_contexts, V - 1) + 1, ()).item())
+        ctx_x, ctx_v, q_x, q_v, _, _ = self.split(batch, k)
+        sigma = self.sigma(step)
+        terms = self.elbo_terms(ctx_x, ctx_v, q_x, q_v, sigma)
+        dims = q_x[0].numel()
+        loss = (terms["nll"] + terms["kl"]).mean() / dims
+        return {"loss": loss, "bits_per_dim": bits_per_dim((terms["nll"] + terms["kl"]).mean(), dims).detach(),
+                "kl": terms["kl"].mean().detach(), "mse": terms["mse"].mean().detach(),
+                "sigma": torch.tensor(sigma), "contexts": torch.tensor(float(k))}
+
+    def elbo_terms(self, ctx_x, ctx_v, q_x, q_v, sigma: float) -> dict[str, Tensor]:
+        """Per scene (B,): ``nll`` = -log N(x_q; mean, sigma^2) and ``kl`` summed over steps, in nats; ``mse``."""
+        r = self.represent(ctx_x, ctx_v)
+        mean, kl = self.gen(q_x, q_v, r)
+        nll = -gaussian_log_likelihood(q_x, mean, sigma)
+        return {"nll": nll, "kl": kl.sum(1), "mse": ((mean - q_x) ** 2).flatten(1).mean(1), "mean": mean}
+
+    @torch.no_grad()
+    def predict(self, ctx_x: Tensor, ctx_v: Tensor, q_v: Tensor, mean_latents: bool = False) -> Tensor:
+        """Render the query viewpoints (B, 7) from contexts: (B, C, H, W) in [0, 1]."""
+        return self.gen.sample(q_v, self.represent(ctx_x, ctx_v), mean_latents=mean_latents)
+
+    def settings(self) -> dict:
+        return asdict(self.cfg)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "GQN":
+        try:
+            cfg = GQNConfig(**ckpt["settings"]["gqn"])
+        except (KeyError, TypeError) as e:
+            raise UserError(f"the checkpoint is not a GQN run ({e})") from e
+        model = cls(cfg)
+        model.load_state_dict(ckpt["model"])
+        return model.eval()

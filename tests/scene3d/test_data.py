@@ -1,0 +1,127 @@
+"""Multi-view datasets: shards round trip, generators, GQN tfrecords and NeRF folders."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from renderers.cameras import Camera, look_at
+from scene3d.data import MultiViewDataset, batch_cameras, load_gqn_tfrecord, load_nerf_folder, write_gqn_tfrecord
+from scene3d.generators import generate, self_avoiding_walk
+from scene3d.runinfo import UserError
+
+
+def random_dataset(n=3, v=4, s=8, seed=0):
+    rng = np.random.default_rng(seed)
+    eye = torch.from_numpy(rng.normal(size=(n * v, 3)) * 3)
+    R, t = look_at(eye, torch.zeros(n * v, 3, dtype=torch.float64), up=(0.0, 0.0, 1.0))
+    cam = Camera.create(R, t, (s, s), fov=0.8)
+    arr = {k: getattr(cam, k).float().numpy().reshape(n, v, *getattr(cam, k).shape[1:])
+           for k in ("R", "t", "focal", "principal")}
+    images = rng.integers(0, 256, (n, v, s, s, 3), dtype=np.uint8)
+    return MultiViewDataset(images, **arr, factors={"a": np.arange(n), "b": rng.normal(size=(n, 2))},
+                            meta={"background": [0, 0, 0]}, occupancy=rng.random((n, 4, 4, 4)) > 0.5)
+
+
+def test_shards_round_trip(tmp_path):
+    d = random_dataset(5)
+    d.save(tmp_path / "d", shard_size=2)
+    e = MultiViewDataset.load(tmp_path / "d")
+    assert len(json.loads((tmp_path / "d/meta.json").read_text())["shards"]) == 3
+    np.testing.assert_array_equal(d.images, e.images)
+    np.testing.assert_array_equal(d.occupancy, e.occupancy)
+    np.testing.assert_array_equal(d.factors["b"], e.factors["b"])
+    item = e[1]
+    assert item["images"].shape == (4, 3, 8, 8) and item["images"].max() <= 1
+    batch = torch.utils.data.default_collate([e[0], e[1]])
+    cams = batch_cameras(batch, (8, 8))
+    assert len(cams) == 8
+    torch.testing.assert_close(cams.R[4:8], torch.from_numpy(d.R[1]))
+    with pytest.raises(UserError, match="meta.json"):
+        MultiViewDataset.load(tmp_path)
+
+
+def test_self_avoiding_walk_is_connected_and_distinct():
+    for seed in range(20):
+        p = self_avoiding_walk(7, np.random.default_rng(seed))
+        assert len({tuple(q) for q in p}) == 7
+        assert (np.abs(np.diff(p, axis=0)).sum(1) == 1).all()
+
+
+@pytest.mark.parametrize("kind", ["shepard-metzler", "rooms"])
+def test_generator_writes_dataset(tmp_path, kind):
+    generate(kind, tmp_path / kind, 2, views=3, size=32, seed=3, renderer="pytorch3d", progress=False)
+    d = MultiViewDataset.load(tmp_path / kind)
+    assert d.images.shape == (2, 3, 32, 32, 3) and d.occupancy.shape == (2, 32, 32, 32)
+    assert d.occupancy.any() and (tmp_path / kind / "meshes/scene-000001.ply").is_file()
+    bg = np.asarray(d.background) * 255
+    fg = (np.abs(d.images.astype(int) - bg).max(-1) > 10).mean()
+    assert 0.02 < fg < 0.95, fg  # something is drawn, not everything
+    if kind == "shepard-metzler":
+        assert int(d.factors["n_cubes"][0]) == 7 and np.isfinite(d.factors["colors"]).all()
+        # cameras look at the origin from distance 6.5
+        np.testing.assert_allclose(np.linalg.norm(d.scene(0).cameras.center.numpy(), axis=1), 6.5, rtol=1e-5)
+    # same seed -> same scene, regardless of how many scenes were generated
+    generate(kind, tmp_path / "again", 1, views=3, size=32, seed=3, renderer="pytorch3d", progress=False,
+             meshes=False)
+    np.testing.assert_array_equal(MultiViewDataset.load(tmp_path / "again").images[0], d.images[0])
+    with pytest.raises(UserError, match="already"):
+        generate(kind, tmp_path / kind, 1, renderer="pytorch3d", progress=False)
+
+
+def test_open3d_generator_agrees_with_pytorch3d_on_silhouettes(tmp_path):
+    generate("shepard-metzler", tmp_path / "o3d", 1, views=2, size=32, seed=5, progress=False, meshes=False)
+    generate("shepard-metzler", tmp_path / "p3d", 1, views=2, size=32, seed=5, renderer="pytorch3d",
+             progress=False, meshes=False)
+    a, b = (MultiViewDataset.load(tmp_path / k).images[0].max(-1) > 10 for k in ("o3d", "p3d"))
+    assert (a & b).sum() / (a | b).sum() > 0.8
+
+
+def test_gqn_tfrecord_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    N, V, S = 2, 3, 16
+    images = np.zeros((N, V, S, S, 3), np.uint8)
+    images[..., 0] = np.linspace(0, 255, S, dtype=np.uint8)  # smooth, so JPEG keeps it
+    cams5 = np.concatenate([rng.normal(size=(N, V, 3)), rng.uniform(-3, 3, (N, V, 1)),
+                            rng.uniform(-1, 1, (N, V, 1))], -1).astype(np.float32)
+    write_gqn_tfrecord(tmp_path / "x.tfrecord", images, cams5)
+    d = load_gqn_tfrecord(tmp_path / "x.tfrecord")
+    assert d.images.shape == (N, V, S, S, 3)
+    assert np.abs(d.images.astype(int) - images).max() <= 8
+    cam = d.scene(1).cameras
+    v5 = cam.to_gqn()
+    torch.testing.assert_close(v5[:, :3], torch.from_numpy(cams5[1, :, :3]), atol=1e-4, rtol=0)
+    dyaw = (v5[:, 3] - torch.from_numpy(cams5[1, :, 3]) + math.pi) % (2 * math.pi) - math.pi
+    assert dyaw.abs().max() < 1e-4
+    torch.testing.assert_close(v5[:, 4], torch.from_numpy(cams5[1, :, 4]), atol=1e-4, rtol=0)
+    assert load_gqn_tfrecord(tmp_path / "x.tfrecord", image_size=8).images.shape == (N, V, 8, 8, 3)
+
+
+def test_nerf_folder_reader(tmp_path):
+    c2w = np.eye(4)
+    c2w[:3, 3] = [0, 0, 4]  # OpenGL: at +z looking down -z at the origin
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[2:6, 2:6] = [255, 0, 0, 255]
+    (tmp_path / "train").mkdir()
+    Image.fromarray(rgba).save(tmp_path / "train/r_0.png")
+    (tmp_path / "transforms_train.json").write_text(json.dumps(
+        {"camera_angle_x": 0.9, "frames": [{"file_path": "./train/r_0", "transform_matrix": c2w.tolist()}]}))
+    d = load_nerf_folder(tmp_path, background=(1, 1, 1))
+    assert d.images.shape == (1, 1, 8, 8, 3)
+    assert tuple(d.images[0, 0, 0, 0]) == (255, 255, 255) and tuple(d.images[0, 0, 3, 3]) == (255, 0, 0)
+    cam = d.scene(0).cameras
+    torch.testing.assert_close(cam.center[0], torch.tensor([0.0, 0, 4]))
+    uv, z = cam.project(torch.zeros(1, 1, 3))
+    torch.testing.assert_close(uv[0, 0], torch.tensor([4.0, 4.0]))
+    assert z.item() == pytest.approx(4.0)
+    # nerfstudio intrinsics
+    (tmp_path / "transforms_train.json").write_text(json.dumps(
+        {"fl_x": 10.0, "fl_y": 11.0, "cx": 4.0, "cy": 4.0, "w": 8, "h": 8,
+         "frames": [{"file_path": "train/r_0.png", "transform_matrix": c2w.tolist()}]}))
+    cam = load_nerf_folder(tmp_path).scene(0).cameras
+    torch.testing.assert_close(cam.focal[0], torch.tensor([10.0, 11.0]))
+    with pytest.raises(UserError, match="no transforms"):
+        load_nerf_folder(tmp_path / "train")
