@@ -48,6 +48,14 @@ def add_subcommands(sub) -> None:
     f.add_argument("--plot", type=Path, help="write the FSC curve to this PNG")
     f.set_defaults(func=cmd_fsc)
 
+    c = sub.add_parser("check", help="read and validate a particle set (.star, .cs, or .mrcs with cryoDRGN .pkl)")
+    c.add_argument("particles", type=Path)
+    c.add_argument("--poses", type=Path, help="cryoDRGN pose .pkl (with an .mrcs stack)")
+    c.add_argument("--ctf", type=Path, help="cryoDRGN CTF .pkl (with an .mrcs stack)")
+    c.add_argument("--apix", type=float, help="pixel size in Å, when the metadata lack it")
+    c.add_argument("--datadir", type=Path, help="folder that cryoSPARC blob paths are relative to")
+    c.set_defaults(func=cmd_check)
+
 
 def _conformations(args):
     from cryoem.simulate import ensemble_conformations, morph_conformations
@@ -123,6 +131,16 @@ def write_preview(path: Path, conf, args, n: int = 8) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=80)
     plt.close(fig)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from cryoem.particles import load_particles
+
+    ps = load_particles(args.particles, pixel_size=args.apix, poses=args.poses, ctf=args.ctf, datadir=args.datadir)
+    m = ps.meta
+    print(f"{args.particles}: {len(ps)} particles in {len(m.files)} stack(s), {m.box} px, {m.pixel_size:.4f} Å/px, "
+          f"poses: {'yes' if m.R is not None else 'no'}, CTF: {'yes' if m.ctf is not None else 'no'}")
+    return 0
 
 
 def cmd_fsc(args: argparse.Namespace) -> int:

@@ -1,0 +1,254 @@
+"""Particle I/O: interop with real RELION / cryoSPARC / cryoDRGN files, validation, writers, pickles."""
+
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import mrcfile
+import numpy as np
+import pandas as pd
+import pytest
+import starfile
+import torch
+from scipy.spatial.transform import Rotation
+
+from cryoem.ctf import CTF_FIELDS, CTFParams
+from cryoem.io import load_pickle, read_mrc, write_mrc, write_mrcs, write_star
+from cryoem.particles import load_particles, meta_from_cs, meta_from_stack, meta_from_star, write_particles
+from renderers.cameras import euler_zyz_to_matrix
+from scene3d.runinfo import UserError
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+CRYOEM = Path(sys.executable).parent / "cryoem"
+F = {k: i for i, k in enumerate(CTF_FIELDS)}
+
+
+def relion_R(df):
+    ang = [torch.deg2rad(torch.tensor(df[c].to_numpy(), dtype=torch.float64))
+           for c in ("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi")]
+    return euler_zyz_to_matrix(*ang).numpy()
+
+
+# ----------------------------------------------------------------------------- interop on real files
+def test_relion31_star_values():
+    ref = starfile.read(DATA / "relion31.v2.star")
+    p, o = ref["particles"], ref["optics"]
+    m = meta_from_star(DATA / "relion31.v2.star")
+    assert len(m) == len(p) == 5
+    assert m.pixel_size == pytest.approx(float(o["rlnImagePixelSize"][0])) and m.box == int(o["rlnImageSize"][0])
+    assert np.allclose(m.ctf[:, F["defocus_u"]], p["rlnDefocusU"]) and np.allclose(m.ctf[:, F["defocus_v"]],
+                                                                                   p["rlnDefocusV"])
+    assert np.allclose(np.rad2deg(m.ctf[:, F["angle"]]), p["rlnDefocusAngle"])
+    assert np.allclose(m.ctf[:, F["voltage"]], o["rlnVoltage"][0]) and np.allclose(m.ctf[:, F["cs"]],
+                                                                                    o["rlnSphericalAberration"][0])
+    assert np.allclose(m.R, relion_R(p))
+    assert np.allclose(m.shift_A, -np.stack([p["rlnOriginXAngst"], p["rlnOriginYAngst"]], 1))
+    assert m.files == [DATA / "relion31.mrcs"] and list(m.image_idx) == list(range(5))
+
+
+def test_relion30_star_pixels_origins_and_detector_pixel_size():
+    ref = starfile.read(DATA / "FinalRefinement-OriginalParticles-PfCRT.star")
+    m = meta_from_star(DATA / "FinalRefinement-OriginalParticles-PfCRT.star")
+    apix = 1.035 * 1e4 / 10000.0  # rlnDetectorPixelSize (µm) * 1e4 / rlnMagnification
+    assert m.pixel_size == pytest.approx(apix)
+    assert np.allclose(m.shift_A, -np.stack([ref["rlnOriginX"], ref["rlnOriginY"]], 1) * apix)
+    assert np.allclose(m.R, relion_R(ref)) and np.allclose(m.ctf[:, F["defocus_u"]], ref["rlnDefocusU"])
+    assert m.files[0] == DATA / "Extract/job012/FinalRefinement-OriginalParticles-PfCRT.mrcs"  # relative to the STAR
+
+
+def test_relion5_star_values():
+    ref = starfile.read(DATA / "relion5.star")
+    m = meta_from_star(DATA / "relion5.star")
+    assert len(m) == len(ref["particles"]) == 17
+    assert m.pixel_size == pytest.approx(0.89) and m.box == 448
+    assert np.allclose(m.ctf[:, F["defocus_u"]], ref["particles"]["rlnDefocusU"])
+    assert np.allclose(m.R, relion_R(ref["particles"]))
+    assert [f.name for f in m.files] == ["toy_images_a.mrcs", "toy_images_b.mrcs"]
+
+
+def test_optics_groups_with_different_pixel_sizes_are_refused():
+    with pytest.raises(UserError, match="relion31.6opticsgroups.star: optics groups disagree on rlnImagePixelSize"):
+        meta_from_star(DATA / "relion31.6opticsgroups.star")
+
+
+def test_optics_groups_are_merged_per_particle(tmp_path):
+    ref = starfile.read(DATA / "relion31.6opticsgroups.star")
+    o = ref["optics"].copy()
+    o["rlnImagePixelSize"] = 1.25
+    o["rlnVoltage"] = 200.0 + 10 * np.arange(len(o))
+    write_star(tmp_path / "six.star", o, ref["particles"])
+    m = meta_from_star(tmp_path / "six.star")
+    want = o.set_index("rlnOpticsGroup").loc[ref["particles"]["rlnOpticsGroup"], "rlnVoltage"].to_numpy()
+    assert np.allclose(m.ctf[:, F["voltage"]], want) and len(set(want)) > 1
+
+
+def test_cryosparc_and_relion_agree_on_the_empiar_particles():
+    star = meta_from_star(DATA / "empiar_10076_7.star")
+    cs = meta_from_cs(DATA / "empiar_10076_7.cs")
+    raw = np.load(DATA / "empiar_10076_7.cs")
+    ref = starfile.read(DATA / "empiar_10076_7.star")
+    assert np.allclose(cs.ctf[:, F["defocus_u"]], raw["ctf/df1_A"]) and np.allclose(star.ctf[:, F["defocus_u"]],
+                                                                                     ref["rlnDefocusU"])
+    assert np.allclose(star.ctf[:, F["defocus_u"]], cs.ctf[:, F["defocus_u"]], atol=0.1)
+    assert np.allclose(star.ctf[:, F["defocus_v"]], cs.ctf[:, F["defocus_v"]], atol=0.1)
+    assert np.allclose(star.ctf[:, F["angle"]], cs.ctf[:, F["angle"]], atol=1e-5)
+    assert star.pixel_size == pytest.approx(cs.pixel_size, rel=1e-5)
+    assert list(star.image_idx) == list(cs.image_idx) == list(range(7))
+    assert cs.box == 320 and star.files[0].name == cs.files[0].name == "empiar_10076_7.mrc"
+
+
+def test_cryosparc_poses_and_shifts():
+    raw = np.load(DATA / "cryosparc_P12_J24_001_particles.cs")
+    m = meta_from_cs(DATA / "cryosparc_P12_J24_001_particles.cs")
+    assert len(m) == len(raw) == 2019 and m.box == 180 and m.pixel_size == pytest.approx(2.95)
+    assert np.allclose(m.R, Rotation.from_rotvec(raw["alignments3D/pose"]).as_matrix().transpose(0, 2, 1), atol=1e-6)
+    assert np.allclose(m.shift_A, -raw["alignments3D/shift"] * 2.95, atol=1e-5)
+    assert np.allclose(m.ctf[:, F["defocus_v"]], raw["ctf/df2_A"]) and np.allclose(m.ctf[:, F["angle"]],
+                                                                                    raw["ctf/df_angle_rad"])
+    assert m.files[0].parts[-3:-1] == ("J19", "extract")
+
+
+def test_cryodrgn_pickles(tmp_path):
+    R, trans = pickle.load(open(DATA / "toy_rot_trans_50.pkl", "rb"))  # trusted: made for this test suite
+    m = meta_from_stack(DATA / "toy_projections_50.mrcs", pixel_size=1.0, poses=DATA / "toy_rot_trans_50.pkl")
+    assert np.allclose(m.R, R) and np.allclose(m.shift_A, -trans * 30 * 1.0)
+    ctf = load_pickle(DATA / "test_ctf.pkl")
+    assert ctf.shape == (1000, 9)
+    with pytest.raises(UserError, match="1000 CTF rows but .*toy_projections_50.mrcs holds 50 images"):
+        meta_from_stack(DATA / "toy_projections_50.mrcs", ctf=DATA / "test_ctf.pkl")
+    with open(tmp_path / "ctf50.pkl", "wb") as f:
+        pickle.dump(ctf[:50], f)
+    m = meta_from_stack(DATA / "toy_projections_50.mrcs", ctf=tmp_path / "ctf50.pkl")
+    assert m.pixel_size == pytest.approx(float(ctf[0, 1]))
+    assert np.allclose(m.ctf[:, F["voltage"]], ctf[:50, 5]) and np.allclose(m.ctf[:, F["phase_shift"]],
+                                                                             np.deg2rad(ctf[:50, 8]))
+
+
+class _Evil:
+    def __reduce__(self):
+        return (Path.touch, (Path(_Evil.target),))
+
+
+def test_malicious_pickle_is_refused(tmp_path):
+    _Evil.target = str(tmp_path / "pwned")
+    evil = tmp_path / "poses.pkl"
+    evil.write_bytes(pickle.dumps((np.eye(3)[None], _Evil())))
+    with pytest.raises(UserError, match="refusing to unpickle pathlib"):
+        load_pickle(evil)
+    assert not (tmp_path / "pwned").exists()
+    os_call = tmp_path / "os.pkl"
+    os_call.write_bytes(b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned2").encode() + b"'\ntR.")
+    out = subprocess.run([CRYOEM, "check", str(DATA / "toy_projections_50.mrcs"), "--poses", str(os_call),
+                          "--apix", "1"], capture_output=True, text=True)
+    assert out.returncode == 2 and "refusing to unpickle os.system" in out.stderr
+    assert not (tmp_path / "pwned2").exists()
+
+
+# ----------------------------------------------------------------------------- the dataset
+def test_particle_set_items_lazy_and_in_memory():
+    lazy = load_particles(DATA / "toy_projections_50.mrcs", pixel_size=1.0, poses=DATA / "toy_rot_trans_50.pkl")
+    mem = load_particles(DATA / "toy_projections_50.mrcs", pixel_size=1.0, poses=DATA / "toy_rot_trans_50.pkl",
+                         lazy=False)
+    raw, _, _ = read_mrc(DATA / "toy_projections_50.mrcs")
+    item = lazy[7]
+    assert item["index"] == 7 and item["image"].shape == (1, 30, 30) and item["R"].shape == (3, 3)
+    assert np.array_equal(item["image"][0].numpy(), raw[7]) and torch.equal(mem[7]["image"], item["image"])
+    batch = next(iter(torch.utils.data.DataLoader(lazy, batch_size=8)))
+    assert batch["image"].shape == (8, 1, 30, 30) and batch["shift_A"].shape == (8, 2)
+    assert torch.equal(lazy.images([3, 1]), mem.images([3, 1]))
+
+
+# ----------------------------------------------------------------------------- writers
+def test_write_particles_round_trips(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randn(6, 16, 16, generator=g).numpy()
+    R = euler_zyz_to_matrix(*(torch.rand(6, generator=g, dtype=torch.float64) * 2 for _ in range(3))).numpy()
+    shift = torch.randn(6, 2, generator=g, dtype=torch.float64).numpy()
+    ctf = CTFParams.create(torch.linspace(10000, 20000, 6, dtype=torch.float64), angle=0.4, phase_shift=0.2)
+    write_particles(tmp_path, imgs, 1.7, R, shift, ctf)
+    blocks = starfile.read(tmp_path / "particles.star")
+    assert set(blocks) == {"optics", "particles"} and blocks["optics"]["rlnImagePixelSize"][0] == pytest.approx(1.7)
+    ps = load_particles(tmp_path / "particles.star")
+    assert ps.box == 16 and np.allclose(ps.meta.R, R, atol=1e-6) and np.allclose(ps.meta.shift_A, shift, atol=1e-5)
+    assert np.allclose(ps.meta.ctf, ctf.as_tensor().numpy(), atol=1e-5)  # STAR keeps 6 decimals
+    assert np.array_equal(ps.images(slice(None))[:, 0].numpy(), imgs)
+    starfile.write(blocks, tmp_path / "again.star")  # and starfile writes what it read
+    assert starfile.read(tmp_path / "again.star")["particles"].equals(blocks["particles"])
+
+
+def test_mrc_map_writer_keeps_voxel_size_and_origin(tmp_path):
+    vol = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
+    write_mrc(tmp_path / "m.mrc", vol, 1.3, origin=(-5.2, -5.2, 4.0))
+    with mrcfile.open(tmp_path / "m.mrc") as m:
+        assert np.array_equal(m.data, vol) and m.voxel_size.x == pytest.approx(1.3)
+        assert (float(m.header.origin.x), float(m.header.origin.z)) == pytest.approx((-5.2, 4.0))
+    data, vs, origin = read_mrc(tmp_path / "m.mrc")
+    assert vs == pytest.approx(1.3) and origin[0] == pytest.approx(-5.2)
+
+
+# ----------------------------------------------------------------------------- validation, one case each
+def _stack(path, n=4, shape=(8, 8), bad=None):
+    imgs = np.ones((n, *shape), dtype=np.float32)
+    if bad is not None:
+        imgs[bad] = np.nan
+    with mrcfile.new(path, overwrite=True) as m:
+        m.set_data(imgs)
+    return path
+
+
+def _star(path, names, **extra):
+    optics = pd.DataFrame({"rlnOpticsGroup": [1], "rlnImagePixelSize": [1.0], "rlnImageSize": [8],
+                           "rlnVoltage": [300.0], "rlnSphericalAberration": [2.7], "rlnAmplitudeContrast": [0.1]})
+    parts = pd.DataFrame({"rlnImageName": names, "rlnOpticsGroup": [1] * len(names),
+                          "rlnDefocusU": [1e4] * len(names), **extra})
+    starfile.write({"optics": optics, "particles": parts}, path)
+    return path
+
+
+def _check(path, *args, capsys):
+    """Run ``cryoem check`` in-process (same entry point as the console script)."""
+    from cryoem.cli import main
+
+    capsys.readouterr()
+    code = main(["check", str(path), *args])
+    return code, capsys.readouterr().err.strip()
+
+
+def test_validation_errors_name_file_and_row_and_exit_2(tmp_path, capsys):
+    _stack(tmp_path / "s.mrcs")
+    cases = {
+        "out of range": (_star(tmp_path / "a.star", ["1@s.mrcs", "9@s.mrcs"]),
+                         "a.star: row 2: image 9 is out of range"),
+        "missing stack": (_star(tmp_path / "b.star", ["1@s.mrcs", "1@gone.mrcs"]), "b.star: row 2: image stack"),
+        "duplicate": (_star(tmp_path / "c.star", ["1@s.mrcs", "2@s.mrcs", "1@s.mrcs"]),
+                      r"c.star: row 3: duplicate particle \(same image as row 1\)"),
+        "nan metadata": (_star(tmp_path / "d.star", ["1@s.mrcs", "2@s.mrcs"], rlnAngleRot=[0.0, np.nan],
+                               rlnAngleTilt=[0.0, 0.0], rlnAnglePsi=[0.0, 0.0]), "d.star: row 2: rlnAngleRot is NaN"),
+    }
+    _stack(tmp_path / "nan.mrcs", bad=2)
+    cases["nan image"] = (_star(tmp_path / "e.star", ["1@nan.mrcs", "3@nan.mrcs"]),
+                          "e.star: row 2: image 3 of .*nan.mrcs contains NaN")
+    _stack(tmp_path / "rect.mrcs", shape=(8, 10))
+    cases["non-square"] = (_star(tmp_path / "f.star", ["1@rect.mrcs"]), "rect.mrcs: images are not square")
+    _stack(tmp_path / "big.mrcs", shape=(12, 12))
+    cases["box across stacks"] = (_star(tmp_path / "g.star", ["1@s.mrcs", "1@big.mrcs"]),
+                                  "big.mrcs: box 12 px differs from")
+    for name, (path, pattern) in cases.items():
+        with pytest.raises(UserError, match=pattern):
+            load_particles(path)
+        code, err = _check(path, capsys=capsys)
+        assert code == 2 and err.startswith("error: ") and "\n" not in err and "Traceback" not in err, name
+
+
+def test_image_count_must_match_pickle_rows(tmp_path, capsys):
+    _stack(tmp_path / "s.mrcs", n=4)
+    with open(tmp_path / "poses.pkl", "wb") as f:
+        pickle.dump((np.tile(np.eye(3), (5, 1, 1)), np.zeros((5, 2))), f)
+    code, err = _check(tmp_path / "s.mrcs", "--poses", str(tmp_path / "poses.pkl"), "--apix", "1", capsys=capsys)
+    assert code == 2 and "5 rotation rows but" in err and "holds 4 images" in err
+
+
+def test_write_mrcs_refuses_nan(tmp_path):
+    with pytest.raises(ValueError, match="NaN"):
+        write_mrcs(tmp_path / "x.mrcs", np.full((2, 4, 4), np.nan), 1.0)
