@@ -34,7 +34,7 @@ class DataSpec:
     ctf: str | None = None
     pixel_size: float | None = None
     datadir: str | None = None
-    center: str = "centroid"  # centroid | map: how the model sits relative to the box centre
+    center: str = "centroid"  # centroid | map | none: how the model sits relative to the box centre
     chains: str | None = None  # comma-separated chain ids to model (default: all)
     lazy: bool = False
 
@@ -72,8 +72,10 @@ def starting_model(spec: DataSpec, box: int, apix: float) -> tuple[Structure, np
         offset = s.coords[0].mean(0)
     elif spec.center == "map":  # coordinates fitted in a map of this box whose origin is 0
         offset = np.full(3, (box // 2) * apix)
+    elif spec.center == "none":  # coordinates already relative to the box centre
+        offset = np.zeros(3)
     else:
-        raise UserError(f"--center: expected centroid or map, got {spec.center!r}")
+        raise UserError(f"--center: expected centroid, map or none, got {spec.center!r}")
     x0 = s.coords[0] - offset
     half = box * apix / 2
     reach = np.abs(x0).max() + 3.0

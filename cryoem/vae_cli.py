@@ -20,9 +20,10 @@ def add_subcommands(sub) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--zdim", type=int, default=8)
     p.add_argument("--atoms", choices=["heavy", "backbone", "ca"], default="backbone")
-    p.add_argument("--center", choices=["centroid", "map"], default="centroid",
-                   help="centroid: the model's centroid sits at the box centre (simulated data); map: the model "
-                        "was fitted in a map of this box with origin 0")
+    p.add_argument("--center", choices=["centroid", "map", "none"], default="centroid",
+                   help="centroid: the model's centroid sits at the box centre; map: the model was fitted in a "
+                        "map of this box with origin 0; none: coordinates are already relative to the box centre "
+                        "(e.g. the gt_models.pdb of `cryoem simulate`)")
     p.add_argument("--chains", help="comma-separated chain ids of the starting model to model (default: all)")
     p.add_argument("--pixel-size", type=float, help="Å/px, when the metadata lacks it")
     p.add_argument("--datadir", help="folder of the stacks named in a .cs file")
