@@ -24,6 +24,11 @@ __all__ = ["RestrictedUnpickler", "load_pickle", "open_mrc", "read_mrc", "write_
            "write_star", "read_cs"]
 
 
+def _one_line(e: Exception) -> str:
+    """``Type: message`` squeezed onto one line (third-party messages may span several)."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
+
+
 # ----------------------------------------------------------------------------- pickles
 class RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that rebuilds only numpy arrays (plus tuples, lists, numbers, strings).
@@ -59,7 +64,7 @@ def load_pickle(path: str | Path):
     except UserError:
         raise
     except Exception as e:  # truncated / garbage pickles raise many types
-        raise UserError(f"{path}: not a readable pickle of numpy arrays ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: not a readable pickle of numpy arrays ({_one_line(e)})") from e
     _check_object_arrays(obj, path)
     return obj
 
@@ -89,7 +94,7 @@ def open_mrc(path: str | Path):
             warnings.simplefilter("ignore")
             m = mrcfile.mmap(path, mode="r", permissive=True)
     except Exception as e:
-        raise UserError(f"{path}: not a readable MRC file ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: not a readable MRC file ({_one_line(e)})") from e
     data = m.data
     if data is None or data.ndim not in (2, 3) or data.size == 0:
         m.close()
@@ -168,7 +173,7 @@ def read_star(path: str | Path) -> dict:
             warnings.simplefilter("ignore")
             blocks = starfile.read(path, always_dict=True)
     except Exception as e:
-        raise UserError(f"{path}: cannot parse STAR file ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: cannot parse STAR file ({_one_line(e)})") from e
     if not isinstance(blocks, dict) or not blocks:
         raise UserError(f"{path}: no data blocks found")
     return {k: v if isinstance(v, pd.DataFrame) else pd.DataFrame([v]) for k, v in blocks.items()}
@@ -191,7 +196,7 @@ def read_cs(path: str | Path) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise UserError(f"{path}: not a cryoSPARC .cs file ({type(e).__name__}: {e})") from e
+        raise UserError(f"{path}: not a cryoSPARC .cs file ({_one_line(e)})") from e
     if not isinstance(arr, np.ndarray) or arr.dtype.names is None or arr.ndim != 1:
         raise UserError(f"{path}: not a cryoSPARC .cs file (expected a 1-D numpy structured array)")
     return arr

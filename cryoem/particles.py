@@ -233,7 +233,12 @@ def meta_from_cs(path: str | Path, datadir: str | Path | None = None) -> Particl
     files: dict[Path, int] = {}
     fidx = np.empty(len(cs), dtype=np.int64)
     for i, p in enumerate(cs["blob/path"]):
-        s = p.decode() if isinstance(p, bytes) else str(p)
+        try:
+            s = p.decode() if isinstance(p, bytes) else str(p)
+        except UnicodeDecodeError:
+            raise UserError(f"{path}: row {i + 1}: blob/path is not valid UTF-8 text") from None
+        if not s.strip(">").strip():
+            raise UserError(f"{path}: row {i + 1}: blob/path is empty")
         f = Path(s.lstrip(">"))
         fidx[i] = files.setdefault(f if f.is_absolute() else root / f, len(files))
     num = lambda k: _cs_float(cs, k, path)  # noqa: E731
@@ -265,7 +270,7 @@ def _cs_float(cs: np.ndarray, key: str, path: Path) -> np.ndarray:
     try:
         v = np.asarray(cs[key], dtype=np.float64)
     except (ValueError, TypeError) as e:
-        raise UserError(f"{path}: field {key} is not numeric ({e})") from e
+        raise UserError(f"{path}: field {key} is not numeric ({cio._one_line(e)})") from e
     bad = np.flatnonzero(~np.isfinite(v.reshape(len(v), -1)).all(1))
     if len(bad):
         raise UserError(f"{path}: row {bad[0] + 1}: {key} is NaN or inf")

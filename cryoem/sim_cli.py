@@ -76,7 +76,7 @@ def _conformations(args):
         try:
             weights = np.loadtxt(args.weights, dtype=np.float64, ndmin=1)
         except (OSError, ValueError) as e:
-            raise UserError(f"{args.weights}: cannot read weights ({e})") from e
+            raise UserError(f"{args.weights}: cannot read weights ({' '.join(str(e).split())[:200]})") from e
     return ensemble_conformations(s, weights, args.bfactor)
 
 

@@ -195,7 +195,8 @@ def read_structure(path: str | Path, models: str = "all") -> Structure:
             warnings.simplefilter("ignore")
             st = parser.get_structure(path.stem, str(path))
     except (PDBConstructionException, ValueError, KeyError, IndexError) as e:
-        raise UserError(f"{path}: cannot parse as {'mmCIF' if path.suffix.lower() == '.cif' else 'PDB'} ({e})") from e
+        kind = "mmCIF" if path.suffix.lower() == ".cif" else "PDB"
+        raise UserError(f"{path}: cannot parse as {kind} ({' '.join(str(e).split())[:300]})") from e
     all_models = list(st)
     if not all_models or not any(True for _ in all_models[0].get_atoms()):
         raise UserError(f"{path}: no atoms found")
