@@ -188,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_probe(sub)
+    from scene3d.cli_ae import add_subcommands  # train voxel|mesh|nerf, fit, export, view, render (issue 7)
+
+    add_subcommands(sub)
     return p
 
 

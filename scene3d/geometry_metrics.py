@@ -87,12 +87,6 @@ def mesh_chamfer(verts_a: Tensor, faces_a: Tensor, verts_b: Tensor, faces_b: Ten
     return chamfer(sample_surface(verts_a, faces_a, n, seed), sample_surface(verts_b, faces_b, n, seed + 1))
 
 
-def foreground_masks(images: Tensor, background: float | Tensor = 1.0, tol: float = 0.02) -> Tensor:
-    """(V, C, H, W) images in [0, 1] -> (V, H, W) bool: pixels that differ from the background colour."""
-    bg = torch.as_tensor(background, dtype=images.dtype, device=images.device).reshape(-1, 1, 1)
-    return ((images - bg).abs() > tol).any(1)
-
-
 def visual_hull(masks: Tensor, cameras: Camera, res: int = 32, lo: float = -1.0, hi: float = 1.0) -> Tensor:
     """Carve a ``res^3`` grid: a cell is kept iff its centre projects inside every silhouette.
 

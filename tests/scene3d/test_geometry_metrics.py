@@ -8,7 +8,6 @@ import torch
 from renderers.cameras import Camera, look_at
 from scene3d.geometry_metrics import (
     chamfer,
-    foreground_masks,
     mesh_chamfer,
     sample_surface,
     visual_hull,
@@ -121,13 +120,6 @@ def test_visual_hull_perspective_frames_out_of_view_cells():
     # the pyramid's frustum between depths 3 and 5: volume 4 tan^2(fov / 2) (5^3 - 3^3) / 3, of the box's 8
     frac = 4 * math.tan(0.15) ** 2 * (5**3 - 3**3) / 3 / 8
     assert hull.float().mean().item() == pytest.approx(frac, rel=0.03)
-
-
-def test_foreground_masks():
-    img = torch.ones(2, 3, 4, 4)
-    img[0, :, 1, 2] = 0.3
-    m = foreground_masks(img, background=1.0)
-    assert m.shape == (2, 4, 4) and m.sum() == 1 and m[0, 1, 2]
 
 
 def test_mesh_occupancy_of_ico_sphere_matches_ball():

@@ -1,0 +1,191 @@
+"""Loading, evaluating and showing the scene autoencoders of :mod:`scene3d.autoencoders`.
+
+Evaluation protocol (``evaluate``) on held-out scenes, for each number of contexts k:
+contexts are views ``0 .. k-1``; queries are the last ``queries`` views (the same for every k).
+
+* image metrics on the query views (full and foreground-masked PSNR, SSIM) from ``scene3d.metrics``;
+* voxel IoU at 32³ against the generator's occupancy (``scene3d.geometry_metrics.voxel_iou``); the
+  prediction is thresholded at a cell opacity of 1/2 and its cavities filled (images only show surfaces);
+* symmetric Chamfer distance on 10k surface samples against ``meshes/scene-XXXXXX.ply``;
+* the classical baseline: a visual hull carved at 32³ from the silhouettes of views 0, 1, 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from renderers.cameras import Camera, look_at
+from scene3d.autoencoders import AEConfig, SceneAE, pick, predicted_occupancy, resize_views
+from scene3d.data import CAMERA_KEYS, MultiViewDataset
+from scene3d.geometry_metrics import (
+    chamfer,
+    sample_surface,
+    visual_hull,
+    voxel_iou,
+)
+from scene3d.metrics import foreground_mask
+from scene3d.runinfo import UserError
+
+
+# ------------------------------------------------------------------------ runs
+def load_run(run: str | Path) -> tuple[SceneAE, dict]:
+    """Rebuild a trained ``SceneAE`` from its run folder (checkpoint.pt); returns (model, settings)."""
+    from scene3d.trainer import load_checkpoint
+
+    ckpt = load_checkpoint(run)
+    settings = ckpt.get("settings", {})
+    if "ae" not in settings:
+        raise UserError(f"{run}: not a voxel / mesh / NeRF autoencoder run (no 'ae' settings in its checkpoint)")
+    known = {f.name for f in fields(AEConfig)}
+    ae = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings["ae"].items() if k in known}
+    model = SceneAE(AEConfig(**ae), per_scene=bool(settings.get("per_scene")))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), settings
+
+
+def is_ae_run(run: str | Path) -> bool:
+    """True when ``run/config.json`` records a voxel / mesh / NeRF autoencoder."""
+    p = Path(run) / "config.json"
+    try:
+        return "ae" in json.loads(p.read_text()).get("settings", {})
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def scene_views(dataset: MultiViewDataset, i: int, size: int) -> tuple[Tensor, Camera]:
+    """Scene ``i``: images (1, V, 3, S, S) and V cameras at ``size``."""
+    if not 0 <= i < len(dataset):
+        raise UserError(f"--scene {i}: the data has scenes 0 .. {len(dataset) - 1}")
+    item = dataset[i]
+    cams = Camera(*(item[k] for k in CAMERA_KEYS), dataset.image_size)
+    imgs, cams = resize_views(item["images"], cams, size)
+    return imgs[None], cams
+
+
+@torch.no_grad()
+def decode_scene(model: SceneAE, dataset: MultiViewDataset | None, i: int, k: int) -> dict:
+    """The 3D state of scene ``i`` from its first ``k`` views (per-scene runs: the fitted scene)."""
+    if model.per_scene:
+        return model.decoder(None)
+    if dataset is None:
+        raise UserError("--data: an amortised model needs the scenes' context views")
+    imgs, cams = scene_views(dataset, i, model.cfg.image_size)
+    if imgs.shape[1] < k:
+        raise UserError(f"--contexts {k}: scene {i} has only {imgs.shape[1]} views")
+    idx = torch.arange(k)
+    return model.infer(imgs[:, idx], pick(cams, 1, imgs.shape[1], idx))
+
+
+def surface(model: SceneAE, state: dict, level: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Scene 0 of ``state`` as a coloured mesh (verts, faces, colours); ``level`` in 1 / world units."""
+    from scene3d.autoencoders import occupancy_level
+
+    return model.decoder.surface(state, 0, occupancy_level(model.cfg) if level is None else level)
+
+
+# ---------------------------------------------------------------------- metrics
+def image_metrics(pred: Tensor, target: Tensor, background) -> dict[str, float]:
+    """Means of ``scene3d.metrics.image_metrics`` (PSNR, masked PSNR, SSIM) over (N, 3, H, W) images."""
+    from scene3d import metrics
+
+    return {k: float(v.nanmean()) for k, v in metrics.image_metrics(pred, target, background).items()}
+
+
+def gt_occupancy(dataset: MultiViewDataset, i: int) -> Tensor:
+    """The generator's occupancy of scene ``i`` in the [z, y, x] grid convention."""
+    if dataset.occupancy is None:
+        raise UserError("--data: the dataset has no ground-truth occupancy grids (made by `scene3d data`)")
+    occ = torch.from_numpy(dataset.occupancy[i])
+    order = dataset.meta.get("occupancy", {}).get("index_order", "zyx")
+    return occ.permute(2, 1, 0) if order == "xyz" else occ
+
+
+def gt_mesh(root: str | Path, i: int) -> tuple[Tensor, Tensor] | None:
+    import open3d as o3d
+
+    p = Path(root) / "meshes" / f"scene-{i:06d}.ply"
+    if not p.is_file():
+        return None
+    m = o3d.io.read_triangle_mesh(str(p))
+    return torch.from_numpy(np.asarray(m.vertices)).float(), torch.from_numpy(np.asarray(m.triangles)).long()
+
+
+def data_box(dataset: MultiViewDataset) -> tuple[float, float]:
+    b = dataset.meta.get("occupancy", {}).get("bounds")
+    return (float(b[0]), float(b[3])) if b else (-4.0, 4.0)
+
+
+def visual_hull_iou(dataset: MultiViewDataset, i: int, views=(0, 1, 2)) -> float:
+    """IoU at 32³ of the visual hull carved from ``views`` of scene ``i`` with the true occupancy."""
+    item = dataset[i]
+    idx = list(views)
+    cams = Camera(*(item[k][idx] for k in CAMERA_KEYS), dataset.image_size)
+    masks = foreground_mask(item["images"][idx], dataset.background or (0.0, 0.0, 0.0))[:, 0]
+    gt = gt_occupancy(dataset, i)
+    lo, hi = data_box(dataset)
+    return float(voxel_iou(visual_hull(masks, cams, gt.shape[-1], lo, hi), gt))
+
+
+@torch.no_grad()
+def evaluate(model: SceneAE, dataset: MultiViewDataset, root: str | Path, contexts=(1, 3), queries: int = 5,
+             scenes: int | None = None, chamfer_points: int = 10_000, progress: bool = True) -> dict:
+    """Per-k means of image and 3D metrics over held-out scenes (see the module docstring)."""
+    from tqdm import tqdm
+
+    n = min(len(dataset), scenes or len(dataset))
+    V = dataset.views
+    q_idx = torch.arange(V - queries, V)
+    bg = dataset.background or model.cfg.background
+    out: dict = {}
+    for k in contexts:
+        if k > V - queries:
+            raise UserError(f"--contexts {k}: needs k + {queries} query views <= {V} views")
+        rows = []
+        for i in tqdm(range(n), desc=f"eval {model.kind} k={k}", disable=not progress):
+            state = decode_scene(model, dataset, i, k)
+            imgs, cams = scene_views(dataset, i, model.cfg.image_size)
+            pred = model.render(state, pick(cams, 1, V, q_idx), queries).clamp(0, 1)
+            row = image_metrics(pred, imgs[0, q_idx], bg)
+            if dataset.occupancy is not None:
+                row["iou"] = float(voxel_iou(predicted_occupancy(model, state, gt_occupancy(dataset, i).shape[-1])[0],
+                                             gt_occupancy(dataset, i)))
+            gt = gt_mesh(root, i)
+            if gt is not None:
+                v, f, _ = surface(model, state)
+                row["chamfer"] = (float(chamfer(sample_surface(v, f, chamfer_points),
+                                                sample_surface(*gt, chamfer_points, seed=1)))
+                                  if len(f) else math.nan)
+            rows.append(row)
+        out[str(k)] = {m: float(np.nanmean([r[m] for r in rows])) for m in rows[0]}
+        out[str(k)]["scenes"] = n
+    if dataset.occupancy is not None:
+        out["visual_hull_3_views"] = {"iou": float(np.mean([visual_hull_iou(dataset, i) for i in range(n)])),
+                                      "scenes": n}
+    return out
+
+
+# ------------------------------------------------------------------- turntables
+def turntable_cameras(frames: int, size: int, distance: float, fov: float, elevation: float = 0.5,
+                      target=(0.0, 0.0, 0.0)) -> Camera:
+    """``frames`` perspective cameras circling the z axis at ``elevation`` (rad), looking at ``target``."""
+    az = torch.arange(frames, dtype=torch.float32) * (2 * math.pi / frames)
+    eye = distance * torch.stack([math.cos(elevation) * torch.cos(az), math.cos(elevation) * torch.sin(az),
+                                  torch.full_like(az, math.sin(elevation))], -1)
+    tgt = torch.tensor(target, dtype=torch.float32).expand(frames, 3)
+    R, t = look_at(eye + tgt, tgt, up=(0.0, 0.0, 1.0))
+    return Camera.create(R, t, (size, size), fov=fov)
+
+
+@torch.no_grad()
+def render_turntable(model: SceneAE, state: dict, cams: Camera, chunk: int = 8) -> np.ndarray:
+    """(F, H, W, 3) uint8 novel views of scene 0 of ``state``."""
+    frames = [model.render(state, cams[i:i + chunk], len(cams[i:i + chunk])) for i in range(0, len(cams), chunk)]
+    imgs = torch.cat(frames).clamp(0, 1).permute(0, 2, 3, 1)
+    return (imgs.numpy() * 255).round().astype(np.uint8)

@@ -1,0 +1,482 @@
+"""Explicit-3D scene autoencoders: voxel, mesh and NeRF decoders, amortised or fitted to one scene.
+
+One training step (``SceneAE.loss``, driven by the shared :class:`scene3d.trainer.Trainer`)::
+
+    k context views + cameras --ContextEncoder--> q(z) --z--> decoder --> 3D state --render(query cameras)--> images
+    loss = -log N(query images; rendered, sigma^2) + beta KL(q(z) || N(0, I)) + shape regularisers
+
+* **amortised** (``encoder`` given): items are scenes of V views; each step draws k contexts from
+  ``contexts`` and ``queries`` other views of every scene.
+* **per-scene fit** (``encoder=None``, decoder built with ``latent_dim=0``): the decoder *is* the scene's
+  3D representation (a free voxel grid, free vertex offsets, or an unconditioned NeRF MLP); items are
+  single views of that scene and every view in the batch is a query.
+
+Decoders (one interface: ``forward(z) -> state``, ``render``, ``occupancy``, ``surface``, ``regularisers``):
+
+* :class:`VoxelDecoder`: z -> 3D transposed convolutions -> density + colour at ``res^3``
+  -> ``renderers.voxel.VoxelRenderer`` (emission-absorption; absorption for silhouettes)
+  (Rezende et al. 2016).
+* :class:`MeshDecoder`: z -> offsets + colours of an ico-sphere template -> ``renderers.mesh.MeshRenderer``
+  (soft silhouette + shaded), with PyTorch3D's Laplacian, edge and normal-consistency regularisers.
+* :class:`FieldDecoder`: a latent-conditioned ``renderers.nerf.RadianceMLP`` (CodeNeRF-style conditioning)
+  -> ``renderers.nerf.NeRFRenderer`` on random rays clipped to the scene box.
+
+World box: every decoder covers ``[lo, hi]^3`` (Shepard–Metzler: the generator's occupancy bounds
+(-4, 4)); grids follow ``renderers.voxel`` ([z, y, x], values at cell centres).
+Images are (B, 3, H, W) in [0, 1] over the dataset's background colour.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from renderers.cameras import Camera
+from renderers.mesh import MeshRenderer, ico_sphere
+from renderers.nerf import NeRFRenderer, RadianceMLP
+from renderers.voxel import VoxelRenderer, ray_box, sample_grid
+from scene3d.data import CAMERA_KEYS
+from scene3d.encoders import ConvEncoder
+from scene3d.export import density_to_mesh, marching_cubes
+from scene3d.geometry_metrics import mesh_occupancy, voxel_centers
+from scene3d.metrics import foreground_mask
+from scene3d.objective import gaussian_kl, gaussian_log_likelihood, reparameterize
+
+KINDS = ("voxel", "mesh", "nerf")
+CAMERA_CODE = 12  # rotation (9) + centre / box half-size (3)
+
+
+# ------------------------------------------------------------------ views and cameras
+def resize_views(images: Tensor, cameras: Camera, size: int) -> tuple[Tensor, Camera]:
+    """Box-filter (N, 3, H, W) images to ``size``^2 and scale the cameras' intrinsics to match."""
+    H, W = images.shape[-2:]
+    if (H, W) == (size, size):
+        return images, cameras
+    if H != W or H % size:
+        raise ValueError(f"size: {size} must divide the square image size {H}")
+    f = H // size
+    cam = Camera(cameras.R, cameras.t, cameras.focal / f, cameras.principal / f, (size, size), cameras.orthographic)
+    return F.avg_pool2d(images, f), cam
+
+
+def camera_code(cameras: Camera, scale: float) -> Tensor:
+    """(N, 12) encoder input describing each camera: its rotation and its centre in box half-sizes."""
+    return torch.cat([cameras.R.reshape(-1, 9), cameras.center / scale], -1)
+
+
+def batch_views(batch: dict, size: int | None) -> tuple[Tensor, Camera]:
+    """A collated batch -> images (B, V, 3, S, S) and B * V cameras (scene-major), resized to ``size``."""
+    images = batch["images"]
+    B, V = images.shape[:2]
+    H, W = images.shape[-2:]
+    cams = Camera(*(batch[k].reshape(B * V, *batch[k].shape[2:]) for k in CAMERA_KEYS), (H, W))
+    imgs, cams = resize_views(images.reshape(B * V, 3, H, W), cams, size or H)
+    return imgs.reshape(B, V, 3, *imgs.shape[-2:]), cams
+
+
+def pick(cameras: Camera, B: int, V: int, views: Tensor) -> Camera:
+    """The cameras of ``views`` (index tensor of length n) of every one of B scenes: B * n, scene-major."""
+    idx = (torch.arange(B, device=views.device)[:, None] * V + views[None]).reshape(-1)
+    return Camera(cameras.R[idx], cameras.t[idx], cameras.focal[idx], cameras.principal[idx],
+                  cameras.image_size, cameras.orthographic)
+
+
+# ------------------------------------------------------------------------- encoder
+class ContextEncoder(nn.Module):
+    """k context views with their cameras -> q(z) = N(mu, exp(logvar)), (B, L) each.
+
+    Each view goes through the shared ``scene3d.encoders.ConvEncoder`` with its camera code broadcast as
+    12 extra input planes; the k per-view Gaussians are fused as a product of experts (precisions add),
+    so more views give a sharper posterior and any k works.
+    """
+
+    def __init__(self, image_size: int, latent_dim: int, scale: float, width: int = 32):
+        super().__init__()
+        self.net = ConvEncoder(3 + CAMERA_CODE, image_size, latent_dim, width)
+        self.scale, self.latent_dim = scale, latent_dim
+
+    def forward(self, images: Tensor, cameras: Camera) -> tuple[Tensor, Tensor]:
+        """images (B, k, 3, H, W), B * k cameras (scene-major) -> mu, logvar (B, L)."""
+        B, k, _, H, W = images.shape
+        code = camera_code(cameras, self.scale).to(images.dtype)[:, :, None, None].expand(-1, -1, H, W)
+        mu, logvar = self.net(torch.cat([images.reshape(B * k, 3, H, W), code], 1))
+        prec = torch.exp(-logvar).reshape(B, k, -1)
+        mu = (mu.reshape(B, k, -1) * prec).sum(1) / prec.sum(1)
+        return mu, -torch.log(prec.sum(1))
+
+
+# ------------------------------------------------------------------------ decoders
+class VoxelDecoder(nn.Module):
+    """z (B, L) -> density (B, 1, G, G, G) in 1 / world units and colour (B, 3, G, G, G) over ``[lo, hi]^3``.
+
+    ``latent_dim=0`` makes a free per-scene grid (B = 1). Densities are ``softplus`` of the network output
+    times ``density_scale / cell``, so a raw value of ~1 makes a cell about opaque.
+    """
+
+    kind = "voxel"
+
+    def __init__(self, latent_dim: int, lo: float, hi: float, res: int = 32, width: int = 64, n_samples: int = 64,
+                 background=(0.0, 0.0, 0.0), silhouette: bool = False, density_scale: float = 2.0):
+        super().__init__()
+        if res % 8:
+            raise ValueError(f"res: expected a multiple of 8, got {res}")
+        self.latent_dim, self.lo, self.hi, self.res = latent_dim, lo, hi, res
+        self.cell = (hi - lo) / res
+        self.density_scale, self.silhouette = density_scale, silhouette
+        if latent_dim:
+            c = [width, width // 2, width // 4, width // 8]
+            self.fc = nn.Linear(latent_dim, c[0] * (res // 8) ** 3)
+            ups = []
+            for a, b in zip(c[:-1], c[1:]):
+                ups += [nn.ConvTranspose3d(a, b, 4, 2, 1), nn.ReLU()]
+            self.up = nn.Sequential(*ups, nn.Conv3d(c[-1], 4, 3, 1, 1))
+            self.c0 = c[0]
+        else:
+            self.grid = nn.Parameter(torch.cat([torch.zeros(1, 1, res, res, res),
+                                                torch.zeros(1, 3, res, res, res)], 1))
+        mode = "absorption" if silhouette else "emission_absorption"
+        self.renderer = VoxelRenderer(mode, n_samples, center=(lo + hi) / 2, size=hi - lo, background=background)
+
+    def forward(self, z: Tensor | None) -> dict:
+        if self.latent_dim:
+            g = self.res // 8
+            raw = self.up(self.fc(z).reshape(-1, self.c0, g, g, g))
+        else:
+            raw = self.grid
+        density = F.softplus(raw[:, :1] - 4.0) * (self.density_scale / self.cell)  # -4: start nearly empty
+        return {"density": density, "rgb": torch.sigmoid(raw[:, 1:])}
+
+    def render(self, state: dict, cameras: Camera, per_scene: int) -> Tensor:
+        """Render ``per_scene`` cameras of each scene in ``state`` -> (B * per_scene, C, H, W)."""
+        rep = lambda x: x if x.shape[0] == 1 else x.repeat_interleave(per_scene, 0)  # noqa: E731
+        if self.silhouette:
+            return self.renderer(rep(state["density"]), cameras)
+        return self.renderer(rep(state["density"]), cameras, rep(state["rgb"]))
+
+    def occupancy(self, state: dict, points: Tensor, level: float) -> Tensor:
+        """(B, N) bool: density at world ``points (N, 3)`` above ``level`` (1 / world units)."""
+        c, s = self._box(points)
+        sig = sample_grid(state["density"], points[None].expand(len(state["density"]), -1, -1), c, s)[:, 0]
+        return sig > level
+
+    def surface(self, state: dict, i: int, level: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Scene ``i``'s ``level`` iso-surface: verts (V, 3), faces (F, 3), vertex colours (V, 3)."""
+        verts, faces = marching_cubes(state["density"][i, 0], level, self.lo, self.hi)
+        c, s = self._box(verts)
+        rgb = sample_grid(state["rgb"][i:i + 1], verts[None].to(state["rgb"].dtype), c, s)[0].T
+        return verts, faces, rgb.clamp(0, 1)
+
+    def regularisers(self, state: dict) -> dict:
+        return {}
+
+    def _box(self, like: Tensor) -> tuple[Tensor, Tensor]:
+        c = torch.full((3,), (self.lo + self.hi) / 2, dtype=like.dtype, device=like.device)
+        return c, torch.full((3,), self.hi - self.lo, dtype=like.dtype, device=like.device)
+
+
+class MeshDecoder(nn.Module):
+    """z (B, L) -> verts (B, V, 3) = template + offsets and colours (B, V, 3) of an ico-sphere.
+
+    The template is an ico-sphere of ``level`` (3: 642 vertices, 1,280 faces) and radius
+    ``radius`` world units. ``latent_dim=0`` makes free per-scene offsets (mesh deformation). Rendered
+    as a soft silhouette (for the foreground mask) and a shaded image (for the colours).
+    """
+
+    kind = "mesh"
+
+    def __init__(self, latent_dim: int, lo: float, hi: float, level: int = 3, radius: float | None = None,
+                 hidden: int = 256, background=(0.0, 0.0, 0.0), faces_per_pixel: int = 4, sigma: float = 1e-4,
+                 light_direction=(0.3, -0.5, 1.0), max_offset: float | None = None):
+        super().__init__()
+        self.latent_dim, self.lo, self.hi = latent_dim, lo, hi
+        radius = radius or 0.3 * (hi - lo)
+        verts, faces = ico_sphere(level, radius)
+        self.register_buffer("template", verts)
+        self.register_buffer("faces", faces)
+        self.max_offset = max_offset or 0.5 * (hi - lo)
+        V = len(verts)
+        if latent_dim:
+            self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                     nn.Linear(hidden, V * 6))
+            nn.init.zeros_(self.net[-1].weight)
+            nn.init.zeros_(self.net[-1].bias)
+        else:
+            self.params = nn.Parameter(torch.zeros(1, V, 6))
+        kw = dict(faces_per_pixel=faces_per_pixel, sigma=sigma, gamma=sigma)
+        self.silhouette = MeshRenderer("silhouette", **kw)
+        self.shaded = MeshRenderer("shaded", **kw, background=tuple(background), light_direction=light_direction,
+                                   specular=0.0)
+
+    def forward(self, z: Tensor | None) -> dict:
+        raw = self.net(z).reshape(len(z), -1, 6) if self.latent_dim else self.params
+        verts = self.template + self.max_offset * torch.tanh(raw[..., :3])
+        return {"verts": verts, "rgb": torch.sigmoid(raw[..., 3:])}
+
+    def render(self, state: dict, cameras: Camera, per_scene: int) -> Tensor:
+        """(B * per_scene, 4, H, W): shaded RGB and the soft silhouette as a 4th channel."""
+        rep = lambda x: x if x.shape[0] == 1 else x.repeat_interleave(per_scene, 0)  # noqa: E731
+        v, c = rep(state["verts"]), rep(state["rgb"])
+        return torch.cat([self.shaded(v, self.faces, cameras, c), self.silhouette(v, self.faces, cameras)], 1)
+
+    def occupancy(self, state: dict, points: Tensor, level: float) -> Tensor:
+        return torch.stack([mesh_occupancy(v, self.faces, points) for v in state["verts"]])
+
+    def surface(self, state: dict, i: int, level: float) -> tuple[Tensor, Tensor, Tensor]:
+        return state["verts"][i].detach(), self.faces, state["rgb"][i].detach()
+
+    def regularisers(self, state: dict) -> dict:
+        from pytorch3d.loss import mesh_edge_loss, mesh_laplacian_smoothing, mesh_normal_consistency
+        from pytorch3d.structures import Meshes
+
+        m = Meshes(verts=list(state["verts"]), faces=[self.faces] * len(state["verts"]))
+        return {"laplacian": mesh_laplacian_smoothing(m, "uniform"), "edge": mesh_edge_loss(m),
+                "normal": mesh_normal_consistency(m)}
+
+
+class FieldDecoder(nn.Module):
+    """A latent-conditioned radiance field: the state is z itself, queried by ``renderers.nerf``.
+
+    ``latent_dim=0`` is a classic per-scene NeRF. Rays are clipped to the box ``[lo, hi]^3``.
+    """
+
+    kind = "nerf"
+
+    def __init__(self, latent_dim: int, lo: float, hi: float, depth: int = 4, width: int = 128,
+                 pos_freqs: int = 6, dir_freqs: int = 2, n_coarse: int = 32, n_fine: int = 32,
+                 background=(0.0, 0.0, 0.0), chunk: int = 8192):
+        super().__init__()
+        self.latent_dim, self.lo, self.hi = latent_dim, lo, hi
+        self.field = RadianceMLP(depth, width, skips=(depth // 2,) if depth > 2 else (), pos_freqs=pos_freqs,
+                                 dir_freqs=dir_freqs, latent_dim=latent_dim)
+        self.renderer = NeRFRenderer(n_coarse, n_fine, near=0.0, far=1.0, background=tuple(background), chunk=chunk)
+        self.scale = (hi - lo) / 2  # the MLP sees points in box units, [-1, 1]^3
+
+    def forward(self, z: Tensor | None) -> dict:
+        return {"z": z}
+
+    def query(self, points: Tensor, dirs: Tensor, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The field in world units: density (B, N) in 1 / world units, rgb (B, N, 3)."""
+        c = (self.lo + self.hi) / 2
+        sigma, rgb = self.field((points - c) / self.scale, dirs, z)
+        return sigma / self.scale, rgb
+
+    def render_rays(self, state: dict, origins: Tensor, dirs: Tensor) -> Tensor:
+        """(B, R, 3) world rays -> (B, R, 3) colours, sampled only inside the box."""
+        lo = origins.new_full((3,), self.lo)
+        near, far = ray_box(origins, dirs, lo, lo + (self.hi - self.lo))
+        near = near.clamp_min(0)
+        far = torch.maximum(far, near + 1e-6)
+        z = state["z"]
+        field = (lambda p, d, zz: self.query(p, d, zz)) if z is not None else (lambda p, d: self.query(p, d))
+        return self.renderer.render_rays(field, origins, dirs, z, near=near, far=far).rgb
+
+    def render(self, state: dict, cameras: Camera, per_scene: int) -> Tensor:
+        """Full images (B * per_scene, 3, H, W) (evaluation; training uses random rays)."""
+        o, d = cameras.rays()
+        N, (H, W) = len(cameras), cameras.image_size
+        z = state["z"]
+        if z is None:  # one scene: all rays in one batch
+            rgb = self.render_rays(state, o.reshape(1, -1, 3), d.reshape(1, -1, 3))
+        else:
+            rgb = self.render_rays({"z": z.repeat_interleave(per_scene, 0)}, o.reshape(N, -1, 3), d.reshape(N, -1, 3))
+        return rgb.reshape(N, H, W, 3).permute(0, 3, 1, 2)
+
+    def occupancy(self, state: dict, points: Tensor, level: float) -> Tensor:
+        z = state["z"]
+        B = 1 if z is None else len(z)
+        with torch.no_grad():
+            d = torch.zeros_like(points)[None].expand(B, -1, -1)
+            sigma = torch.cat([self.query(points[None, i:i + 8192].expand(B, -1, -1), d[:, i:i + 8192], z)[0]
+                               for i in range(0, len(points), 8192)], 1)
+        return sigma > level
+
+    def surface(self, state: dict, i: int, level: float, res: int = 96) -> tuple[Tensor, Tensor, Tensor]:
+        z = state["z"]
+        zi = None if z is None else z[i:i + 1]
+        up = torch.tensor([[0.0, 0.0, 1.0]])
+
+        def density(p):
+            return self.query(p[None], up.expand(len(p), 3)[None], zi)[0][0]
+
+        verts, faces = density_to_mesh(density, res, level, self.lo, self.hi)
+        with torch.no_grad():  # colour seen from above the vertex along its outward direction
+            rgb = self.query(verts[None], -F.normalize(verts, dim=-1)[None], zi)[1][0] if len(verts) else verts
+        return verts, faces, rgb
+
+    def regularisers(self, state: dict) -> dict:
+        return {}
+
+
+# ---------------------------------------------------------------------------- model
+@dataclass
+class AEConfig:
+    """Settings of a scene autoencoder (written to config.json by the CLI)."""
+
+    kind: str = "voxel"  # voxel | mesh | nerf
+    latent_dim: int = 128
+    image_size: int = 32  # views are box-filtered to this size for the encoder and the losses
+    contexts: tuple[int, ...] = (1, 2, 3)  # k drawn uniformly from these per step
+    queries: int = 2
+    sigma: float = 0.1  # pixel noise std of the likelihood
+    beta: float = 1.0
+    rays: int = 512  # per scene per step (nerf)
+    lo: float = -4.0
+    hi: float = 4.0
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    silhouette_weight: float = 1.0  # mesh
+    laplacian_weight: float = 0.1  # mesh regularisers, in units of the per-pixel loss
+    edge_weight: float = 0.1
+    normal_weight: float = 0.01
+    encoder_width: int = 32
+
+
+def make_decoder(cfg: AEConfig, per_scene: bool = False) -> nn.Module:
+    L = 0 if per_scene else cfg.latent_dim
+    if cfg.kind == "voxel":
+        return VoxelDecoder(L, cfg.lo, cfg.hi, background=cfg.background)
+    if cfg.kind == "mesh":
+        return MeshDecoder(L, cfg.lo, cfg.hi, background=cfg.background)
+    if cfg.kind == "nerf":
+        return FieldDecoder(L, cfg.lo, cfg.hi, background=cfg.background)
+    raise ValueError(f"kind: expected one of {KINDS}, got {cfg.kind!r}")
+
+
+class SceneAE(nn.Module):
+    """A decoder with an optional encoder, trained by image reconstruction (see the module docstring).
+
+    ``loss(batch, step)`` follows the trainer's interface. Batches are collated
+    ``scene3d.data.MultiViewDataset`` items: ``images`` (B, V, 3, H, W) and cameras (B, V, ...).
+    """
+
+    def __init__(self, cfg: AEConfig, per_scene: bool = False):
+        super().__init__()
+        self.cfg, self.per_scene = cfg, per_scene
+        self.decoder = make_decoder(cfg, per_scene)
+        self.encoder = None if per_scene else ContextEncoder(cfg.image_size, cfg.latent_dim, (cfg.hi - cfg.lo) / 2,
+                                                             cfg.encoder_width)
+
+    @property
+    def kind(self) -> str:
+        return self.cfg.kind
+
+    def check_batch(self, batch: dict) -> None:
+        from scene3d.runinfo import UserError
+
+        images = batch["images"]
+        if images.dim() != 5 or images.shape[2] != 3:
+            raise UserError(f"data: expected batches of (B, V, 3, H, W) images, got {tuple(images.shape)}")
+        H = images.shape[-1]
+        if H % self.cfg.image_size:
+            raise UserError(f"--image-size {self.cfg.image_size} must divide the data's image size {H}")
+        need = max(self.cfg.contexts) + self.cfg.queries
+        if not self.per_scene and images.shape[1] < need:
+            raise UserError(f"data: {images.shape[1]} views per scene, need {need} (contexts + queries)")
+
+    def encode(self, images: Tensor, cameras: Camera) -> tuple[Tensor, Tensor]:
+        """Context images (B, k, 3, S, S) + B * k cameras -> mu, logvar (B, L)."""
+        return self.encoder(images, cameras)
+
+    def infer(self, images: Tensor, cameras: Camera, sample: bool = False) -> dict:
+        """The decoded 3D state from context views (posterior mean unless ``sample``)."""
+        if self.encoder is None:
+            return self.decoder(None)
+        mu, logvar = self.encode(images, cameras)
+        return self.decoder(reparameterize(mu, logvar) if sample else mu)
+
+    def loss(self, batch: dict, step: int) -> dict:
+        images, cams = batch_views(batch, self.cfg.image_size)
+        if self.encoder is None:  # B single views of one scene: one scene with B query views
+            images = images.transpose(0, 1)
+        B, V = images.shape[:2]
+        if self.encoder is None:
+            state, kl = self.decoder(None), images.new_zeros(B)
+            q_idx = torch.arange(V, device=images.device)
+        else:
+            k = self.cfg.contexts[int(torch.randint(len(self.cfg.contexts), ()))]
+            perm = torch.randperm(V, device=images.device)
+            c_idx, q_idx = perm[:k], perm[k:k + self.cfg.queries]
+            mu, logvar = self.encode(images[:, c_idx], pick(cams, B, V, c_idx))
+            state = self.decoder(reparameterize(mu, logvar))
+            kl = gaussian_kl(mu, logvar)
+        target = images[:, q_idx]
+        q_cams = pick(cams, B, V, q_idx)
+        terms = self._reconstruction(state, target, q_cams)
+        n = target[0].numel()  # per-scene terms are in nats per scene; report per pixel channel
+        total = (terms.pop("nll") + self.cfg.beta * kl).mean() / n
+        out = {"kl": kl.mean().detach() / n}
+        for name, value in self.decoder.regularisers(state).items():
+            total = total + getattr(self.cfg, f"{name}_weight") * value
+            out[name] = value.detach()
+        for name, value in terms.items():
+            total = total + value
+            out[name] = value.detach()
+        return {"loss": total, **out}
+
+    def _reconstruction(self, state: dict, target: Tensor, cams: Camera) -> dict:
+        """Negative log-likelihood (B,) of the query views (and the mesh's silhouette loss)."""
+        B, Q = target.shape[:2]
+        sigma = self.cfg.sigma
+        if self.kind == "nerf":
+            scale = Q * target.shape[-1] * target.shape[-2] / self.cfg.rays  # rays -> all query pixels
+            return {"nll": -gaussian_log_likelihood(*self._ray_batch(state, target, cams), sigma) * scale}
+        pred = self.decoder.render(state, cams, Q)
+        flat = target.reshape(B * Q, *target.shape[2:])
+        nll = -gaussian_log_likelihood(flat, pred[:, :3], sigma).reshape(B, Q).sum(1)
+        if self.kind != "mesh":
+            return {"nll": nll}
+        mask = foreground_mask(flat, self.cfg.background)[:, 0].to(flat.dtype)
+        sil = self.cfg.silhouette_weight * F.mse_loss(pred[:, 3], mask) / (2 * sigma**2)  # per pixel, like the nll
+        return {"nll": nll, "silhouette": sil}
+
+    def _ray_batch(self, state: dict, target: Tensor, cams: Camera) -> tuple[Tensor, Tensor]:
+        """Random rays of the query views: target and rendered colours, (B, R, 3) each."""
+        B, Q, _, H, W = target.shape
+        o, d = cams.rays()
+        o, d = o.reshape(B, Q * H * W, 3), d.reshape(B, Q * H * W, 3)
+        colors = target.permute(0, 1, 3, 4, 2).reshape(B, Q * H * W, 3)
+        idx = torch.randint(Q * H * W, (B, self.cfg.rays), device=target.device)
+        g = lambda x: x.gather(1, idx[..., None].expand(-1, -1, 3))  # noqa: E731
+        return g(colors), self.decoder.render_rays(state, g(o), g(d))
+
+    def render(self, state: dict, cameras: Camera, per_scene: int) -> Tensor:
+        """(B * per_scene, 3, H, W) colour images of the decoded scenes."""
+        return self.decoder.render(state, cameras, per_scene)[:, :3]
+
+
+class SceneViews(torch.utils.data.Dataset):
+    """The V views of scene ``index`` of a MultiViewDataset as V items of one view each (per-scene fits)."""
+
+    def __init__(self, dataset, index: int = 0):
+        self.item = dataset[index]
+
+    def __len__(self) -> int:
+        return self.item["images"].shape[0]
+
+    def __getitem__(self, v: int) -> dict:
+        return {k: self.item[k][v:v + 1] for k in ("images", *CAMERA_KEYS)} | {"index": v}
+
+
+def occupancy_level(cfg: AEConfig, res: int = 32) -> float:
+    """Density (1 / world units) above which a cell of a ``res^3`` grid over the box counts as occupied:
+    the one that makes a cell's opacity 1/2 (sigma * cell = ln 2)."""
+    return math.log(2) / ((cfg.hi - cfg.lo) / res)
+
+
+def predicted_occupancy(model: SceneAE, state: dict, res: int = 32, fill: bool = True) -> Tensor:
+    """(B, res, res, res) bool occupancy of decoded scenes on the box grid ([z, y, x]).
+
+    Images constrain only the visible surface, so with ``fill`` interior cavities are filled
+    (``scipy.ndimage.binary_fill_holes``) before comparing with solid ground truth.
+    """
+    from scipy.ndimage import binary_fill_holes
+
+    cfg = model.cfg
+    pts = voxel_centers(res, cfg.lo, cfg.hi).reshape(-1, 3)
+    occ = model.decoder.occupancy(state, pts, occupancy_level(cfg, res)).reshape(-1, res, res, res).cpu()
+    if fill:
+        occ = torch.stack([torch.from_numpy(binary_fill_holes(o.numpy())) for o in occ])
+    return occ

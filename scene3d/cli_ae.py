@@ -1,0 +1,309 @@
+"""``scene3d`` subcommands of the voxel, mesh and NeRF autoencoders (issue 7).
+
+``add_subcommands(sub)`` adds, to the ``scene3d`` subparsers ``sub``:
+
+* ``train voxel|mesh|nerf --data DIR --out RUN [--contexts K ...] [--minutes M]``: amortised training;
+* ``fit nerf|voxel|mesh --data transforms_train.json --out RUN [--minutes M] [--eval-at 5 10 20]``:
+  one scene from many views, scored on ``transforms_test.json`` (PSNR, SSIM, iterations/s);
+* ``export RUN --scene I --out mesh.ply [--points]``: marching cubes / the mesh, to .ply / .obj;
+* ``view RUN|FILE [--out snap.png]``: open3d window, or a headless snapshot;
+* ``render RUN --scene I --turntable --out spin.gif``: novel views around the object;
+* ``eval RUN --data DIR --contexts 1 3``: for these runs (other runs go to the existing ``eval``).
+
+``train`` and ``eval`` may already exist (GQN): ``train`` then gains the three model subcommands, and
+``eval`` dispatches autoencoder runs here and every other run to its previous handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from scene3d.runinfo import UserError, atomic_path, atomic_write
+
+MODELS = ("voxel", "mesh", "nerf")
+
+
+def add_subcommands(sub) -> None:
+    """Register this module's commands on the ``scene3d`` subparsers action ``sub``."""
+    models = _nested(sub, "train", "train a model on multi-view scenes")
+    for kind in MODELS:
+        p = models.add_parser(kind, help=f"amortised {kind} autoencoder: k context views -> 3D -> query views")
+        _train_args(p, kind)
+        p.set_defaults(func=cmd_train, kind=kind)
+    s = sub.add_parser("fit", help="fit one scene's voxels / mesh / NeRF from many views")
+    s.add_argument("kind", choices=MODELS)
+    s.add_argument("--data", required=True, help="transforms_train.json or its folder (NeRF-Blender / nerfstudio)")
+    s.add_argument("--out", required=True, help="run folder")
+    s.add_argument("--minutes", type=float, default=None, help="wall-clock budget (summed over resumes)")
+    s.add_argument("--steps", type=int, default=None)
+    s.add_argument("--eval-at", type=float, nargs="+", default=None, metavar="MIN",
+                   help="score the test views after each of these many minutes (e.g. 5 10 20)")
+    s.add_argument("--batch-size", type=int, default=4, help="views per step")
+    s.add_argument("--rays", type=int, default=1024, help="NeRF: random rays per step")
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--box", type=float, nargs=2, default=(-4.0, 4.0), metavar=("LO", "HI"),
+                   help="world box [LO, HI]^3 holding the scene")
+    s.add_argument("--background", type=float, nargs=3, default=(1.0, 1.0, 1.0))
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--resume", action="store_true")
+    s.add_argument("--device", default="auto")
+    s.set_defaults(func=cmd_fit)
+    s = sub.add_parser("export", help="a run's 3D scene as a mesh or point cloud file")
+    s.add_argument("run")
+    s.add_argument("--scene", type=int, default=0)
+    s.add_argument("--data", default=None, help="dataset of the context views (default: the run's training data)")
+    s.add_argument("--contexts", type=int, default=1)
+    s.add_argument("--level", type=float, default=None, help="density threshold, 1 / world units")
+    s.add_argument("--points", action="store_true", help="write the mesh's vertices as a .ply point cloud")
+    s.add_argument("--out", required=True, help=".ply or .obj")
+    s.set_defaults(func=cmd_export)
+    s = sub.add_parser("view", help="look at a run's scene or a .ply / .obj file (window, or --out PNG)")
+    s.add_argument("target", help="run folder or mesh / point-cloud file")
+    s.add_argument("--scene", type=int, default=0)
+    s.add_argument("--data", default=None)
+    s.add_argument("--contexts", type=int, default=1)
+    s.add_argument("--out", default=None, help="headless snapshot PNG instead of a window")
+    s.add_argument("--size", type=int, default=512)
+    s.set_defaults(func=cmd_view)
+    s = sub.add_parser("render", help="novel views of a run's scene (turntable GIF)")
+    s.add_argument("run")
+    s.add_argument("--scene", type=int, default=0)
+    s.add_argument("--data", default=None)
+    s.add_argument("--contexts", type=int, default=1)
+    s.add_argument("--turntable", action="store_true", required=True)
+    s.add_argument("--frames", type=int, default=36)
+    s.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
+    s.add_argument("--out", required=True, help=".gif")
+    s.set_defaults(func=cmd_render)
+    _add_eval(sub)
+
+
+def _nested(sub, name: str, help: str):
+    """The model subparsers of command ``name``, creating the command if it is not there yet."""
+    if name in sub.choices:
+        acts = [a for a in sub.choices[name]._actions if isinstance(a, argparse._SubParsersAction)]
+        if not acts:
+            raise RuntimeError(f"scene3d {name}: expected model subcommands to extend")
+        return acts[0]
+    return sub.add_parser(name, help=help).add_subparsers(dest="model", required=True, metavar="MODEL")
+
+
+def _add_eval(sub) -> None:
+    if "eval" in sub.choices:  # GQN's eval: hand our runs to cmd_eval, the rest to it
+        p = sub.choices["eval"]
+        previous = p.get_default("func")
+        p.set_defaults(func=lambda a: cmd_eval(a) if _is_ae(a.run) else previous(a))
+        if not any("--queries" in x.option_strings for x in p._actions):
+            p.add_argument("--queries", type=int, default=5, help="autoencoders: query views per scene")
+        return
+    p = sub.add_parser("eval", help="image and 3D metrics of a run on held-out scenes")
+    p.add_argument("run")
+    p.add_argument("--data", required=True)
+    p.add_argument("--contexts", type=int, nargs="+", default=[1, 3])
+    p.add_argument("--queries", type=int, default=5)
+    p.add_argument("--scenes", type=int, default=None, help="evaluate the first N scenes only")
+    p.set_defaults(func=cmd_eval)
+
+
+def _is_ae(run) -> bool:
+    from scene3d.ae_eval import is_ae_run
+
+    return is_ae_run(run)
+
+
+def _train_args(p, kind: str) -> None:
+    p.add_argument("--data", required=True, help="dataset folder (scene3d data)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--contexts", type=int, nargs="+", default=[1, 2, 3], help="k drawn from these per step")
+    p.add_argument("--queries", type=int, default=2)
+    p.add_argument("--minutes", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default={"voxel": 16, "mesh": 8, "nerf": 8}[kind])
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--image-size", type=int, default=32, help="views are box-filtered to this size")
+    p.add_argument("--latent", type=int, default=128)
+    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--sigma", type=float, default=0.1, help="pixel noise std")
+    p.add_argument("--rays", type=int, default=512, help="NeRF: rays per scene per step")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--device", default="auto")
+
+
+# ----------------------------------------------------------------------- train
+def cmd_train(a) -> int:
+    from scene3d.ae_eval import data_box
+    from scene3d.autoencoders import AEConfig, SceneAE
+    from scene3d.data import MultiViewDataset
+    from scene3d.trainer import TrainConfig, Trainer
+
+    data = MultiViewDataset.load(a.data)
+    lo, hi = data_box(data)
+    cfg = AEConfig(kind=a.kind, latent_dim=a.latent, image_size=a.image_size, contexts=tuple(a.contexts),
+                   queries=a.queries, sigma=a.sigma, beta=a.beta, rays=a.rays, lo=lo, hi=hi,
+                   background=tuple(data.background or (0.0, 0.0, 0.0)))
+    if max(cfg.contexts) + cfg.queries > data.views:
+        raise UserError(f"--contexts/--queries: {max(cfg.contexts)} + {cfg.queries} views exceed the "
+                        f"data's {data.views}")
+    tc = TrainConfig(out=a.out, minutes=a.minutes, steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
+                     lr=a.lr, seed=a.seed, resume=a.resume, device=a.device, ckpt_every=200)
+    settings = {"ae": asdict(cfg), "per_scene": False, "data": str(Path(a.data).resolve())}
+    summary = Trainer(SceneAE(cfg), data, tc, settings=settings).fit()
+    print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
+    return 0
+
+
+# ------------------------------------------------------------------------- fit
+def _nerf_root(path: str) -> Path:
+    p = Path(path)
+    return p.parent if p.is_file() else p
+
+
+def cmd_fit(a) -> int:
+    from scene3d.autoencoders import AEConfig, SceneAE, SceneViews
+    from scene3d.data import load_nerf_folder
+    from scene3d.trainer import TrainConfig, Trainer
+
+    root = _nerf_root(a.data)
+    train = load_nerf_folder(root, "train", background=tuple(a.background))
+    test = load_nerf_folder(root, "test", background=tuple(a.background))
+    H = train.image_size[0]
+    lr = a.lr or {"nerf": 5e-4, "voxel": 5e-2, "mesh": 1e-3}[a.kind]
+    cfg = AEConfig(kind=a.kind, image_size=H, rays=a.rays, lo=a.box[0], hi=a.box[1], background=tuple(a.background),
+                   contexts=(1,), queries=1)
+    model = SceneAE(cfg, per_scene=True)
+    views = SceneViews(train, 0)
+    settings = {"ae": asdict(cfg), "per_scene": True, "data": str(root.resolve())}
+    budgets = a.eval_at or [a.minutes]
+    if budgets == [None] and a.steps is None:
+        raise UserError("give a budget: --minutes, --steps or --eval-at")
+    results, resume = [], a.resume
+    for minutes in budgets:
+        tc = TrainConfig(out=a.out, minutes=minutes, steps=a.steps, batch_size=min(a.batch_size, len(views)), lr=lr,
+                         seed=a.seed, resume=resume, device=a.device, ckpt_every=100, log_every=5)
+        summary = Trainer(model, views, tc, settings=settings).fit()
+        resume = True
+        row = {"minutes": summary["elapsed_s"] / 60, "steps": summary["step"],
+               "iterations_per_s": summary["step"] / max(summary["elapsed_s"], 1e-9),
+               **test_scores(model, test)}
+        results.append(row)
+        print(json.dumps(row), flush=True)
+    atomic_write(Path(a.out) / "metrics.json", json.dumps({"test": results, "test_views": test.views}, indent=2))
+    return 0
+
+
+def test_scores(model, test) -> dict:
+    """PSNR / masked PSNR / SSIM of a per-scene model on the test views of ``test`` (one scene)."""
+    import torch
+
+    from scene3d.ae_eval import image_metrics, scene_views
+
+    model.eval()
+    imgs, cams = scene_views(test, 0, test.image_size[0])
+    with torch.no_grad():
+        pred = torch.cat([model.render(model.decoder(None), cams[i:i + 4], len(cams[i:i + 4]))
+                          for i in range(0, len(cams), 4)]).clamp(0, 1)
+    model.train()
+    return image_metrics(pred, imgs[0], model.cfg.background)
+
+
+# ---------------------------------------------------------------- export / view
+def _state(a):
+    from scene3d.ae_eval import decode_scene, load_run
+    from scene3d.data import MultiViewDataset
+
+    model, settings = load_run(a.run if hasattr(a, "run") else a.target)
+    data = None
+    if not model.per_scene:
+        data = MultiViewDataset.load(a.data or settings["data"])
+    return model, decode_scene(model, data, a.scene, a.contexts)
+
+
+def cmd_export(a) -> int:
+    from scene3d.ae_eval import surface
+    from scene3d.export import write_mesh, write_points
+
+    model, state = _state(a)
+    verts, faces, colors = surface(model, state, a.level)
+    if a.points:
+        write_points(a.out, verts, colors)
+    else:
+        write_mesh(a.out, verts, faces, colors)
+    print(f"wrote {a.out}: {len(verts)} vertices, {len(faces)} faces")
+    return 0
+
+
+def cmd_view(a) -> int:
+    from scene3d.export import mesh_to_open3d, read_geometry
+    from scene3d.viz import show, snapshot
+
+    target = Path(a.target)
+    if target.is_dir():
+        from scene3d.ae_eval import surface
+
+        model, state = _state(a)
+        verts, faces, colors = surface(model, state)
+        if len(faces) == 0:
+            raise UserError(f"{target}: scene {a.scene} has no surface at the default density level")
+        geom = mesh_to_open3d(verts, faces, colors)
+    else:
+        geom = read_geometry(target)
+    if a.out:
+        snapshot([geom], a.out, size=(a.size, a.size))
+        print(f"wrote {a.out}")
+    else:
+        show([geom], title=str(target))
+    return 0
+
+
+def cmd_render(a) -> int:
+    from PIL import Image
+
+    from scene3d.ae_eval import render_turntable, turntable_cameras
+
+    model, state = _state(a)
+    size = a.size or model.cfg.image_size
+    distance = 2.0 * (model.cfg.hi - model.cfg.lo) / 2 * 1.0  # the box's corners stay in view at fov 45°
+    cams = turntable_cameras(a.frames, size, distance=distance, fov=0.785)
+    frames = render_turntable(model, state, cams)
+    with atomic_path(a.out) as tmp:
+        imgs = [Image.fromarray(f) for f in frames]
+        imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=80, loop=0)
+    print(f"wrote {a.out}: {len(frames)} frames of {size}x{size}")
+    return 0
+
+
+# ------------------------------------------------------------------------ eval
+def cmd_eval(a) -> int:
+    from scene3d.ae_eval import evaluate, load_run
+    from scene3d.data import MultiViewDataset
+
+    model, _ = load_run(a.run)
+    data = MultiViewDataset.load(a.data)
+    t0 = time.time()
+    res = evaluate(model, data, a.data, tuple(a.contexts), getattr(a, "queries", 5), getattr(a, "scenes", None))
+    res["eval_seconds"] = time.time() - t0
+    atomic_write(Path(a.run) / "metrics.json", json.dumps(res, indent=2))
+    print(format_table({model.kind: res}))
+    return 0
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """One row per (model, k): PSNR, masked PSNR, SSIM, IoU, Chamfer; plus visual-hull rows."""
+    cols = ("psnr", "masked_psnr", "ssim", "iou", "chamfer")
+    lines = [f"{'model':10s} {'k':>2s} " + " ".join(f"{c:>11s}" for c in cols)]
+    for name, res in results.items():
+        for k, row in res.items():
+            if not k.isdigit():
+                continue
+            vals = " ".join(f"{row[c]:11.4f}" if c in row else f"{'-':>11s}" for c in cols)
+            lines.append(f"{name:10s} {k:>2s} {vals}")
+        if "visual_hull_3_views" in res:
+            lines.append(f"{'vis.hull':10s} {'3':>2s} " + " ".join(
+                f"{res['visual_hull_3_views']['iou']:11.4f}" if c == "iou" else f"{'-':>11s}" for c in cols))
+    return "\n".join(lines)
