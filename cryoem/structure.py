@@ -23,6 +23,8 @@ plus the single-Gaussian carbon variance and ``B``.
 
 from __future__ import annotations
 
+import gzip
+import io
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -34,8 +36,8 @@ from torch import Tensor
 
 from scene3d.runinfo import UserError, atomic_write
 
-__all__ = ["Structure", "read_structure", "write_pdb", "write_cif", "scattering_gaussians", "bonded_pairs",
-           "kabsch", "superpose", "rmsd", "match_atoms", "PENG_1996"]
+__all__ = ["Structure", "read_structure", "example_structure", "write_pdb", "write_cif", "scattering_gaussians",
+           "bonded_pairs", "kabsch", "superpose", "rmsd", "match_atoms", "PENG_1996"]
 
 # Peng et al. 1996, Table 1: element -> (a_1..a_5 [Å], b_1..b_5 [Å^2])
 PENG_1996: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -177,8 +179,21 @@ def _element_of(atom) -> str:
     return el
 
 
+EXAMPLES = Path(__file__).resolve().parent / "data"  # 1ubi, 2k39_ca_ensemble, 3o21, 6flr (.pdb.gz)
+
+
+def example_structure(name: str) -> Path:
+    """Path of a bundled example model, e.g. ``example_structure("3o21")`` (see cryoem/data/README.md)."""
+    path = EXAMPLES / f"{name}.pdb.gz"
+    if not path.is_file():
+        have = sorted(p.name.split(".")[0] for p in EXAMPLES.glob("*.pdb.gz"))
+        raise UserError(f"no bundled structure {name!r}; have {have}")
+    return path
+
+
 def read_structure(path: str | Path, models: str = "all") -> Structure:
-    """Read a PDB (``.pdb``/``.ent``) or mmCIF (``.cif``) file; every model becomes one ensemble member.
+    """Read a PDB (``.pdb``/``.ent``) or mmCIF (``.cif``) file, optionally gzipped (``.gz``);
+    every model becomes one ensemble member.
 
     Alternate locations keep biopython's choice (highest occupancy). Models must hold the same
     atoms; a model with a different atom list raises ``UserError``. ``models="first"`` keeps one.
@@ -189,13 +204,16 @@ def read_structure(path: str | Path, models: str = "all") -> Structure:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: structure file not found")
-    parser = MMCIFParser(QUIET=True) if path.suffix.lower() in (".cif", ".mmcif") else PDBParser(QUIET=True)
+    gz = path.suffix.lower() == ".gz"
+    is_cif = (path.with_suffix("") if gz else path).suffix.lower() in (".cif", ".mmcif")
+    parser = MMCIFParser(QUIET=True) if is_cif else PDBParser(QUIET=True)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            st = parser.get_structure(path.stem, str(path))
-    except (PDBConstructionException, ValueError, KeyError, IndexError) as e:
-        kind = "mmCIF" if path.suffix.lower() == ".cif" else "PDB"
+            source = io.StringIO(gzip.decompress(path.read_bytes()).decode()) if gz else str(path)
+            st = parser.get_structure(path.stem, source)
+    except (PDBConstructionException, ValueError, KeyError, IndexError, OSError, EOFError, UnicodeDecodeError) as e:
+        kind = "mmCIF" if is_cif else "PDB"
         raise UserError(f"{path}: cannot parse as {kind} ({' '.join(str(e).split())[:300]})") from e
     all_models = list(st)
     if not all_models or not any(True for _ in all_models[0].get_atoms()):

@@ -139,3 +139,12 @@ def test_match_atoms_by_chain_residue_name(ubi):
                       np.array(["Z"]))
     with pytest.raises(UserError, match="no atoms match"):
         match_atoms(a, other)
+
+
+def test_bundled_gzipped_examples_read():
+    from cryoem.structure import example_structure
+
+    s = read_structure(example_structure("1ubi"))
+    assert s.n_atoms == 683 and s.select("heavy").n_atoms == 602
+    with pytest.raises(UserError, match="no bundled structure"):
+        example_structure("nope")
