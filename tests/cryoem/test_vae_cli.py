@@ -1,0 +1,97 @@
+"""The atom-VAE command line end to end on a tiny simulation, and its one-line errors."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+BIN = Path(sys.executable).parent
+
+
+def cryoem(*args, cwd=None):
+    return subprocess.run([BIN / "cryoem", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sim")
+    r = cryoem("simulate", "--structure", DATA / "1ubi.pdb", "--select", "ca", "--n", 48, "--box", 32,
+               "--apix", 2.5, "--snr", 1.0, "--seed", 3, "--quiet", "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(sim, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "run"
+    r = cryoem("train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms", "ca",
+               "--center", "none", "--zdim", 2, "--steps", 4, "--batch-size", 16, "--out", out)
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_train_writes_the_run_record(run):
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["settings"]["model"]["zdim"] == 2 and cfg["versions"]["torch"].startswith("2.12")
+    log = (run / "train_log.csv").read_text().splitlines()
+    for term in ("rec", "kl", "bond", "local", "clash"):
+        assert term in log[0]
+    assert (run / "checkpoint.pt").is_file()
+
+
+def test_analyze_decode_view(run, sim, tmp_path):
+    r = cryoem("analyze", run, "--k", 2, "--color", f"{sim / 'ground_truth.npz'}:model_index")
+    assert r.returncode == 0, r.stderr
+    a = run / "analysis"
+    z = np.load(a / "latents.npy")
+    assert z.shape == (48, 2)
+    html = (a / "index.html").read_text()
+    for name in ("pca.png", "tsne.png", "rmsf.png", "kmeans.png", "pc1.gif", "kmeans.pdb", "pc1.pdb"):
+        assert (a / name).is_file() and name in html
+    assert (a / "kmeans_00.mrc").is_file() and (a / "pc2_09.mrc").is_file()
+    np.save(tmp_path / "z.npy", z[:3])
+    r = cryoem("decode", run, "--z", tmp_path / "z.npy", "--out", tmp_path / "m.pdb")
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "m.pdb").read_text()
+    assert text.count("ENDMDL") == 3 and text.count(" CA ") == 3 * 76
+    r = cryoem("view", tmp_path / "m.pdb", "--color", "displacement", "--out", tmp_path / "v.png")
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+
+    img = np.asarray(Image.open(tmp_path / "v.png")).astype(int)
+    assert img.shape[1] == 3 * img.shape[0]  # a strip of three models
+    assert (np.abs(img - 255).sum(-1) > 60).mean() > 0.02  # something was drawn
+
+
+def test_model_outside_box_is_a_clear_error(sim, tmp_path):
+    r = cryoem("train", "--particles", sim / "particles.star", "--structure", DATA / "1ubi.pdb", "--atoms", "ca",
+               "--center", "map", "--steps", 1, "--out", tmp_path / "r")
+    assert r.returncode == 2
+    assert "box" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_missing_poses_is_a_clear_error(sim, tmp_path):
+    import starfile
+
+    blocks = starfile.read(sim / "particles.star")
+    parts = blocks["particles"].drop(columns=["rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"])
+    starfile.write({"optics": blocks["optics"], "particles": parts}, tmp_path / "noposes.star")
+    (tmp_path / "particles.mrcs").symlink_to(sim / "particles.mrcs")
+    r = cryoem("train", "--particles", tmp_path / "noposes.star", "--structure", sim / "gt_models.pdb",
+               "--atoms", "ca", "--center", "none", "--steps", 1, "--out", tmp_path / "r")
+    assert r.returncode == 2
+    assert "no poses" in r.stderr and "--infer-poses" in r.stderr
+
+
+def test_unmatched_atoms_is_a_clear_error(run, tmp_path):
+    from cryoem.evaluate import matched
+    from cryoem.structure import read_structure
+    from scene3d.runinfo import UserError
+
+    s = read_structure(DATA / "1ubi.pdb").select("ca")
+    with pytest.raises(UserError, match="not all matched"):
+        matched(s, s.subset(np.arange(70)))
