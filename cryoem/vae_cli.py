@@ -19,6 +19,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--structure", required=True, help="starting model .pdb / .cif")
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--zdim", type=int, default=8)
+    p.add_argument("--enc-width", type=int, default=32, help="channels of the encoder's first stage")
+    p.add_argument("--dec-hidden", type=int, default=256, help="width of the decoder MLP")
     p.add_argument("--atoms", choices=["heavy", "backbone", "ca"], default="backbone")
     p.add_argument("--center", choices=["centroid", "map", "none"], default="centroid",
                    help="centroid: the model's centroid sits at the box centre; map: the model was fitted in a "
@@ -81,7 +83,8 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise UserError("--infer-poses is not available yet; give consensus poses in the metadata")
     spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.chains,
                     a.lazy)
-    cfg = AtomVAEConfig(zdim=a.zdim, beta=a.beta, likelihood=a.likelihood, w_bond=a.w_bond, w_local=a.w_local,
+    cfg = AtomVAEConfig(zdim=a.zdim, enc_width=a.enc_width, dec_hidden=a.dec_hidden, beta=a.beta,
+                        likelihood=a.likelihood, w_bond=a.w_bond, w_local=a.w_local,
                         w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
                         infer_poses=a.infer_poses)
     tcfg = TrainConfig(out=a.out, epochs=a.epochs, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size,
