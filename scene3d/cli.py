@@ -22,7 +22,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 def _train_config(args: argparse.Namespace):
     from scene3d.trainer import TrainConfig
 
-    return TrainConfig(out=args.out, epochs=args.epochs, steps=args.steps, minutes=args.minutes,
+    return TrainConfig(out=args.out, epochs=args.epochs, steps=args.train_steps, minutes=args.minutes,
                        batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, lr_final=args.lr_final,
                        lr_anneal_steps=args.lr_anneal_steps, grad_clip=args.grad_clip or None, seed=args.seed,
                        ckpt_every=args.ckpt_every, resume=args.resume, device=args.device, progress=not args.quiet)
@@ -42,6 +42,8 @@ def cmd_train_gqn(args: argparse.Namespace) -> int:
     if data.views < 2:
         raise UserError(f"{args.data}: scenes have {data.views} view(s); GQN needs at least 2")
     gcfg = GQNConfig(**{f.name: getattr(args, f.name) for f in fields(GQNConfig) if hasattr(args, f.name)})
+    if args.train_steps is None and args.epochs is None and args.minutes is None:
+        raise UserError("give a training budget: --minutes, --steps or --epochs")
     if gcfg.image_size != data.image_size[0] or data.image_size[0] != data.image_size[1]:
         raise UserError(f"--image-size {gcfg.image_size}: the data in {args.data} has images of "
                         f"{data.image_size[0]}x{data.image_size[1]} (pass --image-size {data.image_size[0]})")
@@ -119,7 +121,7 @@ def _add_train(sub) -> None:
     g.add_argument("--out", required=True, help="run folder")
     budget = g.add_argument_group("budget (first reached stops)")
     budget.add_argument("--minutes", type=float, default=None)
-    budget.add_argument("--steps", type=int, default=None, help="optimisation steps")
+    budget.add_argument("--steps", dest="train_steps", type=int, default=None, help="optimisation steps")
     budget.add_argument("--epochs", type=int, default=None)
     opt = g.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, default=32)

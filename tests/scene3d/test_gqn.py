@@ -1,0 +1,97 @@
+"""GQN: representation networks, the annealed ELBO, data/model checks, and the CLI end to end."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from scene3d.cli import main
+from scene3d.gqn import GQN, GQNConfig, Pool, Pyramid, Tower
+from scene3d.gqn_eval import nearest_context
+from scene3d.runinfo import UserError
+
+TINY = dict(image_size=16, r_channels=8, hidden=8, z_channels=2, canvas_channels=8, steps=2, kernel=3,
+            sigma_anneal_steps=10, max_contexts=3)
+
+
+@pytest.mark.parametrize("net, shape", [(Tower, (2, 16, 8, 8)), (Pool, (2, 16, 1, 1))])
+def test_tower_and_pool_shapes(net, shape):
+    assert net(3, 16)(torch.rand(2, 3, 32, 32), torch.randn(2, 7)).shape == shape
+
+
+@pytest.mark.parametrize("size", [32, 64])
+def test_pyramid_shape(size):
+    assert Pyramid(3, 16, 7, size)(torch.rand(2, 3, size, size), torch.randn(2, 7)).shape == (2, 16, 1, 1)
+
+
+def fake_batch(B=3, V=4, S=16):
+    from renderers.cameras import look_at
+
+    eye = torch.randn(B * V, 3) * 3
+    R, t = look_at(eye, torch.zeros(B * V, 3), up=(0.0, 0.0, 1.0))
+    return {"images": torch.rand(B, V, 3, S, S), "R": R.view(B, V, 3, 3), "t": t.view(B, V, 3),
+            "focal": torch.full((B, V, 2), 20.0), "principal": torch.full((B, V, 2), S / 2)}
+
+
+@pytest.mark.parametrize("rep", ["pool", "tower", "pyramid"])
+def test_loss_terms_and_sigma_annealing(rep):
+    torch.manual_seed(0)
+    model = GQN(GQNConfig(representation=rep, **TINY))
+    out = model.loss(fake_batch(), step=0)
+    assert {"loss", "kl", "mse", "sigma", "bits_per_dim"} <= set(out) and out["loss"].requires_grad
+    out["loss"].backward()
+    assert model.sigma(0) == 2.0 and model.sigma(5) == pytest.approx(1.35) and model.sigma(100) == 0.7
+
+
+def test_check_batch_names_the_mismatch():
+    model = GQN(GQNConfig(**TINY))
+    with pytest.raises(UserError, match=r"\(3, 16, 16\)"):
+        model.check_batch(fake_batch(S=32))
+    with pytest.raises(UserError, match="at least 2"):
+        model.check_batch(fake_batch(V=1))
+
+
+def test_nearest_context_by_direction():
+    eye = torch.eye(3)[None].clone()  # contexts along +x, +y, +z
+    from renderers.cameras import look_at
+
+    R, _ = look_at(torch.tensor([[4.0, 0, 0], [0, 4.0, 0], [0, 0.1, 4.0], [3.0, 0.5, 0]]), torch.zeros(4, 3),
+                   up=(0.0, 0.0, 1.0))
+    assert eye.shape == (1, 3, 3)
+    assert nearest_context(R[None, :3], R[3:]).item() == 0
+
+
+def test_cli_data_train_eval_probe(tmp_path, capsys):
+    d, run = tmp_path / "sm", tmp_path / "run"
+    assert main(["data", "shepard-metzler", "--scenes", "12", "--views", "4", "--size", "16", "--out", str(d),
+                 "--renderer", "pytorch3d", "--quiet"]) == 0
+    args = ["train", "gqn", "--data", str(d), "--out", str(run), "--steps", "4", "--batch-size", "4", "--quiet",
+            "--image-size", "16", "--r-channels", "8", "--hidden", "8", "--canvas-channels", "8", "--gen-steps", "2",
+            "--max-contexts", "3"]
+    assert main(args) == 0
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["settings"]["gqn"]["steps"] == 2 and cfg["settings"]["train"]["steps"] == 4
+    assert main(args) == 2  # the run exists: needs --resume
+    wrong = [a if a != "16" else "32" for a in args]
+    wrong[wrong.index(str(run))] = str(tmp_path / "run2")
+    assert main(wrong) == 2  # data / model image size disagree
+    assert main(["eval", str(run), "--data", str(d), "--contexts", "1", "3"]) == 0
+    m = json.loads((run / "metrics.json").read_text())["metrics"]
+    assert set(m) == {"1", "3"} and {"gqn", "mean_image", "nearest_context"} == set(m["3"])
+    assert {"mse", "psnr", "masked_psnr", "ssim", "elbo_bits_per_dim"} <= set(m["3"]["gqn"])
+    assert (run / "samples.png").is_file()
+    assert main(["eval", str(run), "--data", str(d), "--contexts", "4"]) == 2  # needs a query view
+    assert main(["probe", str(run), "--data", str(d), "--contexts", "3"]) == 0
+    p = json.loads((run / "probe.json").read_text())["probes"]
+    assert "first_cube_color" in p and np.isfinite(p["first_cube_color"]["r"])
+    assert "n_cubes" not in p  # constant in this data set
+    assert main(["eval", str(tmp_path / "nothing"), "--data", str(d)]) == 2
+
+
+def test_cli_help_lists_subcommands():
+    out = subprocess.run([sys.executable, "-m", "scene3d.cli", "train", "gqn", "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "--minutes" in out.stdout and "--representation" in out.stdout
