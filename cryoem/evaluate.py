@@ -44,9 +44,20 @@ def matched(model_structure: Structure, ends: Structure) -> tuple[np.ndarray, np
     return ia, ib
 
 
+def truth_map(sim_dir: Path, ends: Structure, t: float, box: int, apix: float) -> np.ndarray:
+    """The true map at morph coordinate ``t``: the simulation's atoms and Gaussians (its B-factor), box-centred."""
+    from cryoem.structure import scattering_gaussians
+
+    cfg = json.loads((sim_dir / "config.json").read_text()).get("settings", {})
+    _, amp, sig = scattering_gaussians(ends, bfactor=float(cfg.get("bfactor", 30.0)))
+    coords = (1 - t) * ends.coords[0] + t * ends.coords[1]
+    return map_of(coords, torch.as_tensor(amp, dtype=torch.float32), torch.as_tensor(sig, dtype=torch.float32),
+                  box, apix, np.zeros(3))
+
+
 def map_of(coords: np.ndarray, amplitudes: torch.Tensor, sigmas: torch.Tensor, box: int, apix: float,
            centre: np.ndarray) -> np.ndarray:
-    """Density map (box³) of coordinates (N, 3) Å around ``centre``."""
+    """Density map (box³) of coordinates (N, 3) Å; ``centre`` sits at voxel box // 2."""
     c = torch.as_tensor(coords - centre, dtype=torch.float32)
     return gaussian_density_map(c, amplitudes, sigmas, box, apix).numpy()
 
@@ -76,10 +87,10 @@ def evaluate(model, rec: dict, structure: Structure, latents: np.ndarray, sim_di
         r_dec = float(rmsd(torch.as_tensor(dec[ca]), torch.as_tensor(true[ca])))
         r_start = float(rmsd(torch.as_tensor(start[ca]), torch.as_tensor(true[ca])))
         row = {"decile": d, "n": int(sel.sum()), "t_mean": tm, "rmsd_decoded_A": r_dec, "rmsd_start_A": r_start}
-        if decoded_maps:
-            amp, sig = model.amplitudes[ia].cpu(), model.sigmas[ia].cpu()
-            m_true = map_of(true, amp, sig, model.box, model.apix, offset)
-            m_dec = map_of(dec, amp, sig, model.box, model.apix, offset)
+        if decoded_maps:  # decoded atoms with the model's Gaussians vs the simulation's own map
+            m_true = truth_map(sim_dir, ends, tm, model.box, model.apix)
+            full = decode(model, latents[sel].mean(0, keepdims=True), np.zeros(3))[0]
+            m_dec = map_of(full, model.amplitudes.cpu(), model.sigmas.cpu(), model.box, model.apix, np.zeros(3))
             rep = fsc_report(m_dec, m_true, model.apix)
             row.update({f"map_{k}": float(rep[k]) for k in ("res_0.5", "res_0.143", "au_fsc", "map_corr")})
         rows.append(row)
