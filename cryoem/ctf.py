@@ -108,17 +108,22 @@ def fft_frequencies(box: int, pixel_size: float, rfft: bool = True, dtype=torch.
 def ctf_at(params: CTFParams, kx: Tensor, ky: Tensor) -> Tensor:
     """CTF of B particles at frequencies ``kx, ky`` (1/Å, any broadcastable shape S): (B, *S) float64."""
     kx, ky = (torch.as_tensor(k, dtype=torch.float64) for k in (kx, ky))
-    p = {f: getattr(params, f).to(device=kx.device, dtype=torch.float64).reshape(-1, *([1] * kx.dim()))
-         for f in CTF_FIELDS}
-    lam = wavelength(p["voltage"]).to(kx.device)
+    kx, ky = torch.broadcast_tensors(kx, ky)
     k2 = kx**2 + ky**2
-    ang = torch.atan2(ky, kx)
-    df = 0.5 * (p["defocus_u"] + p["defocus_v"]) + 0.5 * (p["defocus_u"] - p["defocus_v"]) * torch.cos(
-        2 * (ang - p["angle"]))
+    safe = torch.where(k2 > 0, k2, torch.ones_like(k2))
+    cos2, sin2 = (kx**2 - ky**2) / safe, 2 * kx * ky / safe  # cos, sin of 2 atan2(ky, kx)
+    shape = (-1,) + (1,) * k2.dim()
+    p = {f: getattr(params, f).to(device=k2.device, dtype=torch.float64).reshape(shape) for f in CTF_FIELDS}
+    lam = wavelength(p["voltage"]).to(k2.device)
+    mean, dev = 0.5 * (p["defocus_u"] + p["defocus_v"]), 0.5 * (p["defocus_u"] - p["defocus_v"])
+    df = mean + dev * (cos2 * torch.cos(2 * p["angle"]) + sin2 * torch.sin(2 * p["angle"]))
     w = p["amp_contrast"]
-    gamma = (-math.pi * lam * df * k2 + 0.5 * math.pi * (p["cs"] * 1e7) * lam**3 * k2**2
-             - p["phase_shift"] - torch.atan(w / torch.sqrt(1 - w**2)))
-    return -torch.sin(gamma) * torch.exp(-p["bfactor"] * k2 / 4) * p["scale"]
+    offset = p["phase_shift"] + torch.atan(w / torch.sqrt(1 - w**2))
+    gamma = k2 * (-math.pi * lam * df + 0.5 * math.pi * (p["cs"] * 1e7) * lam**3 * k2) - offset
+    ctf = -torch.sin(gamma)
+    if (params.bfactor != 0).any():
+        ctf = ctf * torch.exp(-p["bfactor"] * k2 / 4)
+    return ctf * p["scale"] if (params.scale != 1).any() else ctf
 
 
 def ctf_2d(params: CTFParams, box: int, pixel_size: float, rfft: bool = True, dtype=torch.float32,

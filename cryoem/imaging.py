@@ -21,7 +21,7 @@ import math
 import torch
 from torch import Tensor
 
-from cryoem.ctf import CTFParams, ctf_2d, fft_frequencies
+from cryoem.ctf import CTFParams, ctf_2d
 from renderers.cameras import Camera
 from renderers.gaussian import gaussian_projection
 
@@ -46,10 +46,17 @@ def project(coords: Tensor, amplitudes: Tensor, sigmas: Tensor, R: Tensor, pixel
 
 
 def shift_phase(shift_A: Tensor, box: int, pixel_size: float) -> Tensor:
-    """rfft2 phase ramp (B, box, box//2+1) complex that moves image content by ``shift_A`` (B, 2) Å."""
-    kx, ky = fft_frequencies(box, pixel_size, True, shift_A.dtype, shift_A.device)
-    arg = kx * shift_A[:, 0, None, None] + ky * shift_A[:, 1, None, None]
-    return torch.polar(torch.ones_like(arg), -2 * math.pi * arg)
+    """rfft2 phase ramp (B, box, box//2+1) complex that moves image content by ``shift_A`` (B, 2) Å.
+
+    Separable: ``exp(-2 pi i (kx sx + ky sy)) = exp(-2 pi i kx sx) exp(-2 pi i ky sy)``.
+    """
+    ky = torch.fft.fftfreq(box, d=pixel_size, dtype=shift_A.dtype, device=shift_A.device)
+    kx = torch.fft.rfftfreq(box, d=pixel_size, dtype=shift_A.dtype, device=shift_A.device)
+    ax = -2 * math.pi * kx * shift_A[:, :1]  # (B, box//2+1)
+    ay = -2 * math.pi * ky * shift_A[:, 1:]  # (B, box)
+    px = torch.polar(torch.ones_like(ax), ax)
+    py = torch.polar(torch.ones_like(ay), ay)
+    return py[:, :, None] * px[:, None, :]
 
 
 def fourier_filter(images: Tensor, pixel_size: float, shift_A: Tensor | None = None,
