@@ -42,6 +42,10 @@ def cmd_train_gqn(args: argparse.Namespace) -> int:
     if data.views < 2:
         raise UserError(f"{args.data}: scenes have {data.views} view(s); GQN needs at least 2")
     gcfg = GQNConfig(**{f.name: getattr(args, f.name) for f in fields(GQNConfig) if hasattr(args, f.name)})
+    if args.resume:  # the model is the one in the checkpoint, whatever the model flags say
+        from scene3d.trainer import load_checkpoint
+
+        gcfg = GQNConfig(**load_checkpoint(args.out)["settings"]["gqn"])
     if args.train_steps is None and args.epochs is None and args.minutes is None:
         raise UserError("give a training budget: --minutes, --steps or --epochs")
     if gcfg.image_size != data.image_size[0] or data.image_size[0] != data.image_size[1]:
@@ -123,19 +127,20 @@ def _add_train(sub) -> None:
     budget.add_argument("--minutes", type=float, default=None)
     budget.add_argument("--steps", dest="train_steps", type=int, default=None, help="optimisation steps")
     budget.add_argument("--epochs", type=int, default=None)
-    opt = g.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=int, default=32)
-    opt.add_argument("--lr", type=float, default=5e-4, help="initial learning rate (paper: 5e-4)")
-    opt.add_argument("--lr-final", type=float, default=5e-5, help="final learning rate (paper: 5e-5)")
+    opt = g.add_argument_group("optimisation (CPU defaults; the paper's values in brackets)")
+    opt.add_argument("--batch-size", type=int, default=16, help="[36]")
+    opt.add_argument("--lr", type=float, default=1e-3, help="initial learning rate [5e-4]")
+    opt.add_argument("--lr-final", type=float, default=1e-4, help="final learning rate [5e-5]")
     opt.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default="linear",
                      help="linear = the paper's annealing form")
-    opt.add_argument("--lr-anneal-steps", type=int, default=20_000, help="paper: 1.6e6")
+    opt.add_argument("--lr-anneal-steps", type=int, default=4500, help="[1.6e6]")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--ckpt-every", type=int, default=200, help="checkpoint interval in steps")
     opt.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
     opt.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    opt.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    opt.add_argument("--threads", type=int, default=0,
+                     help="torch CPU threads (0 = torch's default; 1 is much faster on a CPU shared with other jobs)")
     opt.add_argument("--quiet", action="store_true", help="no progress bar")
     d = GQNConfig()
     m = g.add_argument_group("model (CPU defaults; the paper's values in brackets)")
