@@ -40,9 +40,10 @@ class AtomVAEConfig:
 
     zdim: int = 8
     enc_width: int = 32
+    enc_downsample: int = 1  # the encoder sees images average-pooled by this factor
     dec_hidden: int = 256
     dec_layers: int = 3
-    beta: float = 1.0  # KL weight (beta-VAE)
+    beta: float | None = None  # KL weight (beta-VAE); None = 1 / zdim, cryoDRGN's default
     likelihood: str = "gaussian"  # gaussian | correlation
     w_bond: float = 1.0  # per Å² of bond-length change, times the number of pixels / 1000
     w_local: float = 1.0
@@ -96,7 +97,9 @@ class AtomVAE(nn.Module):
             raise UserError(f"--likelihood: expected gaussian or correlation, got {cfg.likelihood!r}")
         self.cfg, self.box, self.apix = cfg, int(box), float(apix)
         x0 = x0.float()
-        self.encoder = ConvEncoder(1, self.box, cfg.zdim, width=cfg.enc_width)
+        if cfg.enc_downsample < 1 or self.box % cfg.enc_downsample:
+            raise UserError(f"--enc-downsample {cfg.enc_downsample}: must divide the box size {self.box}")
+        self.encoder = ConvEncoder(1, self.box // cfg.enc_downsample, cfg.zdim, width=cfg.enc_width)
         self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers)
         self.register_buffer("amplitudes", amplitudes.float())
         self.register_buffer("sigmas", sigmas.float())
@@ -108,11 +111,14 @@ class AtomVAE(nn.Module):
         self.pose_delta = nn.Embedding(n_particles, 5) if cfg.refine_poses else None
         if self.pose_delta is not None:
             nn.init.zeros_(self.pose_delta.weight)
-        self.pose_net = ConvEncoder(1, self.box, 4, width=cfg.enc_width) if cfg.infer_poses else None
+        if cfg.infer_poses:
+            raise UserError("--infer-poses is not available yet; give consensus poses in the metadata")
 
     # ----------------------------------------------------------------- parts
     def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """(B, 1, D, D) images -> mu, logvar (B, zdim). Each image is standardised first."""
+        if self.cfg.enc_downsample > 1:
+            images = torch.nn.functional.avg_pool2d(images, self.cfg.enc_downsample)
         x = images - images.mean(dim=(1, 2, 3), keepdim=True)
         return self.encoder(x / x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8))
 
@@ -185,7 +191,8 @@ class AtomVAE(nn.Module):
         # prior weights are per Å² per 1000 pixels, so they keep their meaning across box sizes
         w = img.shape[-1] * img.shape[-2] / 1000
         c = self.cfg
-        total = rec + c.beta * kl + w * (c.w_bond * pri["bond"] + c.w_local * pri["local"] + c.w_clash * pri["clash"])
+        beta = 1.0 / c.zdim if c.beta is None else c.beta
+        total = rec + beta * kl + w * (c.w_bond * pri["bond"] + c.w_local * pri["local"] + c.w_clash * pri["clash"])
         return {"loss": total, "rec": rec, "kl": kl, **pri, "scale": torch.exp(self.log_scale).detach()}
 
     @torch.no_grad()

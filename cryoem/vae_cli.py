@@ -21,6 +21,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--zdim", type=int, default=8)
     p.add_argument("--enc-width", type=int, default=32, help="channels of the encoder's first stage")
     p.add_argument("--dec-hidden", type=int, default=256, help="width of the decoder MLP")
+    p.add_argument("--enc-downsample", type=int, default=1, help="the encoder sees images pooled by this factor")
     p.add_argument("--atoms", choices=["heavy", "backbone", "ca"], default="backbone")
     p.add_argument("--center", choices=["centroid", "map", "none"], default="centroid",
                    help="centroid: the model's centroid sits at the box centre; map: the model was fitted in a "
@@ -35,7 +36,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--steps", type=int, help="budget in optimisation steps")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--beta", type=float, default=1.0, help="KL weight")
+    p.add_argument("--beta", type=float, help="KL weight (default 1 / zdim, as cryoDRGN)")
     p.add_argument("--likelihood", choices=["gaussian", "correlation"], default="gaussian")
     p.add_argument("--w-bond", type=float, default=1.0)
     p.add_argument("--w-local", type=float, default=1.0)
@@ -79,11 +80,10 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     if a.epochs is None and a.minutes is None and a.steps is None:
         raise UserError("give a training budget: --epochs N, --minutes M or --steps S")
-    if a.infer_poses:
-        raise UserError("--infer-poses is not available yet; give consensus poses in the metadata")
     spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.chains,
                     a.lazy)
-    cfg = AtomVAEConfig(zdim=a.zdim, enc_width=a.enc_width, dec_hidden=a.dec_hidden, beta=a.beta,
+    cfg = AtomVAEConfig(zdim=a.zdim, enc_width=a.enc_width, enc_downsample=a.enc_downsample,
+                        dec_hidden=a.dec_hidden, beta=a.beta,
                         likelihood=a.likelihood, w_bond=a.w_bond, w_local=a.w_local,
                         w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
                         infer_poses=a.infer_poses)
