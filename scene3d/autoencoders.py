@@ -113,6 +113,9 @@ class ContextEncoder(nn.Module):
 class VoxelDecoder(nn.Module):
     """z (B, L) -> density (B, 1, G, G, G) in 1 / world units and colour (B, 3, G, G, G) over ``[lo, hi]^3``.
 
+    Amortised: a linear layer to ``width`` channels at (G/8)^3, then three stride-2 transposed 3D
+    convolutions (width / 2, width / 4, then the 4 output channels at G^3).
+
     ``latent_dim=0`` makes a free per-scene grid (B = 1). Densities are ``softplus`` of the network output
     times ``density_scale / cell``, so a raw value of ~1 makes a cell about opaque.
     """
@@ -128,12 +131,12 @@ class VoxelDecoder(nn.Module):
         self.cell = (hi - lo) / res
         self.density_scale, self.silhouette = density_scale, silhouette
         if latent_dim:
-            c = [width, width // 2, width // 4, width // 8]
+            c = [width, width // 2, width // 4]
             self.fc = nn.Linear(latent_dim, c[0] * (res // 8) ** 3)
             ups = []
             for a, b in zip(c[:-1], c[1:]):
                 ups += [nn.ConvTranspose3d(a, b, 4, 2, 1), nn.ReLU()]
-            self.up = nn.Sequential(*ups, nn.Conv3d(c[-1], 4, 3, 1, 1))
+            self.up = nn.Sequential(*ups, nn.ConvTranspose3d(c[-1], 4, 4, 2, 1))  # the last one is the output
             self.c0 = c[0]
         else:
             self.grid = nn.Parameter(torch.cat([torch.zeros(1, 1, res, res, res),

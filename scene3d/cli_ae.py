@@ -190,15 +190,18 @@ def cmd_fit(a) -> int:
         resume = True
         row = {"minutes": summary["elapsed_s"] / 60, "steps": summary["step"],
                "iterations_per_s": summary["step"] / max(summary["elapsed_s"], 1e-9),
-               **test_scores(model, test)}
+               **test_scores(model, test, Path(a.out) / f"test_{minutes:g}min.png")}
         results.append(row)
         print(json.dumps(row), flush=True)
     atomic_write(Path(a.out) / "metrics.json", json.dumps({"test": results, "test_views": test.views}, indent=2))
     return 0
 
 
-def test_scores(model, test) -> dict:
-    """PSNR / masked PSNR / SSIM of a per-scene model on the test views of ``test`` (one scene)."""
+def test_scores(model, test, strip: Path | None = None) -> dict:
+    """PSNR / masked PSNR / SSIM of a per-scene model on the test views of ``test`` (one scene).
+
+    With ``strip``, also writes truth (top) over prediction (bottom) for the first 6 test views.
+    """
     import torch
 
     from scene3d.ae_eval import image_metrics, scene_views
@@ -209,7 +212,20 @@ def test_scores(model, test) -> dict:
         pred = torch.cat([model.render(model.decoder(None), cams[i:i + 4], len(cams[i:i + 4]))
                           for i in range(0, len(cams), 4)]).clamp(0, 1)
     model.train()
+    if strip is not None:
+        save_strip(pred[:6], imgs[0, :6], strip)
     return image_metrics(pred, imgs[0], model.cfg.background)
+
+
+def save_strip(pred, target, path: Path) -> None:
+    """Truth (top row) over prediction (bottom row), (N, 3, H, W) in [0, 1], as a PNG."""
+    import torch
+    from PIL import Image
+
+    rows = [torch.cat(list(x), -1) for x in (target, pred)]
+    img = (torch.cat(rows, -2).permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp)
 
 
 # ---------------------------------------------------------------- export / view
