@@ -145,7 +145,7 @@ def bench_mesh(repeats: int) -> None:
     with torch.no_grad():
         diff = (ours(verts, faces, cam)[:, 0] - p3d()).abs().max().item()
     record("mesh soft silhouette", f"B={B} {size}^2 {faces.shape[0]} faces {K} faces/px",
-           *compare(lambda: ours(verts, faces, cam), p3d, [verts], repeats, bwd_repeats=1),
+           *compare(lambda: ours(verts, faces, cam), p3d, [verts], repeats),
            "PyTorch3D rasterizer + SoftSilhouetteShader", f"max |diff| {diff:.1e}")
 
 

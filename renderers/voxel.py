@@ -8,7 +8,9 @@ world +X, H along +Y, D along +Z. The ``D x H x W`` cells tile the axis-aligned 
 (``grid_sample`` with ``align_corners=False``) and are interpolated trilinearly, clamped to the outer cells'
 values within the half-cell rim of the box, and zero outside the box. Rays are clipped to the box, so a
 constant grid integrates to exactly ``value x chord length`` and the integral of the field over the box is
-``sum(values) x cell volume``.
+``sum(values) x cell volume``. Maps centred cryo-EM style, with voxel ``n // 2`` on the origin (as
+``renderers.gaussian.gaussian_density_map`` writes them), tile the box centred at ``(n / 2 - n // 2 - 0.5) * voxel``
+on each axis: half a voxel below the origin for even ``n``.
 
 Volume rendering (Max 1995; Mildenhall et al. 2020, eq. 3)
 ---------------------------------------------------------
@@ -36,7 +38,8 @@ from torch import Tensor, nn
 from renderers._validate import check_tensor
 from renderers.cameras import Camera
 
-__all__ = ["VoxelRenderer", "sample_grid", "ray_box", "stratified_depths", "alpha_composite", "MODES"]
+__all__ = ["VoxelRenderer", "sample_grid", "ray_box", "stratified_depths", "alpha_composite", "emission_absorption",
+           "MODES"]
 
 MODES = ("emission_absorption", "absorption", "projection")
 
@@ -179,7 +182,8 @@ class VoxelRenderer(nn.Module):
         alpha: in emission-absorption mode, append the opacity as a last channel (RGBA-style).
 
     Perspective rays start at the camera centre (samples in front of it only); orthographic rays cover the
-    whole line through the box.
+    whole line through the box. Each ray's samples span its own segment inside the box, and rays that miss the
+    box are not marched (they show the background, or 0).
     """
 
     def __init__(self, mode: str = "emission_absorption", n_samples: int = 128,
