@@ -95,3 +95,16 @@ def test_unmatched_atoms_is_a_clear_error(run, tmp_path):
     s = read_structure(DATA / "1ubi.pdb").select("ca")
     with pytest.raises(UserError, match="not all matched"):
         matched(s, s.subset(np.arange(70)))
+
+
+def test_half_sets_report_per_residue_disagreement(sim, tmp_path):
+    out = tmp_path / "halves"
+    r = cryoem("train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms", "ca",
+               "--center", "none", "--zdim", 2, "--steps", 2, "--batch-size", 16, "--half-sets", "--out", out)
+    assert r.returncode == 0, r.stderr
+    subsets = [set(json.loads((out / h / "model.json").read_text())["subset"]) for h in ("half1", "half2")]
+    assert not subsets[0] & subsets[1] and len(subsets[0] | subsets[1]) == 48
+    r = cryoem("analyze", out, "--k", 2, "--no-snapshots")
+    assert r.returncode == 0, r.stderr
+    dis = np.load(out / "analysis" / "halfset_disagreement.npy")
+    assert dis.shape == (76,) and np.isfinite(dis).all() and dis.max() > 0
