@@ -248,11 +248,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m renderers.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (best of)")
     parser.add_argument("--only", default="voxel,mesh,nerf,gaussian", help="comma-separated cases")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (default: torch's choice); 1 is steadier on an oversubscribed machine")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     import pytorch3d
 
+    load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"torch {torch.__version__}, pytorch3d {pytorch3d.__version__}, {torch.get_num_threads()} threads, "
-          f"{os.cpu_count()} CPUs; float32 on CPU")
+          f"{os.cpu_count()} CPUs{load}; float32 on CPU")
     cases = {"voxel": bench_voxel, "mesh": bench_mesh, "nerf": bench_nerf, "gaussian": bench_gaussian}
     for name in args.only.split(","):
         if name not in cases:
