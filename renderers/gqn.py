@@ -8,7 +8,9 @@ Given a scene representation ``r`` and a query viewpoint ``v``, ConvDRAW draws a
   ``q(z_l | ...)``; ``z_l ~ q``. Test time: ``z_l ~ pi``;
 * the generator ConvLSTM reads ``(v, r, z_l)``; its hidden state ``h^g_l`` is upsampled by a
   learned transposed convolution and added to the canvas ``u``;
-* after ``L`` steps a 1x1 conv and a sigmoid map ``u`` to the image mean in [0, 1].
+* after ``L`` steps a 1x1 conv maps ``u`` to the image mean (linear, as in the paper; no
+  sigmoid, whose saturation towards a black background stalls training). Test-time images
+  are clamped to [0, 1].
 
 Shapes: images ``(B, C, H, W)`` with H = W divisible by ``scale``; the recurrent state lives
 at ``(H / scale, W / scale)``; ``v`` is ``(B, v_dim)`` (7 for GQN: ``x, y, z`` and the sines and
@@ -114,7 +116,7 @@ class ConvDRAW(nn.Module):
         Args:
             x: (B, C, H, W) query images in [0, 1]; v: (B, v_dim); r: (B, r_channels, h|1, w|1).
         Returns:
-            mean: (B, C, H, W) image mean in [0, 1].
+            mean: (B, C, H, W) image mean (unclamped).
             kl: (B, L) KL(q(z_l) || pi(z_l)) per step, nats summed over latent channels and pixels.
         """
         v, r = self._prepare(v, r, x)
@@ -131,7 +133,7 @@ class ConvDRAW(nn.Module):
             hg, cg = self._core(self.gen_cores, step)(torch.cat([v, r, z], 1), (hg, cg))
             u = u + self.write(hg)
             kls.append(kl_divergence(post, prior).sum((1, 2, 3)))
-        return torch.sigmoid(self.to_image(u)), torch.stack(kls, 1)
+        return self.to_image(u), torch.stack(kls, 1)
 
     @torch.no_grad()
     def sample(self, v: Tensor, r: Tensor, mean_latents: bool = False) -> Tensor:
@@ -143,4 +145,4 @@ class ConvDRAW(nn.Module):
             z = prior.mean if mean_latents else prior.sample()
             hg, cg = self._core(self.gen_cores, step)(torch.cat([v, r, z], 1), (hg, cg))
             u = u + self.write(hg)
-        return torch.sigmoid(self.to_image(u))
+        return self.to_image(u).clamp(0, 1)

@@ -30,6 +30,7 @@ def _train_config(args: argparse.Namespace):
 
 def cmd_train_gqn(args: argparse.Namespace) -> int:
     """Train a GQN on a multi-view dataset folder."""
+    import numpy as np
     import torch
 
     from scene3d.data import MultiViewDataset
@@ -42,6 +43,8 @@ def cmd_train_gqn(args: argparse.Namespace) -> int:
     if data.views < 2:
         raise UserError(f"{args.data}: scenes have {data.views} view(s); GQN needs at least 2")
     gcfg = GQNConfig(**{f.name: getattr(args, f.name) for f in fields(GQNConfig) if hasattr(args, f.name)})
+    centres = -np.einsum("nvji,nvj->nvi", data.R, data.t)  # camera centres -R^T t
+    gcfg.position_scale = float(1 / max(np.linalg.norm(centres, axis=-1).mean(), 1e-6))
     if args.resume:  # the model is the one in the checkpoint, whatever the model flags say
         from scene3d.trainer import load_checkpoint
 

@@ -53,6 +53,7 @@ class GQNConfig:
     sigma_anneal_steps: int = 2000
     max_contexts: int = 5
     v_dim: int = 7
+    position_scale: float = 1.0  # camera positions are multiplied by this (the CLI sets 1 / mean camera distance)
 
 
 # ------------------------------------------------------------ representations
@@ -112,12 +113,13 @@ def representation_net(cfg: GQNConfig) -> nn.Module:
 
 
 # ----------------------------------------------------------------------- GQN
-def viewpoints(batch: dict) -> Tensor:
-    """(B, V, 7) GQN viewpoint vectors of a collated multi-view batch."""
+def viewpoints(batch: dict, position_scale: float = 1.0) -> Tensor:
+    """(B, V, 7) GQN viewpoint vectors of a collated multi-view batch, positions times ``position_scale``."""
     B, V = batch["R"].shape[:2]
     H, W = batch["images"].shape[-2:]
     cams = Camera(*(batch[k].reshape(B * V, *batch[k].shape[2:]) for k in CAMERA_KEYS), (H, W))
-    return cams.to_gqn(order="deepmind").reshape(B, V, 7).to(batch["images"].dtype)
+    v = cams.to_gqn(order="deepmind").reshape(B, V, 7).to(batch["images"].dtype)
+    return torch.cat([v[..., :3] * position_scale, v[..., 3:]], -1)
 
 
 def gather_views(x: Tensor, idx: Tensor) -> Tensor:
@@ -163,7 +165,7 @@ class GQN(nn.Module):
 
         Returns ctx_x (B, k, C, H, W), ctx_v (B, k, 7), q_x (B, C, H, W), q_v (B, 7), ctx_idx, q_idx.
         """
-        x, v = batch["images"], viewpoints(batch)
+        x, v = batch["images"], viewpoints(batch, self.cfg.position_scale)
         B, V = x.shape[:2]
         perm = torch.rand(B, V, generator=generator).argsort(1).to(x.device)
         ctx, q = perm[:, :k], perm[:, k]

@@ -166,7 +166,7 @@ def scene_features(model: GQN, data: MultiViewDataset, contexts: int = 5, batch_
     """(N, D) frozen representations r from the first ``contexts`` views of each scene, flattened."""
     feats = []
     for batch in _batches(data, batch_size):
-        v = viewpoints(batch)
+        v = viewpoints(batch, model.cfg.position_scale)
         feats.append(model.represent(batch["images"][:, :contexts], v[:, :contexts]).flatten(1).numpy())
     return np.concatenate(feats)
 
