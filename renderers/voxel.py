@@ -113,10 +113,15 @@ def alpha_composite(sigma: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         weights: (..., S); opacity: (...,) ``1 - exp(-sum_k sigma_k delta_k)`` (= sum of the weights).
     """
+    weights, neg_acc = _weights(sigma, delta)
+    return weights, -torch.expm1(neg_acc[..., -1])
+
+
+def _weights(sigma: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Weights ``T_k alpha_k`` and the running ``-sum_{j<=k} tau_j``, computed without cancellation."""
     neg_tau = sigma * -delta
     neg_acc = torch.cumsum(neg_tau, -1)
-    weights = torch.exp(neg_acc - neg_tau) * -torch.expm1(neg_tau)
-    return weights, -torch.expm1(neg_acc[..., -1])
+    return torch.exp(neg_acc - neg_tau) * -torch.expm1(neg_tau), neg_acc
 
 
 class _EmissionAbsorption(torch.autograd.Function):
@@ -129,13 +134,11 @@ class _EmissionAbsorption(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sigma, colour, delta, background):
-        neg_tau = sigma * -delta
-        neg_acc = torch.cumsum(neg_tau, -1)
-        weights = torch.exp(neg_acc - neg_tau) * -torch.expm1(neg_tau)
+        weights, neg_acc = _weights(sigma, delta)
         t_next = torch.exp(neg_acc)  # transmittance after each sample
         rgb = torch.einsum("bcms,bms->bcm", colour, weights) + t_next[:, None, :, -1] * background[:, None]
         ctx.save_for_backward(sigma, colour, delta, background, weights, t_next)
-        return rgb, 1 - t_next[..., -1]
+        return rgb, -torch.expm1(neg_acc[..., -1])
 
     @staticmethod
     def backward(ctx, grad_rgb, grad_opacity):
