@@ -23,9 +23,9 @@ from torch import Tensor
 
 from cryoem.ctf import CTFParams, ctf_2d
 from renderers.cameras import Camera
-from renderers.gaussian import gaussian_projection
+from renderers.gaussian import gaussian_density_map, gaussian_projection
 
-__all__ = ["project", "shift_phase", "fourier_filter", "add_noise", "ImageFormation"]
+__all__ = ["project", "shift_phase", "fourier_filter", "add_noise", "ImageFormation", "structure_map"]
 
 
 def project(coords: Tensor, amplitudes: Tensor, sigmas: Tensor, R: Tensor, pixel_size: float, box: int,
@@ -108,3 +108,21 @@ class ImageFormation(torch.nn.Module):
         if shift_A is None and ctf is None:
             return img
         return fourier_filter(img, self.pixel_size, shift_A, ctf)
+
+
+def structure_map(structure, box: int, voxel_size: float, bfactor: float = 0.0, model: int = 0,
+                  center=None) -> tuple[Tensor, tuple[float, float, float]]:
+    """Density map (box^3, float32, Peng potential per Å^3) of one model of a ``cryoem.structure.Structure``.
+
+    The map is centred on ``center`` (x, y, z) Å (default: the model's centroid), placed at voxel
+    ``box // 2``. Returns the map (arrays indexed [z, y, x]) and the MRC origin (x, y, z) Å of voxel 0,
+    so ``cryoem.io.write_mrc(path, vol, voxel_size, origin)`` overlays the map on the model.
+    """
+    from cryoem.structure import scattering_gaussians
+
+    _, amp, sig = scattering_gaussians(structure, bfactor=bfactor)
+    xyz = torch.as_tensor(structure.coords[model], dtype=torch.float64)
+    c = xyz.mean(0) if center is None else torch.as_tensor(center, dtype=torch.float64)
+    vol = gaussian_density_map(xyz, torch.as_tensor(amp), torch.as_tensor(sig), box, voxel_size, center=c)
+    origin = tuple(float(v) for v in c - (box // 2) * voxel_size)
+    return vol.float(), origin

@@ -110,3 +110,21 @@ def test_image_formation_composes_the_parts_and_is_differentiable():
     out.square().sum().backward()
     assert torch.isfinite(xyz.grad).all() and xyz.grad.abs().sum() > 0
     assert np.isfinite(out.detach().numpy()).all()
+
+
+def test_structure_map_is_centred_and_carries_the_mrc_origin(tmp_path):
+    from cryoem.imaging import structure_map
+    from cryoem.io import read_mrc, write_mrc
+    from cryoem.structure import read_structure, scattering_gaussians
+
+    from .test_conventions import DATA
+
+    s = read_structure(DATA / "1ubi.pdb").select("heavy")
+    vol, origin = structure_map(s, 48, 1.5, bfactor=20.0)
+    _, amp, _ = scattering_gaussians(s)
+    assert float(vol.sum()) * 1.5**3 == pytest.approx(amp.sum(), rel=1e-3)
+    write_mrc(tmp_path / "u.mrc", vol.numpy(), 1.5, origin)
+    data, vs, o = read_mrc(tmp_path / "u.mrc")
+    z, y, x = np.meshgrid(*(np.arange(48),) * 3, indexing="ij")
+    com = np.array([(data * a).sum() for a in (x, y, z)]) / data.sum() * vs + o  # voxel centres at origin + i*vs
+    assert np.allclose(com, s.coords[0].mean(0), atol=0.5)
