@@ -57,12 +57,17 @@ def pixel_integrals(coord: Tensor, width: Tensor, n: int, tail: float | None = N
     Returns:
         (..., N, n) tensor; row sums are the fraction of mass inside ``[0, n)``.
     """
-    return 0.5 * _cdf_steps(coord, width, n, tail)
+    steps, lo = _cdf_steps(coord, width, n, tail)
+    return 0.5 * torch.nn.functional.pad(steps, (lo, n - lo - steps.shape[-1]))
 
 
 def _cdf_steps(coord: Tensor, width: Tensor, n: int, tail: float | None = None, weight: Tensor | None = None
-               ) -> Tensor:
-    """``erf`` differences across each cell, times ``weight`` (..., N): 2x :func:`pixel_integrals` if unweighted."""
+               ) -> tuple[Tensor, int]:
+    """``erf`` differences across cells ``[lo, lo + m)``, times ``weight`` (..., N); returns them and ``lo``.
+
+    Unweighted, that is 2x :func:`pixel_integrals` cropped to the cells that any window reaches
+    (the rest are zero), so callers can skip the empty border of the image.
+    """
     if tail is None:
         tail = 5.5 if coord.dtype in (torch.float32, torch.float16, torch.bfloat16) else 8.5
     inv = _SQRT1_2 / width
@@ -72,7 +77,7 @@ def _cdf_steps(coord: Tensor, width: Tensor, n: int, tail: float | None = None, 
     if 2 * K >= n:
         edges = torch.arange(n + 1, dtype=coord.dtype, device=coord.device)
         out = torch.diff(torch.special.erf((edges - coord[..., None]) * inv[..., None]), dim=-1)
-        return out if weight is None else out * weight[..., None]
+        return (out if weight is None else out * weight[..., None]), 0
     # a window of K cells around each centre, moved inside [0, n): cells outside the image carry no
     # mass that the image could show, so clamping keeps every in-image cell of the true window
     start = (torch.floor(coord.detach()) - half).clamp(0, n - K)
@@ -82,9 +87,10 @@ def _cdf_steps(coord: Tensor, width: Tensor, n: int, tail: float | None = None, 
     vals = torch.diff(cdf, dim=-1)  # (..., N, K)
     if weight is not None:
         vals = vals * weight[..., None]
-    idx = start.long()[..., None] + torch.arange(K, device=coord.device)
-    out = vals.new_zeros(*vals.shape[:-1], n)
-    return out.scatter(-1, idx, vals) if grad else out.scatter_(-1, idx, vals)
+    lo, hi = int(start.min()), int(start.max()) + K
+    idx = (start.long() - lo)[..., None] + torch.arange(K, device=coord.device)
+    out = vals.new_zeros(*vals.shape[:-1], hi - lo)
+    return (out.scatter(-1, idx, vals) if grad else out.scatter_(-1, idx, vals)), lo
 
 
 def _as_batched(name: str, x, B: int, N: int, like: Tensor) -> Tensor:
@@ -156,10 +162,13 @@ def _project_chunk(c: Tensor, a: Tensor, s: Tensor, camera: Camera) -> Tensor:
     H, W = camera.image_size
     view = torch.baddbmm(camera.t[:, None, :2], c, camera.R[:, :2].transpose(1, 2))  # (B, N, 2)
     uv = view * camera.focal[:, None] + camera.principal[:, None]
-    X = _cdf_steps(uv[..., 0], s * camera.focal[:, :1], W)  # (B, N, W), 2x the mass fractions
+    X, x0 = _cdf_steps(uv[..., 0], s * camera.focal[:, :1], W)  # (B, N, w <= W), 2x the mass fractions
     scale = 0.25 * a * (camera.focal[:, :1] * camera.focal[:, 1:])  # mass x pixels per unit area
-    Y = _cdf_steps(uv[..., 1], s * camera.focal[:, 1:], H, weight=scale)  # (B, N, H)
-    return torch.bmm(Y.transpose(1, 2), X)
+    Y, y0 = _cdf_steps(uv[..., 1], s * camera.focal[:, 1:], H, weight=scale)  # (B, N, h <= H)
+    img = torch.bmm(Y.transpose(1, 2), X)  # the block of the image that the Gaussians reach
+    if img.shape[1:] == (H, W):
+        return img
+    return torch.nn.functional.pad(img, (x0, W - x0 - img.shape[2], y0, H - y0 - img.shape[1]))
 
 
 def gaussian_density_map(centers: Tensor, amplitudes: Tensor | float, sigmas: Tensor | float,
