@@ -47,11 +47,12 @@ def make_model(x0, bonds, noise, **kw):
 def test_starts_at_starting_model_and_finds_scale():
     batch, u, x0, bonds = toy_data(n=32, swing=0.0, snr=1e4)
     model = make_model(x0, bonds, 1.0)
-    torch.testing.assert_close(model.decode(torch.randn(5, 1)), x0.expand(5, -1, -1))
+    torch.testing.assert_close(model.decode(torch.randn(5, 1)), x0.expand(5, -1, -1), atol=0.05, rtol=0)
     s = model.init_scale(batch)
     assert abs(s / 3.0 - 1) < 0.01  # the data are 3x the unit-mass images
     terms = model.loss(batch, 0)
-    assert terms["bond"].item() < 1e-10 and terms["clash"].item() < 1e-10
+    assert terms["bond"].item() < 1e-3 and terms["clash"].item() < 1e-3  # the start is (almost) the model
+    assert all(v.item() < 1e-10 for v in model.prior_terms(x0[None]).values())
 
 
 def test_learns_the_motion():
