@@ -150,7 +150,7 @@ class VoxelDecoder(nn.Module):
             raw = self.up(self.fc(z).reshape(-1, self.c0, g, g, g))
         else:
             raw = self.grid
-        density = F.softplus(raw[:, :1] - 4.0) * (self.density_scale / self.cell)  # -4: start nearly empty
+        density = F.softplus(raw[:, :1] - 2.0) * (self.density_scale / self.cell)  # -2: start as a faint fog
         return {"density": density, "rgb": torch.sigmoid(raw[:, 1:])}
 
     def render(self, state: dict, cameras: Camera, per_scene: int) -> Tensor:
@@ -297,7 +297,7 @@ class FieldDecoder(nn.Module):
                                for i in range(0, len(points), 8192)], 1)
         return sigma > level
 
-    def surface(self, state: dict, i: int, level: float, res: int = 96) -> tuple[Tensor, Tensor, Tensor]:
+    def surface(self, state: dict, i: int, level: float, res: int = 64) -> tuple[Tensor, Tensor, Tensor]:
         z = state["z"]
         zi = None if z is None else z[i:i + 1]
         up = torch.tensor([[0.0, 0.0, 1.0]])
