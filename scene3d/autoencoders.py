@@ -209,10 +209,10 @@ class MeshDecoder(nn.Module):
             nn.init.zeros_(self.net[-1].bias)
         else:
             self.params = nn.Parameter(torch.zeros(1, V, 6))
-        kw = dict(faces_per_pixel=faces_per_pixel, sigma=sigma, gamma=sigma)
-        self.silhouette = MeshRenderer("silhouette", **kw)
-        self.shaded = MeshRenderer("shaded", **kw, background=tuple(background), light_direction=light_direction,
-                                   specular=0.0)
+        # one soft rasterization: shaded RGB plus its SoftRas opacity (the soft silhouette) as alpha
+        self.shaded = MeshRenderer("shaded", faces_per_pixel=faces_per_pixel, sigma=sigma, gamma=sigma,
+                                   background=tuple(background), light_direction=light_direction, specular=0.0,
+                                   alpha=True)
 
     def forward(self, z: Tensor | None) -> dict:
         raw = self.net(z).reshape(len(z), -1, 6) if self.latent_dim else self.params
@@ -222,8 +222,7 @@ class MeshDecoder(nn.Module):
     def render(self, state: dict, cameras: Camera, per_scene: int) -> Tensor:
         """(B * per_scene, 4, H, W): shaded RGB and the soft silhouette as a 4th channel."""
         rep = lambda x: x if x.shape[0] == 1 else x.repeat_interleave(per_scene, 0)  # noqa: E731
-        v, c = rep(state["verts"]), rep(state["rgb"])
-        return torch.cat([self.shaded(v, self.faces, cameras, c), self.silhouette(v, self.faces, cameras)], 1)
+        return self.shaded(rep(state["verts"]), self.faces, cameras, rep(state["rgb"]))
 
     def occupancy(self, state: dict, points: Tensor, level: float) -> Tensor:
         return torch.stack([mesh_occupancy(v, self.faces, points) for v in state["verts"]])
