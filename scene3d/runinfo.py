@@ -20,6 +20,10 @@ PACKAGES = ("plato3d", "torch", "easypytorch3d", "open3d", "numpy", "scipy", "mr
             "biopython", "einops", "matplotlib", "scikit-learn", "tqdm", "tfrecord")
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class UserError(Exception):
     """Bad user input. The CLI prints ``error: <message>`` on one line and exits with code 2."""
 
@@ -75,6 +79,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
