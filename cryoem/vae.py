@@ -49,6 +49,7 @@ class AtomVAEConfig:
     w_bond: float = 1.0  # per Å² of bond-length change, times the number of pixels / 1000
     w_local: float = 1.0
     w_clash: float = 1.0
+    prior_samples: int = 16  # decoded models of a batch the priors are evaluated on (unbiased, cheaper)
     local_radius: float = 10.0
     clash_threshold: float = 3.0
     lowpass_start: float | None = None  # Å; resolution curriculum start (None = off)
@@ -189,7 +190,7 @@ class AtomVAE(nn.Module):
         model = self.render(coords, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"), step)
         rec = self.reconstruction(img, model, step).mean()
         kl = gaussian_kl(mu, logvar).mean()
-        pri = self.prior_terms(coords)
+        pri = self.prior_terms(coords[: self.cfg.prior_samples])
         # prior weights are per Å² per 1000 pixels, so they keep their meaning across box sizes
         w = img.shape[-1] * img.shape[-2] / 1000
         c = self.cfg
