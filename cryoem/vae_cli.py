@@ -48,6 +48,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--lazy", action="store_true", help="memory-map the stacks instead of loading them")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is often faster on a busy machine)")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -80,6 +81,12 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     if a.epochs is None and a.minutes is None and a.steps is None:
         raise UserError("give a training budget: --epochs N, --minutes M or --steps S")
+    if a.threads is not None:
+        if a.threads < 1:
+            raise UserError(f"--threads: expected a positive number, got {a.threads}")
+        import torch
+
+        torch.set_num_threads(a.threads)
     spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.chains,
                     a.lazy)
     cfg = AtomVAEConfig(zdim=a.zdim, enc_width=a.enc_width, enc_downsample=a.enc_downsample,
