@@ -55,16 +55,20 @@ def main() -> None:
     model, rec, ds, s = load_run(a.plato)
     D, apix, zdim = model.box, model.apix, model.cfg.zdim
     star = a.sim / "particles.star"
-    sh([a.cryodrgn, "parse_pose_star", star, "-o", a.out / "pose.pkl", "-D", D, "--Apix", apix], log)
-    sh([a.cryodrgn, "parse_ctf_star", star, "-o", a.out / "ctf.pkl", "-D", D, "--Apix", apix], log)
     train = a.out / "train"
-    wall = sh([a.cryodrgn, "train_vae", a.sim / "particles.mrcs", "--poses", a.out / "pose.pkl", "--ctf",
-               a.out / "ctf.pkl", "--zdim", zdim, "-n", a.epochs, "-b", a.batch_size, "--enc-dim", 256,
-               "--enc-layers", 3, "--dec-dim", 256, "--dec-layers", 3, "--no-analysis", "--max-threads", 2,
-               "-o", train], log)
-    text = (train / "run.log").read_text() if (train / "run.log").is_file() else log.read_text()
+    if not (train / "weights.pkl").is_file():  # reuse a finished cryoDRGN run in OUT/train
+        sh([a.cryodrgn, "parse_pose_star", star, "-o", a.out / "pose.pkl", "-D", D, "--Apix", apix], log)
+        sh([a.cryodrgn, "parse_ctf_star", star, "-o", a.out / "ctf.pkl", "-D", D, "--Apix", apix], log)
+        sh([a.cryodrgn, "train_vae", a.sim / "particles.mrcs", "--poses", a.out / "pose.pkl", "--ctf",
+            a.out / "ctf.pkl", "--zdim", zdim, "-n", a.epochs, "-b", a.batch_size, "--enc-dim", 256,
+            "--enc-layers", 3, "--dec-dim", 256, "--dec-layers", 3, "--no-analysis", "--max-threads", 2,
+            "-o", train], log)
+    text = log.read_text() + ((train / "run.log").read_text() if (train / "run.log").is_file() else "")
     m = re.findall(r"Finished in (\d+):(\d+):([\d.]+) \(", text)
-    train_s = (int(m[-1][0]) * 3600 + int(m[-1][1]) * 60 + float(m[-1][2])) if m else wall
+    if not m:
+        raise SystemExit(f"{train}: no 'Finished in' line in cryoDRGN's log")
+    train_s = int(m[-1][0]) * 3600 + int(m[-1][1]) * 60 + float(m[-1][2])
+    epochs = len(list(train.glob("weights.*.pkl"))) or a.epochs
     n = len(ds)
     with open(train / "z.pkl", "rb") as f:
         z_drgn = pickle.load(f)  # noqa: S301 - written by cryoDRGN in this run
@@ -93,12 +97,12 @@ def main() -> None:
         rows.append({"decile": d, "t_mean": r["t_mean"], "plato_au_fsc": r["map_au_fsc"],
                      "plato_res_0.5": r["map_res_0.5"], "cryodrgn_au_fsc": float(reps[best]["au_fsc"]),
                      "cryodrgn_res_0.5": float(reps[best]["res_0.5"]), "cryodrgn_variant": best})
-    result = {"particles": n, "cryodrgn_epochs": a.epochs, "cryodrgn_train_s": train_s,
-              "cryodrgn_particles_per_s": n * a.epochs / train_s, "plato_particles_per_s": plato_pps,
+    result = {"particles": n, "cryodrgn_epochs": epochs, "cryodrgn_train_s": train_s,
+              "cryodrgn_particles_per_s": n * epochs / train_s, "plato_particles_per_s": plato_pps,
               "plato": plato, "maps": rows}
     (a.out / "comparison.json").write_text(json.dumps(result, indent=2))
     print(f"throughput: Plato {plato_pps:.1f} particles/s, cryoDRGN {result['cryodrgn_particles_per_s']:.1f} "
-          f"particles/s ({a.epochs} epoch(s), {train_s:.0f} s)")
+          f"particles/s ({epochs} epoch(s), {train_s:.0f} s)")
     print("decile  t_mean  Plato AU-FSC  Plato res0.5  cryoDRGN AU-FSC  cryoDRGN res0.5  (cryoDRGN variant)")
     for r in rows:
         print(f"{r['decile']:6d}  {r['t_mean']:.3f}  {r['plato_au_fsc']:12.3f}  {r['plato_res_0.5']:12.1f}  "
