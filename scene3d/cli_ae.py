@@ -255,9 +255,7 @@ def cmd_export(a) -> int:
 
 
 def cmd_view(a) -> int:
-    import os
 
-    os.environ.setdefault("LP_NUM_THREADS", "1")  # lavapipe's worker threads thrash (100x slower) on a busy CPU
     from scene3d.export import mesh_to_open3d, read_geometry
     from scene3d.viz import show, snapshot
 

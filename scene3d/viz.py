@@ -18,6 +18,8 @@ from scene3d.runinfo import UserError, atomic_path
 
 
 def _o3d():
+    # lavapipe's worker threads thrash (10-100x slower) on a busy CPU; one thread is fast enough for our sizes
+    os.environ.setdefault("LP_NUM_THREADS", "1")
     try:
         import open3d as o3d
     except ImportError as e:  # pragma: no cover - environment problem
