@@ -239,18 +239,31 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
                                                   "decodings of the same particles: high = unsupported by the data"))
         summary["max_residue_halfset_disagreement_A"] = float(dis.max())
 
-    if snapshots:
-        from cryoem.view import render_models, save_frames, value_colors
-
-        colors = value_colors(atom_rmsf)
-        save_frames(render_models(km_models, colors, size=240), out / "kmeans.png",
-                    [f"k{i}" for i in range(len(km_models))])
-        items.append(("kmeans.png", "k-means models, coloured by per-atom RMSF (viridis: yellow moves most)"))
-        trav = decode(model, traversal(p, z, 0), offset)
-        save_frames(render_models(trav, colors, size=240), out / "pc1.gif")
-        items.append(("pc1.gif", "the motion along latent PC1, back and forth"))
+    if snapshots:  # in a fresh process: open3d's lavapipe has stalled after torch / t-SNE thread pools here
+        for pdb, png, color, caption in (
+                ("kmeans.pdb", "kmeans.png", "rmsf", "k-means models, coloured by RMSF across them (yellow: most)"),
+                ("pc1.pdb", "pc1.gif", "displacement", "the motion along latent PC1, coloured by displacement")):
+            if _view(out / pdb, out / png, color):
+                items.append((png, caption))
     write_index(out, items, f"Plato atom VAE analysis: {run}", summary)
     return out / "index.html"
+
+
+def _view(pdb: Path, out: Path, color: str, timeout: float = 180) -> bool:
+    """``cryoem view`` in a subprocess; False (with a warning) if open3d does not finish within ``timeout`` s."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "cryoem.cli", "view", str(pdb), "--color", color, "--size", "240", "--out", str(out)]
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"warning: {out.name}: open3d did not finish in {timeout:.0f} s (busy CPU?); skipped", file=sys.stderr)
+        return False
+    if r.returncode:
+        last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit code {r.returncode}"
+        raise UserError(f"{out}: snapshot failed: {last}")
+    return True
 
 
 def halfset_disagreement(run: Path, ds, groups: np.ndarray, n: int = 1000) -> np.ndarray:
