@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cryoem import sim_cli, vae_cli
-from scene3d.runinfo import cmd_info, run_cli, version_string
+from scene3d.runinfo import cli_main, cmd_info, version_string
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -21,11 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def _main(argv):
-        args = build_parser().parse_args(argv)
-        return args.func(args)
-
-    return run_cli(_main, argv)
+    return cli_main(build_parser, argv)
 
 
 if __name__ == "__main__":

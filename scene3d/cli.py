@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from scene3d.runinfo import UserError, cmd_info, run_cli, version_string
+from scene3d.runinfo import UserError, cli_main, cmd_info, version_string
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -205,11 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    def _main(argv):
-        args = build_parser().parse_args(argv)
-        return args.func(args)
-
-    return run_cli(_main, argv)
+    return cli_main(build_parser, argv)
 
 
 if __name__ == "__main__":

@@ -113,6 +113,15 @@ def write_config(out_dir: str | os.PathLike, settings: dict, name: str = "config
     return path
 
 
+def cli_main(build_parser, argv=None) -> int:
+    """Entry point of a CLI whose subcommands set ``func``: parse, run, turn user errors into exit code 2."""
+    def _main(argv):
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+
+    return run_cli(_main, argv)
+
+
 def run_cli(main_fn, argv=None) -> int:
     """Run a CLI entry point; a ``UserError`` becomes one line on stderr and exit code 2."""
     try:
