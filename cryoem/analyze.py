@@ -249,7 +249,7 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
     return out / "index.html"
 
 
-def _view(pdb: Path, out: Path, color: str, timeout: float = 180) -> bool:
+def _view(pdb: Path, out: Path, color: str, timeout: float = 120) -> bool:
     """``cryoem view`` in a subprocess; False (with a warning) if open3d does not finish within ``timeout`` s."""
     import subprocess
     import sys

@@ -145,7 +145,8 @@ def cmd_view(a: argparse.Namespace) -> int:
     if a.out is None:
         from scene3d.viz import show
 
-        show([atoms_mesh(m, c) for m, c in zip(s.coords, np.broadcast_to(colors, s.coords.shape))][:1])
+        c0 = np.broadcast_to(colors, s.coords.shape)[0]
+        show([atoms_mesh(s.coords[0][i:i + 300], c0[i:i + 300]) for i in range(0, s.n_atoms, 300)])
         return 0
     frames = render_models(s.coords, colors, size=a.size)
     save_frames(frames, a.out, [f"model {i + 1}" for i in range(len(frames))] if len(frames) > 1 else None)

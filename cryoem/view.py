@@ -14,6 +14,8 @@ import numpy as np
 from scene3d.runinfo import UserError, atomic_path
 from scene3d.viz import Offscreen, fit_camera
 
+CHUNK = 300  # atoms per open3d mesh
+
 
 def atoms_mesh(coords: np.ndarray, colors: np.ndarray, radius: float = 1.6, resolution: int = 4):
     """One open3d TriangleMesh of spheres at ``coords`` (N, 3) Å with per-atom RGB ``colors`` (N, 3) in [0, 1]."""
@@ -60,7 +62,11 @@ def render_models(models: np.ndarray, colors: np.ndarray, size: int = 320, azimu
     with Offscreen(size, size) as r:
         for m, c in zip(models, colors):
             r.clear()
-            r.add_geometry("atoms", atoms_mesh(m, c))
+            # open3d/Filament on lavapipe stalled here on scenes of ~60k triangles (731 atoms at resolution 4):
+            # coarser spheres for bigger models
+            res = 4 if len(m) <= 300 else 2
+            for i in range(0, len(m), CHUNK):
+                r.add_geometry(f"atoms{i}", atoms_mesh(m[i:i + CHUNK], c[i:i + CHUNK], resolution=res))
             frames.append(r.render(cam)[0])
     return np.stack(frames)
 

@@ -23,7 +23,9 @@ echo "== 4/5 score against the ground truth"
 python -m cryoem.evaluate "$OUT/run" --sim "$OUT/sim"
 
 echo "== 5/5 snapshot of the motion along PC1"
-cryoem view "$OUT/run/analysis/pc1.pdb" --color displacement --size 200 --out "$OUT/run/analysis/pc1_strip.png"
+# open3d on lavapipe can stall on multi-model scenes of this size (known defect): bounded by a timeout
+timeout 120 cryoem view "$OUT/run/analysis/pc1.pdb" --color displacement --size 200 \
+  --out "$OUT/run/analysis/pc1_strip.png" || echo "warning: the open3d snapshot did not finish (see README)"
 
 echo
 echo "Done. Open $(realpath "$OUT/run/analysis/index.html")"
