@@ -62,15 +62,24 @@ def cmd_train_gqn(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    """Score a GQN run against the dataset-mean and nearest-context baselines."""
+def _run_and_data(args: argparse.Namespace):
+    """The GQN run's model and checkpoint, and the first ``--scenes`` scenes of ``--data``."""
     from scene3d.data import MultiViewDataset
-    from scene3d.gqn_eval import dataset_mean_image, evaluate, format_table, load_run
+    from scene3d.gqn_eval import load_run
 
     model, ckpt = load_run(args.run)
     data = MultiViewDataset.load(args.data)
     if args.scenes:
         data = data.subset(range(min(args.scenes, len(data))))
+    return model, ckpt, data
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Score a GQN run against the dataset-mean and nearest-context baselines."""
+    from scene3d.data import MultiViewDataset
+    from scene3d.gqn_eval import dataset_mean_image, evaluate, format_table
+
+    model, ckpt, data = _run_and_data(args)
     train_data = ckpt.get("settings", {}).get("data")
     mean = None
     try:
@@ -85,13 +94,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_probe(args: argparse.Namespace) -> int:
     """Linear probes from the frozen representation r (and raw pixels) to ground-truth factors."""
-    from scene3d.data import MultiViewDataset
-    from scene3d.gqn_eval import format_probe, load_run, probe
+    from scene3d.gqn_eval import format_probe, probe
 
-    model, _ = load_run(args.run)
-    data = MultiViewDataset.load(args.data)
-    if args.scenes:
-        data = data.subset(range(min(args.scenes, len(data))))
+    model, _, data = _run_and_data(args)
     report = probe(model, data, args.contexts, args.seed, out=args.run)
     print(format_probe(report))
     print(f"({report['train_scenes']} train / {report['test_scenes']} held-out scenes; "
