@@ -37,6 +37,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, help="KL weight (default 1 / zdim, as cryoDRGN)")
+    p.add_argument("--free-bits", type=float, default=0.0,
+                   help="nats per latent dim not charged by the KL term; keeps the latent from collapsing")
     p.add_argument("--likelihood", choices=["gaussian", "correlation"], default="gaussian")
     p.add_argument("--w-bond", type=float, default=1.0)
     p.add_argument("--w-local", type=float, default=1.0)
@@ -90,7 +92,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.chains,
                     a.lazy)
     cfg = AtomVAEConfig(zdim=a.zdim, enc_width=a.enc_width, enc_downsample=a.enc_downsample,
-                        dec_hidden=a.dec_hidden, beta=a.beta,
+                        dec_hidden=a.dec_hidden, beta=a.beta, free_bits=a.free_bits,
                         likelihood=a.likelihood, w_bond=a.w_bond, w_local=a.w_local,
                         w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
                         infer_poses=a.infer_poses)
@@ -145,8 +147,7 @@ def cmd_view(a: argparse.Namespace) -> int:
     if a.out is None:
         from scene3d.viz import show
 
-        c0 = np.broadcast_to(colors, s.coords.shape)[0]
-        show([atoms_mesh(s.coords[0][i:i + 300], c0[i:i + 300]) for i in range(0, s.n_atoms, 300)])
+        show([atoms_mesh(s.coords[0], np.broadcast_to(colors, s.coords.shape)[0])])
         return 0
     frames = render_models(s.coords, colors, size=a.size)
     save_frames(frames, a.out, [f"model {i + 1}" for i in range(len(frames))] if len(frames) > 1 else None)
