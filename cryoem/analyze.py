@@ -106,7 +106,8 @@ def encode_all(model, ds, batch_size: int = 256, progress: bool = True) -> np.nd
     with torch.no_grad():
         for i in tqdm(range(0, len(ds), batch_size), desc="encode", disable=not progress, unit="batch"):
             idx = np.arange(i, min(i + batch_size, len(ds)))
-            mu, _ = model.encode(ds.images(idx).to(model.log_scale.device))
+            batch = {k: v.to(model.log_scale.device) for k, v in ds.batch(idx).items()}
+            mu, _ = model.encode(batch)
             out.append(mu.cpu().numpy())
     return np.concatenate(out)
 
@@ -280,7 +281,7 @@ def halfset_disagreement(run: Path, ds, groups: np.ndarray, n: int = 1000) -> np
 
 
 class _Take:
-    """A view of some particles of a ParticleSet, with ``images`` and ``len``."""
+    """A view of some particles of a ParticleSet, with ``batch`` and ``len``."""
 
     def __init__(self, ds, idx):
         self.ds, self.idx = ds, np.asarray(idx)
@@ -288,5 +289,5 @@ class _Take:
     def __len__(self):
         return len(self.idx)
 
-    def images(self, i):
-        return self.ds.images(self.idx[i])
+    def batch(self, i):
+        return self.ds.batch(self.idx[i])

@@ -431,6 +431,15 @@ class ParticleSet(torch.utils.data.Dataset):
             return torch.from_numpy(self._data[idx])[:, None]
         return torch.from_numpy(np.stack([self._read(int(i)) for i in idx]))[:, None]
 
+    def batch(self, idx) -> dict:
+        """The items ``idx`` (ints or array) stacked: image (B, 1, D, D) and, where known, R, shift_A, ctf."""
+        idx = np.atleast_1d(np.asarray(idx))
+        out = {"image": self.images(idx), "index": torch.as_tensor(idx)}
+        for key, val in (("R", self._R), ("shift_A", self._shift), ("ctf", self._ctf)):
+            if val is not None:
+                out[key] = val[torch.as_tensor(idx)]
+        return out
+
     def __getitem__(self, i: int) -> dict:
         if not -len(self) <= i < len(self):
             raise IndexError(i)

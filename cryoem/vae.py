@@ -45,6 +45,7 @@ class AtomVAEConfig:
     dec_layers: int = 3
     beta: float | None = None  # KL weight (beta-VAE); None = 1 / zdim, cryoDRGN's default
     kl_warmup: int = 500  # steps over which the KL weight ramps up from 0 (avoids early posterior collapse)
+    enc_reference: bool = False  # the encoder also sees the starting model rendered at the particle's pose + CTF
     free_bits: float = 0.0  # nats per latent dim (batch mean) that the KL term does not charge (Kingma et al. 2016)
     likelihood: str = "gaussian"  # gaussian | correlation
     w_bond: float = 1.0  # per Å² of bond-length change, times the number of pixels / 1000
@@ -103,7 +104,7 @@ class AtomVAE(nn.Module):
         x0 = x0.float()
         if cfg.enc_downsample < 1 or self.box % cfg.enc_downsample:
             raise UserError(f"--enc-downsample {cfg.enc_downsample}: must divide the box size {self.box}")
-        self.encoder = ConvEncoder(1, self.box // cfg.enc_downsample, cfg.zdim, width=cfg.enc_width)
+        self.encoder = ConvEncoder(2 if cfg.enc_reference else 1, self.box // cfg.enc_downsample, cfg.zdim, width=cfg.enc_width)
         self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers)
         self.register_buffer("amplitudes", amplitudes.float())
         self.register_buffer("sigmas", sigmas.float())
@@ -119,12 +120,24 @@ class AtomVAE(nn.Module):
             raise UserError("--infer-poses is not available yet; give consensus poses in the metadata")
 
     # ----------------------------------------------------------------- parts
-    def encode(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, 1, D, D) images -> mu, logvar (B, zdim). Each image is standardised first."""
+    def encode(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """A batch's images (B, 1, D, D) -> mu, logvar (B, zdim). Each image is standardised first.
+
+        With ``enc_reference`` the encoder's second channel is the starting model rendered at the
+        particle's pose and CTF (needs the batch's R, shift_A, ctf), in the image's standardised units.
+        """
+        images = batch["image"]
+        mean = images.mean(dim=(1, 2, 3), keepdim=True)
+        std = images.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
+        x = (images - mean) / std
+        if self.cfg.enc_reference:
+            with torch.no_grad():
+                x0 = self.decoder.x0.expand(len(images), -1, -1)
+                ref = self.render(x0, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"))
+            x = torch.cat([x, (ref - ref.mean(dim=(1, 2, 3), keepdim=True)) / std], 1)
         if self.cfg.enc_downsample > 1:
-            images = torch.nn.functional.avg_pool2d(images, self.cfg.enc_downsample)
-        x = images - images.mean(dim=(1, 2, 3), keepdim=True)
-        return self.encoder(x / x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8))
+            x = torch.nn.functional.avg_pool2d(x, self.cfg.enc_downsample)
+        return self.encoder(x)
 
     def decode(self, z: Tensor) -> Tensor:
         """(B, zdim) -> (B, N, 3) coordinates in Å."""
@@ -185,7 +198,7 @@ class AtomVAE(nn.Module):
 
     def loss(self, batch: dict, step: int) -> dict[str, Tensor]:
         img = batch["image"]
-        mu, logvar = self.encode(img)
+        mu, logvar = self.encode(batch)
         z = reparameterize(mu, logvar)
         coords = self.decode(z)
         model = self.render(coords, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"), step)

@@ -37,6 +37,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, help="KL weight (default 1 / zdim, as cryoDRGN)")
+    p.add_argument("--enc-reference", action="store_true",
+                   help="the encoder also sees the starting model rendered at each particle's pose and CTF")
     p.add_argument("--free-bits", type=float, default=0.0,
                    help="nats per latent dim not charged by the KL term; keeps the latent from collapsing")
     p.add_argument("--likelihood", choices=["gaussian", "correlation"], default="gaussian")
@@ -92,7 +94,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.chains,
                     a.lazy)
     cfg = AtomVAEConfig(zdim=a.zdim, enc_width=a.enc_width, enc_downsample=a.enc_downsample,
-                        dec_hidden=a.dec_hidden, beta=a.beta, free_bits=a.free_bits,
+                        dec_hidden=a.dec_hidden, beta=a.beta, free_bits=a.free_bits, enc_reference=a.enc_reference,
                         likelihood=a.likelihood, w_bond=a.w_bond, w_local=a.w_local,
                         w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
                         infer_poses=a.infer_poses)

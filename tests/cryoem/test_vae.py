@@ -70,7 +70,7 @@ def test_learns_the_motion():
         terms["loss"].backward()
         opt.step()
     with torch.no_grad():
-        mu, _ = model.encode(batch["image"])
+        mu, _ = model.encode(batch)
     rho = torch.corrcoef(torch.stack([mu[:, 0].argsort().argsort().float(), u.argsort().argsort().float()]))[0, 1]
     assert terms["rec"].item() < 0.7 * first
     assert abs(rho) > 0.8, f"latent vs true motion Spearman {rho:.2f}"
