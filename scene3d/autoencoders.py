@@ -142,7 +142,8 @@ class VoxelDecoder(nn.Module):
             self.grid = nn.Parameter(torch.cat([torch.zeros(1, 1, res, res, res),
                                                 torch.zeros(1, 3, res, res, res)], 1))
         mode = "absorption" if silhouette else "emission_absorption"
-        self.renderer = VoxelRenderer(mode, n_samples, center=(lo + hi) / 2, size=hi - lo, background=background)
+        self.renderer = VoxelRenderer(mode, n_samples, center=(lo + hi) / 2, size=hi - lo, background=background,
+                                      alpha=not silhouette)  # alpha: the silhouette that the loss also fits
 
     def forward(self, z: Tensor | None) -> dict:
         if self.latent_dim:
@@ -419,7 +420,7 @@ class SceneAE(nn.Module):
         return {"loss": total, **out}
 
     def _reconstruction(self, state: dict, target: Tensor, cams: Camera) -> dict:
-        """Negative log-likelihood (B,) of the query views (and the mesh's silhouette loss)."""
+        """Negative log-likelihood (B,) of the query views (and, from the rendered alpha, a silhouette loss)."""
         B, Q = target.shape[:2]
         sigma = self.cfg.sigma
         if self.kind == "nerf":
@@ -428,7 +429,7 @@ class SceneAE(nn.Module):
         pred = self.decoder.render(state, cams, Q)
         flat = target.reshape(B * Q, *target.shape[2:])
         nll = -gaussian_log_likelihood(flat, pred[:, :3], sigma).reshape(B, Q).sum(1)
-        if self.kind != "mesh":
+        if pred.shape[1] < 4:
             return {"nll": nll}
         mask = foreground_mask(flat, self.cfg.background)[:, 0].to(flat.dtype)
         sil = self.cfg.silhouette_weight * F.mse_loss(pred[:, 3], mask) / (2 * sigma**2)  # per pixel, like the nll
