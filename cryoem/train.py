@@ -163,7 +163,8 @@ def load_run(run: str | os.PathLike, device: str = "cpu") -> tuple[AtomVAE, dict
         raise UserError(f"{run}: not an atom-VAE run folder (no model.json)")
     rec = json.loads((run / "model.json").read_text())
     spec = DataSpec(**rec["data"])
-    cfg = AtomVAEConfig(**{f.name: rec["model"][f.name] for f in fields(AtomVAEConfig) if f.name in rec["model"]})
+    saved = {"enc_reference": False, **rec["model"]}  # runs written before the reference channel existed
+    cfg = AtomVAEConfig(**{f.name: saved[f.name] for f in fields(AtomVAEConfig) if f.name in saved})
     ds = load_data(spec, check_pixels=False)
     model, s, _ = build_model(spec, cfg, ds, noise_sigma=rec["noise_sigma"])
     model.load_state_dict(load_checkpoint(run, map_location=device)["model"])

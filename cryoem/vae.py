@@ -45,7 +45,7 @@ class AtomVAEConfig:
     dec_layers: int = 3
     beta: float | None = None  # KL weight (beta-VAE); None = 1 / zdim, cryoDRGN's default
     kl_warmup: int = 500  # steps over which the KL weight ramps up from 0 (avoids early posterior collapse)
-    enc_reference: bool = False  # the encoder also sees the starting model rendered at the particle's pose + CTF
+    enc_reference: bool = True  # the encoder also sees the starting model rendered at the particle's pose + CTF
     free_bits: float = 0.0  # nats per latent dim (batch mean) that the KL term does not charge (Kingma et al. 2016)
     likelihood: str = "gaussian"  # gaussian | correlation
     w_bond: float = 1.0  # per Å² of bond-length change, times the number of pixels / 1000

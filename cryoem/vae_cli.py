@@ -37,8 +37,9 @@ def add_subcommands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, help="KL weight (default 1 / zdim, as cryoDRGN)")
-    p.add_argument("--enc-reference", action="store_true",
-                   help="the encoder also sees the starting model rendered at each particle's pose and CTF")
+    p.add_argument("--enc-reference", action=argparse.BooleanOptionalAction, default=True,
+                   help="the encoder also sees the starting model rendered at each particle's pose and CTF "
+                        "(default: on; off is the image-only encoder of cryoDRGN)")
     p.add_argument("--free-bits", type=float, default=0.0,
                    help="nats per latent dim not charged by the KL term; keeps the latent from collapsing")
     p.add_argument("--likelihood", choices=["gaussian", "correlation"], default="gaussian")
