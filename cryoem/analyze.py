@@ -240,7 +240,7 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
                                                   "decodings of the same particles: high = unsupported by the data"))
         summary["max_residue_halfset_disagreement_A"] = float(dis.max())
 
-    if snapshots:  # in a fresh process: open3d's lavapipe has stalled after torch / t-SNE thread pools here
+    if snapshots:  # in a fresh process, so that a stuck open3d (lavapipe) cannot hold up the analysis
         for pdb, png, color, caption in (
                 ("kmeans.pdb", "kmeans.png", "rmsf", "k-means models, coloured by RMSF across them (yellow: most)"),
                 ("pc1.pdb", "pc1.gif", "displacement", "the motion along latent PC1, coloured by displacement")):

@@ -44,14 +44,13 @@ def test_train_writes_the_run_record(run):
 
 
 def test_analyze_decode_view(run, sim, tmp_path):
-    # open3d pictures are covered by `view` below; they are slow on a busy CPU (lavapipe)
-    r = cryoem("analyze", run, "--k", 2, "--color", f"{sim / 'ground_truth.npz'}:model_index", "--no-snapshots")
+    r = cryoem("analyze", run, "--k", 2, "--color", f"{sim / 'ground_truth.npz'}:model_index")
     assert r.returncode == 0, r.stderr
     a = run / "analysis"
     z = np.load(a / "latents.npy")
     assert z.shape == (48, 2)
     html = (a / "index.html").read_text()
-    for name in ("pca.png", "tsne.png", "rmsf.png", "kmeans.pdb", "pc1.pdb"):
+    for name in ("pca.png", "tsne.png", "rmsf.png", "kmeans.pdb", "pc1.pdb", "kmeans.png", "pc1.gif"):
         assert (a / name).is_file() and name in html
     assert (a / "kmeans_00.mrc").is_file() and (a / "pc2_09.mrc").is_file()
     np.save(tmp_path / "z.npy", z[:3])
