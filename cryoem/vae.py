@@ -46,7 +46,6 @@ class AtomVAEConfig:
     beta: float | None = None  # KL weight (beta-VAE); None = 1 / zdim, cryoDRGN's default
     kl_warmup: int = 500  # steps over which the KL weight ramps up from 0 (avoids early posterior collapse)
     enc_reference: bool = True  # the encoder also sees the starting model rendered at the particle's pose + CTF
-    free_bits: float = 0.0  # nats per latent dim (batch mean) that the KL term does not charge (Kingma et al. 2016)
     likelihood: str = "gaussian"  # gaussian | correlation
     w_bond: float = 1.0  # per Å² of bond-length change, times the number of pixels / 1000
     w_local: float = 1.0
@@ -104,7 +103,8 @@ class AtomVAE(nn.Module):
         x0 = x0.float()
         if cfg.enc_downsample < 1 or self.box % cfg.enc_downsample:
             raise UserError(f"--enc-downsample {cfg.enc_downsample}: must divide the box size {self.box}")
-        self.encoder = ConvEncoder(2 if cfg.enc_reference else 1, self.box // cfg.enc_downsample, cfg.zdim, width=cfg.enc_width)
+        channels = 2 if cfg.enc_reference else 1
+        self.encoder = ConvEncoder(channels, self.box // cfg.enc_downsample, cfg.zdim, width=cfg.enc_width)
         self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers)
         self.register_buffer("amplitudes", amplitudes.float())
         self.register_buffer("sigmas", sigmas.float())
@@ -203,15 +203,13 @@ class AtomVAE(nn.Module):
         coords = self.decode(z)
         model = self.render(coords, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"), step)
         rec = self.reconstruction(img, model, step).mean()
-        kl_dims = gaussian_kl(mu, logvar, dims=0).mean(0)  # (zdim,) nats
-        kl = kl_dims.sum()
-        kl_charged = kl_dims.clamp_min(self.cfg.free_bits).sum() if self.cfg.free_bits > 0 else kl
+        kl = gaussian_kl(mu, logvar).mean()
         pri = self.prior_terms(coords[: self.cfg.prior_samples])
         # prior weights are per Å² per 1000 pixels, so they keep their meaning across box sizes
         w = img.shape[-1] * img.shape[-2] / 1000
         c = self.cfg
         beta = (1.0 / c.zdim if c.beta is None else c.beta) * min(1.0, step / max(c.kl_warmup, 1))
-        total = rec + beta * kl_charged + w * (c.w_bond * pri["bond"] + c.w_local * pri["local"] + c.w_clash * pri["clash"])
+        total = rec + beta * kl + w * (c.w_bond * pri["bond"] + c.w_local * pri["local"] + c.w_clash * pri["clash"])
         return {"loss": total, "rec": rec, "kl": kl, **pri, "scale": torch.exp(self.log_scale).detach()}
 
     @torch.no_grad()

@@ -40,8 +40,6 @@ def add_subcommands(sub) -> None:
     p.add_argument("--enc-reference", action=argparse.BooleanOptionalAction, default=True,
                    help="the encoder also sees the starting model rendered at each particle's pose and CTF "
                         "(default: on; off is the image-only encoder of cryoDRGN)")
-    p.add_argument("--free-bits", type=float, default=0.0,
-                   help="nats per latent dim not charged by the KL term; keeps the latent from collapsing")
     p.add_argument("--likelihood", choices=["gaussian", "correlation"], default="gaussian")
     p.add_argument("--w-bond", type=float, default=1.0)
     p.add_argument("--w-local", type=float, default=1.0)
@@ -95,7 +93,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.chains,
                     a.lazy)
     cfg = AtomVAEConfig(zdim=a.zdim, enc_width=a.enc_width, enc_downsample=a.enc_downsample,
-                        dec_hidden=a.dec_hidden, beta=a.beta, free_bits=a.free_bits, enc_reference=a.enc_reference,
+                        dec_hidden=a.dec_hidden, beta=a.beta, enc_reference=a.enc_reference,
                         likelihood=a.likelihood, w_bond=a.w_bond, w_local=a.w_local,
                         w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
                         infer_poses=a.infer_poses)

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from cryoem.ctf import CTFParams
@@ -55,10 +56,11 @@ def test_starts_at_starting_model_and_finds_scale():
     assert all(v.item() < 1e-10 for v in model.prior_terms(x0[None]).values())
 
 
-def test_learns_the_motion():
+@pytest.mark.parametrize("enc_reference", [True, False])
+def test_learns_the_motion(enc_reference):
     torch.manual_seed(0)
     batch, u, x0, bonds = toy_data()
-    model = make_model(x0, bonds, estimate_noise_sigma(batch["image"], 0.95), beta=0.1)
+    model = make_model(x0, bonds, estimate_noise_sigma(batch["image"], 0.95), beta=0.1, enc_reference=enc_reference)
     model.init_scale(batch)
     opt = torch.optim.Adam(model.parameters(), lr=2e-3)
     first = None
