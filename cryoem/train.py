@@ -39,11 +39,11 @@ class DataSpec:
     lazy: bool = False
 
 
-def load_data(spec: DataSpec, check_pixels: bool = True) -> ParticleSet:
-    """Read and validate the particles; require poses and CTF."""
+def load_data(spec: DataSpec, check_pixels: bool = True, need_poses: bool = True) -> ParticleSet:
+    """Read and validate the particles; require the CTF, and poses unless ``need_poses`` is False."""
     ds = load_particles(spec.particles, pixel_size=spec.pixel_size, poses=spec.poses, ctf=spec.ctf,
                         datadir=spec.datadir, lazy=spec.lazy, check_pixels=check_pixels)
-    if ds.meta.R is None:
+    if ds.meta.R is None and need_poses:
         raise UserError(f"{spec.particles}: the metadata has no poses; run a consensus refinement first "
                         "(RELION / cryoSPARC), give --poses pose.pkl, or try the experimental --infer-poses")
     if ds.meta.ctf is None:
@@ -111,7 +111,7 @@ def _split_halves(ds: ParticleSet, seed: int) -> list[np.ndarray]:
 
 def train(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, halves: bool = False) -> dict:
     """Train one model (or two on independent halves); returns the trainer summaries."""
-    ds = load_data(spec)
+    ds = load_data(spec, need_poses=not cfg.infer_poses)
     out = Path(tcfg.out)
     if not halves:
         return {"full": _train_one(spec, cfg, tcfg, ds, None)}
@@ -165,7 +165,7 @@ def load_run(run: str | os.PathLike, device: str = "cpu") -> tuple[AtomVAE, dict
     spec = DataSpec(**rec["data"])
     saved = {"enc_reference": False, **rec["model"]}  # runs written before the reference channel existed
     cfg = AtomVAEConfig(**{f.name: saved[f.name] for f in fields(AtomVAEConfig) if f.name in saved})
-    ds = load_data(spec, check_pixels=False)
+    ds = load_data(spec, check_pixels=False, need_poses=not cfg.infer_poses)
     model, s, _ = build_model(spec, cfg, ds, noise_sigma=rec["noise_sigma"])
     model.load_state_dict(load_checkpoint(run, map_location=device)["model"])
     return model.to(device).eval(), rec, ds, s

@@ -15,6 +15,12 @@ One training step (the loop of the design guide, with cryo-EM parts)::
   the CTF and the optional low-pass curriculum are applied. ``likelihood="correlation"``
   replaces it by ``n_pixels * (1 - Pearson correlation)``.
 * The scale between projected density and image values is learned (one scalar).
+* ``infer_poses`` (experimental, for particles without consensus poses): a :class:`PoseEncoder` maps
+  each image to K pose hypotheses. It is trained only on views the model simulates of itself (random
+  uniform rotations, random shifts, the batch's CTFs, the data's noise level; the "sleep" phase of
+  wake-sleep), with a winner-takes-all loss so that pseudo-symmetric views can keep separate
+  hypotheses. The reconstruction ("wake") uses, per image, the hypothesis whose rendering of the mean
+  model fits the image best. No gradient flows from the reconstruction into the poses.
 """
 
 from __future__ import annotations
@@ -28,7 +34,8 @@ from torch import Tensor, nn
 from cryoem.ctf import CTFParams, ctf_2d
 from cryoem.imaging import fourier_filter, project
 from cryoem.priors import StructuralPrior
-from renderers.cameras import axis_angle_to_matrix
+from cryoem.simulate import random_rotations
+from renderers.cameras import axis_angle_to_matrix, rotation_6d_to_matrix
 from scene3d.encoders import ConvEncoder
 from scene3d.objective import gaussian_kl, reparameterize
 from scene3d.runinfo import UserError
@@ -56,7 +63,11 @@ class AtomVAEConfig:
     lowpass_start: float | None = None  # Å; resolution curriculum start (None = off)
     curriculum_steps: int = 2000  # steps to reach Nyquist
     refine_poses: bool = False  # learned per-particle rotation / shift corrections
-    infer_poses: bool = False  # experimental: amortised poses from the encoder
+    infer_poses: bool = False  # experimental: amortised poses from a pose encoder (see the module docstring)
+    pose_heads: int = 4  # --infer-poses: pose hypotheses per image
+    pose_shift_px: float = 1.0  # --infer-poses: std of the simulated shifts, px
+    pose_weight: float = 1.0  # --infer-poses: weight of the pose loss (per image), relative to 1 nat
+    pose_warmup: int = 1000  # --infer-poses: steps that train only the pose encoder, on the starting model
 
 
 class AtomDecoder(nn.Module):
@@ -77,6 +88,30 @@ class AtomDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         return self.x0 + self.out(self.mlp(z)).view(len(z), -1, 3)
+
+
+class PoseEncoder(nn.Module):
+    """Standardised images (B, 1, d, d) -> K rotation hypotheses (B, K, 3, 3) and shifts (B, K, 2) Å.
+
+    A ``ConvEncoder`` whose 8K outputs (its two halves together) are, per hypothesis, a 6-D rotation
+    (``rotation_6d_to_matrix``) and a shift in units of ``shift_unit`` Å.
+    """
+
+    def __init__(self, size: int, heads: int, width: int, shift_unit: float):
+        super().__init__()
+        self.net = ConvEncoder(1, size, 4 * heads, width=width)
+        self.heads, self.shift_unit = heads, shift_unit
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        out = torch.cat(self.net(x), -1).view(len(x), self.heads, 8)
+        return rotation_6d_to_matrix(out[..., :6]), out[..., 6:] * self.shift_unit
+
+
+def pose_distance(R: Tensor, shift: Tensor, R_true: Tensor, shift_true: Tensor, apix: float) -> Tensor:
+    """(B, K) squared chordal distance of K hypotheses to the true rotation (B, 3, 3), plus 0.02 per px²
+    of shift error (so 1 px weighs about as much as 8 degrees)."""
+    d_rot = ((R - R_true[:, None]) ** 2).sum((-1, -2))
+    return d_rot + 0.02 * (((shift - shift_true[:, None]) / apix) ** 2).sum(-1)
 
 
 class AtomVAE(nn.Module):
@@ -116,8 +151,12 @@ class AtomVAE(nn.Module):
         self.pose_delta = nn.Embedding(n_particles, 5) if cfg.refine_poses else None
         if self.pose_delta is not None:
             nn.init.zeros_(self.pose_delta.weight)
+        self.pose_encoder = None
         if cfg.infer_poses:
-            raise UserError("--infer-poses is not available yet; give consensus poses in the metadata")
+            if cfg.pose_heads < 1:
+                raise UserError(f"--pose-heads: expected at least 1, got {cfg.pose_heads}")
+            self.pose_encoder = PoseEncoder(self.box // cfg.enc_downsample, cfg.pose_heads, cfg.enc_width,
+                                            self.apix)
 
     # ----------------------------------------------------------------- parts
     def encode(self, batch: dict) -> tuple[Tensor, Tensor]:
@@ -126,10 +165,17 @@ class AtomVAE(nn.Module):
         With ``enc_reference`` the encoder's second channel is the starting model rendered at the
         particle's pose and CTF (needs the batch's R, shift_A, ctf), in the image's standardised units.
         """
-        images = batch["image"]
+        return self._encode(self.with_poses(batch))
+
+    def _standardise(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Images (B, 1, D, D) -> zero mean, unit variance per image; and the std (B, 1, 1, 1)."""
         mean = images.mean(dim=(1, 2, 3), keepdim=True)
         std = images.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
-        x = (images - mean) / std
+        return (images - mean) / std, std
+
+    def _encode(self, batch: dict) -> tuple[Tensor, Tensor]:
+        images = batch["image"]
+        x, std = self._standardise(images)
         if self.cfg.enc_reference:
             with torch.no_grad():
                 x0 = self.decoder.x0.expand(len(images), -1, -1)
@@ -142,6 +188,49 @@ class AtomVAE(nn.Module):
     def decode(self, z: Tensor) -> Tensor:
         """(B, zdim) -> (B, N, 3) coordinates in Å."""
         return self.decoder(z)
+
+    # ----------------------------------------------------------- pose inference
+    def _pose_input(self, images: Tensor) -> Tensor:
+        x = self._standardise(images)[0]
+        return torch.nn.functional.avg_pool2d(x, self.cfg.enc_downsample) if self.cfg.enc_downsample > 1 else x
+
+    @torch.no_grad()
+    def infer_poses(self, batch: dict) -> tuple[Tensor, Tensor]:
+        """(B, 3, 3) rotations and (B, 2) Å shifts: of the pose encoder's hypotheses for each image, the one
+        whose rendering of the mean model (z = 0) is closest to the image."""
+        img = batch["image"]
+        B, K = len(img), self.cfg.pose_heads
+        R, shift = self.pose_encoder(self._pose_input(img))
+        if K > 1:
+            coords = self.decode(img.new_zeros(1, self.cfg.zdim)).expand(B * K, -1, -1)
+            model = self.render(coords, R.reshape(B * K, 3, 3), shift.reshape(B * K, 2),
+                                batch["ctf"].repeat_interleave(K, 0))
+            err = ((model.reshape(B, K, -1) - img.reshape(B, 1, -1)) ** 2).sum(-1)
+            best = err.argmin(1)
+        else:
+            best = torch.zeros(B, dtype=torch.long, device=img.device)
+        pick = torch.arange(B, device=img.device)
+        return R[pick, best], shift[pick, best]
+
+    def with_poses(self, batch: dict) -> dict:
+        """The batch with ``R`` and ``shift_A`` inferred by the pose encoder (``infer_poses``), else as given."""
+        if self.pose_encoder is None:
+            return batch
+        R, shift = self.infer_poses(batch)
+        return {**batch, "R": R, "shift_A": shift}
+
+    def pose_loss(self, batch: dict) -> Tensor:
+        """Winner-takes-all pose error on views simulated from the current model (the sleep phase), scalar."""
+        ctf = batch["ctf"]
+        B, dev = len(ctf), ctf.device
+        R = random_rotations(B, None).to(dev, torch.float32)
+        shift = torch.randn(B, 2, device=dev) * self.cfg.pose_shift_px * self.apix
+        with torch.no_grad():
+            coords = self.decode(torch.randn(B, self.cfg.zdim, device=dev))
+            img = self.render(coords, R, shift, ctf[torch.randperm(B, device=dev)])
+            img = img + self.noise_sigma * torch.randn_like(img)
+        R_hat, shift_hat = self.pose_encoder(self._pose_input(img))
+        return pose_distance(R_hat, shift_hat, R, shift, self.apix).min(1).values.mean()
 
     def pose(self, R: Tensor, shift: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The batch's rotations (B, 3, 3) and shifts (B, 2) Å, with the learned corrections when enabled."""
@@ -198,7 +287,13 @@ class AtomVAE(nn.Module):
 
     def loss(self, batch: dict, step: int) -> dict[str, Tensor]:
         img = batch["image"]
-        mu, logvar = self.encode(batch)
+        if self.pose_encoder is not None and step < self.cfg.pose_warmup:  # poses first, then the model
+            pose = self.pose_loss(batch)
+            nan = pose.new_tensor(float("nan"))  # the model's terms are not computed yet; keeps the log's columns
+            return {"loss": self.cfg.pose_weight * pose, **dict.fromkeys(("rec", "kl", "bond", "local", "clash"), nan),
+                    "scale": torch.exp(self.log_scale).detach(), "pose": pose.detach()}
+        batch = self.with_poses(batch)
+        mu, logvar = self._encode(batch)
         z = reparameterize(mu, logvar)
         coords = self.decode(z)
         model = self.render(coords, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"), step)
@@ -210,15 +305,31 @@ class AtomVAE(nn.Module):
         c = self.cfg
         beta = (1.0 / c.zdim if c.beta is None else c.beta) * min(1.0, step / max(c.kl_warmup, 1))
         total = rec + beta * kl + w * (c.w_bond * pri["bond"] + c.w_local * pri["local"] + c.w_clash * pri["clash"])
-        return {"loss": total, "rec": rec, "kl": kl, **pri, "scale": torch.exp(self.log_scale).detach()}
+        out = {"rec": rec, "kl": kl, **pri, "scale": torch.exp(self.log_scale).detach()}
+        if self.pose_encoder is not None:
+            out["pose"] = self.pose_loss(batch)
+            total = total + c.pose_weight * out["pose"]
+        return {"loss": total, **out}
 
     @torch.no_grad()
     def init_scale(self, batch: dict) -> float:
-        """Set the image scale by least squares between the data and the starting model's images."""
+        """Set the image scale by least squares between the data and the starting model's images.
+
+        Without poses in the batch (``infer_poses``): from the signal power, at random views,
+        (mean image power - noise sigma^2) / mean model power.
+        """
         self.log_scale.zero_()
-        coords = self.decoder.x0.expand(len(batch["image"]), -1, -1)
+        img = batch["image"]
+        coords = self.decoder.x0.expand(len(img), -1, -1)
+        if "R" not in batch:
+            R = random_rotations(len(img), None).to(img.device, img.dtype)
+            m = self.render(coords, R, torch.zeros(len(img), 2, dtype=img.dtype, device=img.device), batch["ctf"])
+            signal = (img.var(dim=(1, 2, 3)).mean() - self.noise_sigma**2).clamp_min(1e-12)
+            return self._set_scale(torch.sqrt(signal / m.var(dim=(1, 2, 3)).mean().clamp_min(1e-12)))
         m = self.render(coords, batch["R"], batch["shift_A"], batch["ctf"])
-        s = (m * batch["image"]).sum() / (m * m).sum().clamp_min(1e-12)
+        return self._set_scale((m * img).sum() / (m * m).sum().clamp_min(1e-12))
+
+    def _set_scale(self, s: Tensor) -> float:
         if s <= 0:
             raise UserError("particles: the images anti-correlate with the starting model's projections; "
                             "check the contrast sign (invert the data) or the poses")

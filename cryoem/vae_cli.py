@@ -46,7 +46,12 @@ def add_subcommands(sub) -> None:
     p.add_argument("--w-clash", type=float, default=1.0)
     p.add_argument("--lowpass-start", type=float, help="resolution curriculum: start low-pass at this many Å")
     p.add_argument("--refine-poses", action="store_true", help="learn small per-particle pose corrections")
-    p.add_argument("--infer-poses", action="store_true", help="experimental: amortised pose inference")
+    p.add_argument("--infer-poses", action="store_true",
+                   help="experimental: infer poses with a pose encoder trained on the model's own simulated views "
+                        "(for particles without consensus poses)")
+    p.add_argument("--pose-heads", type=int, default=4, help="--infer-poses: pose hypotheses per image")
+    p.add_argument("--pose-warmup", type=int, default=1000,
+                   help="--infer-poses: steps that train only the pose encoder before the model moves")
     p.add_argument("--half-sets", action="store_true", help="train two models on independent halves")
     p.add_argument("--lazy", action="store_true", help="memory-map the stacks instead of loading them")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -96,7 +101,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                         dec_hidden=a.dec_hidden, beta=a.beta, enc_reference=a.enc_reference,
                         likelihood=a.likelihood, w_bond=a.w_bond, w_local=a.w_local,
                         w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
-                        infer_poses=a.infer_poses)
+                        infer_poses=a.infer_poses, pose_heads=a.pose_heads, pose_warmup=a.pose_warmup)
     tcfg = TrainConfig(out=a.out, epochs=a.epochs, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size,
                        lr=a.lr, seed=a.seed, resume=a.resume, device=a.device, ckpt_every=200)
     for name, s in train(spec, cfg, tcfg, halves=a.half_sets).items():

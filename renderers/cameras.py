@@ -51,6 +51,7 @@ __all__ = [
     "euler_zyz_to_matrix",
     "matrix_to_euler_zyz",
     "axis_angle_to_matrix",
+    "rotation_6d_to_matrix",
     "matrix_to_axis_angle",
 ]
 
@@ -465,6 +466,14 @@ def axis_angle_to_matrix(v: Tensor) -> Tensor:
     s, c = torch.sin(theta)[..., None], torch.cos(theta)[..., None]
     eye = torch.eye(3, dtype=v.dtype, device=v.device).expand_as(K)
     return eye + s * K + (1 - c) * (K @ K)
+
+
+def rotation_6d_to_matrix(x: Tensor) -> Tensor:
+    """(..., 6) -> (..., 3, 3): Gram-Schmidt of two 3-vectors into the first two rows of a rotation
+    (the continuous 6-D representation of Zhou et al. 2019, for networks that output rotations)."""
+    a = torch.nn.functional.normalize(x[..., :3], dim=-1)
+    b = torch.nn.functional.normalize(x[..., 3:] - (a * x[..., 3:]).sum(-1, keepdim=True) * a, dim=-1)
+    return torch.stack([a, b, torch.cross(a, b, dim=-1)], -2)
 
 
 def matrix_to_axis_angle(R: Tensor) -> Tensor:

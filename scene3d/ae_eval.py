@@ -45,6 +45,7 @@ def load_run(run: str | Path) -> tuple[SceneAE, dict]:
         raise UserError(f"{run}: not a voxel / mesh / NeRF autoencoder run (no 'ae' settings in its checkpoint)")
     known = {f.name for f in fields(AEConfig)}
     ae = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings["ae"].items() if k in known}
+    ae.setdefault("lift", 0)  # runs from before the pixel-aligned features
     model = SceneAE(AEConfig(**ae), per_scene=bool(settings.get("per_scene")))
     model.load_state_dict(ckpt["model"])
     return model.eval(), settings

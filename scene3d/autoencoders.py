@@ -15,7 +15,9 @@ Decoders (one interface: ``forward(z) -> state``, ``render``, ``occupancy``, ``s
 
 * :class:`VoxelDecoder`: z -> 3D transposed convolutions -> density + colour at ``res^3``
   -> ``renderers.voxel.VoxelRenderer`` (emission-absorption; absorption for silhouettes)
-  (Rezende et al. 2016).
+  (Rezende et al. 2016). With ``lift`` (the default), a :class:`PixelLifter` also gives every cell the
+  context images' features at its projection, so the grid starts from the views' silhouettes and the
+  global latent only has to add what the views do not show (the cell-wise view of pixelNeRF, in voxels).
 * :class:`MeshDecoder`: z -> offsets + colours of an ico-sphere template -> ``renderers.mesh.MeshRenderer``
   (soft silhouette + shaded), with PyTorch3D's Laplacian, edge and normal-consistency regularisers.
 * :class:`FieldDecoder`: a latent-conditioned ``renderers.nerf.RadianceMLP`` (CodeNeRF-style conditioning)
@@ -109,6 +111,44 @@ class ContextEncoder(nn.Module):
         return mu, -torch.log(prec.sum(1))
 
 
+class PixelLifter(nn.Module):
+    """k context views + cameras -> a (B, C, G, G, G) feature volume over the box ``[lo, hi]^3``.
+
+    A small 2D ConvNet gives features at 1, 1/2 and 1/4 of the image size. Every cell centre is projected
+    into each view and reads the features there (bilinear, zero outside the image); with the cell's position
+    in that camera's axes (``R p`` in box half-sizes, so depth along the view is explicit) a per-cell MLP
+    makes C features per view, and the views are averaged (any k).
+    """
+
+    def __init__(self, res: int, lo: float, hi: float, channels: int = 16, width: int = 32):
+        super().__init__()
+        conv = lambda a, b, s=1: nn.Sequential(nn.Conv2d(a, b, 3, s, 1), nn.ReLU())  # noqa: E731
+        self.levels = nn.ModuleList([nn.Sequential(conv(3, width), conv(width, width)),
+                                     nn.Sequential(conv(width, 2 * width, 2), conv(2 * width, 2 * width)),
+                                     nn.Sequential(conv(2 * width, 2 * width, 2), conv(2 * width, 2 * width))])
+        self.reduce = nn.ModuleList([nn.Conv2d(c, channels, 1) for c in (width, 2 * width, 2 * width)])
+        self.mlp = nn.Sequential(nn.Linear(3 * channels + 3, 2 * channels), nn.ReLU(),
+                                 nn.Linear(2 * channels, channels))
+        self.register_buffer("cells", voxel_centers(res, lo, hi).reshape(-1, 3), persistent=False)  # [z, y, x] order
+        self.res, self.scale, self.channels = res, (hi - lo) / 2, channels
+
+    def forward(self, images: Tensor, cameras: Camera) -> Tensor:
+        """images (B, k, 3, H, W), B * k cameras (scene-major) -> (B, C, G, G, G)."""
+        B, k, _, H, W = images.shape
+        x, maps = images.reshape(B * k, 3, H, W), []
+        for level, reduce in zip(self.levels, self.reduce):
+            x = level(x)
+            maps.append(reduce(x))
+        pts = self.cells.to(images.dtype)[None].expand(B * k, -1, -1)
+        uv, _ = cameras.project(pts)  # (B k, N, 2) pixels
+        grid = (uv / uv.new_tensor([W, H]) * 2 - 1)[:, :, None]  # grid_sample's [-1, 1], align_corners=False
+        feats = [F.grid_sample(m, grid, align_corners=False)[..., 0] for m in maps]  # (B k, C, N) each
+        local = pts @ cameras.R.transpose(1, 2) / self.scale  # the cell in the camera's axes
+        h = self.mlp(torch.cat([*feats, local.transpose(1, 2)], 1).transpose(1, 2))  # (B k, N, C)
+        G = self.res
+        return h.reshape(B, k, G, G, G, self.channels).mean(1).permute(0, 4, 1, 2, 3)
+
+
 # ------------------------------------------------------------------------ decoders
 class VoxelDecoder(nn.Module):
     """z (B, L) -> density (B, 1, G, G, G) in 1 / world units and colour (B, 3, G, G, G) over ``[lo, hi]^3``.
@@ -118,12 +158,16 @@ class VoxelDecoder(nn.Module):
 
     ``latent_dim=0`` makes a free per-scene grid (B = 1). Densities are ``softplus`` of the network output
     times ``density_scale / cell``, so a raw value of ~1 makes a cell about opaque.
+
+    ``lift > 0``: ``forward(z, lifted)`` also takes a :class:`PixelLifter` volume (B, lift, G/2, G/2, G/2),
+    merged by a 3^3 convolution into the features before the last transposed convolution.
     """
 
     kind = "voxel"
 
     def __init__(self, latent_dim: int, lo: float, hi: float, res: int = 32, width: int = 64, n_samples: int = 64,
-                 background=(0.0, 0.0, 0.0), silhouette: bool = False, density_scale: float = 2.0):
+                 background=(0.0, 0.0, 0.0), silhouette: bool = False, density_scale: float = 2.0,
+                 lift: int = 0):
         super().__init__()
         if res % 8:
             raise ValueError(f"res: expected a multiple of 8, got {res}")
@@ -138,6 +182,8 @@ class VoxelDecoder(nn.Module):
                 ups += [nn.ConvTranspose3d(a, b, 4, 2, 1), nn.ReLU()]
             self.up = nn.Sequential(*ups, nn.ConvTranspose3d(c[-1], 4, 4, 2, 1))  # the last one is the output
             self.c0 = c[0]
+            if lift:  # merges the lifted features into the (res / 2)^3 features before the output layer
+                self.mix = nn.Sequential(nn.Conv3d(c[-1] + lift, c[-1], 3, 1, 1), nn.ReLU())
         else:
             self.grid = nn.Parameter(torch.cat([torch.zeros(1, 1, res, res, res),
                                                 torch.zeros(1, 3, res, res, res)], 1))
@@ -145,10 +191,13 @@ class VoxelDecoder(nn.Module):
         self.renderer = VoxelRenderer(mode, n_samples, center=(lo + hi) / 2, size=hi - lo, background=background,
                                       alpha=not silhouette)  # alpha: the silhouette that the loss also fits
 
-    def forward(self, z: Tensor | None) -> dict:
+    def forward(self, z: Tensor | None, lifted: Tensor | None = None) -> dict:
         if self.latent_dim:
             g = self.res // 8
-            raw = self.up(self.fc(z).reshape(-1, self.c0, g, g, g))
+            h = self.up[:-1](self.fc(z).reshape(-1, self.c0, g, g, g))
+            if lifted is not None:
+                h = self.mix(torch.cat([h, lifted], 1))
+            raw = self.up[-1](h)
         else:
             raw = self.grid
         density = F.softplus(raw[:, :1] - 2.0) * (self.density_scale / self.cell)  # -2: start as a faint fog
@@ -335,12 +384,13 @@ class AEConfig:
     edge_weight: float = 0.1
     normal_weight: float = 0.01
     encoder_width: int = 32
+    lift: int = 16  # voxel: channels of the pixel-aligned feature volume (0: the global latent alone)
 
 
 def make_decoder(cfg: AEConfig, per_scene: bool = False) -> nn.Module:
     L = 0 if per_scene else cfg.latent_dim
     if cfg.kind == "voxel":
-        return VoxelDecoder(L, cfg.lo, cfg.hi, background=cfg.background)
+        return VoxelDecoder(L, cfg.lo, cfg.hi, background=cfg.background, lift=cfg.lift if L else 0)
     if cfg.kind == "mesh":
         return MeshDecoder(L, cfg.lo, cfg.hi, background=cfg.background)
     if cfg.kind == "nerf":
@@ -361,6 +411,8 @@ class SceneAE(nn.Module):
         self.decoder = make_decoder(cfg, per_scene)
         self.encoder = None if per_scene else ContextEncoder(cfg.image_size, cfg.latent_dim, (cfg.hi - cfg.lo) / 2,
                                                              cfg.encoder_width)
+        lift = cfg.kind == "voxel" and cfg.lift and not per_scene
+        self.lifter = PixelLifter(self.decoder.res // 2, cfg.lo, cfg.hi, cfg.lift) if lift else None
 
     @property
     def kind(self) -> str:
@@ -388,7 +440,13 @@ class SceneAE(nn.Module):
         if self.encoder is None:
             return self.decoder(None)
         mu, logvar = self.encode(images, cameras)
-        return self.decoder(reparameterize(mu, logvar) if sample else mu)
+        return self._decode(reparameterize(mu, logvar) if sample else mu, images, cameras)
+
+    def _decode(self, z: Tensor, images: Tensor, cameras: Camera) -> dict:
+        """z (B, L) and the context views (B, k, 3, S, S) it came from -> the decoder's 3D state."""
+        if self.lifter is None:
+            return self.decoder(z)
+        return self.decoder(z, self.lifter(images, cameras))
 
     def loss(self, batch: dict, step: int) -> dict:
         images, cams = batch_views(batch, self.cfg.image_size)
@@ -402,8 +460,9 @@ class SceneAE(nn.Module):
             k = self.cfg.contexts[int(torch.randint(len(self.cfg.contexts), ()))]
             perm = torch.randperm(V, device=images.device)
             c_idx, q_idx = perm[:k], perm[k:k + self.cfg.queries]
-            mu, logvar = self.encode(images[:, c_idx], pick(cams, B, V, c_idx))
-            state = self.decoder(reparameterize(mu, logvar))
+            c_imgs, c_cams = images[:, c_idx], pick(cams, B, V, c_idx)
+            mu, logvar = self.encode(c_imgs, c_cams)
+            state = self._decode(reparameterize(mu, logvar), c_imgs, c_cams)
             kl = gaussian_kl(mu, logvar)
         target = images[:, q_idx]
         q_cams = pick(cams, B, V, q_idx)

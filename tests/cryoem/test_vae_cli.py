@@ -85,6 +85,17 @@ def test_missing_poses_is_a_clear_error(sim, tmp_path):
                "--atoms", "ca", "--center", "none", "--steps", 1, "--out", tmp_path / "r")
     assert r.returncode == 2
     assert "no poses" in r.stderr and "--infer-poses" in r.stderr
+    # the same particles train with the experimental pose inference, and the run reloads without poses
+    r = cryoem("train", "--particles", tmp_path / "noposes.star", "--structure", sim / "gt_models.pdb",
+               "--atoms", "ca", "--center", "none", "--zdim", 2, "--steps", 4, "--batch-size", 16,
+               "--infer-poses", "--pose-warmup", 2, "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    log = (tmp_path / "r" / "train_log.csv").read_text().splitlines()
+    assert "pose" in log[0].split(",") and len(log) > 1
+    z = tmp_path / "z.npy"
+    np.save(z, np.zeros((2, 2), dtype=np.float32))
+    r = cryoem("decode", tmp_path / "r", "--z", z, "--out", tmp_path / "m.pdb")
+    assert r.returncode == 0, r.stderr
 
 
 def test_unmatched_atoms_is_a_clear_error(run, tmp_path):

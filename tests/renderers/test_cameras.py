@@ -16,6 +16,7 @@ from renderers.cameras import (
     look_at,
     matrix_to_axis_angle,
     matrix_to_euler_zyz,
+    rotation_6d_to_matrix,
 )
 
 DATA = __import__("pathlib").Path(__file__).resolve().parents[1] / "data"
@@ -248,3 +249,15 @@ def test_look_at_centres_target():
 def test_bad_input(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Camera.create(image_size=(8, 8), fov=1.0, **kwargs)
+
+
+@given(st.integers(0, 10_000))
+@settings(max_examples=25, deadline=None)
+def test_rotation_6d(seed):
+    """The first two rows of a rotation give it back; any 6-vector gives a proper rotation."""
+    R = random_rotation(seed)
+    torch.testing.assert_close(rotation_6d_to_matrix(R[:, :2].reshape(-1, 6)), R)
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(seed))
+    Q = rotation_6d_to_matrix(x)
+    torch.testing.assert_close(Q @ Q.transpose(1, 2), torch.eye(3).expand(4, 3, 3))
+    torch.testing.assert_close(torch.linalg.det(Q), torch.ones(4))
