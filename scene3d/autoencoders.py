@@ -224,7 +224,10 @@ class VoxelDecoder(nn.Module):
         return verts, faces, rgb.clamp(0, 1)
 
     def regularisers(self, state: dict) -> dict:
-        return {}
+        """``binary``: mean alpha * (1 - alpha) of the cells' opacities, which pushes every cell to be empty or
+        opaque, so that one occupancy threshold fits both the images and the solid."""
+        alpha = 1 - torch.exp(-state["density"] * self.cell)
+        return {"binary": (alpha * (1 - alpha)).mean()}
 
     def _box(self, like: Tensor) -> tuple[Tensor, Tensor]:
         c = torch.full((3,), (self.lo + self.hi) / 2, dtype=like.dtype, device=like.device)
@@ -384,6 +387,7 @@ class AEConfig:
     edge_weight: float = 0.1
     normal_weight: float = 0.01
     encoder_width: int = 32
+    binary_weight: float = 0.0  # voxel: weight of the empty-or-opaque cell regulariser
     lift: int = 16  # voxel: channels of the pixel-aligned feature volume (0: the global latent alone)
 
 

@@ -129,6 +129,8 @@ def _train_args(p, kind: str) -> None:
     p.add_argument("--latent", type=int, default=128)
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--sigma", type=float, default=0.1, help="pixel noise std")
+    p.add_argument("--binary-weight", type=float, default=0.0,
+                   help="voxel: push cells to be empty or opaque (weight, in units of the per-pixel loss)")
     p.add_argument("--lift", type=int, default=16,
                    help="voxel: channels of the pixel-aligned context features per cell (0: the latent alone)")
     p.add_argument("--rays", type=int, default=512, help="NeRF: rays per scene per step")
@@ -148,6 +150,7 @@ def cmd_train(a) -> int:
     lo, hi = data_box(data)
     cfg = AEConfig(kind=a.kind, latent_dim=a.latent, image_size=a.image_size, contexts=tuple(a.contexts),
                    queries=a.queries, sigma=a.sigma, beta=a.beta, rays=a.rays, lo=lo, hi=hi, lift=a.lift,
+                   binary_weight=a.binary_weight,
                    background=tuple(data.background or (0.0, 0.0, 0.0)))
     if max(cfg.contexts) + cfg.queries > data.views:
         raise UserError(f"--contexts/--queries: {max(cfg.contexts)} + {cfg.queries} views exceed the "
