@@ -185,3 +185,17 @@ def test_cli_user_errors(tmp_path):
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
     r = scene3d("export", tmp_path, "--out", tmp_path / "m.ply")
     assert r.returncode == 2 and "error:" in r.stderr
+
+
+def test_binary_regulariser_is_zero_for_empty_or_opaque_cells():
+    """alpha * (1 - alpha) per cell: 1/4 when every cell is half opaque, ~0 for empty or opaque cells."""
+    import math
+
+    from scene3d.autoencoders import VoxelDecoder
+
+    dec = VoxelDecoder(0, -4.0, 4.0, res=8)
+    half = torch.full((1, 1, 8, 8, 8), math.log(2) / dec.cell)
+    assert abs(dec.regularisers({"density": half})["binary"].item() - 0.25) < 1e-6
+    solid = torch.zeros(1, 1, 8, 8, 8)
+    solid[..., :4] = 100 / dec.cell
+    assert dec.regularisers({"density": solid})["binary"].item() < 1e-6
