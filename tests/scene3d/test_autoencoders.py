@@ -189,8 +189,6 @@ def test_cli_user_errors(tmp_path):
 
 def test_binary_regulariser_is_zero_for_empty_or_opaque_cells():
     """alpha * (1 - alpha) per cell: 1/4 when every cell is half opaque, ~0 for empty or opaque cells."""
-    import math
-
     from scene3d.autoencoders import VoxelDecoder
 
     dec = VoxelDecoder(0, -4.0, 4.0, res=8)
