@@ -103,7 +103,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                         w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
                         infer_poses=a.infer_poses, pose_heads=a.pose_heads, pose_warmup=a.pose_warmup)
     tcfg = TrainConfig(out=a.out, epochs=a.epochs, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size,
-                       lr=a.lr, seed=a.seed, resume=a.resume, device=a.device, ckpt_every=200)
+                       lr=a.lr, seed=a.seed, resume=a.resume, device=a.device, ckpt_every=200,
+                       find_unused_parameters=a.infer_poses)  # the pose warm-up leaves the model unused
     for name, s in train(spec, cfg, tcfg, halves=a.half_sets).items():
         print(f"{name}: {s['step']} steps, {s['epoch']} epochs, {s['elapsed_s'] / 60:.1f} min, "
               f"stopped by {s['stopped_by']}")
