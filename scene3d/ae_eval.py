@@ -5,7 +5,9 @@ contexts are views ``0 .. k-1``; queries are the last ``queries`` views (the sam
 
 * image metrics on the query views (full and foreground-masked PSNR, SSIM) from ``scene3d.metrics``;
 * voxel IoU at 32³ against the generator's occupancy (``scene3d.geometry_metrics.voxel_iou``); the
-  prediction is thresholded at a cell opacity of 1/2 and its cavities filled (images only show surfaces);
+  prediction is thresholded at the run's occupancy level and its cavities filled (images only show
+  surfaces). The level is a cell opacity of 1/2 unless ``calibrate_level`` chose another from the
+  training images (``RUN/calibration.json``);
 * symmetric Chamfer distance on 10k surface samples against ``meshes/scene-XXXXXX.ply``;
 * the classical baseline: a visual hull carved at 32³ from the silhouettes of views 0, 1, 2.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import fields
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ import torch
 from torch import Tensor
 
 from renderers.cameras import Camera, look_at
-from scene3d.autoencoders import AEConfig, SceneAE, pick, predicted_occupancy, resize_views
+from scene3d.autoencoders import AEConfig, SceneAE, occupancy_level, pick, predicted_occupancy, resize_views
 from scene3d.data import CAMERA_KEYS, MultiViewDataset
 from scene3d.geometry_metrics import (
     chamfer,
@@ -32,6 +34,9 @@ from scene3d.geometry_metrics import (
 )
 from scene3d.metrics import foreground_mask
 from scene3d.runinfo import UserError
+
+CALIBRATION = "calibration.json"
+LEVEL_SCALES = (0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
 # ------------------------------------------------------------------------ runs
@@ -46,6 +51,9 @@ def load_run(run: str | Path) -> tuple[SceneAE, dict]:
     known = {f.name for f in fields(AEConfig)}
     ae = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings["ae"].items() if k in known}
     ae.setdefault("lift", 0)  # runs from before the pixel-aligned features
+    calib = Path(run) / CALIBRATION
+    if calib.is_file():
+        ae["level_scale"] = float(json.loads(calib.read_text())["level_scale"])
     model = SceneAE(AEConfig(**ae), per_scene=bool(settings.get("per_scene")))
     model.load_state_dict(ckpt["model"])
     return model.eval(), settings
@@ -86,8 +94,6 @@ def decode_scene(model: SceneAE, dataset: MultiViewDataset | None, i: int, k: in
 
 def surface(model: SceneAE, state: dict, level: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Scene 0 of ``state`` as a coloured mesh (verts, faces, colours); ``level`` in 1 / world units."""
-    from scene3d.autoencoders import occupancy_level
-
     return model.decoder.surface(state, 0, occupancy_level(model.cfg) if level is None else level)
 
 
@@ -123,15 +129,51 @@ def data_box(dataset: MultiViewDataset) -> tuple[float, float]:
     return (float(b[0]), float(b[3])) if b else (-4.0, 4.0)
 
 
-def visual_hull_iou(dataset: MultiViewDataset, i: int, views=(0, 1, 2)) -> float:
-    """IoU at 32³ of the visual hull carved from ``views`` of scene ``i`` with the true occupancy."""
+def carved_hull(dataset: MultiViewDataset, i: int, views=None, res: int = 32) -> Tensor:
+    """(res, res, res) visual hull of scene ``i`` carved from the silhouettes of ``views`` (default: all)."""
     item = dataset[i]
-    idx = list(views)
+    idx = list(range(dataset.views) if views is None else views)
     cams = Camera(*(item[k][idx] for k in CAMERA_KEYS), dataset.image_size)
     masks = foreground_mask(item["images"][idx], dataset.background or (0.0, 0.0, 0.0))[:, 0]
-    gt = gt_occupancy(dataset, i)
     lo, hi = data_box(dataset)
-    return float(voxel_iou(visual_hull(masks, cams, gt.shape[-1], lo, hi), gt))
+    return visual_hull(masks, cams, res, lo, hi)
+
+
+def visual_hull_iou(dataset: MultiViewDataset, i: int, views=(0, 1, 2)) -> float:
+    """IoU at 32³ of the visual hull carved from ``views`` of scene ``i`` with the true occupancy."""
+    gt = gt_occupancy(dataset, i)
+    return float(voxel_iou(carved_hull(dataset, i, views, gt.shape[-1]), gt))
+
+
+@torch.no_grad()
+def calibrate_level(model: SceneAE, dataset: MultiViewDataset, scenes: int = 100, scales=LEVEL_SCALES,
+                    res: int = 32, progress: bool = True) -> dict:
+    """Choose the occupancy threshold from training images alone; returns the report for calibration.json.
+
+    A model that is unsure of depth spreads density thinly along the rays, so half-opaque cells
+    miss much of the solid. For each of the first ``scenes`` scenes, the visual hull carved from
+    *all* its views stands in for the solid (images and cameras only, no 3D labels). The scene is
+    decoded from k context views, k cycling through ``cfg.contexts``, and the multiple of the
+    half-opaque level with the best mean IoU against the hulls wins.
+    """
+    from tqdm import tqdm
+
+    if dataset.background is None:
+        raise UserError("--data: calibration needs a known background to cut silhouettes")
+    n = min(scenes, len(dataset))
+    ks = model.cfg.contexts
+    base = occupancy_level(replace(model.cfg, level_scale=1.0), res)
+    ious = np.zeros((n, len(scales)))
+    for i in tqdm(range(n), desc="calibrate level", disable=not progress):
+        hull = carved_hull(dataset, i, res=res)
+        state = decode_scene(model, dataset, i, ks[i % len(ks)])
+        for j, s in enumerate(scales):
+            ious[i, j] = float(voxel_iou(predicted_occupancy(model, state, res, level=base * s)[0], hull))
+    mean = ious.mean(0)
+    best = int(mean.argmax())
+    return {"level_scale": float(scales[best]), "level": float(base * scales[best]), "scenes": n,
+            "contexts": list(ks), "hull_views": dataset.views,
+            "iou_vs_hull": {f"{s:g}": float(m) for s, m in zip(scales, mean)}}
 
 
 @torch.no_grad()

@@ -389,6 +389,7 @@ class AEConfig:
     encoder_width: int = 32
     binary_weight: float = 0.0  # voxel: weight of the empty-or-opaque cell regulariser
     lift: int = 16  # voxel: channels of the pixel-aligned feature volume (0: the global latent alone)
+    level_scale: float = 1.0  # occupancy threshold as a multiple of the half-opaque level (see calibrate_level)
 
 
 def make_decoder(cfg: AEConfig, per_scene: bool = False) -> nn.Module:
@@ -528,21 +529,24 @@ class SceneViews(torch.utils.data.Dataset):
 
 def occupancy_level(cfg: AEConfig, res: int = 32) -> float:
     """Density (1 / world units) above which a cell of a ``res^3`` grid over the box counts as occupied:
-    the one that makes a cell's opacity 1/2 (sigma * cell = ln 2)."""
-    return math.log(2) / ((cfg.hi - cfg.lo) / res)
+    ``cfg.level_scale`` times the one that makes a cell's opacity 1/2 (sigma * cell = ln 2)."""
+    return cfg.level_scale * math.log(2) / ((cfg.hi - cfg.lo) / res)
 
 
-def predicted_occupancy(model: SceneAE, state: dict, res: int = 32, fill: bool = True) -> Tensor:
+def predicted_occupancy(model: SceneAE, state: dict, res: int = 32, fill: bool = True,
+                        level: float | None = None) -> Tensor:
     """(B, res, res, res) bool occupancy of decoded scenes on the box grid ([z, y, x]).
 
     Images constrain only the visible surface, so with ``fill`` interior cavities are filled
-    (``scipy.ndimage.binary_fill_holes``) before comparing with solid ground truth.
+    (``scipy.ndimage.binary_fill_holes``) before comparing with solid ground truth. ``level``: density
+    threshold in 1 / world units (default ``occupancy_level(cfg, res)``).
     """
     from scipy.ndimage import binary_fill_holes
 
     cfg = model.cfg
     pts = voxel_centers(res, cfg.lo, cfg.hi).reshape(-1, 3)
-    occ = model.decoder.occupancy(state, pts, occupancy_level(cfg, res)).reshape(-1, res, res, res).cpu()
+    level = occupancy_level(cfg, res) if level is None else level
+    occ = model.decoder.occupancy(state, pts, level).reshape(-1, res, res, res).cpu()
     if fill:
         occ = torch.stack([torch.from_numpy(binary_fill_holes(o.numpy())) for o in occ])
     return occ

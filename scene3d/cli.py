@@ -45,6 +45,8 @@ def cmd_train_gqn(args: argparse.Namespace) -> int:
     gcfg = GQNConfig(**{f.name: getattr(args, f.name) for f in fields(GQNConfig) if hasattr(args, f.name)})
     centres = -np.einsum("nvji,nvj->nvi", data.R, data.t)  # camera centres -R^T t
     gcfg.position_scale = float(1 / max(np.linalg.norm(centres, axis=-1).mean(), 1e-6))
+    bounds = data.meta.get("occupancy", {}).get("bounds")
+    gcfg.scene_radius = float(np.abs(bounds).max()) if bounds else float(np.linalg.norm(centres, axis=-1).mean())
     if args.resume:  # the model is the one in the checkpoint, whatever the model flags say
         from scene3d.trainer import load_checkpoint
 
@@ -153,7 +155,10 @@ def _add_train(sub) -> None:
     d = GQNConfig()
     m = g.add_argument_group("model (CPU defaults; the paper's values in brackets)")
     m.add_argument("--image-size", dest="image_size", type=int, default=d.image_size, help="[64]")
-    m.add_argument("--representation", choices=["pool", "tower", "pyramid"], default=d.representation)
+    m.add_argument("--representation", choices=["pool", "tower", "pyramid", "epipolar"], default=d.representation,
+                   help="epipolar: features gathered along each query ray (E-GQN-style, query-dependent r)")
+    m.add_argument("--depth-samples", dest="depth_samples", type=int, default=d.depth_samples,
+                   help="epipolar: points per query ray")
     m.add_argument("--r-channels", dest="r_channels", type=int, default=d.r_channels, help="[256]")
     m.add_argument("--hidden", type=int, default=d.hidden, help="ConvLSTM channels [256]")
     m.add_argument("--z-channels", dest="z_channels", type=int, default=d.z_channels, help="[3]")

@@ -8,7 +8,9 @@
 * ``export RUN --scene I --out mesh.ply [--points]``: marching cubes / the mesh, to .ply / .obj;
 * ``view RUN|FILE [--out snap.png]``: open3d window, or a headless snapshot;
 * ``render RUN --scene I --turntable --out spin.gif``: novel views around the object;
-* ``eval RUN --data DIR --contexts 1 3``: for these runs (other runs go to the existing ``eval``).
+* ``eval RUN --data DIR --contexts 1 3``: for these runs (other runs go to the existing ``eval``);
+* ``calibrate RUN [--data DIR]``: choose the occupancy threshold from training images
+  (``ae_eval.calibrate_level``; ``train voxel|nerf`` runs it at the end).
 
 ``train`` and ``eval`` may already exist (GQN): ``train`` then gains the three model subcommands, and
 ``eval`` dispatches autoencoder runs here and every other run to its previous handler.
@@ -79,6 +81,13 @@ def add_subcommands(sub) -> None:
     s.add_argument("--size", type=int, default=None, help="image size (default: the model's)")
     s.add_argument("--out", required=True, help=".gif")
     s.set_defaults(func=cmd_render)
+    s = sub.add_parser("calibrate", help="choose a run's occupancy threshold from its training images",
+                       description="Pick the density level whose occupancy best matches the visual hulls carved "
+                                   "from all views of training scenes; writes RUN/calibration.json.")
+    s.add_argument("run")
+    s.add_argument("--data", default=None, help="training-style dataset (default: the run's training data)")
+    s.add_argument("--scenes", type=int, default=100)
+    s.set_defaults(func=cmd_calibrate)
     _add_eval(sub)
 
 
@@ -158,8 +167,36 @@ def cmd_train(a) -> int:
     tc = TrainConfig(out=a.out, minutes=a.minutes, steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
                      lr=a.lr, seed=a.seed, resume=a.resume, device=a.device, ckpt_every=200)
     settings = {"ae": asdict(cfg), "per_scene": False, "data": str(Path(a.data).resolve())}
-    summary = Trainer(SceneAE(cfg), data, tc, settings=settings).fit()
+    trainer = Trainer(SceneAE(cfg), data, tc, settings=settings)
+    summary = trainer.fit()
     print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
+    if (a.kind != "mesh" and data.background is not None and trainer.is_main
+            and not summary["stopped_by"].startswith("signal")):
+        calibrate(a.out, data)
+    return 0
+
+
+def calibrate(run, data, scenes: int = 100) -> dict:
+    """Run ``ae_eval.calibrate_level`` on ``data`` and write ``RUN/calibration.json``."""
+    from scene3d.ae_eval import CALIBRATION, calibrate_level, load_run
+
+    model, _ = load_run(run)
+    if model.kind == "mesh":
+        raise UserError(f"{run}: a mesh has no density threshold to calibrate")
+    report = calibrate_level(model, data, scenes)
+    atomic_write(Path(run) / CALIBRATION, json.dumps(report, indent=2))
+    ious = ", ".join(f"{s}: {v:.3f}" for s, v in report["iou_vs_hull"].items())
+    print(f"occupancy level x{report['level_scale']:g} of half-opaque (IoU vs {report['hull_views']}-view hulls "
+          f"of {report['scenes']} scenes: {ious}) -> {run}/{CALIBRATION}")
+    return report
+
+
+def cmd_calibrate(a) -> int:
+    from scene3d.ae_eval import load_run
+    from scene3d.data import MultiViewDataset
+
+    _, settings = load_run(a.run)
+    calibrate(a.run, MultiViewDataset.load(a.data or settings["data"]), a.scenes)
     return 0
 
 
@@ -310,6 +347,7 @@ def cmd_eval(a) -> int:
     t0 = time.time()
     res = evaluate(model, data, a.data, tuple(a.contexts), getattr(a, "queries", 5), getattr(a, "scenes", None))
     res["eval_seconds"] = time.time() - t0
+    res["occupancy_level_scale"] = model.cfg.level_scale
     atomic_write(Path(a.run) / "metrics.json", json.dumps(res, indent=2))
     print(format_table({model.kind: res}))
     return 0

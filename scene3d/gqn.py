@@ -40,7 +40,7 @@ class GQNConfig:
 
     image_size: int = 32
     channels: int = 3
-    representation: str = "tower"  # pool | tower | pyramid
+    representation: str = "tower"  # pool | tower | pyramid | epipolar
     r_channels: int = 32
     hidden: int = 32
     z_channels: int = 2
@@ -54,6 +54,8 @@ class GQNConfig:
     max_contexts: int = 5
     v_dim: int = 7
     position_scale: float = 1.0  # camera positions are multiplied by this (the CLI sets 1 / mean camera distance)
+    depth_samples: int = 32  # epipolar: points per query ray
+    scene_radius: float = 4.0  # epipolar: rays are sampled within this distance (world units) of the origin
 
 
 # ------------------------------------------------------------ representations
@@ -102,14 +104,85 @@ class Pyramid(nn.Module):
         return self.net(torch.cat([x, v[:, :, None, None].expand(-1, -1, *x.shape[-2:])], 1))
 
 
+class Epipolar(nn.Module):
+    """Query-dependent representation from features along each query ray (after E-GQN, Tobin et al. 2019).
+
+    Each context view gets a full-resolution ConvNet feature map (plus its RGB). A query ray is
+    cast through each cell of an (H/2)² grid and ``depth_samples`` points are placed on it where it
+    crosses the sphere of radius ``scene_radius``. Every point is projected into every context view
+    and reads the features there; the mean and variance over the views that see it (their
+    photo-consistency) go through an MLP that gives a score and a value. The softmax of the scores
+    along the ray weights the values. With the mean context feature, a stride-2 convolution maps
+    the rays to r (B, c, H/4, W/4) in the query's image grid.
+    """
+
+    def __init__(self, channels: int = 3, c: int = 32, image_size: int = 32, depth_samples: int = 32,
+                 scene_radius: float = 4.0, feat: int = 32, hidden: int = 64):
+        super().__init__()
+        self.size, self.D, self.radius = image_size, depth_samples, scene_radius
+        self.enc = nn.Sequential(nn.Conv2d(channels, feat, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(feat, feat, 3, padding=1), nn.ReLU(),
+                                 nn.Conv2d(feat, feat, 3, padding=1))
+        f = feat + channels
+        self.point = nn.Sequential(nn.Linear(2 * f + 2, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                   nn.Linear(hidden, 1 + f))
+        self.out = nn.Sequential(nn.Conv2d(2 * f + 1, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 2, stride=2))
+
+    def _cameras(self, v: Tensor) -> Camera:
+        """Cameras from the last 16 entries (R, t, focal, principal) of extended viewpoints (N, 7 + 16)."""
+        w = v[:, -16:]
+        return Camera(w[:, :9].reshape(-1, 3, 3), w[:, 9:12], w[:, 12:14], w[:, 14:16], (self.size, self.size))
+
+    def _ray_points(self, q: Camera) -> tuple[Tensor, Tensor]:
+        """Points (B, h*w*D, 3) on the query rays of an (H/2)² grid, and their depth fraction (B, h*w*D)."""
+        h = self.size // 2
+        s = torch.arange(h, dtype=q.dtype, device=q.device) * 2 + 1.0  # centres of 2x2 pixel blocks
+        yy, xx = torch.meshgrid(s, s, indexing="ij")
+        uv = torch.stack([xx, yy], -1).reshape(1, -1, 2).expand(len(q), -1, 2)
+        o, d = q.rays(uv)  # (B, h*h, 3)
+        tc = -(o * d).sum(-1, keepdim=True)  # closest approach to the origin
+        half = (self.radius ** 2 - (o + tc * d).pow(2).sum(-1, keepdim=True)).clamp_min(1e-4).sqrt()
+        near = (tc - half).clamp_min(1e-2)
+        frac = (torch.arange(self.D, dtype=q.dtype, device=q.device) + 0.5) / self.D
+        depth = near + (tc + half - near) * frac  # (B, h*h, D)
+        pts = o[:, :, None] + depth[..., None] * d[:, :, None]
+        return pts.reshape(len(q), -1, 3), frac.expand_as(depth).reshape(len(q), -1)
+
+    def forward(self, x: Tensor, v: Tensor, q_v: Tensor) -> Tensor:
+        """Contexts x (B, K, C, H, W), extended viewpoints v (B, K, 23), query q_v (B, 23) -> (B, c, H/4, W/4)."""
+        B, K, C, H, W = x.shape
+        feats = torch.cat([self.enc(x.flatten(0, 1)), x.flatten(0, 1)], 1)  # (B*K, f, H, W)
+        pts, frac = self._ray_points(self._cameras(q_v))  # (B, N, 3)
+        N = pts.shape[1]
+        uv, depth = self._cameras(v.flatten(0, 1)).project(pts.repeat_interleave(K, 0))
+        grid = uv / torch.tensor([W, H], dtype=uv.dtype, device=uv.device) * 2 - 1
+        seen = ((grid.abs() <= 1).all(-1) & (depth > 0)).to(x.dtype).view(B, K, N, 1)
+        f = F.grid_sample(feats, grid[:, :, None], align_corners=False)[..., 0]  # (B*K, f, N)
+        f = f.view(B, K, -1, N).transpose(2, 3) * seen  # (B, K, N, f)
+        n = seen.sum(1).clamp_min(1.0)
+        mean = f.sum(1) / n
+        var = ((f - mean[:, None]) ** 2 * seen).sum(1) / n
+        out = self.point(torch.cat([mean, var, seen.mean(1), frac[..., None]], -1))  # (B, N, 1 + f)
+        h = H // 2
+        out = out.view(B, h * h, self.D, -1)
+        w = torch.softmax(out[..., 0], -1)[..., None]
+        ray = (w * out[..., 1:]).sum(2)  # (B, h*h, f)
+        expected_depth = (w[..., 0] * frac.view(B, h * h, self.D)).sum(-1, keepdim=True)
+        glob = feats.view(B, K, -1, H * W).mean((1, 3))[:, None].expand_as(ray)
+        grid_feats = torch.cat([ray, glob, expected_depth], -1).transpose(1, 2).reshape(B, -1, h, h)
+        return self.out(grid_feats)
+
+
 def representation_net(cfg: GQNConfig) -> nn.Module:
+    if cfg.representation == "epipolar":
+        return Epipolar(cfg.channels, cfg.r_channels, cfg.image_size, cfg.depth_samples, cfg.scene_radius)
     if cfg.representation == "tower":
         return Tower(cfg.channels, cfg.r_channels, cfg.v_dim)
     if cfg.representation == "pool":
         return Pool(cfg.channels, cfg.r_channels, cfg.v_dim)
     if cfg.representation == "pyramid":
         return Pyramid(cfg.channels, cfg.r_channels, cfg.v_dim, cfg.image_size)
-    raise UserError(f"--representation: expected pool, tower or pyramid, got {cfg.representation!r}")
+    raise UserError(f"--representation: expected pool, tower, pyramid or epipolar, got {cfg.representation!r}")
 
 
 # ----------------------------------------------------------------------- GQN
@@ -120,6 +193,13 @@ def viewpoints(batch: dict, position_scale: float = 1.0) -> Tensor:
     cams = Camera(*(batch[k].reshape(B * V, *batch[k].shape[2:]) for k in CAMERA_KEYS), (H, W))
     v = cams.to_gqn(order="deepmind").reshape(B, V, 7).to(batch["images"].dtype)
     return torch.cat([v[..., :3] * position_scale, v[..., 3:]], -1)
+
+
+def extended_viewpoints(batch: dict, position_scale: float = 1.0) -> Tensor:
+    """(B, V, 23): the GQN viewpoint (7) followed by the camera's R (9), t (3), focal (2) and principal (2)."""
+    B, V = batch["R"].shape[:2]
+    cam = [batch[k].reshape(B, V, -1) for k in CAMERA_KEYS]
+    return torch.cat([viewpoints(batch, position_scale), *(c.to(batch["images"].dtype) for c in cam)], -1)
 
 
 def gather_views(x: Tensor, idx: Tensor) -> Tensor:
@@ -145,10 +225,18 @@ class GQN(nn.Module):
         frac = min(step / max(c.sigma_anneal_steps, 1), 1.0)
         return c.sigma_end + (c.sigma_start - c.sigma_end) * (1 - frac)
 
-    def represent(self, images: Tensor, v: Tensor) -> Tensor:
-        """Context images (B, K, C, H, W) and viewpoints (B, K, 7) -> r (B, r_channels, h, w), summed over K."""
+    def represent(self, images: Tensor, v: Tensor, q_v: Tensor | None = None) -> Tensor:
+        """Context images (B, K, C, H, W) and viewpoints (B, K, 7 | 23) -> r (B, r_channels, h, w).
+
+        Pool, tower and pyramid sum ``f(x_k, v_k)`` over the K views; ``epipolar`` also needs the
+        query's extended viewpoint ``q_v`` (B, 23) and renders r in the query's image grid.
+        """
         B, K = images.shape[:2]
-        r = self.rep(images.flatten(0, 1), v.flatten(0, 1))
+        if self.cfg.representation == "epipolar":
+            if q_v is None or v.shape[-1] != self.cfg.v_dim + 16:
+                raise ValueError("the epipolar representation needs extended viewpoints (B, K, 23) and q_v (B, 23)")
+            return self.rep(images, v, q_v)
+        r = self.rep(images.flatten(0, 1), v[..., :self.cfg.v_dim].flatten(0, 1))
         return r.view(B, K, *r.shape[1:]).sum(1)
 
     def check_batch(self, batch: dict) -> None:
@@ -163,9 +251,10 @@ class GQN(nn.Module):
     def split(self, batch: dict, k: int, generator: torch.Generator | None = None):
         """Random k context views and one distinct query view per scene.
 
-        Returns ctx_x (B, k, C, H, W), ctx_v (B, k, 7), q_x (B, C, H, W), q_v (B, 7), ctx_idx, q_idx.
+        Returns ctx_x (B, k, C, H, W), ctx_v (B, k, 23), q_x (B, C, H, W), q_v (B, 23), ctx_idx, q_idx;
+        viewpoints are ``extended_viewpoints`` (the generator reads their first 7 entries).
         """
-        x, v = batch["images"], viewpoints(batch, self.cfg.position_scale)
+        x, v = batch["images"], extended_viewpoints(batch, self.cfg.position_scale)
         B, V = x.shape[:2]
         perm = torch.rand(B, V, generator=generator).argsort(1).to(x.device)
         ctx, q = perm[:, :k], perm[:, k]
@@ -186,15 +275,15 @@ class GQN(nn.Module):
 
     def elbo_terms(self, ctx_x, ctx_v, q_x, q_v, sigma: float) -> dict[str, Tensor]:
         """Per scene (B,): ``nll`` = -log N(x_q; mean, sigma^2) and ``kl`` summed over steps, in nats; ``mse``."""
-        r = self.represent(ctx_x, ctx_v)
-        mean, kl = self.gen(q_x, q_v, r)
+        r = self.represent(ctx_x, ctx_v, q_v)
+        mean, kl = self.gen(q_x, q_v[:, :self.cfg.v_dim], r)
         nll = -gaussian_log_likelihood(q_x, mean, sigma)
         return {"nll": nll, "kl": kl.sum(1), "mse": ((mean - q_x) ** 2).flatten(1).mean(1), "mean": mean}
 
     @torch.no_grad()
     def predict(self, ctx_x: Tensor, ctx_v: Tensor, q_v: Tensor, mean_latents: bool = False) -> Tensor:
-        """Render the query viewpoints (B, 7) from contexts: (B, C, H, W) in [0, 1]."""
-        return self.gen.sample(q_v, self.represent(ctx_x, ctx_v), mean_latents=mean_latents)
+        """Render the query viewpoints (B, 23) from contexts: (B, C, H, W) in [0, 1]."""
+        return self.gen.sample(q_v[:, :self.cfg.v_dim], self.represent(ctx_x, ctx_v, q_v), mean_latents=mean_latents)
 
     def settings(self) -> dict:
         return asdict(self.cfg)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from scene3d.data import MultiViewDataset
-from scene3d.gqn import GQN, viewpoints
+from scene3d.gqn import GQN, extended_viewpoints
 from scene3d.metrics import image_metrics
 from scene3d.objective import bits_per_dim
 from scene3d.runinfo import UserError, atomic_path, atomic_write
@@ -166,8 +166,9 @@ def scene_features(model: GQN, data: MultiViewDataset, contexts: int = 5, batch_
     """(N, D) frozen representations r from the first ``contexts`` views of each scene, flattened."""
     feats = []
     for batch in _batches(data, batch_size):
-        v = viewpoints(batch, model.cfg.position_scale)
-        feats.append(model.represent(batch["images"][:, :contexts], v[:, :contexts]).flatten(1).numpy())
+        v = extended_viewpoints(batch, model.cfg.position_scale)
+        r = model.represent(batch["images"][:, :contexts], v[:, :contexts], v[:, 0])  # epipolar: seen from view 0
+        feats.append(r.flatten(1).numpy())
     return np.concatenate(feats)
 
 
