@@ -148,25 +148,39 @@ class Epipolar(nn.Module):
         pts = o[:, :, None] + depth[..., None] * d[:, :, None]
         return pts.reshape(len(q), -1, 3), frac.expand_as(depth).reshape(len(q), -1)
 
-    def forward(self, x: Tensor, v: Tensor, q_v: Tensor) -> Tensor:
-        """Contexts x (B, K, C, H, W), extended viewpoints v (B, K, 23), query q_v (B, 23) -> (B, c, H/4, W/4)."""
+    def gather(self, x: Tensor, v: Tensor, q_v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Context features at the query rays' points.
+
+        Args:
+            x: contexts (B, K, C, H, W); v: their extended viewpoints (B, K, 23); q_v: the query's (B, 23).
+        Returns:
+            feats (B*K, F, H, W) context feature maps (ConvNet features, then the C image channels);
+            f (B, K, N, F) features at the N = (H/2)² * D ray points, zero where a view does not see the point;
+            seen (B, K, N, 1) 1 where the point projects into the view in front of its camera;
+            frac (B, N) the point's position along its ray segment, in (0, 1).
+        """
         B, K, C, H, W = x.shape
-        feats = torch.cat([self.enc(x.flatten(0, 1)), x.flatten(0, 1)], 1)  # (B*K, f, H, W)
-        pts, frac = self._ray_points(self._cameras(q_v))  # (B, N, 3)
+        feats = torch.cat([self.enc(x.flatten(0, 1)), x.flatten(0, 1)], 1)
+        pts, frac = self._ray_points(self._cameras(q_v))
         N = pts.shape[1]
         uv, depth = self._cameras(v.flatten(0, 1)).project(pts.repeat_interleave(K, 0))
         grid = uv / torch.tensor([W, H], dtype=uv.dtype, device=uv.device) * 2 - 1
         seen = ((grid.abs() <= 1).all(-1) & (depth > 0)).to(x.dtype).view(B, K, N, 1)
-        f = F.grid_sample(feats, grid[:, :, None], align_corners=False)[..., 0]  # (B*K, f, N)
-        f = f.view(B, K, -1, N).transpose(2, 3) * seen  # (B, K, N, f)
+        f = F.grid_sample(feats, grid[:, :, None], align_corners=False)[..., 0]  # (B*K, F, N)
+        return feats, f.view(B, K, -1, N).transpose(2, 3) * seen, seen, frac
+
+    def forward(self, x: Tensor, v: Tensor, q_v: Tensor) -> Tensor:
+        """Contexts x (B, K, C, H, W), extended viewpoints v (B, K, 23), query q_v (B, 23) -> (B, c, H/4, W/4)."""
+        B, K, C, H, W = x.shape
+        feats, f, seen, frac = self.gather(x, v, q_v)
         n = seen.sum(1).clamp_min(1.0)
         mean = f.sum(1) / n
         var = ((f - mean[:, None]) ** 2 * seen).sum(1) / n
-        out = self.point(torch.cat([mean, var, seen.mean(1), frac[..., None]], -1))  # (B, N, 1 + f)
+        out = self.point(torch.cat([mean, var, seen.mean(1), frac[..., None]], -1))  # (B, N, 1 + F)
         h = H // 2
         out = out.view(B, h * h, self.D, -1)
         w = torch.softmax(out[..., 0], -1)[..., None]
-        ray = (w * out[..., 1:]).sum(2)  # (B, h*h, f)
+        ray = (w * out[..., 1:]).sum(2)  # (B, h*h, F)
         expected_depth = (w[..., 0] * frac.view(B, h * h, self.D)).sum(-1, keepdim=True)
         glob = feats.view(B, K, -1, H * W).mean((1, 3))[:, None].expand_as(ray)
         grid_feats = torch.cat([ray, glob, expected_depth], -1).transpose(1, 2).reshape(B, -1, h, h)

@@ -14,12 +14,13 @@ from PIL import Image
 
 from renderers.cameras import Camera, look_at
 from renderers.voxel import VoxelRenderer
-from scene3d.ae_eval import turntable_cameras
+from scene3d.ae_eval import calibrate_level, carved_hull, turntable_cameras
 from scene3d.autoencoders import (
     AEConfig,
     ContextEncoder,
     SceneAE,
     SceneViews,
+    occupancy_level,
     predicted_occupancy,
     resize_views,
 )
@@ -130,6 +131,29 @@ def test_predicted_occupancy_fills_a_hollow_shell():
     state = {"density": shell.float()[None, None] * 100.0, "rgb": torch.zeros(1, 3, 32, 32, 32)}
     assert voxel_iou(predicted_occupancy(model, state, 32, fill=False)[0], solid) < 0.7
     assert voxel_iou(predicted_occupancy(model, state, 32)[0], solid).item() == 1.0
+
+
+def test_calibrated_level_finds_a_faint_solid():
+    # a fitted scene whose cube holds density at 0.2x the half-opaque level: the default threshold sees
+    # nothing; calibration against the hull carved from the views must pick a level that keeps the cube
+    imgs, cams, _ = cube_views(8, 32)
+    arr = camera_arrays(cams)
+    ds = MultiViewDataset((imgs.permute(0, 2, 3, 1)[None].numpy() * 255).round().astype(np.uint8),
+                          *(arr[k][None] for k in ("R", "t", "focal", "principal")),
+                          meta={"background": [0.0, 0.0, 0.0], "occupancy": {"bounds": [-4.0] * 3 + [4.0] * 3}})
+    cfg = AEConfig(kind="voxel", image_size=32)
+    model = SceneAE(cfg, per_scene=True)
+    dec = model.decoder
+    solid = cube_grid(32, 1.5)
+    faint = 0.2 * occupancy_level(cfg) * dec.cell / dec.density_scale  # softplus(raw - 2) at the cube
+    with torch.no_grad():
+        dec.grid[0, 0] = torch.where(solid, math.log(math.expm1(faint)) + 2.0, -30.0)
+    report = calibrate_level(model, ds, scenes=1, progress=False)
+    hull_iou = voxel_iou(carved_hull(ds, 0), solid).item()
+    assert report["iou_vs_hull"]["1"] == 0.0
+    assert report["level_scale"] <= 0.2
+    assert report["iou_vs_hull"][f"{report['level_scale']:g}"] == pytest.approx(hull_iou)
+    assert 0.3 < hull_iou < 1.0  # 8 ring views carve a hull larger than the cube
 
 
 def test_mesh_template_occupancy_is_its_ball():

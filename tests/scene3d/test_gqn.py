@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from scene3d.cli import main
-from scene3d.gqn import GQN, GQNConfig, Pool, Pyramid, Tower
+from scene3d.gqn import GQN, Epipolar, GQNConfig, Pool, Pyramid, Tower, extended_viewpoints
 from scene3d.gqn_eval import nearest_context
 from scene3d.runinfo import UserError
 
@@ -36,13 +36,29 @@ def fake_batch(B=3, V=4, S=16):
             "focal": torch.full((B, V, 2), 20.0), "principal": torch.full((B, V, 2), S / 2)}
 
 
-@pytest.mark.parametrize("rep", ["pool", "tower", "pyramid"])
+def test_epipolar_points_of_a_context_seen_from_itself_read_its_own_pixels():
+    # query camera == context camera: every point on the ray through a 2x2 pixel block's centre projects
+    # back there, so the sampled image channels are that block's mean at every depth
+    torch.manual_seed(0)
+    batch = fake_batch(B=2, V=1, S=16)
+    v = extended_viewpoints(batch)
+    net = Epipolar(3, 8, image_size=16, depth_samples=5, scene_radius=3.0)
+    _, f, seen, frac = net.gather(batch["images"], v, v[:, 0])
+    block_mean = torch.nn.functional.avg_pool2d(batch["images"][:, 0], 2)  # (B, 3, 8, 8)
+    rgb = f[:, 0, :, -3:].reshape(2, 8, 8, 5, 3)
+    assert torch.allclose(rgb, block_mean.permute(0, 2, 3, 1)[:, :, :, None].expand_as(rgb), atol=1e-5)
+    assert seen.all() and (frac > 0).all() and (frac < 1).all()
+    assert net(batch["images"], v, v[:, 0]).shape == (2, 8, 4, 4)
+
+
+@pytest.mark.parametrize("rep", ["pool", "tower", "pyramid", "epipolar"])
 def test_loss_terms_and_sigma_annealing(rep):
     torch.manual_seed(0)
     model = GQN(GQNConfig(representation=rep, **TINY))
     out = model.loss(fake_batch(), step=0)
     assert {"loss", "kl", "mse", "sigma", "bits_per_dim"} <= set(out) and out["loss"].requires_grad
     out["loss"].backward()
+    assert all(p.grad is not None for p in model.rep.parameters())
     assert model.sigma(0) == 2.0 and model.sigma(5) == pytest.approx(1.35) and model.sigma(100) == 0.7
 
 
