@@ -17,6 +17,13 @@ ConvLSTM hidden 32 [256], canvas 16 channels [256], z 2 channels [3], 3x3 kernel
 r 32 channels [256], tower representation at H/4, shared cores; with the trainer's
 Adam at lr 1e-3 -> 1e-4 over 4500 steps [5e-4 -> 5e-5 over 1.6e6], batch 16 [36].
 About 4 steps/s on one busy CPU core.
+
+``representation="epipolar"`` (not in the paper; after E-GQN, Tobin et al. 2019) replaces the
+view-summed r by one rendered for the query: context features gathered along each query ray
+(:class:`Epipolar`). It is ~3x slower per step (~2.8 steps/s on 2 cores with 16 depth samples)
+but learns far faster: on 7-cube Shepard-Metzler at 32², 30 CPU minutes give a masked PSNR of
+17.3 dB at 5 contexts against 13.9 dB for the tower. Its r lives in the query's image grid, so
+linear probes of world-frame factors read it less well than the tower's.
 """
 
 from __future__ import annotations
