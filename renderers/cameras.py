@@ -477,19 +477,20 @@ def rotation_6d_to_matrix(x: Tensor) -> Tensor:
 
 
 def matrix_to_axis_angle(R: Tensor) -> Tensor:
-    """(B, 3, 3) rotations -> (B, 3) rotation vectors (angle in [0, pi])."""
-    cos = ((R.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
-    theta = torch.acos(cos)
+    """(B, 3, 3) rotations -> (B, 3) rotation vectors (angle in [0, pi]).
+
+    The angle is atan2(sin, cos), accurate at every angle. The axis is the normalised skew part
+    where cos >= 0, and otherwise the largest column of k k^T = ((R + R^T) / 2 - cos I) / (1 - cos),
+    signed by the skew part, which stays accurate up to a half turn.
+    """
     w = torch.stack([R[..., 2, 1] - R[..., 1, 2], R[..., 0, 2] - R[..., 2, 0], R[..., 1, 0] - R[..., 0, 1]], -1)
-    sin = torch.sin(theta)
-    small = sin.abs() < 1e-4
-    axis = w / (2 * sin.clamp_min(1e-12))[..., None]
-    # near pi: axis from the diagonal of (R + I) / 2 = k k^T
-    kk = (R + torch.eye(3, dtype=R.dtype, device=R.device)) / 2
+    cos = (R.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2
+    theta = torch.atan2(w.norm(dim=-1) / 2, cos)
+    axis_w = w / w.norm(dim=-1, keepdim=True).clamp_min(1e-300 if R.dtype == torch.float64 else 1e-30)
+    eye = torch.eye(3, dtype=R.dtype, device=R.device)
+    kk = ((R + R.transpose(-1, -2)) / 2 - cos[..., None, None] * eye) / (1 - cos).clamp_min(1e-12)[..., None, None]
     i = kk.diagonal(dim1=-2, dim2=-1).argmax(-1)
     col = kk.gather(-1, i[..., None, None].expand(*i.shape, 3, 1))[..., 0]
-    k_pi = col / col.gather(-1, i[..., None]).clamp_min(1e-12).sqrt()
-    k_pi = k_pi * torch.where((k_pi * w).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(R.dtype)
-    near_pi = small & (cos < 0)
-    out = torch.where(near_pi[..., None], k_pi * theta[..., None], axis * theta[..., None])
-    return torch.where((small & (cos >= 0))[..., None], w / 2, out)
+    k = col / col.gather(-1, i[..., None]).clamp_min(1e-12).sqrt()
+    k = k * torch.where((k * w).sum(-1, keepdim=True) < 0, -1.0, 1.0).to(R.dtype)
+    return torch.where((cos < 0)[..., None], k, axis_w) * theta[..., None]

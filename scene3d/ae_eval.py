@@ -154,7 +154,8 @@ def calibrate_level(model: SceneAE, dataset: MultiViewDataset, scenes: int = 100
     miss much of the solid. For each of the first ``scenes`` scenes, the visual hull carved from
     *all* its views stands in for the solid (images and cameras only, no 3D labels). The scene is
     decoded from k context views, k cycling through ``cfg.contexts``, and the multiple of the
-    half-opaque level with the best mean IoU against the hulls wins.
+    half-opaque level with the best mean IoU against the hulls wins (the default, 1, when no level
+    overlaps any hull).
     """
     from tqdm import tqdm
 
@@ -170,10 +171,9 @@ def calibrate_level(model: SceneAE, dataset: MultiViewDataset, scenes: int = 100
         for j, s in enumerate(scales):
             ious[i, j] = float(voxel_iou(predicted_occupancy(model, state, res, level=base * s)[0], hull))
     mean = ious.mean(0)
-    best = int(mean.argmax())
-    return {"level_scale": float(scales[best]), "level": float(base * scales[best]), "scenes": n,
-            "contexts": list(ks), "hull_views": dataset.views,
-            "iou_vs_hull": {f"{s:g}": float(m) for s, m in zip(scales, mean)}}
+    scale = float(scales[int(mean.argmax())]) if mean.max() > 0 else 1.0  # nothing matches: keep the default
+    return {"level_scale": scale, "level": float(base * scale), "scenes": n, "contexts": list(ks),
+            "hull_views": dataset.views, "iou_vs_hull": {f"{s:g}": float(m) for s, m in zip(scales, mean)}}
 
 
 @torch.no_grad()

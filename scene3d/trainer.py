@@ -230,7 +230,8 @@ class Trainer:
         cuda = torch.cuda.is_available() and want in ("auto", "cuda")
         if want == "cuda" and not torch.cuda.is_available():
             raise UserError("--device cuda: CUDA is not available")
-        if self.world > 1 and not dist.is_initialized():
+        self._owns_group = self.world > 1 and not dist.is_initialized()
+        if self._owns_group:
             dist.init_process_group("nccl" if cuda else "gloo")
         if cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -362,6 +363,9 @@ class Trainer:
                 if self.step % c.ckpt_every == 0:
                     self.save_checkpoint()
             self.save_checkpoint()
+            if self._owns_group:  # leave together: a rank exiting under a live gloo group can abort its peers
+                dist.barrier()
+                dist.destroy_process_group()
         finally:
             log.close()
             self._restore_signal_handlers(old)

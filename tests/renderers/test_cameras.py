@@ -84,13 +84,20 @@ def test_roundtrip_pytorch3d(seed, ortho):
 
 
 @settings(max_examples=50, deadline=None)
-@given(coords, coords, coords, angles, st.floats(-1.5, 1.5), st.sampled_from(["deepmind", "torch"]))
-def test_roundtrip_gqn(x, y, z, yaw, pitch, order):
+@given(coords, coords, coords, st.floats(-math.pi, math.pi, exclude_min=True), st.floats(-1.5, 1.5),
+       st.sampled_from(["deepmind", "torch"]))
+def test_roundtrip_gqn(x, y, z, yaw, pitch, order):  # yaw in (-pi, pi], the range to_gqn returns
     v5 = torch.tensor([[x, y, z, yaw, pitch]])
     cam = Camera.from_gqn(v5, (32, 32))
     torch.testing.assert_close(cam.to_gqn(), v5, atol=1e-9, rtol=0)
     v7 = cam.to_gqn(order=order)
     assert_same_camera(cam, Camera.from_gqn(v7, (32, 32), order=order))
+
+
+def test_gqn_yaw_minus_pi_comes_back_as_pi():
+    v5 = torch.tensor([[0.0, 2.0, 0.0, -math.pi, 1.0]], dtype=torch.float64)
+    torch.testing.assert_close(Camera.from_gqn(v5, (32, 32)).to_gqn(), v5 + torch.tensor([0, 0, 0, 2 * math.pi, 0]),
+                               atol=1e-9, rtol=0)
 
 
 def test_gqn_orders_differ():
@@ -123,6 +130,13 @@ def test_axis_angle_near_pi():
     v = torch.tensor([[math.pi, 0, 0], [0, math.pi - 1e-7, 0], [1e-9, 0, 0]])
     R = axis_angle_to_matrix(v)
     torch.testing.assert_close(axis_angle_to_matrix(matrix_to_axis_angle(R)), R, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("angle", [1e-12, 1e-6, 1.0, math.pi / 2, math.pi - 1e-3, math.pi - 1e-5, math.pi])
+def test_axis_angle_recovers_the_rotation_vector(angle):
+    axis = torch.nn.functional.normalize(torch.tensor([[0.3, -0.8, 0.5]], dtype=torch.float64), dim=-1)
+    v = axis * angle
+    torch.testing.assert_close(matrix_to_axis_angle(axis_angle_to_matrix(v)), v, atol=1e-9, rtol=0)
 
 
 def test_euler_gimbal_lock():
