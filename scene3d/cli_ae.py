@@ -108,6 +108,8 @@ def _add_eval(sub) -> None:
         p.set_defaults(func=lambda a: cmd_eval(a) if _is_ae(a.run) else previous(a))
         if not any("--queries" in x.option_strings for x in p._actions):
             p.add_argument("--queries", type=int, default=5, help="autoencoders: query views per scene")
+        p.add_argument("--with-gqn", default=None, metavar="GQN_RUN",
+                       help="autoencoders: also score this GQN run on the same views, in the same table")
         return
     p = sub.add_parser("eval", help="image and 3D metrics of a run on held-out scenes")
     p.add_argument("run")
@@ -115,6 +117,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--contexts", type=int, nargs="+", default=[1, 3])
     p.add_argument("--queries", type=int, default=5)
     p.add_argument("--scenes", type=int, default=None, help="evaluate the first N scenes only")
+    p.add_argument("--with-gqn", default=None, metavar="GQN_RUN",
+                   help="also score this GQN run on the same views, in the same table")
     p.set_defaults(func=cmd_eval)
 
 
@@ -348,8 +352,16 @@ def cmd_eval(a) -> int:
     res = evaluate(model, data, a.data, tuple(a.contexts), getattr(a, "queries", 5), getattr(a, "scenes", None))
     res["eval_seconds"] = time.time() - t0
     res["occupancy_level_scale"] = model.cfg.level_scale
+    table = {model.kind: res}
+    if getattr(a, "with_gqn", None):
+        from scene3d.gqn_eval import evaluate_fixed_views
+        from scene3d.gqn_eval import load_run as load_gqn
+
+        res["gqn"] = {"run": a.with_gqn, **evaluate_fixed_views(load_gqn(a.with_gqn)[0], data, tuple(a.contexts),
+                                                                getattr(a, "queries", 5), getattr(a, "scenes", None))}
+        table["gqn"] = res["gqn"]
     atomic_write(Path(a.run) / "metrics.json", json.dumps(res, indent=2))
-    print(format_table({model.kind: res}))
+    print(format_table(table))
     return 0
 
 

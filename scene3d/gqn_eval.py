@@ -99,6 +99,34 @@ def evaluate(model: GQN, data: MultiViewDataset, contexts=(1, 3, 5), train_mean:
     return report
 
 
+@torch.no_grad()
+def evaluate_fixed_views(model: GQN, data: MultiViewDataset, contexts=(1, 3), queries: int = 5,
+                         scenes: int | None = None, batch_size: int = 16) -> dict:
+    """Image metrics under the autoencoders' protocol (``scene3d.ae_eval``), for a table beside them.
+
+    Contexts are views ``0 .. k-1`` and queries the last ``queries`` views of each of the first
+    ``scenes`` scenes; predictions use the latents' prior means. Returns {k: {metric: mean}}.
+    """
+    _check(model, data)
+    n = min(len(data), scenes or len(data))
+    V = data.views
+    q_idx = torch.arange(V - queries, V)
+    out = {}
+    for k in contexts:
+        if k > V - queries:
+            raise UserError(f"--contexts {k}: needs k + {queries} query views <= {V} views")
+        acc: dict[str, list] = {}
+        for batch in _batches(data.subset(range(n)), batch_size):
+            v = extended_viewpoints(batch, model.cfg.position_scale)
+            x = batch["images"]
+            pred = model.predict(x[:, :k].repeat_interleave(queries, 0), v[:, :k].repeat_interleave(queries, 0),
+                                 v[:, q_idx].flatten(0, 1), mean_latents=True)
+            for m, val in image_metrics(pred, x[:, q_idx].flatten(0, 1), data.background).items():
+                acc.setdefault(m, []).append(val)
+        out[str(k)] = {m: float(torch.cat(vals).nanmean()) for m, vals in acc.items()} | {"scenes": n}
+    return out
+
+
 def _sample_rows(ctx_x, q_x, pred, samples, n: int) -> list[list[np.ndarray]]:
     """Rows of images (H, W, 3) uint8: contexts | truth | mean prediction | samples."""
     to = lambda t: (t.clamp(0, 1).permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)

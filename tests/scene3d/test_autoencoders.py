@@ -204,6 +204,28 @@ def test_cli_fit_export_view_render(tmp_path):
     assert Image.open(tmp_path / "spin.gif").n_frames == 3
 
 
+def test_cli_train_calibrate_eval_beside_gqn(tmp_path):
+    from scene3d.ae_eval import LEVEL_SCALES
+    from scene3d.cli import main
+
+    d, ae, gqn = tmp_path / "sm", tmp_path / "ae", tmp_path / "gqn"
+    assert main(["data", "shepard-metzler", "--scenes", "6", "--views", "4", "--size", "16", "--out", str(d),
+                 "--renderer", "pytorch3d", "--quiet"]) == 0
+    assert main(["train", "voxel", "--data", str(d), "--out", str(ae), "--steps", "2", "--contexts", "1",
+                 "--batch-size", "2", "--image-size", "16"]) == 0
+    calib = json.loads((ae / "calibration.json").read_text())  # written by train
+    assert calib["level_scale"] in LEVEL_SCALES and calib["scenes"] == 6 and calib["hull_views"] == 4
+    assert main(["train", "gqn", "--data", str(d), "--out", str(gqn), "--steps", "2", "--batch-size", "2", "--quiet",
+                 "--image-size", "16", "--r-channels", "8", "--hidden", "8", "--canvas-channels", "8",
+                 "--gen-steps", "2", "--representation", "epipolar", "--depth-samples", "4"]) == 0
+    assert main(["eval", str(ae), "--data", str(d), "--contexts", "1", "2", "--queries", "2",
+                 "--with-gqn", str(gqn)]) == 0
+    m = json.loads((ae / "metrics.json").read_text())
+    assert m["occupancy_level_scale"] == calib["level_scale"] and 0 <= m["1"]["iou"] <= 1
+    assert set(m["gqn"]) == {"run", "1", "2"} and m["gqn"]["2"]["scenes"] == 6
+    assert {"mse", "psnr", "masked_psnr", "ssim"} <= set(m["gqn"]["1"])
+
+
 def test_cli_user_errors(tmp_path):
     r = scene3d("fit", "nerf", "--data", tmp_path / "missing", "--out", tmp_path / "run", "--steps", 1)
     assert r.returncode == 2 and r.stderr.startswith("error:") and len(r.stderr.strip().splitlines()) == 1
