@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -79,8 +80,9 @@ def _save(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def write_index(folder: Path, items: list[tuple[str, str]], title: str, summary: dict) -> Path:
-    """``index.html`` showing each (file, caption): images inline, other files as links."""
+def write_index(folder: Path, items: list[tuple[str, str]], title: str, summary: dict,
+                warning: str | None = None) -> Path:
+    """``index.html`` showing each (file, caption): images inline, other files as links; ``warning`` on top."""
     rows = []
     for name, caption in items:
         cap = html.escape(caption)
@@ -88,8 +90,10 @@ def write_index(folder: Path, items: list[tuple[str, str]], title: str, summary:
             rows.append(f'<figure><img src="{name}" style="max-width:640px"><figcaption>{cap}</figcaption></figure>')
         else:
             rows.append(f'<p><a href="{name}">{html.escape(name)}</a>: {cap}</p>')
+    banner = (f"<p style='background:#fdd;border:2px solid #c00;padding:8px'>{html.escape(warning)}</p>"
+              if warning else "")
     body = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
-            f"<body style='font-family:sans-serif'><h1>{html.escape(title)}</h1>"
+            f"<body style='font-family:sans-serif'><h1>{html.escape(title)}</h1>{banner}"
             f"<pre>{html.escape(json.dumps(summary, indent=2))}</pre>{''.join(rows)}</body></html>")
     path = folder / "index.html"
     atomic_write(path, body)
@@ -110,6 +114,56 @@ def encode_all(model, ds, batch_size: int = 256, progress: bool = True) -> np.nd
             mu, _ = model.encode(batch)
             out.append(mu.cpu().numpy())
     return np.concatenate(out)
+
+
+def latent_diagnostics(model, ds, n: int = 1024, batch_size: int = 128) -> dict:
+    """Is the latent used? On up to ``n`` particles (a fixed sample):
+
+    * ``kl_per_dim`` (zdim,): mean KL(q(z_d | x) || N(0, 1)) in nats;
+    * ``active_units``: dimensions whose posterior mean varies across particles (variance > 0.01);
+    * ``shuffle_nats``: mean increase of the reconstruction loss (nats per particle) when each particle is
+      decoded from another particle's posterior mean instead of its own (0 = the latent is ignored);
+    * ``warning``: the collapse warning, or None.
+    """
+    import torch
+
+    from cryoem.vae import collapse_warning
+    from scene3d.objective import active_units, gaussian_kl
+
+    idx = np.sort(np.random.default_rng(3).choice(len(ds), min(len(ds), n), replace=False))
+    mus, kls, gains = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(idx), batch_size):
+            batch = {k: v.to(model.log_scale.device) for k, v in ds.batch(idx[i:i + batch_size]).items()}
+            mu, logvar = model.encode(batch)
+            batch = model.with_poses(batch)
+            recs = []
+            for z in (mu, torch.roll(mu, 1, 0)):  # its own latent, then its neighbour's
+                m = model.render(model.decode(z), batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"))
+                recs.append(model.reconstruction(batch["image"], m, None))
+            mus.append(mu)
+            kls.append(gaussian_kl(mu, logvar, dims=0))
+            gains.append(recs[1] - recs[0])
+    mu = torch.cat(mus)
+    out = {"particles": len(idx), "kl_per_dim": torch.cat(kls).mean(0).tolist(),
+           "active_units": int(active_units(mu)), "shuffle_nats": float(torch.cat(gains).mean())}
+    out["warning"] = collapse_warning(out["shuffle_nats"], out["active_units"], mu.shape[1])
+    return out
+
+
+def diagnostics_png(path: Path, d: dict) -> None:
+    """Bar chart of the KL per latent dimension, titled with the active units and the shuffled-z cost."""
+    kl = np.asarray(d["kl_per_dim"])
+    fig, ax = plt.subplots(figsize=(5, 3), dpi=110)
+    ax.bar(np.arange(1, len(kl) + 1), kl, color="tab:red" if d["warning"] else "tab:blue")
+    ax.set_xlabel("latent dimension")
+    ax.set_ylabel("KL (nats per particle)")
+    ax.set_xticks(np.arange(1, len(kl) + 1))
+    state = "COLLAPSED" if d["warning"] else "in use"
+    ax.set_title(f"latent {state}: {d['active_units']}/{len(kl)} active units, shuffled z costs "
+                 f"{d['shuffle_nats']:.1f} nats", fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
 
 
 def decode(model, z: np.ndarray, offset, batch_size: int = 256) -> np.ndarray:
@@ -189,6 +243,13 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
     offset = np.asarray(rec["offset"])
     items: list[tuple[str, str]] = []
 
+    diag = latent_diagnostics(model, ds)
+    if diag["warning"]:
+        print(diag["warning"], file=sys.stderr)
+    diagnostics_png(out / "latent_diagnostics.png", diag)
+    items.append(("latent_diagnostics.png", f"is the latent used? KL per dimension on {diag['particles']} particles; "
+                                            "'shuffled z' is how much worse particles are reconstructed from "
+                                            "other particles' latents (nats per particle; near 0 = collapsed)"))
     z = encode_all(model, ds)
     np.save(out / "latents.npy", z)
     items.append(("latents.npy", f"posterior means, {z.shape[0]} particles x zdim {z.shape[1]}, input order"))
@@ -229,7 +290,7 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
     items.append(("rmsf.png", "per-residue RMSF (Å) across decoded particles: where the model moves"))
     summary = {"particles": len(z), "zdim": z.shape[1], "atoms": s.n_atoms, "k": len(centres),
                "max_residue_rmsf_A": float(res_rmsf.max()),
-               "pca_explained_variance": p.explained_variance_ratio_.tolist()}
+               "pca_explained_variance": p.explained_variance_ratio_.tolist(), "latent_diagnostics": diag}
 
     if primary != run:
         dis = halfset_disagreement(run, ds, groups)
@@ -246,7 +307,7 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
                 ("pc1.pdb", "pc1.gif", "displacement", "the motion along latent PC1, coloured by displacement")):
             if _view(out / pdb, out / png, color):
                 items.append((png, caption))
-    write_index(out, items, f"Plato atom VAE analysis: {run}", summary)
+    write_index(out, items, f"Plato atom VAE analysis: {run}", summary, warning=diag["warning"])
     return out / "index.html"
 
 

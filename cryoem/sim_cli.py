@@ -9,8 +9,8 @@ import numpy as np
 
 from scene3d.runinfo import UserError, atomic_path, write_config
 
-GT_HELP = """ground_truth.npz holds, per particle in stack order: model_index (ensemble) or morph_t (morph,
-in [0, 1]); R (N, 3, 3), RELION's A (map -> projection frame); shift_A (N, 2), Plato's shift (the
+GT_HELP = """ground_truth.npz holds, per particle in stack order: model_index (ensemble), morph_t (morph,
+in [0, 1]) or hinge_t (N, hinges) in [0, 1]; model_labels, the label of each model of gt_models.pdb; R (N, 3, 3), RELION's A (map -> projection frame); shift_A (N, 2), Plato's shift (the
 particle centre sits at pixel box//2 + shift_A / apix; the STAR file's rlnOriginXYAngst = -shift_A);
 ctf (N, 9) in the order of ctf_fields (radians); noise_sigma (N,); plus pixel_size and snr."""
 
@@ -24,6 +24,15 @@ def add_subcommands(sub) -> None:
     s.add_argument("--morph", type=Path, nargs=2, metavar=("A", "B"), help="two states to interpolate between")
     s.add_argument("--morph-dist", choices=["uniform", "bimodal"], default="uniform",
                    help="distribution of the morph coordinate t (default: uniform)")
+    s.add_argument("--hinge", action="append", metavar="CHAIN:FIRST-LAST:DEGREES",
+                   help="with --structure: residues FIRST-LAST of CHAIN swing as a rigid domain by up to DEGREES "
+                        "about the C-alpha of FIRST (repeat for independent motions: one coordinate each)")
+    s.add_argument("--potential", choices=["single", "peng5"], default="single",
+                   help="atoms as one moment-matched Gaussian, or Peng's 5 Gaussians (default: single)")
+    s.add_argument("--particle-bfactor", type=float, nargs=2, default=(0.0, 0.0), metavar=("MIN", "MAX"),
+                   help="extra B-factor per particle, uniform in [MIN, MAX] Å^2 (default: 0 0)")
+    s.add_argument("--shift-dist", choices=["gaussian", "uniform"], default="gaussian",
+                   help="in-plane shifts: Gaussian clipped at 3 std, or uniform with the same std (default: gaussian)")
     s.add_argument("--select", choices=["all", "heavy", "backbone", "ca"], default="heavy",
                    help="atoms to image (default: heavy; C-alpha-only files use residue pseudo-atoms)")
     s.add_argument("--n", type=int, default=1000, help="number of particles (default: 1000)")
@@ -61,23 +70,30 @@ def _conformations(args):
     from cryoem.simulate import ensemble_conformations, morph_conformations
     from cryoem.structure import read_structure
 
+    from cryoem.simulate import hinge_conformations
+
     if (args.structure is None) == (args.morph is None):
         raise UserError("give exactly one of --structure or --morph A B")
+    potential = getattr(args, "potential", "single")
     if args.morph is not None:
-        if args.weights is not None:
-            raise UserError("--weights applies to --structure ensembles, not to --morph")
+        if args.weights is not None or getattr(args, "hinge", None):
+            raise UserError("--weights and --hinge apply to --structure, not to --morph")
         a, b = (read_structure(p, models="first").select(args.select) for p in args.morph)
-        return morph_conformations(a, b, args.morph_dist, args.bfactor)
+        return morph_conformations(a, b, args.morph_dist, args.bfactor, potential)
     s = read_structure(args.structure).select(args.select)
     if s.n_atoms == 0:
         raise UserError(f"{args.structure}: no atoms left after --select {args.select}")
+    if getattr(args, "hinge", None):
+        if args.weights is not None:
+            raise UserError("--weights applies to ensembles, not to --hinge")
+        return hinge_conformations(s.subset(models=0), args.hinge, args.morph_dist, args.bfactor, potential)
     weights = None
     if args.weights is not None:
         try:
             weights = np.loadtxt(args.weights, dtype=np.float64, ndmin=1)
         except (OSError, ValueError) as e:
             raise UserError(f"{args.weights}: cannot read weights ({' '.join(str(e).split())[:200]})") from e
-    return ensemble_conformations(s, weights, args.bfactor)
+    return ensemble_conformations(s, weights, args.bfactor, potential)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -92,7 +108,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     write_config(out, vars(args))
     res = simulate(conf, args.n, args.box, args.apix, args.snr, tuple(args.defocus), args.shift_std, args.seed,
-                   args.batch, progress=not args.quiet)
+                   args.batch, progress=not args.quiet, shift_dist=args.shift_dist,
+                   bfactor_range=tuple(args.particle_bfactor))
     write_particles(out, res.images, args.apix, res.R, res.shift_A, res.ctf)
     with atomic_path(out / "ground_truth.npz") as tmp:
         np.savez(tmp, **ground_truth_arrays(res, conf, args.apix, args.snr))

@@ -1,7 +1,9 @@
 """Particle simulator: atomic models -> noisy CTF-modulated particle stacks with ground truth.
 
-Conformations come from an ensemble (one model per particle, drawn with ``weights``)
-or from a morph between two matched, superposed states (coordinate ``t`` in [0, 1]).
+Conformations come from an ensemble (one model per particle, drawn with ``weights``),
+from a morph between two matched, superposed states (coordinate ``t`` in [0, 1]), or from
+rigid domains swinging about hinges (a non-linear motion; one ``t`` in [0, 1] per hinge).
+Atoms are one Gaussian each, or Peng's five (``potential="peng5"``).
 Poses are uniform on SO(3); shifts small and random; defocus uniform in a range.
 Image formation is ``cryoem.imaging``: Gaussian projection, Fourier shift + CTF, noise.
 """
@@ -20,10 +22,11 @@ from torch import Tensor
 from cryoem.ctf import CTF_FIELDS, CTFParams
 from cryoem.imaging import add_noise, fourier_filter, project
 from cryoem.structure import Structure, kabsch, match_atoms, scattering_gaussians
+from renderers.cameras import axis_angle_to_matrix
 from scene3d.runinfo import UserError
 
-__all__ = ["Conformations", "ensemble_conformations", "morph_conformations", "random_rotations", "simulate",
-           "SimulationResult"]
+__all__ = ["Conformations", "Hinge", "ensemble_conformations", "hinge_conformations", "morph_conformations",
+           "random_rotations", "simulate", "SimulationResult"]
 
 
 @dataclass
@@ -42,41 +45,123 @@ class Conformations:
     sigmas: Tensor
     weights: Tensor | None = None
     morph_dist: str = "uniform"
+    hinges: list[Hinge] | None = None
+    atom_index: Tensor | None = None  # (K,) atom of each Gaussian, when atoms have several (Peng's 5)
 
     def sample_labels(self, n: int, g: torch.Generator) -> Tensor:
-        """(n,) model indices (int64) for an ensemble, or morph coordinates t in [0, 1]."""
+        """(n,) model indices (int64) for an ensemble; morph coordinates t in [0, 1] (n,);
+        or, for hinges, one t in [0, 1] per hinge (n, H), each drawn independently."""
         if self.mode == "ensemble":
             w = self.weights if self.weights is not None else torch.ones(self.states.shape[0], dtype=torch.float64)
             return torch.multinomial(w, n, replacement=True, generator=g)
+        shape = (n, len(self.hinges)) if self.mode == "hinge" else (n,)
         if self.morph_dist == "uniform":
-            return torch.rand(n, generator=g, dtype=torch.float64)
-        mode = torch.rand(n, generator=g, dtype=torch.float64) < 0.5  # bimodal: N(0.15, 0.08) + N(0.85, 0.08)
-        t = torch.where(mode, 0.15, 0.85) + 0.08 * torch.randn(n, generator=g, dtype=torch.float64)
+            return torch.rand(shape, generator=g, dtype=torch.float64)
+        mode = torch.rand(shape, generator=g, dtype=torch.float64) < 0.5  # bimodal: N(0.15, 0.08) + N(0.85, 0.08)
+        t = torch.where(mode, 0.15, 0.85) + 0.08 * torch.randn(shape, generator=g, dtype=torch.float64)
         return t.clamp(0, 1)
 
-    def coords(self, labels: Tensor) -> Tensor:
-        """(B, N, 3) float32 coordinates for labels from :meth:`sample_labels`."""
+    def atom_coords(self, labels: Tensor) -> Tensor:
+        """(B, N, 3) float32 atom coordinates for labels from :meth:`sample_labels`."""
         if self.mode == "ensemble":
             return self.states[labels]
+        if self.mode == "hinge":
+            x = self.states[0].double().expand(len(labels), -1, -1)
+            for h, hinge in enumerate(self.hinges):
+                x = hinge.apply(x, labels[:, h])
+            return x.float()
         t = labels.to(self.states.dtype)[:, None, None]
         return (1 - t) * self.states[0] + t * self.states[1]
 
-    def models_for_output(self, n_frames: int = 11) -> Structure:
-        """The conformations as a multi-model Structure (a morph is sampled at ``n_frames`` t values)."""
+    def coords(self, labels: Tensor) -> Tensor:
+        """(B, K, 3) float32 centres of the Gaussians (one per atom, or several) for ``labels``."""
+        x = self.atom_coords(labels)
+        return x if self.atom_index is None else x[:, self.atom_index]
+
+    def output_labels(self, n_frames: int = 11) -> Tensor:
+        """Labels of the models written to ``gt_models.pdb``: every ensemble model; ``n_frames`` t values of
+        a morph or a single hinge; a 5 x 5 grid for two hinges (t1 slowest)."""
         if self.mode == "ensemble":
-            xyz = self.states
-        else:
-            xyz = self.coords(torch.linspace(0, 1, n_frames, dtype=torch.float64))
+            return torch.arange(self.states.shape[0])
+        t = torch.linspace(0, 1, n_frames if self.mode != "hinge" or len(self.hinges) == 1 else 5,
+                           dtype=torch.float64)
+        if self.mode != "hinge":
+            return t
+        return torch.cartesian_prod(*[t] * len(self.hinges)).reshape(-1, len(self.hinges))
+
+    def models_for_output(self, n_frames: int = 11) -> Structure:
+        """The conformations as a multi-model Structure (at :meth:`output_labels`)."""
+        xyz = self.atom_coords(self.output_labels(n_frames))
         return self.structure.with_coords(xyz.double().numpy())
 
 
-def _gaussians(s: Structure, bfactor: float) -> tuple[Tensor, Tensor]:
-    _, amp, sig = scattering_gaussians(s, bfactor=bfactor)
-    return torch.as_tensor(amp, dtype=torch.float32), torch.as_tensor(sig, dtype=torch.float32)
+@dataclass
+class Hinge:
+    """A rigid rotation of the atoms ``mask`` (N,) bool by ``t * angle`` radians about the axis through
+    ``pivot`` (3,) Å along the unit vector ``axis`` (3,)."""
+
+    mask: Tensor
+    pivot: Tensor
+    axis: Tensor
+    angle: float
+
+    def apply(self, x: Tensor, t: Tensor) -> Tensor:
+        """Coordinates (B, N, 3) float64 with the hinge opened to ``t`` (B,) in [0, 1]."""
+        R = axis_angle_to_matrix((t[:, None] * self.angle) * self.axis.to(x)[None])  # (B, 3, 3)
+        moved = (x - self.pivot.to(x)) @ R.transpose(1, 2) + self.pivot.to(x)
+        return torch.where(self.mask.to(x.device)[None, :, None], moved, x)
 
 
-def ensemble_conformations(s: Structure, weights: np.ndarray | None = None, bfactor: float = 30.0
-                           ) -> Conformations:
+def parse_hinge(spec: str, s: Structure, coords: Tensor) -> Hinge:
+    """A :class:`Hinge` from ``CHAIN:FIRST-LAST:DEGREES`` (residue numbers of ``s``; coords (N, 3) Å).
+
+    The residues FIRST..LAST of CHAIN turn as a rigid domain about an axis through the C-alpha of
+    residue FIRST (the hinge), perpendicular to the plane of the hinge and the centroids of the domain
+    and of the rest, so that a positive angle swings the domain towards the rest (closing).
+    """
+    try:
+        chain, span, deg = spec.split(":")
+        first, last = (int(v) for v in span.split("-"))
+        angle = math.radians(float(deg))
+    except ValueError:
+        raise UserError(f"--hinge {spec!r}: expected CHAIN:FIRST-LAST:DEGREES, e.g. A:120-250:25") from None
+    mask = torch.as_tensor((s.chain == chain) & (s.resnum >= first) & (s.resnum <= last))
+    if not mask.any() or mask.all():
+        raise UserError(f"--hinge {spec!r}: residues {first}-{last} of chain {chain} select "
+                        f"{int(mask.sum())} of {s.n_atoms} atoms; the domain must be part of the model")
+    pivot_atoms = torch.as_tensor((s.chain == chain) & (s.resnum == first))
+    ca = pivot_atoms & torch.as_tensor(s.name == "CA")
+    pivot = coords[ca if ca.any() else pivot_atoms].double().mean(0)
+    arm, rest = coords[mask].double().mean(0) - pivot, coords[~mask].double().mean(0) - pivot
+    axis = torch.linalg.cross(arm, rest)
+    if axis.norm() < 1e-6:
+        raise UserError(f"--hinge {spec!r}: the hinge, the domain and the rest are in a line; choose another FIRST")
+    return Hinge(mask, pivot, axis / axis.norm(), angle)
+
+
+def hinge_conformations(s: Structure, specs: list[str], dist: str = "uniform", bfactor: float = 30.0,
+                        potential: str = "single") -> Conformations:
+    """Rigid domains of ``s`` swinging about hinges (one independent coordinate t per hinge)."""
+    if dist not in ("uniform", "bimodal"):
+        raise UserError(f"--morph-dist: expected 'uniform' or 'bimodal', got {dist!r}")
+    x0 = torch.as_tensor(s.coords[0] - s.coords[0].mean(0))
+    hinges = [parse_hinge(spec, s, x0) for spec in specs]
+    amp, sig, idx = _gaussians(s, bfactor, potential)
+    return Conformations(x0[None].float(), "hinge", s.subset(models=0), amp, sig, morph_dist=dist, hinges=hinges,
+                         atom_index=idx)
+
+
+def _gaussians(s: Structure, bfactor: float, potential: str = "single") -> tuple[Tensor, Tensor, Tensor | None]:
+    """Masses and widths (K,) of the atoms' Gaussians, and the atom of each (None when K = N)."""
+    if potential not in ("single", "peng5"):
+        raise UserError(f"--potential: expected single or peng5, got {potential!r}")
+    idx, amp, sig = scattering_gaussians(s, bfactor=bfactor, mode=potential)
+    atom_index = None if len(idx) == s.n_atoms else torch.as_tensor(idx)
+    return torch.as_tensor(amp, dtype=torch.float32), torch.as_tensor(sig, dtype=torch.float32), atom_index
+
+
+def ensemble_conformations(s: Structure, weights: np.ndarray | None = None, bfactor: float = 30.0,
+                           potential: str = "single") -> Conformations:
     """All models of ``s`` (centred on their common centroid), drawn with ``weights`` (M,)."""
     if weights is not None:
         weights = np.asarray(weights, dtype=np.float64)
@@ -84,12 +169,13 @@ def ensemble_conformations(s: Structure, weights: np.ndarray | None = None, bfac
             raise UserError(f"--weights: expected {s.n_models} non-negative numbers (one per model), "
                             f"got {weights.shape[0] if weights.ndim else 1}")
     states = torch.as_tensor(s.coords - s.centroid(), dtype=torch.float32)
-    amp, sig = _gaussians(s, bfactor)
+    amp, sig, idx = _gaussians(s, bfactor, potential)
     w = None if weights is None else torch.as_tensor(weights)
-    return Conformations(states, "ensemble", s, amp, sig, weights=w)
+    return Conformations(states, "ensemble", s, amp, sig, weights=w, atom_index=idx)
 
 
-def morph_conformations(a: Structure, b: Structure, dist: str = "uniform", bfactor: float = 30.0) -> Conformations:
+def morph_conformations(a: Structure, b: Structure, dist: str = "uniform", bfactor: float = 30.0,
+                        potential: str = "single") -> Conformations:
     """Match atoms of ``a`` and ``b`` by (chain, resnum, name), superpose b onto a, centre both."""
     if dist not in ("uniform", "bimodal"):
         raise UserError(f"--morph-dist: expected 'uniform' or 'bimodal', got {dist!r}")
@@ -101,8 +187,8 @@ def morph_conformations(a: Structure, b: Structure, dist: str = "uniform", bfact
     c = (A.mean(0) + B.mean(0)) / 2
     states = torch.stack([A - c, B - c]).float()
     sub = a.subset(ia, models=0)
-    amp, sig = _gaussians(sub, bfactor)
-    return Conformations(states, "morph", sub, amp, sig, morph_dist=dist)
+    amp, sig, idx = _gaussians(sub, bfactor, potential)
+    return Conformations(states, "morph", sub, amp, sig, morph_dist=dist, atom_index=idx)
 
 
 def random_rotations(n: int, g: torch.Generator, dtype=torch.float64) -> Tensor:
@@ -142,29 +228,44 @@ class SimulationResult:
 
 def simulate(conf: Conformations, n: int, box: int = 64, pixel_size: float = 2.0, snr: float | None = 0.1,
              defocus_um: tuple[float, float] = (1.0, 2.5), shift_std_px: float = 1.0, seed: int = 0,
-             batch: int = 256, keep_clean: bool = False, progress: bool = True) -> SimulationResult:
+             batch: int = 256, keep_clean: bool = False, progress: bool = True, shift_dist: str = "gaussian",
+             bfactor_range: tuple[float, float] = (0.0, 0.0)) -> SimulationResult:
     """Simulate ``n`` particles; ``snr=None`` gives noise-free images.
 
-    Shifts are Gaussian with ``shift_std_px`` pixels per axis, clipped to 3 sigma.
+    Shifts are Gaussian with ``shift_std_px`` pixels per axis, clipped to 3 sigma (``shift_dist="gaussian"``),
+    or uniform within ``± shift_std_px * sqrt(3)`` pixels per axis, the same variance (``"uniform"``).
+    Each particle gets an extra B-factor drawn uniformly from ``bfactor_range`` Å² (on top of the atoms'),
+    which blurs its Gaussians: sigma² + B / (8 pi²).
     """
     if n <= 0 or box <= 0 or pixel_size <= 0:
         raise UserError(f"--n, --box and --apix must be positive (got {n}, {box}, {pixel_size})")
     lo, hi = defocus_um
     if not 0 <= lo <= hi:
         raise UserError(f"--defocus: expected 0 <= MIN <= MAX µm, got {lo} {hi}")
+    if not 0 <= bfactor_range[0] <= bfactor_range[1]:
+        raise UserError(f"--particle-bfactor: expected 0 <= MIN <= MAX Å², got {bfactor_range[0]} {bfactor_range[1]}")
+    if shift_dist not in ("gaussian", "uniform"):
+        raise UserError(f"--shift-dist: expected gaussian or uniform, got {shift_dist!r}")
     g = torch.Generator().manual_seed(seed)
     labels = conf.sample_labels(n, g)
     R = random_rotations(n, g)
-    shift_A = (torch.randn(n, 2, generator=g, dtype=torch.float64) * shift_std_px).clamp(-3 * shift_std_px,
-                                                                                         3 * shift_std_px) * pixel_size
+    if shift_dist == "gaussian":
+        shift_px = (torch.randn(n, 2, generator=g, dtype=torch.float64) * shift_std_px).clamp(-3 * shift_std_px,
+                                                                                           3 * shift_std_px)
+    else:
+        shift_px = (torch.rand(n, 2, generator=g, dtype=torch.float64) * 2 - 1) * shift_std_px * math.sqrt(3)
+    shift_A = shift_px * pixel_size
     ctf = random_ctf(n, g, defocus_um)
+    b_lo, b_hi = bfactor_range
+    extra_var = (b_lo + (b_hi - b_lo) * torch.rand(n, 1, generator=g, dtype=torch.float64)) / (8 * math.pi**2)
     images = np.empty((n, box, box), dtype=np.float32)
     clean = np.empty((n, box, box), dtype=np.float32) if keep_clean else None
     sigma = np.zeros(n, dtype=np.float64)
     bar = _progress(n, progress)
     for s in range(0, n, batch):
         sl = slice(s, min(s + batch, n))
-        img = project(conf.coords(labels[sl]), conf.amplitudes, conf.sigmas, R[sl].float(), pixel_size, box)
+        sig = (conf.sigmas.double()[None] ** 2 + extra_var[sl]).sqrt().float()  # (b, K)
+        img = project(conf.coords(labels[sl]), conf.amplitudes, sig, R[sl].float(), pixel_size, box)
         img = fourier_filter(img, pixel_size, shift_A[sl].float(), ctf[sl])
         if keep_clean:
             clean[sl] = img[:, 0].numpy()
@@ -201,6 +302,9 @@ def ground_truth_arrays(res: SimulationResult, conf: Conformations, pixel_size: 
            "pixel_size": np.float64(pixel_size), "snr": np.float64(np.nan if snr is None else snr)}
     if conf.mode == "ensemble":
         out["model_index"] = res.labels.astype(np.int64)
+    elif conf.mode == "hinge":
+        out["hinge_t"] = res.labels.astype(np.float64)  # (N, hinges)
     else:
         out["morph_t"] = res.labels.astype(np.float64)
+    out["model_labels"] = conf.output_labels().numpy()  # the label of each model in gt_models.pdb
     return out

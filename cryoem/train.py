@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -17,8 +18,8 @@ import numpy as np
 import torch
 
 from cryoem.particles import ParticleSet, load_particles
-from cryoem.structure import Structure, bonded_pairs, read_structure, scattering_gaussians
-from cryoem.vae import AtomVAE, AtomVAEConfig, estimate_noise_sigma
+from cryoem.structure import Structure, bonded_pairs, normal_modes, read_structure, scattering_gaussians
+from cryoem.vae import AtomVAE, AtomVAEConfig, collapse_warning, estimate_noise_sigma
 from scene3d.runinfo import UserError, atomic_write
 from scene3d.trainer import TrainConfig, Trainer, load_checkpoint
 
@@ -95,8 +96,9 @@ def build_model(spec: DataSpec, cfg: AtomVAEConfig, ds: ParticleSet, noise_sigma
     if noise_sigma is None:
         sample = np.linspace(0, len(ds) - 1, min(len(ds), 1000)).astype(int)
         noise_sigma = estimate_noise_sigma(ds.images(sample))
+    modes = torch.as_tensor(normal_modes(s, cfg.zdim)) if cfg.dec_modes else None
     model = AtomVAE(cfg, torch.as_tensor(x0), torch.as_tensor(amp), torch.as_tensor(sig),
-                    torch.as_tensor(bonds), box, apix, len(ds), noise_sigma)
+                    torch.as_tensor(bonds), box, apix, len(ds), noise_sigma, modes)
     return model, s, offset
 
 
@@ -153,7 +155,21 @@ def _train_one(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, ds: Partic
     summary = trainer.fit()
     if rank0 and (out / "log.csv").is_file():
         atomic_write(out / "train_log.csv", (out / "log.csv").read_text())
+        warning = log_collapse_warning(out / "log.csv", cfg.zdim)
+        if warning:
+            print(warning, file=sys.stderr)
+        summary["collapse_warning"] = warning
     return summary
+
+
+def log_collapse_warning(log_csv: Path, zdim: int) -> str | None:
+    """The collapse warning (``vae.collapse_warning``) from the last fifth of a training log's latent tests."""
+    rows = np.genfromtxt(log_csv, delimiter=",", names=True)
+    if rows.size < 2 or "shuffle" not in rows.dtype.names:
+        return None
+    rows = rows[np.isfinite(rows["shuffle"])]
+    tail = rows[-max(3, len(rows) // 5):]
+    return collapse_warning(float(np.mean(tail["shuffle"])), float(np.median(tail["au"])), zdim)
 
 
 def load_run(run: str | os.PathLike, device: str = "cpu") -> tuple[AtomVAE, dict, ParticleSet, Structure]:

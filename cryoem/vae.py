@@ -37,7 +37,7 @@ from cryoem.priors import StructuralPrior
 from cryoem.simulate import random_rotations
 from renderers.cameras import axis_angle_to_matrix, rotation_6d_to_matrix
 from scene3d.encoders import ConvEncoder
-from scene3d.objective import gaussian_kl, reparameterize
+from scene3d.objective import active_units, gaussian_kl, gaussian_log_likelihood, reparameterize
 from scene3d.runinfo import UserError
 
 
@@ -47,11 +47,18 @@ class AtomVAEConfig:
 
     zdim: int = 8
     enc_width: int = 32
-    enc_downsample: int = 1  # the encoder sees images average-pooled by this factor
+    enc_downsample: int = 0  # the encoder sees images average-pooled by this factor (0: auto, see enc_pooling)
     dec_hidden: int = 256
     dec_layers: int = 3
     beta: float | None = None  # KL weight (beta-VAE); None = 1 / zdim, cryoDRGN's default
     kl_warmup: int = 500  # steps over which the KL weight ramps up from 0 (avoids early posterior collapse)
+    ae_warmup: int = 0  # steps of a deterministic autoencoder (z = mu, no KL) before the VAE starts
+    logvar_init: float = 0.0  # initial log-variance of q(z|x) (bias of the encoder's logvar head)
+    dec_init: float = 1e-3  # std of the decoder's last-layer weights (Å per unit hidden activation)
+    dec_modes: float = 0.0  # Å per unit z along the starting model's slowest normal modes at init (0 = off)
+    enc_init: str = "default"  # default | kaiming
+    posterior: str = "amortized"  # amortized | laplace (Gauss-Newton steps from the encoder's guess)
+    gn_steps: int = 1  # laplace: Gauss-Newton steps
     enc_reference: bool = True  # the encoder also sees the starting model rendered at the particle's pose + CTF
     likelihood: str = "gaussian"  # gaussian | correlation
     w_bond: float = 1.0  # per Å² of bond-length change, times the number of pixels / 1000
@@ -70,12 +77,24 @@ class AtomVAEConfig:
     pose_warmup: int = 1000  # --infer-poses: steps that train only the pose encoder, on the starting model
 
 
+def enc_pooling(box: int, target: int = 32) -> int:
+    """The encoder's pooling factor for a box: the largest divisor of ``box`` that keeps at least ``target`` px
+    (64 -> 2, 128 -> 4, 256 -> 8; 1 for boxes under 64). The encoder reads shapes, not fine detail."""
+    return max(f for f in range(1, max(1, box // target) + 1) if box % f == 0)
+
+
 class AtomDecoder(nn.Module):
     """MLP from z (B, zdim) to coordinates (B, N, 3) = x0 + displacement (Å)."""
 
-    def __init__(self, x0: Tensor, zdim: int, hidden: int, layers: int):
+    def __init__(self, x0: Tensor, zdim: int, hidden: int, layers: int, init: float = 1e-3,
+                 modes: Tensor | None = None):
         super().__init__()
         self.register_buffer("x0", x0.clone())
+        self.linear = None
+        if modes is not None:  # (zdim, N, 3) Å per unit z
+            self.linear = nn.Linear(zdim, 3 * len(x0), bias=False)
+            with torch.no_grad():
+                self.linear.weight.copy_(modes.reshape(zdim, -1).T)
         dims = [zdim] + [hidden] * layers
         mlp = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -83,11 +102,14 @@ class AtomDecoder(nn.Module):
         self.mlp = nn.Sequential(*mlp)
         self.out = nn.Linear(hidden, 3 * len(x0))
         # near-zero start: the starting model to within ~0.01 Å, yet z already reaches the output
-        nn.init.normal_(self.out.weight, std=1e-3)
+        nn.init.normal_(self.out.weight, std=init)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.x0 + self.out(self.mlp(z)).view(len(z), -1, 3)
+        d = self.out(self.mlp(z))
+        if self.linear is not None:
+            d = d + self.linear(z)
+        return self.x0 + d.view(len(z), -1, 3)
 
 
 class PoseEncoder(nn.Module):
@@ -130,17 +152,28 @@ class AtomVAE(nn.Module):
     """
 
     def __init__(self, cfg: AtomVAEConfig, x0: Tensor, amplitudes: Tensor, sigmas: Tensor, bonds: Tensor,
-                 box: int, apix: float, n_particles: int, noise_sigma: float):
+                 box: int, apix: float, n_particles: int, noise_sigma: float, modes: Tensor | None = None):
         super().__init__()
         if cfg.likelihood not in ("gaussian", "correlation"):
             raise UserError(f"--likelihood: expected gaussian or correlation, got {cfg.likelihood!r}")
         self.cfg, self.box, self.apix = cfg, int(box), float(apix)
         x0 = x0.float()
-        if cfg.enc_downsample < 1 or self.box % cfg.enc_downsample:
+        self.enc_pool = cfg.enc_downsample or enc_pooling(self.box)
+        if cfg.enc_downsample < 0 or self.box % self.enc_pool:
             raise UserError(f"--enc-downsample {cfg.enc_downsample}: must divide the box size {self.box}")
         channels = 2 if cfg.enc_reference else 1
-        self.encoder = ConvEncoder(channels, self.box // cfg.enc_downsample, cfg.zdim, width=cfg.enc_width)
-        self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers)
+        self.encoder = ConvEncoder(channels, self.box // self.enc_pool, cfg.zdim, width=cfg.enc_width)
+        if cfg.enc_init == "kaiming":
+            for m in self.encoder.modules():
+                if isinstance(m, (nn.Conv2d, nn.Linear)):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                    nn.init.zeros_(m.bias)
+            with torch.no_grad():  # every particle starts at z = 0; the decoder's gradient then says where to go
+                self.encoder.head.weight[:cfg.zdim] = 0
+        with torch.no_grad():
+            self.encoder.head.bias[cfg.zdim:] = cfg.logvar_init
+        modes = None if modes is None or not cfg.dec_modes else cfg.dec_modes * modes.float()
+        self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers, cfg.dec_init, modes)
         self.register_buffer("amplitudes", amplitudes.float())
         self.register_buffer("sigmas", sigmas.float())
         self.register_buffer("noise_sigma", torch.tensor(float(noise_sigma)))
@@ -155,7 +188,7 @@ class AtomVAE(nn.Module):
         if cfg.infer_poses:
             if cfg.pose_heads < 1:
                 raise UserError(f"--pose-heads: expected at least 1, got {cfg.pose_heads}")
-            self.pose_encoder = PoseEncoder(self.box // cfg.enc_downsample, cfg.pose_heads, cfg.enc_width,
+            self.pose_encoder = PoseEncoder(self.box // self.enc_pool, cfg.pose_heads, cfg.enc_width,
                                             self.apix)
 
     # ----------------------------------------------------------------- parts
@@ -165,7 +198,37 @@ class AtomVAE(nn.Module):
         With ``enc_reference`` the encoder's second channel is the starting model rendered at the
         particle's pose and CTF (needs the batch's R, shift_A, ctf), in the image's standardised units.
         """
-        return self._encode(self.with_poses(batch))
+        batch = self.with_poses(batch)
+        mu, logvar = self._encode(batch)
+        if self.cfg.posterior == "laplace":
+            return self.laplace(batch, mu)
+        return mu, logvar
+
+    @torch.no_grad()
+    def laplace(self, batch: dict, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Laplace approximation of p(z | x) (B, zdim) each: ``gn_steps`` Gauss-Newton steps from ``z``.
+
+        With J = d model image / dz (B, zdim, pixels), by finite differences of the decoder and renderer,
+        residual r = image - model(z) and noise sigma s, the linearised log posterior under the N(0, I)
+        prior has precision A = J J^T / s^2 + I and its maximum at z + A^-1 (J r / s^2 - z). Returns that
+        mean and the log of diag(A^-1).
+        """
+        B, K = z.shape
+        eye = torch.eye(K, device=z.device, dtype=z.dtype)
+        h = 0.1  # finite-difference step, in units of the prior's standard deviation
+        rep = {k: batch[k].repeat_interleave(K + 1, 0) for k in ("R", "shift_A", "ctf")}
+        index = batch.get("index")
+        index = None if index is None else index.repeat_interleave(K + 1, 0)
+        s2 = self.noise_sigma**2
+        A = eye
+        for _ in range(max(1, self.cfg.gn_steps)):
+            zz = torch.cat([z[:, None], z[:, None] + h * eye], 1).reshape(B * (K + 1), K)
+            m = self.render(self.decode(zz), rep["R"], rep["shift_A"], rep["ctf"], index).reshape(B, K + 1, -1)
+            J = (m[:, 1:] - m[:, :1]) / h
+            r = batch["image"].reshape(B, -1) - m[:, 0]
+            A = J @ J.transpose(1, 2) / s2 + eye
+            z = z + torch.linalg.solve(A, (J @ r[..., None])[..., 0] / s2 - z)
+        return z, torch.linalg.inv(A).diagonal(dim1=-2, dim2=-1).clamp_min(1e-12).log()
 
     def _standardise(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Images (B, 1, D, D) -> zero mean, unit variance per image; and the std (B, 1, 1, 1)."""
@@ -181,8 +244,8 @@ class AtomVAE(nn.Module):
                 x0 = self.decoder.x0.expand(len(images), -1, -1)
                 ref = self.render(x0, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"))
             x = torch.cat([x, (ref - ref.mean(dim=(1, 2, 3), keepdim=True)) / std], 1)
-        if self.cfg.enc_downsample > 1:
-            x = torch.nn.functional.avg_pool2d(x, self.cfg.enc_downsample)
+        if self.enc_pool > 1:
+            x = torch.nn.functional.avg_pool2d(x, self.enc_pool)
         return self.encoder(x)
 
     def decode(self, z: Tensor) -> Tensor:
@@ -192,7 +255,7 @@ class AtomVAE(nn.Module):
     # ----------------------------------------------------------- pose inference
     def _pose_input(self, images: Tensor) -> Tensor:
         x = self._standardise(images)[0]
-        return torch.nn.functional.avg_pool2d(x, self.cfg.enc_downsample) if self.cfg.enc_downsample > 1 else x
+        return torch.nn.functional.avg_pool2d(x, self.enc_pool) if self.enc_pool > 1 else x
 
     @torch.no_grad()
     def infer_poses(self, batch: dict) -> tuple[Tensor, Tensor]:
@@ -293,19 +356,31 @@ class AtomVAE(nn.Module):
             return {"loss": self.cfg.pose_weight * pose, **dict.fromkeys(("rec", "kl", "bond", "local", "clash"), nan),
                     "scale": torch.exp(self.log_scale).detach(), "pose": pose.detach()}
         batch = self.with_poses(batch)
+        c = self.cfg
         mu, logvar = self._encode(batch)
-        z = reparameterize(mu, logvar)
+        enc_fit = None
+        if c.posterior == "laplace":  # the encoder learns to predict the Laplace posterior it starts from
+            mu_enc, logvar_enc = mu, logvar
+            mu, logvar = self.laplace(batch, mu_enc.detach())
+            enc_fit = -gaussian_log_likelihood(mu, mu_enc, torch.exp(0.5 * logvar_enc)).mean()
+        deterministic = step < c.ae_warmup
+        z = mu if deterministic else reparameterize(mu, logvar)
         coords = self.decode(z)
         model = self.render(coords, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"), step)
-        rec = self.reconstruction(img, model, step).mean()
+        rec_i = self.reconstruction(img, model, step)
+        rec = rec_i.mean()
         kl = gaussian_kl(mu, logvar).mean()
         pri = self.prior_terms(coords[: self.cfg.prior_samples])
         # prior weights are per Å² per 1000 pixels, so they keep their meaning across box sizes
         w = img.shape[-1] * img.shape[-2] / 1000
-        c = self.cfg
-        beta = (1.0 / c.zdim if c.beta is None else c.beta) * min(1.0, step / max(c.kl_warmup, 1))
+        ramp = 0.0 if deterministic else min(1.0, (step - c.ae_warmup) / max(c.kl_warmup, 1))
+        beta = (1.0 / c.zdim if c.beta is None else c.beta) * ramp
         total = rec + beta * kl + w * (c.w_bond * pri["bond"] + c.w_local * pri["local"] + c.w_clash * pri["clash"])
-        out = {"rec": rec, "kl": kl, **pri, "scale": torch.exp(self.log_scale).detach()}
+        out = {"rec": rec, "kl": kl, **pri, "scale": torch.exp(self.log_scale).detach(),
+               **latent_use(mu, z, rec_i, batch, self, step)}
+        if enc_fit is not None:
+            out["enc_fit"] = enc_fit
+            total = total + enc_fit
         if self.pose_encoder is not None:
             out["pose"] = self.pose_loss(batch)
             total = total + c.pose_weight * out["pose"]
@@ -339,6 +414,44 @@ class AtomVAE(nn.Module):
     def settings(self) -> dict:
         return {"model": asdict(self.cfg), "box": self.box, "apix": self.apix,
                 "n_atoms": len(self.decoder.x0), "noise_sigma": float(self.noise_sigma)}
+
+
+def latent_use(mu: Tensor, z: Tensor, rec: Tensor, batch: dict, model: AtomVAE, step: int) -> dict[str, Tensor]:
+    """Is the latent used? Logged by ``loss`` (see ``scene3d.objective.active_units``).
+
+    * ``au``: active units of the batch's posterior means ``mu`` (B, zdim).
+    * ``shuffle``: how much worse (nats per particle) the batch is reconstructed with its
+      latents ``z`` permuted within the batch, against its own (``rec`` (B,)). Near 0 means the
+      decoder ignores z. It costs one extra rendering, so it is computed only on the steps
+      that the trainer logs (every 10th, its default ``log_every``) and is NaN elsewhere.
+    """
+    out = {"au": active_units(mu).float()}
+    if step != 0 and (step + 1) % 10:  # the trainer logs after steps 1, 10, 20, ...: loss steps 0, 9, 19, ...
+        return {**out, "shuffle": mu.new_tensor(float("nan"))}
+    with torch.no_grad():
+        perm = torch.roll(torch.arange(len(z), device=z.device), 1)  # a derangement: no particle keeps its own z
+        coords = model.decode(z[perm])
+        other = model.render(coords, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"), step)
+        out["shuffle"] = (model.reconstruction(batch["image"], other, step) - rec.detach()).mean()
+    return out
+
+
+COLLAPSE_NATS = 1.0  # shuffled-z cost (nats per particle) below which the latent counts as unused
+
+
+def collapse_warning(shuffle_nats: float, active: float, zdim: int) -> str | None:
+    """One line for the user when the latent carries (almost) nothing per particle, else None.
+
+    ``shuffle_nats``: how much worse particles are reconstructed from other particles' latents (nats per
+    particle; a working run on 64-px SNR-0.1 particles reaches 10-50); ``active``: active latent units.
+    """
+    if shuffle_nats >= COLLAPSE_NATS and active >= 1:
+        return None
+    return (f"warning: the latent space has collapsed: reconstructing each particle from another particle's "
+            f"latent costs only {shuffle_nats:.2f} nats (a used latent costs > {COLLAPSE_NATS:g}), and "
+            f"{active:g} of {zdim} latent dimensions vary across particles. The decoder has learned one mean "
+            f"structure and nothing per particle. Try: train longer; check that the poses and CTF are right "
+            f"(cryoem check) and that the data hold a motion; or try a smaller --zdim.")
 
 
 def estimate_noise_sigma(images: Tensor, radius_frac: float = 0.9) -> float:

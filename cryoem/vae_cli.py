@@ -21,7 +21,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--zdim", type=int, default=8)
     p.add_argument("--enc-width", type=int, default=32, help="channels of the encoder's first stage")
     p.add_argument("--dec-hidden", type=int, default=256, help="width of the decoder MLP")
-    p.add_argument("--enc-downsample", type=int, default=1, help="the encoder sees images pooled by this factor")
+    p.add_argument("--enc-downsample", type=int, default=0,
+                   help="the encoder sees images pooled by this factor (default 0: from the box, to about 32 px)")
     p.add_argument("--atoms", choices=["heavy", "backbone", "ca"], default="backbone")
     p.add_argument("--center", choices=["centroid", "map", "none"], default="centroid",
                    help="centroid: the model's centroid sits at the box centre; map: the model was fitted in a "
@@ -41,6 +42,14 @@ def add_subcommands(sub) -> None:
                    help="the encoder also sees the starting model rendered at each particle's pose and CTF "
                         "(default: on; off is the image-only encoder of cryoDRGN)")
     p.add_argument("--likelihood", choices=["gaussian", "correlation"], default="gaussian")
+    p.add_argument("--kl-warmup", type=int, default=500, help="steps over which the KL weight ramps up")
+    p.add_argument("--ae-warmup", type=int, default=0, help="steps of a deterministic autoencoder first")
+    p.add_argument("--logvar-init", type=float, default=0.0, help="initial log-variance of q(z|x)")
+    p.add_argument("--dec-init", type=float, default=1e-3, help="std of the decoder's last-layer weights")
+    p.add_argument("--dec-modes", type=float, default=0.0, help="Å per unit z along normal modes at init")
+    p.add_argument("--enc-init", choices=["default", "kaiming"], default="default")
+    p.add_argument("--posterior", choices=["amortized", "laplace"], default="amortized")
+    p.add_argument("--gn-steps", type=int, default=1)
     p.add_argument("--w-bond", type=float, default=1.0)
     p.add_argument("--w-local", type=float, default=1.0)
     p.add_argument("--w-clash", type=float, default=1.0)
@@ -56,7 +65,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--lazy", action="store_true", help="memory-map the stacks instead of loading them")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is often faster on a busy machine)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: the free cores, from the load)")
     p.add_argument("--resume", action="store_true")
     p.set_defaults(func=cmd_train)
 
@@ -89,17 +98,23 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     if a.epochs is None and a.minutes is None and a.steps is None:
         raise UserError("give a training budget: --epochs N, --minutes M or --steps S")
-    if a.threads is not None:
-        if a.threads < 1:
-            raise UserError(f"--threads: expected a positive number, got {a.threads}")
-        import torch
+    import torch
 
-        torch.set_num_threads(a.threads)
+    from scene3d.runinfo import auto_threads
+
+    if a.threads is not None and a.threads < 1:
+        raise UserError(f"--threads: expected a positive number, got {a.threads}")
+    threads = a.threads or auto_threads()
+    torch.set_num_threads(threads)
+    print(f"{threads} CPU thread(s) for torch" + ("" if a.threads else " (cores minus the current load; --threads N "
+                                                                       "to choose)"))
     spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.chains,
                     a.lazy)
     cfg = AtomVAEConfig(zdim=a.zdim, enc_width=a.enc_width, enc_downsample=a.enc_downsample,
                         dec_hidden=a.dec_hidden, beta=a.beta, enc_reference=a.enc_reference,
-                        likelihood=a.likelihood, w_bond=a.w_bond, w_local=a.w_local,
+                        likelihood=a.likelihood, kl_warmup=a.kl_warmup, ae_warmup=a.ae_warmup,
+                        logvar_init=a.logvar_init, dec_init=a.dec_init, dec_modes=a.dec_modes,
+                        enc_init=a.enc_init, posterior=a.posterior, gn_steps=a.gn_steps, w_bond=a.w_bond, w_local=a.w_local,
                         w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
                         infer_poses=a.infer_poses, pose_heads=a.pose_heads, pose_warmup=a.pose_warmup)
     tcfg = TrainConfig(out=a.out, epochs=a.epochs, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size,

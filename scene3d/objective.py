@@ -40,6 +40,16 @@ def gaussian_log_likelihood(x: Tensor, mean: Tensor, sigma: float | Tensor, dims
     return _sum_last(ll, dims)
 
 
+def active_units(mu: Tensor, threshold: float = 0.01) -> Tensor:
+    """Number of active latent units (Burda et al. 2016): dimensions whose posterior mean varies across
+    the data, ``Var_x(E_q[z_d | x]) > threshold``. ``mu`` is (B, zdim) posterior means; returns a scalar
+    int64 tensor. A dimension whose mean does not move with the input carries no information about it.
+    """
+    if len(mu) < 2:
+        return torch.zeros((), dtype=torch.long, device=mu.device)
+    return (mu.detach().var(dim=0) > threshold).sum()
+
+
 def bits_per_dim(nats: Tensor, num_dims: int) -> Tensor:
     """Convert a per-item negative log-likelihood in nats to bits per dimension."""
     return nats / (num_dims * math.log(2))

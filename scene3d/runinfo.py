@@ -113,6 +113,14 @@ def write_config(out_dir: str | os.PathLike, settings: dict, name: str = "config
     return path
 
 
+def auto_threads() -> int:
+    """CPU threads for torch: the cores this process may use, minus the load of other work (1-minute load
+    average), at least 1. Oversubscribing cores slows torch's CPU kernels several-fold."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - load)))
+
+
 def cli_main(build_parser, argv=None) -> int:
     """Entry point of a CLI whose subcommands set ``func``: parse, run, turn user errors into exit code 2."""
     def _main(argv):

@@ -36,7 +36,8 @@ What the trainer owns
   group (gloo on CPU, nccl on CUDA), and splits each global batch of ``batch_size`` into
   ``batch_size / world`` per process; gradients are averaged, so the run matches a
   single-process run at the same global batch. Only rank 0 writes files.
-* **Records:** a tqdm bar with the loss terms, ``out/log.csv``, TensorBoard events in
+* **Records:** a tqdm bar with the loss terms, ``out/log.csv`` (the terms, the gradient norm before
+  clipping, and the same per top-level child module, ``gnorm_<name>``), TensorBoard events in
   ``out/tb/``, and ``out/config.json`` (settings, versions, git commit).
 """
 
@@ -169,6 +170,19 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a truncated or foreign file
         raise UserError(f"{path}: not a readable Plato checkpoint ({e.__class__.__name__}: {e})") from e
+
+
+def module_grad_norms(model: nn.Module) -> dict[str, float]:
+    """``{"gnorm_<child>": L2 norm}`` of the gradients of each top-level child module that has any.
+
+    Logged every step: a part whose gradient vanishes (the encoder of a collapsing VAE) shows here.
+    """
+    out = {}
+    for name, child in model.named_children():
+        grads = [p.grad.detach().float().norm() for p in child.parameters() if p.grad is not None]
+        if grads:
+            out[f"gnorm_{name}"] = float(torch.stack(grads).norm())
+    return out
 
 
 class _LossModule(nn.Module):
@@ -314,6 +328,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         self.scaler.unscale_(self.opt)
+        gnorms = module_grad_norms(self.model)  # before clipping: what each part's loss gradient really is
         gnorm = None
         if self.cfg.grad_clip is not None:
             gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
@@ -328,6 +343,7 @@ class Trainer:
         out = dict(zip(terms.keys(), vals.tolist()))
         if gnorm is not None:
             out["grad_norm"] = float(gnorm)
+        out.update(gnorms)
         return out
 
     def fit(self) -> dict:
@@ -426,7 +442,7 @@ class _Log:
         self.bar.update(1)
         if step % self.every and step != 1:
             return
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items() if k != "grad_norm"}, refresh=False)
+        self.bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items() if not k.startswith(("grad_norm", "gnorm_"))}, refresh=False)
         rec = {"step": step, "epoch": epoch, "time_s": round(elapsed, 2), "lr": lr, **terms}
         if self.fields is None:
             self.fields = list(rec.keys())
