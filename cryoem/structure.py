@@ -339,42 +339,6 @@ def _residue_pseudo_atoms(resname: np.ndarray, bfactor: float) -> tuple[np.ndarr
     return np.array(amp), np.sqrt(np.array(var))
 
 
-# ----------------------------------------------------------------------------- normal modes
-def normal_modes(structure: Structure, k: int, cutoff: float = 15.0, model: int = 0) -> np.ndarray:
-    """The ``k`` slowest modes of an anisotropic network model (ANM; Atilgan et al. 2001), per atom.
-
-    One node per residue (its C-alpha, else the mean of its atoms); springs of equal stiffness
-    join nodes closer than ``cutoff`` Å. The Hessian's 6 rigid-body modes (zero eigenvalues) are
-    skipped. Every atom moves with its residue's node.
-
-    Returns:
-        (k, N, 3) displacements, each mode scaled to an RMS of 1 Å over the N atoms.
-    """
-    keys = list(zip(structure.chain.tolist(), structure.resnum.tolist(), structure.icode.tolist()))
-    index = {key: i for i, key in enumerate(dict.fromkeys(keys))}
-    residue = np.array([index[key] for key in keys])
-    xyz = structure.coords[model].astype(np.float64)
-    n = residue.max() + 1
-    nodes = np.zeros((n, 3))
-    is_ca = structure.name == "CA"
-    for r in range(n):  # the C-alpha where there is one
-        sel = residue == r
-        nodes[r] = xyz[sel & is_ca][0] if (sel & is_ca).any() else xyz[sel].mean(0)
-    d = nodes[None] - nodes[:, None]  # (n, n, 3)
-    r2 = (d**2).sum(-1)
-    spring = (r2 < cutoff**2) & (r2 > 0)
-    H = -np.where(spring[..., None, None], d[..., :, None] * d[..., None, :] / np.maximum(r2, 1e-12)[..., None, None], 0)
-    H[np.arange(n), np.arange(n)] = -H.sum(1)
-    H = H.transpose(0, 2, 1, 3).reshape(3 * n, 3 * n)
-    k_eff = min(k, 3 * n - 6)
-    _, vec = np.linalg.eigh(H)
-    modes = vec[:, 6:6 + k_eff].T.reshape(k_eff, n, 3)[:, residue]  # (k, N, 3)
-    modes /= np.sqrt((modes**2).sum(-1).mean(-1))[:, None, None]
-    if k_eff < k:
-        modes = np.concatenate([modes, np.zeros((k - k_eff, *modes.shape[1:]))])
-    return modes
-
-
 # ----------------------------------------------------------------------------- bonds
 def bonded_pairs(structure: Structure, model: int = 0) -> np.ndarray:
     """(E, 2) int array of bonded atom pairs ``i < j`` inferred from the chosen model.

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from cryoem.particles import ParticleSet, load_particles
-from cryoem.structure import Structure, bonded_pairs, normal_modes, read_structure, scattering_gaussians
+from cryoem.structure import Structure, bonded_pairs, read_structure, scattering_gaussians
 from cryoem.vae import AtomVAE, AtomVAEConfig, collapse_warning, estimate_noise_sigma
 from scene3d.runinfo import UserError, atomic_write
 from scene3d.trainer import TrainConfig, Trainer, load_checkpoint
@@ -96,9 +96,8 @@ def build_model(spec: DataSpec, cfg: AtomVAEConfig, ds: ParticleSet, noise_sigma
     if noise_sigma is None:
         sample = np.linspace(0, len(ds) - 1, min(len(ds), 1000)).astype(int)
         noise_sigma = estimate_noise_sigma(ds.images(sample))
-    modes = torch.as_tensor(normal_modes(s, cfg.zdim)) if cfg.dec_modes else None
     model = AtomVAE(cfg, torch.as_tensor(x0), torch.as_tensor(amp), torch.as_tensor(sig),
-                    torch.as_tensor(bonds), box, apix, len(ds), noise_sigma, modes)
+                    torch.as_tensor(bonds), box, apix, len(ds), noise_sigma)
     return model, s, offset
 
 
@@ -179,7 +178,8 @@ def load_run(run: str | os.PathLike, device: str = "cpu") -> tuple[AtomVAE, dict
         raise UserError(f"{run}: not an atom-VAE run folder (no model.json)")
     rec = json.loads((run / "model.json").read_text())
     spec = DataSpec(**rec["data"])
-    saved = {"enc_reference": False, **rec["model"]}  # runs written before the reference channel existed
+    # runs written before the reference channel, and before the Laplace posterior, existed
+    saved = {"enc_reference": False, "posterior": "amortized", **rec["model"]}
     cfg = AtomVAEConfig(**{f.name: saved[f.name] for f in fields(AtomVAEConfig) if f.name in saved})
     ds = load_data(spec, check_pixels=False, need_poses=not cfg.infer_poses)
     model, s, _ = build_model(spec, cfg, ds, noise_sigma=rec["noise_sigma"])

@@ -6,6 +6,17 @@ One training step (the loop of the design guide, with cryo-EM parts)::
         --gaussian_projection(camera from pose)--> projection --CTF, low-pass--> model image
     loss = -log p(image | model image) + beta * KL(q || N(0, I)) + structural priors
 
+* The posterior q(z | x) (``posterior="laplace"``, the default) is a Laplace approximation: from
+  the encoder's guess, one Gauss-Newton step of the decoder + renderer against the particle
+  image, under the N(0, I) prior (:meth:`AtomVAE.laplace`). The encoder is trained to predict
+  that posterior (``enc_fit``); the decoder learns from samples of it (variational EM).
+  Why: with an amortised encoder alone (``"amortized"``, cryoDRGN's scheme) training starts
+  at a saddle. The decoder barely depends on z, so the encoder gets almost no gradient, and
+  the encoder's outputs barely differ between particles, so the decoder has nothing to use.
+  On 64-px SNR-0.1 particles it stayed there for 1,000-3,000 steps ("posterior collapse").
+  The Gauss-Newton step reads each particle's evidence through the decoder's Jacobian, so the
+  latent carries information from the first steps. It costs zdim + 1 extra renderings
+  per particle, without gradients.
 * The encoder, the KL / Gaussian likelihood and the trainer are scene3d's; the projector
   is ``renderers.gaussian``; the CTF is ``cryoem.ctf``. This module only wires them.
 * The decoder outputs a displacement of every modelled atom from the starting model;
@@ -52,13 +63,8 @@ class AtomVAEConfig:
     dec_layers: int = 3
     beta: float | None = None  # KL weight (beta-VAE); None = 1 / zdim, cryoDRGN's default
     kl_warmup: int = 500  # steps over which the KL weight ramps up from 0 (avoids early posterior collapse)
-    ae_warmup: int = 0  # steps of a deterministic autoencoder (z = mu, no KL) before the VAE starts
-    logvar_init: float = 0.0  # initial log-variance of q(z|x) (bias of the encoder's logvar head)
-    dec_init: float = 1e-3  # std of the decoder's last-layer weights (Å per unit hidden activation)
-    dec_modes: float = 0.0  # Å per unit z along the starting model's slowest normal modes at init (0 = off)
-    enc_init: str = "default"  # default | kaiming
-    posterior: str = "amortized"  # amortized | laplace (Gauss-Newton steps from the encoder's guess)
-    gn_steps: int = 1  # laplace: Gauss-Newton steps
+    posterior: str = "laplace"  # laplace: Gauss-Newton from the encoder's guess (see AtomVAE.laplace); amortized
+    gn_steps: int = 1  # laplace: Gauss-Newton steps per batch
     enc_reference: bool = True  # the encoder also sees the starting model rendered at the particle's pose + CTF
     likelihood: str = "gaussian"  # gaussian | correlation
     w_bond: float = 1.0  # per Å² of bond-length change, times the number of pixels / 1000
@@ -86,15 +92,9 @@ def enc_pooling(box: int, target: int = 32) -> int:
 class AtomDecoder(nn.Module):
     """MLP from z (B, zdim) to coordinates (B, N, 3) = x0 + displacement (Å)."""
 
-    def __init__(self, x0: Tensor, zdim: int, hidden: int, layers: int, init: float = 1e-3,
-                 modes: Tensor | None = None):
+    def __init__(self, x0: Tensor, zdim: int, hidden: int, layers: int):
         super().__init__()
         self.register_buffer("x0", x0.clone())
-        self.linear = None
-        if modes is not None:  # (zdim, N, 3) Å per unit z
-            self.linear = nn.Linear(zdim, 3 * len(x0), bias=False)
-            with torch.no_grad():
-                self.linear.weight.copy_(modes.reshape(zdim, -1).T)
         dims = [zdim] + [hidden] * layers
         mlp = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -102,14 +102,11 @@ class AtomDecoder(nn.Module):
         self.mlp = nn.Sequential(*mlp)
         self.out = nn.Linear(hidden, 3 * len(x0))
         # near-zero start: the starting model to within ~0.01 Å, yet z already reaches the output
-        nn.init.normal_(self.out.weight, std=init)
+        nn.init.normal_(self.out.weight, std=1e-3)
         nn.init.zeros_(self.out.bias)
 
     def forward(self, z: Tensor) -> Tensor:
-        d = self.out(self.mlp(z))
-        if self.linear is not None:
-            d = d + self.linear(z)
-        return self.x0 + d.view(len(z), -1, 3)
+        return self.x0 + self.out(self.mlp(z)).view(len(z), -1, 3)
 
 
 class PoseEncoder(nn.Module):
@@ -152,10 +149,14 @@ class AtomVAE(nn.Module):
     """
 
     def __init__(self, cfg: AtomVAEConfig, x0: Tensor, amplitudes: Tensor, sigmas: Tensor, bonds: Tensor,
-                 box: int, apix: float, n_particles: int, noise_sigma: float, modes: Tensor | None = None):
+                 box: int, apix: float, n_particles: int, noise_sigma: float):
         super().__init__()
         if cfg.likelihood not in ("gaussian", "correlation"):
             raise UserError(f"--likelihood: expected gaussian or correlation, got {cfg.likelihood!r}")
+        if cfg.posterior not in ("laplace", "amortized"):
+            raise UserError(f"--posterior: expected laplace or amortized, got {cfg.posterior!r}")
+        if cfg.posterior == "laplace" and cfg.likelihood != "gaussian":
+            raise UserError("--likelihood correlation has no Laplace posterior; use it with --posterior amortized")
         self.cfg, self.box, self.apix = cfg, int(box), float(apix)
         x0 = x0.float()
         self.enc_pool = cfg.enc_downsample or enc_pooling(self.box)
@@ -163,17 +164,7 @@ class AtomVAE(nn.Module):
             raise UserError(f"--enc-downsample {cfg.enc_downsample}: must divide the box size {self.box}")
         channels = 2 if cfg.enc_reference else 1
         self.encoder = ConvEncoder(channels, self.box // self.enc_pool, cfg.zdim, width=cfg.enc_width)
-        if cfg.enc_init == "kaiming":
-            for m in self.encoder.modules():
-                if isinstance(m, (nn.Conv2d, nn.Linear)):
-                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-                    nn.init.zeros_(m.bias)
-            with torch.no_grad():  # every particle starts at z = 0; the decoder's gradient then says where to go
-                self.encoder.head.weight[:cfg.zdim] = 0
-        with torch.no_grad():
-            self.encoder.head.bias[cfg.zdim:] = cfg.logvar_init
-        modes = None if modes is None or not cfg.dec_modes else cfg.dec_modes * modes.float()
-        self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers, cfg.dec_init, modes)
+        self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers)
         self.register_buffer("amplitudes", amplitudes.float())
         self.register_buffer("sigmas", sigmas.float())
         self.register_buffer("noise_sigma", torch.tensor(float(noise_sigma)))
@@ -215,7 +206,7 @@ class AtomVAE(nn.Module):
         """
         B, K = z.shape
         eye = torch.eye(K, device=z.device, dtype=z.dtype)
-        h = 0.1  # finite-difference step, in units of the prior's standard deviation
+        h = 0.01  # finite-difference step, in units of the prior's standard deviation (float32: still ~1e-4 precise)
         rep = {k: batch[k].repeat_interleave(K + 1, 0) for k in ("R", "shift_A", "ctf")}
         index = batch.get("index")
         index = None if index is None else index.repeat_interleave(K + 1, 0)
@@ -363,8 +354,7 @@ class AtomVAE(nn.Module):
             mu_enc, logvar_enc = mu, logvar
             mu, logvar = self.laplace(batch, mu_enc.detach())
             enc_fit = -gaussian_log_likelihood(mu, mu_enc, torch.exp(0.5 * logvar_enc)).mean()
-        deterministic = step < c.ae_warmup
-        z = mu if deterministic else reparameterize(mu, logvar)
+        z = reparameterize(mu, logvar)
         coords = self.decode(z)
         model = self.render(coords, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"), step)
         rec_i = self.reconstruction(img, model, step)
@@ -373,8 +363,7 @@ class AtomVAE(nn.Module):
         pri = self.prior_terms(coords[: self.cfg.prior_samples])
         # prior weights are per Å² per 1000 pixels, so they keep their meaning across box sizes
         w = img.shape[-1] * img.shape[-2] / 1000
-        ramp = 0.0 if deterministic else min(1.0, (step - c.ae_warmup) / max(c.kl_warmup, 1))
-        beta = (1.0 / c.zdim if c.beta is None else c.beta) * ramp
+        beta = (1.0 / c.zdim if c.beta is None else c.beta) * min(1.0, step / max(c.kl_warmup, 1))
         total = rec + beta * kl + w * (c.w_bond * pri["bond"] + c.w_local * pri["local"] + c.w_clash * pri["clash"])
         out = {"rec": rec, "kl": kl, **pri, "scale": torch.exp(self.log_scale).detach(),
                **latent_use(mu, z, rec_i, batch, self, step)}

@@ -42,14 +42,10 @@ def add_subcommands(sub) -> None:
                    help="the encoder also sees the starting model rendered at each particle's pose and CTF "
                         "(default: on; off is the image-only encoder of cryoDRGN)")
     p.add_argument("--likelihood", choices=["gaussian", "correlation"], default="gaussian")
-    p.add_argument("--kl-warmup", type=int, default=500, help="steps over which the KL weight ramps up")
-    p.add_argument("--ae-warmup", type=int, default=0, help="steps of a deterministic autoencoder first")
-    p.add_argument("--logvar-init", type=float, default=0.0, help="initial log-variance of q(z|x)")
-    p.add_argument("--dec-init", type=float, default=1e-3, help="std of the decoder's last-layer weights")
-    p.add_argument("--dec-modes", type=float, default=0.0, help="Å per unit z along normal modes at init")
-    p.add_argument("--enc-init", choices=["default", "kaiming"], default="default")
-    p.add_argument("--posterior", choices=["amortized", "laplace"], default="amortized")
-    p.add_argument("--gn-steps", type=int, default=1)
+    p.add_argument("--posterior", choices=["laplace", "amortized"], default="laplace",
+                   help="laplace (default): each particle's latent posterior by a Gauss-Newton step of the decoder "
+                        "and renderer from the encoder's guess; amortized: the encoder alone, as cryoDRGN (its "
+                        "latent can take thousands of steps to start carrying information)")
     p.add_argument("--w-bond", type=float, default=1.0)
     p.add_argument("--w-local", type=float, default=1.0)
     p.add_argument("--w-clash", type=float, default=1.0)
@@ -112,9 +108,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                     a.lazy)
     cfg = AtomVAEConfig(zdim=a.zdim, enc_width=a.enc_width, enc_downsample=a.enc_downsample,
                         dec_hidden=a.dec_hidden, beta=a.beta, enc_reference=a.enc_reference,
-                        likelihood=a.likelihood, kl_warmup=a.kl_warmup, ae_warmup=a.ae_warmup,
-                        logvar_init=a.logvar_init, dec_init=a.dec_init, dec_modes=a.dec_modes,
-                        enc_init=a.enc_init, posterior=a.posterior, gn_steps=a.gn_steps, w_bond=a.w_bond, w_local=a.w_local,
+                        likelihood=a.likelihood, posterior=a.posterior, w_bond=a.w_bond, w_local=a.w_local,
                         w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
                         infer_poses=a.infer_poses, pose_heads=a.pose_heads, pose_warmup=a.pose_warmup)
     tcfg = TrainConfig(out=a.out, epochs=a.epochs, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size,

@@ -112,3 +112,68 @@ def test_cli_simulate_bad_input_exits_2(tmp_path, capsys, args, message):
 def test_ctf_params_round_trip_through_ground_truth():
     p = CTFParams.create(torch.tensor([1e4, 2e4]))
     assert torch.equal(CTFParams.from_tensor(p.as_tensor()).defocus_u, p.defocus_u)
+
+
+def _rotation_angle(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle (degrees) of the rigid rotation that superposes point set a (N, 3) on b (Kabsch, numpy)."""
+    a, b = a - a.mean(0), b - b.mean(0)
+    u, _, vt = np.linalg.svd(a.T @ b)
+    R = (u @ np.diag([1, 1, np.sign(np.linalg.det(u @ vt))]) @ vt).T
+    return float(np.degrees(np.arccos(np.clip((np.trace(R) - 1) / 2, -1, 1))))
+
+
+def test_hinge_swings_a_rigid_domain_by_its_angle():
+    from cryoem.simulate import hinge_conformations
+
+    s = read_structure(DATA / "1ubi.pdb").select("heavy")
+    conf = hinge_conformations(s, ["A:60-76:40", "A:1-10:20"])
+    x = conf.atom_coords(torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.5, 1.0]], dtype=torch.float64)).double().numpy()
+    dom = (s.resnum >= 60) & (s.resnum <= 76)
+    tail = s.resnum <= 10
+    rest = ~dom & ~tail
+    assert np.allclose(x[1][rest], x[0][rest]) and np.allclose(x[1][tail], x[0][tail])  # only the domain moves
+    d0 = np.linalg.norm(x[0][dom][:, None] - x[0][dom][None], axis=-1)
+    assert np.allclose(np.linalg.norm(x[1][dom][:, None] - x[1][dom][None], axis=-1), d0, atol=1e-4)  # rigidly
+    assert _rotation_angle(x[0][dom], x[1][dom]) == pytest.approx(40, abs=0.01)
+    assert _rotation_angle(x[0][dom], x[2][dom]) == pytest.approx(20, abs=0.01)  # t = 0.5
+    assert _rotation_angle(x[0][tail], x[2][tail]) == pytest.approx(20, abs=0.01)  # the second hinge, t = 1
+    pivot = (s.resnum == 60) & (s.name == "CA")
+    assert np.allclose(x[1][pivot], x[0][pivot], atol=1e-4)  # the hinge atom stays put
+    assert conf.output_labels().shape == (25, 2) and conf.models_for_output().n_models == 25
+
+
+def test_cli_hinge_bad_spec_is_one_line(tmp_path, capsys):
+    for spec in ("A:60-76", "Z:60-76:30", "A:1-500:30"):
+        code = main(["simulate", "--structure", str(DATA / "1ubi.pdb"), "--hinge", spec, "--n", "4",
+                     "--quiet", "--out", str(tmp_path / "x")])
+        err = capsys.readouterr().err
+        assert code == 2 and "--hinge" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_peng5_and_particle_bfactor_keep_the_mass_and_blur():
+    """Peng's 5 Gaussians per atom carry the same mass as the single moment-matched Gaussian, so the projected
+    mass is equal; the image differs (a sharper core). A per-particle B-factor blurs without changing the mass."""
+    from cryoem.imaging import project
+
+    s = read_structure(DATA / "1ubi.pdb").select("heavy")
+    one, five = ensemble_conformations(s, bfactor=0.0), ensemble_conformations(s, bfactor=0.0, potential="peng5")
+    assert five.coords(torch.tensor([0])).shape[1] == 5 * s.n_atoms
+    R = random_rotations(4, torch.Generator().manual_seed(2)).float()
+    a = project(one.coords(torch.zeros(4, dtype=torch.long)), one.amplitudes, one.sigmas, R, 1.0, 96)
+    b = project(five.coords(torch.zeros(4, dtype=torch.long)), five.amplitudes, five.sigmas, R, 1.0, 96)
+    assert torch.allclose(a.sum((1, 2, 3)), b.sum((1, 2, 3)), rtol=1e-4)
+    assert (b.amax((1, 2, 3)) > 1.03 * a.amax((1, 2, 3))).all()  # Peng's narrow core: higher peaks, every view
+    sharp = simulate(one, 8, box=64, pixel_size=1.5, snr=None, seed=4, progress=False, defocus_um=(0, 0))
+    blur = simulate(one, 8, box=64, pixel_size=1.5, snr=None, seed=4, progress=False, defocus_um=(0, 0),
+                    bfactor_range=(200, 200))
+    assert np.allclose(sharp.images.sum((1, 2)), blur.images.sum((1, 2)), rtol=1e-3)
+    assert (blur.images.max((1, 2)) < 0.9 * sharp.images.max((1, 2))).all()
+
+
+def test_uniform_shifts_have_the_asked_spread():
+    s = read_structure(DATA / "1ubi.pdb").select("ca")
+    res = simulate(ensemble_conformations(s), 4000, box=16, pixel_size=4.0, snr=None, seed=0, progress=False,
+                   shift_std_px=2.0, shift_dist="uniform")
+    px = res.shift_A / 4.0
+    assert np.abs(px).max() <= 2.0 * np.sqrt(3) + 1e-9 and px.std(0) == pytest.approx([2.0, 2.0], rel=0.05)

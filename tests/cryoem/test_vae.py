@@ -134,3 +134,48 @@ def test_infer_poses_recovers_poses_on_noiseless_data():
     assert angle.median() < 10, f"median angular error {angle.median():.1f} deg"
     assert (angle < 20).float().mean() > 0.75, f"only {(angle < 20).float().mean():.0%} within 20 degrees"
     assert shift.median() < 0.4, f"median shift error {shift.median():.2f} px"
+
+
+def test_laplace_posterior_matches_the_exact_posterior():
+    """With one latent dimension the posterior p(z | x) ∝ N(z; 0, 1) exp(-rec(z)) can be integrated on a grid.
+    Gauss-Newton steps must land on its mode, and their Laplace variance must match the grid posterior's
+    variance (the posterior is close to Gaussian here)."""
+    torch.manual_seed(0)
+    batch, u, x0, bonds = toy_data(n=6, snr=1.0)
+    model = make_model(x0, bonds, 1.0, posterior="laplace", gn_steps=8)
+    torch.nn.init.normal_(model.decoder.out.weight, std=0.3)  # a decoder that z visibly moves
+    model.init_scale(batch)
+    with torch.no_grad():
+        coords = model.decode(torch.full((6, 1), 0.7))  # the data: decoded at z = 0.7, plus white noise
+        clean = model.render(coords, batch["R"], batch["shift_A"], batch["ctf"])
+        sigma = 0.2 * clean.std()
+        model.noise_sigma.fill_(sigma)
+        batch["image"] = clean + sigma * torch.randn_like(clean)
+        mu, logvar = model.laplace(batch, torch.zeros(6, 1))
+        grid = torch.linspace(-3, 3, 601)
+        nll = []
+        for zg in grid:  # -log posterior on the grid, per particle
+            m = model.render(model.decode(zg.expand(6, 1)), batch["R"], batch["shift_A"], batch["ctf"])
+            nll.append(model.reconstruction(batch["image"], m, None) + 0.5 * zg**2)
+        nll = torch.stack(nll, 1)  # (6, grid)
+        w = torch.softmax(-nll, 1)
+        mean = (w * grid).sum(1)
+        var = (w * (grid - mean[:, None]) ** 2).sum(1)
+    mode = grid[nll.argmin(1)]
+    assert (mu[:, 0] - mode).abs().max() < 0.015, (mu[:, 0], mode)  # the grid step is 0.01
+    assert ((mu[:, 0] - mean).abs() < 0.5 * var.sqrt()).all()  # the mode; the mean differs where p is skewed
+    # Gauss-Newton drops the residual's curvature term, so its variance is close, not exact
+    torch.testing.assert_close(logvar[:, 0].exp(), var, rtol=0.3, atol=0)
+    assert (var < 0.05).all()  # the data are informative: the posterior is much narrower than the prior
+
+
+def test_active_units_and_encoder_pooling():
+    from cryoem.vae import enc_pooling
+    from scene3d.objective import active_units
+
+    mu = torch.zeros(500, 4)
+    mu[:, 0] = torch.randn(500)  # variance 1: active
+    mu[:, 1] = 0.3 * torch.randn(500)  # variance 0.09: active
+    mu[:, 2] = 0.03 * torch.randn(500)  # variance 0.0009: not
+    assert int(active_units(mu)) == 2
+    assert [enc_pooling(b) for b in (32, 48, 64, 100, 128, 256, 320)] == [1, 1, 2, 2, 4, 8, 10]

@@ -119,3 +119,26 @@ def test_half_sets_report_per_residue_disagreement(sim, tmp_path):
     assert r.returncode == 0, r.stderr
     dis = np.load(out / "analysis" / "halfset_disagreement.npy")
     assert dis.shape == (76,) and np.isfinite(dis).all() and dis.max() > 0
+
+
+@pytest.mark.parametrize("motion", [False, True])
+def test_collapse_warning(tmp_path, motion):
+    """The collapse warning fires when the data hold no motion (zdim 8 with nothing to encode), in training
+    and in analyze (with a banner in index.html), and stays silent when a domain swings by up to 60 degrees."""
+    sim = tmp_path / "sim"
+    hinge = ["--hinge", "A:50-76:60"] if motion else []
+    r = cryoem("simulate", "--structure", DATA / "1ubi.pdb", "--select", "ca", *hinge, "--n", 1024, "--box", 32,
+               "--apix", 2.5, "--snr", 1.0, "--seed", 5, "--quiet", "--out", sim)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    r = cryoem("train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms", "ca",
+               "--center", "none", "--steps", 150, "--batch-size", 32, "--out", run)
+    assert r.returncode == 0, r.stderr
+    assert ("latent space has collapsed" in r.stderr) == (not motion), r.stderr[-2000:]
+    r = cryoem("analyze", run, "--k", 2, "--no-snapshots")
+    assert r.returncode == 0, r.stderr
+    assert ("latent space has collapsed" in r.stderr) == (not motion), r.stderr[-2000:]
+    html = (run / "analysis" / "index.html").read_text()
+    assert ("latent space has collapsed" in html) == (not motion) and "latent_diagnostics.png" in html
+    diag = json.loads(html.split("<pre>")[1].split("</pre>")[0].replace("&quot;", '"'))["latent_diagnostics"]
+    assert (diag["shuffle_nats"] > 5) if motion else (diag["shuffle_nats"] < 1)
