@@ -10,7 +10,8 @@ import numpy as np
 from scene3d.runinfo import UserError, atomic_path, write_config
 
 GT_HELP = """ground_truth.npz holds, per particle in stack order: model_index (ensemble), morph_t (morph,
-in [0, 1]) or hinge_t (N, hinges) in [0, 1]; model_labels, the label of each model of gt_models.pdb; R (N, 3, 3), RELION's A (map -> projection frame); shift_A (N, 2), Plato's shift (the
+in [0, 1]) or hinge_t (N, hinges) in [0, 1]; model_labels, the label of each model of gt_models.pdb;
+R (N, 3, 3), RELION's A (map -> projection frame); shift_A (N, 2), Plato's shift (the
 particle centre sits at pixel box//2 + shift_A / apix; the STAR file's rlnOriginXYAngst = -shift_A);
 ctf (N, 9) in the order of ctf_fields (radians); noise_sigma (N,); plus pixel_size and snr."""
 
@@ -67,10 +68,8 @@ def add_subcommands(sub) -> None:
 
 
 def _conformations(args):
-    from cryoem.simulate import ensemble_conformations, morph_conformations
+    from cryoem.simulate import ensemble_conformations, hinge_conformations, morph_conformations
     from cryoem.structure import read_structure
-
-    from cryoem.simulate import hinge_conformations
 
     if (args.structure is None) == (args.morph is None):
         raise UserError("give exactly one of --structure or --morph A B")

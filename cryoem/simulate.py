@@ -117,7 +117,8 @@ def parse_hinge(spec: str, s: Structure, coords: Tensor) -> Hinge:
 
     The residues FIRST..LAST of CHAIN turn as a rigid domain about an axis through the C-alpha of
     residue FIRST (the hinge), perpendicular to the plane of the hinge and the centroids of the domain
-    and of the rest, so that a positive angle swings the domain towards the rest (closing).
+    and of the rest, so that a positive angle swings the domain away from the rest (opening; closing
+    would drive it through its neighbours).
     """
     try:
         chain, span, deg = spec.split(":")
@@ -133,7 +134,7 @@ def parse_hinge(spec: str, s: Structure, coords: Tensor) -> Hinge:
     ca = pivot_atoms & torch.as_tensor(s.name == "CA")
     pivot = coords[ca if ca.any() else pivot_atoms].double().mean(0)
     arm, rest = coords[mask].double().mean(0) - pivot, coords[~mask].double().mean(0) - pivot
-    axis = torch.linalg.cross(arm, rest)
+    axis = torch.linalg.cross(rest, arm)
     if axis.norm() < 1e-6:
         raise UserError(f"--hinge {spec!r}: the hinge, the domain and the rest are in a line; choose another FIRST")
     return Hinge(mask, pivot, axis / axis.norm(), angle)

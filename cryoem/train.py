@@ -179,7 +179,7 @@ def load_run(run: str | os.PathLike, device: str = "cpu") -> tuple[AtomVAE, dict
     rec = json.loads((run / "model.json").read_text())
     spec = DataSpec(**rec["data"])
     # runs written before the reference channel, and before the Laplace posterior, existed
-    saved = {"enc_reference": False, "posterior": "amortized", **rec["model"]}
+    saved = {"enc_reference": False, "posterior": "amortized", "dec_scale": 1.0, **rec["model"]}
     cfg = AtomVAEConfig(**{f.name: saved[f.name] for f in fields(AtomVAEConfig) if f.name in saved})
     ds = load_data(spec, check_pixels=False, need_poses=not cfg.infer_poses)
     model, s, _ = build_model(spec, cfg, ds, noise_sigma=rec["noise_sigma"])

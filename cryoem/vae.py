@@ -61,11 +61,12 @@ class AtomVAEConfig:
     enc_downsample: int = 0  # the encoder sees images average-pooled by this factor (0: auto, see enc_pooling)
     dec_hidden: int = 256
     dec_layers: int = 3
+    dec_scale: float = 10.0  # Å per unit of the decoder's last layer (see AtomDecoder); 1 before this setting
     beta: float | None = None  # KL weight (beta-VAE); None = 1 / zdim, cryoDRGN's default
     kl_warmup: int = 500  # steps over which the KL weight ramps up from 0 (avoids early posterior collapse)
     posterior: str = "laplace"  # laplace: Gauss-Newton from the encoder's guess (see AtomVAE.laplace); amortized
     gn_steps: int = 1  # laplace: Gauss-Newton steps per batch
-    enc_reference: bool = True  # the encoder also sees the starting model rendered at the particle's pose + CTF
+    enc_reference: bool = False  # the encoder also sees the starting model rendered at the particle's pose + CTF
     likelihood: str = "gaussian"  # gaussian | correlation
     w_bond: float = 1.0  # per Å² of bond-length change, times the number of pixels / 1000
     w_local: float = 1.0
@@ -90,23 +91,32 @@ def enc_pooling(box: int, target: int = 32) -> int:
 
 
 class AtomDecoder(nn.Module):
-    """MLP from z (B, zdim) to coordinates (B, N, 3) = x0 + displacement (Å)."""
+    """MLP from z (B, zdim) to coordinates (B, N, 3) = x0 + ``scale`` * out(mlp(z)) (Å).
 
-    def __init__(self, x0: Tensor, zdim: int, hidden: int, layers: int):
+    ``scale`` (Å) sets how far atoms can move per optimiser step: Adam changes every parameter by about
+    the learning rate per step, so with the output in units of ``scale`` Å the decoded atoms move up to
+    ~lr * scale Å per step (1e-3 * 10 = 0.01 Å). With the output in Å (scale 1) a 5 Å domain motion
+    needed thousands of steps. The hidden layers are He-initialised, so their activations are O(1).
+    """
+
+    def __init__(self, x0: Tensor, zdim: int, hidden: int, layers: int, scale: float = 10.0):
         super().__init__()
         self.register_buffer("x0", x0.clone())
+        self.scale = float(scale)
         dims = [zdim] + [hidden] * layers
         mlp = []
         for a, b in zip(dims[:-1], dims[1:]):
             mlp += [nn.Linear(a, b), nn.LeakyReLU(0.1)]
+            nn.init.kaiming_normal_(mlp[-2].weight, a=0.1, nonlinearity="leaky_relu")
+            nn.init.zeros_(mlp[-2].bias)
         self.mlp = nn.Sequential(*mlp)
         self.out = nn.Linear(hidden, 3 * len(x0))
         # near-zero start: the starting model to within ~0.01 Å, yet z already reaches the output
-        nn.init.normal_(self.out.weight, std=1e-3)
+        nn.init.normal_(self.out.weight, std=1e-3 / (self.scale * hidden**0.5))
         nn.init.zeros_(self.out.bias)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.x0 + self.out(self.mlp(z)).view(len(z), -1, 3)
+        return self.x0 + self.scale * self.out(self.mlp(z)).view(len(z), -1, 3)
 
 
 class PoseEncoder(nn.Module):
@@ -164,7 +174,7 @@ class AtomVAE(nn.Module):
             raise UserError(f"--enc-downsample {cfg.enc_downsample}: must divide the box size {self.box}")
         channels = 2 if cfg.enc_reference else 1
         self.encoder = ConvEncoder(channels, self.box // self.enc_pool, cfg.zdim, width=cfg.enc_width)
-        self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers)
+        self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers, cfg.dec_scale)
         self.register_buffer("amplitudes", amplitudes.float())
         self.register_buffer("sigmas", sigmas.float())
         self.register_buffer("noise_sigma", torch.tensor(float(noise_sigma)))
@@ -192,17 +202,18 @@ class AtomVAE(nn.Module):
         batch = self.with_poses(batch)
         mu, logvar = self._encode(batch)
         if self.cfg.posterior == "laplace":
-            return self.laplace(batch, mu)
+            mu, precision = self.laplace(batch, mu)
+            return mu, torch.linalg.inv(precision).diagonal(dim1=-2, dim2=-1).log()
         return mu, logvar
 
     @torch.no_grad()
     def laplace(self, batch: dict, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Laplace approximation of p(z | x) (B, zdim) each: ``gn_steps`` Gauss-Newton steps from ``z``.
+        """Laplace approximation of p(z | x): mean (B, zdim) and precision (B, zdim, zdim), by ``gn_steps``
+        Gauss-Newton steps from ``z``.
 
         With J = d model image / dz (B, zdim, pixels), by finite differences of the decoder and renderer,
         residual r = image - model(z) and noise sigma s, the linearised log posterior under the N(0, I)
-        prior has precision A = J J^T / s^2 + I and its maximum at z + A^-1 (J r / s^2 - z). Returns that
-        mean and the log of diag(A^-1).
+        prior has precision A = J J^T / s^2 + I and its maximum at z + A^-1 (J r / s^2 - z).
         """
         B, K = z.shape
         eye = torch.eye(K, device=z.device, dtype=z.dtype)
@@ -219,7 +230,7 @@ class AtomVAE(nn.Module):
             r = batch["image"].reshape(B, -1) - m[:, 0]
             A = J @ J.transpose(1, 2) / s2 + eye
             z = z + torch.linalg.solve(A, (J @ r[..., None])[..., 0] / s2 - z)
-        return z, torch.linalg.inv(A).diagonal(dim1=-2, dim2=-1).clamp_min(1e-12).log()
+        return z, A
 
     def _standardise(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Images (B, 1, D, D) -> zero mean, unit variance per image; and the std (B, 1, 1, 1)."""
@@ -352,14 +363,17 @@ class AtomVAE(nn.Module):
         enc_fit = None
         if c.posterior == "laplace":  # the encoder learns to predict the Laplace posterior it starts from
             mu_enc, logvar_enc = mu, logvar
-            mu, logvar = self.laplace(batch, mu_enc.detach())
+            mu, precision = self.laplace(batch, mu_enc.detach())
+            z, kl = sample_precision(mu, precision)
+            logvar = torch.linalg.inv(precision).diagonal(dim1=-2, dim2=-1).log()
             enc_fit = -gaussian_log_likelihood(mu, mu_enc, torch.exp(0.5 * logvar_enc)).mean()
-        z = reparameterize(mu, logvar)
+        else:
+            z, kl = reparameterize(mu, logvar), gaussian_kl(mu, logvar)
         coords = self.decode(z)
         model = self.render(coords, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"), step)
         rec_i = self.reconstruction(img, model, step)
         rec = rec_i.mean()
-        kl = gaussian_kl(mu, logvar).mean()
+        kl = kl.mean()
         pri = self.prior_terms(coords[: self.cfg.prior_samples])
         # prior weights are per Å² per 1000 pixels, so they keep their meaning across box sizes
         w = img.shape[-1] * img.shape[-2] / 1000
@@ -403,6 +417,20 @@ class AtomVAE(nn.Module):
     def settings(self) -> dict:
         return {"model": asdict(self.cfg), "box": self.box, "apix": self.apix,
                 "n_atoms": len(self.decoder.x0), "noise_sigma": float(self.noise_sigma)}
+
+
+def sample_precision(mu: Tensor, precision: Tensor) -> tuple[Tensor, Tensor]:
+    """A sample of N(mu, precision^-1) (B, K), with the full covariance, and its KL to N(0, I) (B,), nats.
+
+    With precision A = L L^T (Cholesky), z = mu + L^-T eps has covariance A^-1, and
+    KL = (tr A^-1 + |mu|^2 - K + log det A) / 2.
+    """
+    L = torch.linalg.cholesky(precision)
+    eps = torch.randn_like(mu)[..., None]
+    z = mu + torch.linalg.solve_triangular(L.transpose(-1, -2), eps, upper=True)[..., 0]
+    cov_trace = torch.cholesky_inverse(L).diagonal(dim1=-2, dim2=-1).sum(-1)
+    logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    return z, 0.5 * (cov_trace + (mu**2).sum(-1) - mu.shape[-1] + logdet)
 
 
 def latent_use(mu: Tensor, z: Tensor, rec: Tensor, batch: dict, model: AtomVAE, step: int) -> dict[str, Tensor]:

@@ -38,7 +38,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, help="KL weight (default 1 / zdim, as cryoDRGN)")
-    p.add_argument("--enc-reference", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--enc-reference", action=argparse.BooleanOptionalAction, default=False,
                    help="the encoder also sees the starting model rendered at each particle's pose and CTF "
                         "(default: on; off is the image-only encoder of cryoDRGN)")
     p.add_argument("--likelihood", choices=["gaussian", "correlation"], default="gaussian")

@@ -442,7 +442,8 @@ class _Log:
         self.bar.update(1)
         if step % self.every and step != 1:
             return
-        self.bar.set_postfix({k: f"{v:.4g}" for k, v in terms.items() if not k.startswith(("grad_norm", "gnorm_"))}, refresh=False)
+        shown = {k: f"{v:.4g}" for k, v in terms.items() if not k.startswith(("grad_norm", "gnorm_"))}
+        self.bar.set_postfix(shown, refresh=False)
         rec = {"step": step, "epoch": epoch, "time_s": round(elapsed, 2), "lr": lr, **terms}
         if self.fields is None:
             self.fields = list(rec.keys())

@@ -3,7 +3,7 @@
 Usage (cryoDRGN lives in its own environment; it is not a Plato dependency)::
 
     python scripts/compare_cryodrgn.py --sim SIM --plato RUN --cryodrgn /path/to/venv/bin/cryodrgn \
-        --out CMP [--epochs 3] [--threads 1]
+        --out CMP [--epochs 3] [--threads 1] [--train-only]
 
 1. Converts the simulation's STAR file with ``cryodrgn parse_pose_star`` / ``parse_ctf_star``.
 2. Trains ``cryodrgn train_vae`` (its default architecture; zdim as Plato's run; batch 32) and
@@ -59,6 +59,7 @@ def main() -> None:
 
     from cryoem.analyze import encode_all, pca
     from cryoem.evaluate import evaluate, linear_r2, truth
+    from cryoem.particles import load_particles
     from cryoem.train import load_run
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -68,11 +69,16 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--zdim", type=int, default=8)
+    p.add_argument("--train-only", action="store_true", help="only train cryoDRGN (while Plato trains)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    model, rec, ds, s = load_run(a.plato)
-    z_drgn, drgn_pps = train_cryodrgn(a.cryodrgn, a.sim, a.out, model.box, model.apix, model.cfg.zdim, a.epochs,
+    meta = load_particles(a.sim / "particles.star", check_pixels=False)
+    z_drgn, drgn_pps = train_cryodrgn(a.cryodrgn, a.sim, a.out, meta.box, meta.pixel_size, a.zdim, a.epochs,
                                       a.threads)
+    if a.train_only:
+        return
+    model, rec, ds, s = load_run(a.plato)
     tr = truth(a.sim)
     lat = a.plato / "analysis" / "latents.npy"
     z_plato = np.load(lat) if lat.is_file() else encode_all(model, ds)

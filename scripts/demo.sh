@@ -14,7 +14,7 @@ cryoem simulate --morph cryoem/data/3o21.pdb.gz cryoem/data/6flr.pdb.gz --select
 
 echo "== 2/5 train the atom VAE for $MINUTES minutes from the compact state (first model of gt_models.pdb)"
 cryoem train --particles "$OUT/sim/particles.star" --structure "$OUT/sim/gt_models.pdb" --atoms ca \
-  --center none --zdim 8 --enc-width 16 --enc-downsample 2 --batch-size 64 --minutes "$MINUTES" --out "$OUT/run"
+  --center none --minutes "$MINUTES" --out "$OUT/run"
 
 echo "== 3/5 analyse the latent space"
 cryoem analyze "$OUT/run" --k 5 --color "$OUT/sim/ground_truth.npz:morph_t"

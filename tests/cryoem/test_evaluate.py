@@ -20,7 +20,7 @@ def test_truth_as_latent_scores_one(tmp_path, kind):
     z = np.concatenate([tr.coord, np.random.default_rng(0).normal(size=(400, 2))], 1)
     assert min(linear_r2(z, tr.coord)) > 0.999
     assert max(linear_r2(np.random.default_rng(1).normal(size=(400, 4)), tr.coord)) < 0.05
-    for _, sel, label in tr.bins():  # the true model of a bin is the truth at its mean label
+    for _, _, label in tr.bins():  # the true model of a bin is the truth at its mean label
         if kind == "ensemble":
             assert np.allclose(tr.model_at(label), tr.models.coords[label])
     if kind == "hinge2":  # bilinear interpolation reproduces a grid model exactly and lies between neighbours

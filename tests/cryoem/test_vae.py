@@ -151,7 +151,7 @@ def test_laplace_posterior_matches_the_exact_posterior():
         sigma = 0.2 * clean.std()
         model.noise_sigma.fill_(sigma)
         batch["image"] = clean + sigma * torch.randn_like(clean)
-        mu, logvar = model.laplace(batch, torch.zeros(6, 1))
+        mu, precision = model.laplace(batch, torch.zeros(6, 1))
         grid = torch.linspace(-3, 3, 601)
         nll = []
         for zg in grid:  # -log posterior on the grid, per particle
@@ -165,7 +165,7 @@ def test_laplace_posterior_matches_the_exact_posterior():
     assert (mu[:, 0] - mode).abs().max() < 0.015, (mu[:, 0], mode)  # the grid step is 0.01
     assert ((mu[:, 0] - mean).abs() < 0.5 * var.sqrt()).all()  # the mode; the mean differs where p is skewed
     # Gauss-Newton drops the residual's curvature term, so its variance is close, not exact
-    torch.testing.assert_close(logvar[:, 0].exp(), var, rtol=0.3, atol=0)
+    torch.testing.assert_close(1 / precision[:, 0, 0], var, rtol=0.3, atol=0)
     assert (var < 0.05).all()  # the data are informative: the posterior is much narrower than the prior
 
 
@@ -179,3 +179,21 @@ def test_active_units_and_encoder_pooling():
     mu[:, 2] = 0.03 * torch.randn(500)  # variance 0.0009: not
     assert int(active_units(mu)) == 2
     assert [enc_pooling(b) for b in (32, 48, 64, 100, 128, 256, 320)] == [1, 1, 2, 2, 4, 8, 10]
+
+
+def test_sample_precision_matches_torch_distributions():
+    from cryoem.vae import sample_precision
+
+    g = torch.Generator().manual_seed(0)
+    M = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
+    A = M @ M.transpose(1, 2) + 0.5 * torch.eye(4, dtype=torch.float64)  # precisions
+    mu = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    q = torch.distributions.MultivariateNormal(mu, precision_matrix=A)
+    p = torch.distributions.MultivariateNormal(torch.zeros(4, dtype=torch.float64), torch.eye(4, dtype=torch.float64))
+    torch.manual_seed(1)
+    z, kl = sample_precision(mu[:, None].expand(3, 100_000, 4), A[:, None].expand(3, 100_000, 4, 4))
+    torch.testing.assert_close(kl[:, 0], torch.distributions.kl_divergence(q, p))
+    cov = torch.stack([torch.cov(zi.T) for zi in z])
+    torch.testing.assert_close(cov, torch.linalg.inv(A), atol=0.03 * torch.linalg.inv(A).abs().max().item(), rtol=0)
+    sd = torch.linalg.inv(A).diagonal(dim1=-2, dim2=-1).sqrt().max().item()
+    torch.testing.assert_close(z.mean(1), mu, atol=0.02 * sd, rtol=0)
