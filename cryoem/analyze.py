@@ -161,7 +161,7 @@ def diagnostics_png(path: Path, d: dict) -> None:
     ax.set_xticks(np.arange(1, len(kl) + 1))
     state = "COLLAPSED" if d["warning"] else "in use"
     ax.set_title(f"latent {state}: {d['active_units']}/{len(kl)} active units, shuffled z costs "
-                 f"{d['shuffle_nats']:.1f} nats", fontsize=9)
+                 f"{round(d['shuffle_nats'], 1) + 0.0:.1f} nats", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
 

@@ -465,7 +465,7 @@ def collapse_warning(shuffle_nats: float, active: float, zdim: int) -> str | Non
     if shuffle_nats >= COLLAPSE_NATS and active >= 1:
         return None
     return (f"warning: the latent space has collapsed: reconstructing each particle from another particle's "
-            f"latent costs only {shuffle_nats:.2f} nats (a used latent costs > {COLLAPSE_NATS:g}), and "
+            f"latent costs only {round(shuffle_nats, 2) + 0.0:.2f} nats (a used latent costs > {COLLAPSE_NATS:g}), and "
             f"{active:g} of {zdim} latent dimensions vary across particles. The decoder has learned one mean "
             f"structure and nothing per particle. Try: train longer; check that the poses and CTF are right "
             f"(cryoem check) and that the data hold a motion; or try a smaller --zdim.")

@@ -5,18 +5,18 @@
 #
 # Cases differ in protein, motion, distribution, image formation and SNR:
 #   morph     3O21 -> 6FLR linear morph (GluA3 NTD), uniform, one Gaussian per atom
-#   hinge1    6FLR, one C-terminal domain swinging 30 degrees, bimodal; Peng's 5 Gaussians per atom,
+#   hinge1    6FLR, one C-terminal domain (290-381) opening by 40 degrees, bimodal; Peng's 5 Gaussians per atom,
 #             a per-particle B-factor of 0-60 Å², uniform shifts (std 1.5 px): the model's image formation differs
 #   hinge2    6FLR, two independent hinges (a 2-D latent), uniform
 #   ubq       2K39, a real NMR ensemble of ubiquitin (C-alpha only), small amplitude
 #   morph001  the morph at SNR 0.01, 30 minutes
 # Every case: 8,000 particles, 64 px, 2 Å/px. Plato and cryoDRGN run side by side (one thread each),
-# Plato for MINUTES (10), cryoDRGN for EPOCHS (3; about the same time at its measured speed).
+# Plato for MINUTES (10), cryoDRGN for EPOCHS (1: about 10 minutes at its measured 14 particles/s, encoder and decoder 3 x 256).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/cases}
 MINUTES=${MINUTES:-10}
-EPOCHS=${EPOCHS:-3}
+EPOCHS=${EPOCHS:-1}
 : "${CRYODRGN:?set CRYODRGN to a cryodrgn executable in its own virtualenv}"
 D=cryoem/data
 mkdir -p "$OUT"
@@ -27,9 +27,9 @@ simulate() {  # case -> simulation folder
   case $c in
     morph) cryoem simulate --morph $D/3o21.pdb.gz $D/6flr.pdb.gz --n 8000 --snr 0.1 --quiet --out "$s" ;;
     morph001) cryoem simulate --morph $D/3o21.pdb.gz $D/6flr.pdb.gz --n 8000 --snr 0.01 --quiet --out "$s" ;;
-    hinge1) cryoem simulate --structure $D/6flr.pdb.gz --hinge A:250-381:30 --morph-dist bimodal --potential peng5 \
+    hinge1) cryoem simulate --structure $D/6flr.pdb.gz --hinge A:290-381:40 --morph-dist bimodal --potential peng5 \
               --particle-bfactor 0 60 --shift-dist uniform --shift-std 1.5 --n 8000 --quiet --out "$s" ;;
-    hinge2) cryoem simulate --structure $D/6flr.pdb.gz --hinge A:250-381:30 --hinge B:250-380:30 --n 8000 --quiet \
+    hinge2) cryoem simulate --structure $D/6flr.pdb.gz --hinge A:290-381:40 --hinge B:290-380:50 --n 8000 --quiet \
               --out "$s" ;;
     ubq) cryoem simulate --structure $D/2k39_ca_ensemble.pdb.gz --select ca --n 8000 --quiet --out "$s" ;;
     *) echo "unknown case $c" >&2; exit 2 ;;
