@@ -143,7 +143,7 @@ def test_laplace_posterior_matches_the_exact_posterior():
     torch.manual_seed(0)
     batch, u, x0, bonds = toy_data(n=6, snr=1.0)
     model = make_model(x0, bonds, 1.0, posterior="laplace", gn_steps=8)
-    torch.nn.init.normal_(model.decoder.out.weight, std=0.3)  # a decoder that z visibly moves
+    torch.nn.init.normal_(model.decoder.out.weight, std=0.02 / model.decoder.scale)  # z moves atoms ~0.3 Å
     model.init_scale(batch)
     with torch.no_grad():
         coords = model.decode(torch.full((6, 1), 0.7))  # the data: decoded at z = 0.7, plus white noise
