@@ -460,12 +460,13 @@ def collapse_warning(shuffle_nats: float, active: float, zdim: int) -> str | Non
     """One line for the user when the latent carries (almost) nothing per particle, else None.
 
     ``shuffle_nats``: how much worse particles are reconstructed from other particles' latents (nats per
-    particle; a working run on 64-px SNR-0.1 particles reaches 10-50); ``active``: active latent units.
+    particle; working runs on 64-px SNR-0.1 particles reached 3-10 within 100 steps); ``active``: active units.
     """
     if shuffle_nats >= COLLAPSE_NATS and active >= 1:
         return None
+    cost = round(shuffle_nats, 2) + 0.0  # no "-0.00"
     return (f"warning: the latent space has collapsed: reconstructing each particle from another particle's "
-            f"latent costs only {round(shuffle_nats, 2) + 0.0:.2f} nats (a used latent costs > {COLLAPSE_NATS:g}), and "
+            f"latent costs only {cost:.2f} nats (a used latent costs > {COLLAPSE_NATS:g}), and "
             f"{active:g} of {zdim} latent dimensions vary across particles. The decoder has learned one mean "
             f"structure and nothing per particle. Try: train longer; check that the poses and CTF are right "
             f"(cryoem check) and that the data hold a motion; or try a smaller --zdim.")

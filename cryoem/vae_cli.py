@@ -40,7 +40,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--beta", type=float, help="KL weight (default 1 / zdim, as cryoDRGN)")
     p.add_argument("--enc-reference", action=argparse.BooleanOptionalAction, default=False,
                    help="the encoder also sees the starting model rendered at each particle's pose and CTF "
-                        "(default: on; off is the image-only encoder of cryoDRGN)")
+                        "(default: off; with the Laplace posterior it did not help and cost 5%% of the speed)")
     p.add_argument("--likelihood", choices=["gaussian", "correlation"], default="gaussian")
     p.add_argument("--posterior", choices=["laplace", "amortized"], default="laplace",
                    help="laplace (default): each particle's latent posterior by a Gauss-Newton step of the decoder "
