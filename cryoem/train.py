@@ -30,7 +30,7 @@ class DataSpec:
 
     particles: str
     structure: str
-    atoms: str = "backbone"  # ca | backbone | heavy
+    atoms: str = "auto"  # auto (heavy, or ca for a C-alpha-only model) | ca | backbone | heavy
     poses: str | None = None
     ctf: str | None = None
     pixel_size: float | None = None
@@ -52,14 +52,21 @@ def load_data(spec: DataSpec, check_pixels: bool = True, need_poses: bool = True
     return ds
 
 
+def atom_selection(atoms: str, s: Structure) -> str:
+    """``--atoms`` resolved for a structure: ``auto`` is ``ca`` for a C-alpha-only model, else ``heavy``."""
+    if atoms != "auto":
+        return atoms
+    return "ca" if s.is_ca_only() else "heavy"
+
+
 def starting_model(spec: DataSpec, box: int, apix: float) -> tuple[Structure, np.ndarray, np.ndarray]:
     """The selected atoms of the starting model, centred in the box; returns (structure, x0 (N,3), offset (3,))."""
     s = read_structure(spec.structure, models="first")
-    if spec.atoms not in ("ca", "backbone", "heavy"):
-        raise UserError(f"--atoms: expected ca, backbone or heavy, got {spec.atoms!r}")
-    if s.is_ca_only() and spec.atoms != "ca":
+    if spec.atoms not in ("auto", "ca", "backbone", "heavy"):
+        raise UserError(f"--atoms: expected auto, ca, backbone or heavy, got {spec.atoms!r}")
+    if s.is_ca_only() and spec.atoms not in ("auto", "ca"):
         raise UserError(f"{spec.structure}: the model has only C-alpha atoms; use --atoms ca")
-    s = s.select(spec.atoms)
+    s = s.select(atom_selection(spec.atoms, s))
     if spec.chains:
         want = [c.strip() for c in spec.chains.split(",") if c.strip()]
         missing = sorted(set(want) - set(s.chain.tolist()))
@@ -179,9 +186,13 @@ def load_run(run: str | os.PathLike, device: str = "cpu") -> tuple[AtomVAE, dict
     rec = json.loads((run / "model.json").read_text())
     spec = DataSpec(**rec["data"])
     # runs written before the reference channel, and before the Laplace posterior, existed
-    saved = {"enc_reference": False, "posterior": "amortized", "dec_scale": 1.0, **rec["model"]}
+    saved = {"enc_reference": False, "posterior": "amortized", "dec_scale": 1.0, "whiten_every": 0,
+             "warm_start": False, **rec["model"]}
     cfg = AtomVAEConfig(**{f.name: saved[f.name] for f in fields(AtomVAEConfig) if f.name in saved})
     ds = load_data(spec, check_pixels=False, need_poses=not cfg.infer_poses)
     model, s, _ = build_model(spec, cfg, ds, noise_sigma=rec["noise_sigma"])
-    model.load_state_dict(load_checkpoint(run, map_location=device)["model"])
+    state = load_checkpoint(run, map_location=device)["model"]
+    for k in ("z_last", "z_seen"):  # runs written before the warm starts: none remembered
+        state.setdefault(k, getattr(model, k))
+    model.load_state_dict(state)
     return model.to(device).eval(), rec, ds, s

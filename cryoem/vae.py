@@ -17,6 +17,11 @@ One training step (the loop of the design guide, with cryo-EM parts)::
   The Gauss-Newton step reads each particle's evidence through the decoder's Jacobian, so the
   latent carries information from the first steps. It costs zdim + 1 extra renderings
   per particle, without gradients.
+* Each particle's Gauss-Newton step starts from its posterior mean at its previous visit
+  (``warm_start``), so its posterior converges over the epochs; and every ``whiten_every``
+  steps the latent is re-expressed so that the aggregate posterior is N(0, I) (:meth:`AtomVAE.whiten`,
+  PX-EM). Without them the decoder learnt to make a whole motion from a sliver of one latent
+  direction, which then had the least spread of all (the motion in latent PC8 of 8).
 * The encoder, the KL / Gaussian likelihood and the trainer are scene3d's; the projector
   is ``renderers.gaussian``; the CTF is ``cryoem.ctf``. This module only wires them.
 * The decoder outputs a displacement of every modelled atom from the starting model;
@@ -66,6 +71,8 @@ class AtomVAEConfig:
     kl_warmup: int = 500  # steps over which the KL weight ramps up from 0 (avoids early posterior collapse)
     posterior: str = "laplace"  # laplace: Gauss-Newton from the encoder's guess (see AtomVAE.laplace); amortized
     gn_steps: int = 1  # laplace: Gauss-Newton steps per batch
+    warm_start: bool = True  # laplace: start each particle's Gauss-Newton step from its last posterior mean
+    whiten_every: int = 100  # laplace: steps between latent re-standardisations (PX-EM, see AtomVAE.whiten); 0: off
     enc_reference: bool = False  # the encoder also sees the starting model rendered at the particle's pose + CTF
     likelihood: str = "gaussian"  # gaussian | correlation
     w_bond: float = 1.0  # per Å² of bond-length change, times the number of pixels / 1000
@@ -182,6 +189,9 @@ class AtomVAE(nn.Module):
         self.prior = StructuralPrior.from_model(x0, bonds, cfg.local_radius, cfg.clash_threshold)
         for k in ("bonds", "bond_d0", "local", "local_d0", "clash_pairs"):
             self.register_buffer(f"prior_{k}", getattr(self.prior, k), persistent=False)
+        # laplace: each particle's latest posterior mean, where its next Gauss-Newton step starts (see warm_start)
+        self.register_buffer("z_last", torch.zeros(n_particles, cfg.zdim))
+        self.register_buffer("z_seen", torch.zeros(n_particles, dtype=torch.bool))
         self.pose_delta = nn.Embedding(n_particles, 5) if cfg.refine_poses else None
         if self.pose_delta is not None:
             nn.init.zeros_(self.pose_delta.weight)
@@ -202,7 +212,7 @@ class AtomVAE(nn.Module):
         batch = self.with_poses(batch)
         mu, logvar = self._encode(batch)
         if self.cfg.posterior == "laplace":
-            mu, precision = self.laplace(batch, mu)
+            mu, precision = self.laplace(batch, self.warm_start(batch, mu))
             return mu, torch.linalg.inv(precision).diagonal(dim1=-2, dim2=-1).log()
         return mu, logvar
 
@@ -214,6 +224,10 @@ class AtomVAE(nn.Module):
         With J = d model image / dz (B, zdim, pixels), by finite differences of the decoder and renderer,
         residual r = image - model(z) and noise sigma s, the linearised log posterior under the N(0, I)
         prior has precision A = J J^T / s^2 + I and its maximum at z + A^-1 (J r / s^2 - z).
+
+        This is the posterior of the model itself (KL weight 1), whatever ``beta`` is. Measured: with the
+        posterior tempered by beta = 1 / zdim, every latent dimension that the motion did not need fitted noise
+        and model mismatch (posterior-mean variance 1-2), and the motion was no longer latent PC1.
         """
         B, K = z.shape
         eye = torch.eye(K, device=z.device, dtype=z.dtype)
@@ -231,6 +245,37 @@ class AtomVAE(nn.Module):
             A = J @ J.transpose(1, 2) / s2 + eye
             z = z + torch.linalg.solve(A, (J @ r[..., None])[..., 0] / s2 - z)
         return z, A
+
+    def warm_start(self, batch: dict, guess: Tensor) -> Tensor:
+        """Where each particle's Gauss-Newton steps start (B, zdim): its posterior mean from its last training
+        step (``z_last``) when it has one, else the encoder's ``guess`` (B, zdim).
+
+        Why: one Gauss-Newton step from a poor start does not reach the posterior mode, and the decoder then
+        learnt from latents that were too small, which made it steeper, which made the next steps fall shorter
+        still: the motion ended up in the latent direction of least spread. Restarting from the last mean
+        converges each particle's posterior over the epochs at no extra cost (like incremental EM).
+        """
+        index = batch.get("index")
+        if index is None or not self.cfg.warm_start:
+            return guess
+        seen = self.z_seen[index]
+        return torch.where(seen[:, None], self.z_last[index], guess)
+
+    @torch.no_grad()
+    def _remember(self, batch: dict, mu: Tensor) -> None:
+        """Store the batch's posterior means (B, zdim) for :meth:`warm_start`; under DDP, every rank's."""
+        index = batch.get("index")
+        if index is None:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            idx_all, mu_all = [torch.empty_like(index) for _ in range(world)], [torch.empty_like(mu) for _ in
+                                                                                    range(world)]
+            torch.distributed.all_gather(idx_all, index)
+            torch.distributed.all_gather(mu_all, mu.contiguous())
+            index, mu = torch.cat(idx_all), torch.cat(mu_all)
+        self.z_last[index] = mu.to(self.z_last.dtype)
+        self.z_seen[index] = True
 
     def _standardise(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Images (B, 1, D, D) -> zero mean, unit variance per image; and the std (B, 1, 1, 1)."""
@@ -363,9 +408,13 @@ class AtomVAE(nn.Module):
         enc_fit = None
         if c.posterior == "laplace":  # the encoder learns to predict the Laplace posterior it starts from
             mu_enc, logvar_enc = mu, logvar
-            mu, precision = self.laplace(batch, mu_enc.detach())
+            mu, precision = self.laplace(batch, self.warm_start(batch, mu_enc.detach()))
             z, kl = sample_precision(mu, precision)
-            logvar = torch.linalg.inv(precision).diagonal(dim1=-2, dim2=-1).log()
+            cov = torch.linalg.inv(precision)
+            logvar = cov.diagonal(dim1=-2, dim2=-1).log()
+            if self.training:
+                self._accumulate(mu, cov)
+                self._remember(batch, mu)
             enc_fit = -gaussian_log_likelihood(mu, mu_enc, torch.exp(0.5 * logvar_enc)).mean()
         else:
             z, kl = reparameterize(mu, logvar), gaussian_kl(mu, logvar)
@@ -377,7 +426,7 @@ class AtomVAE(nn.Module):
         pri = self.prior_terms(coords[: self.cfg.prior_samples])
         # prior weights are per Å² per 1000 pixels, so they keep their meaning across box sizes
         w = img.shape[-1] * img.shape[-2] / 1000
-        beta = (1.0 / c.zdim if c.beta is None else c.beta) * min(1.0, step / max(c.kl_warmup, 1))
+        beta = self.kl_weight() * min(1.0, step / max(c.kl_warmup, 1))
         total = rec + beta * kl + w * (c.w_bond * pri["bond"] + c.w_local * pri["local"] + c.w_clash * pri["clash"])
         out = {"rec": rec, "kl": kl, **pri, "scale": torch.exp(self.log_scale).detach(),
                **latent_use(mu, z, rec_i, batch, self, step)}
@@ -388,6 +437,63 @@ class AtomVAE(nn.Module):
             out["pose"] = self.pose_loss(batch)
             total = total + c.pose_weight * out["pose"]
         return {"loss": total, **out}
+
+    def kl_weight(self) -> float:
+        """The KL weight beta after warm-up (``beta``, default 1 / zdim)."""
+        return 1.0 / self.cfg.zdim if self.cfg.beta is None else float(self.cfg.beta)
+
+    # ------------------------------------------------- latent standardisation
+    @torch.no_grad()
+    def _accumulate(self, mu: Tensor, cov: Tensor) -> None:
+        """Add a batch's posterior means (B, K) and covariances (B, K, K) to the aggregate-posterior sums."""
+        second = (mu[:, :, None] * mu[:, None] + cov).sum(0).flatten()
+        stats = torch.cat([mu.new_full((1,), len(mu)), mu.sum(0), second])
+        old = getattr(self, "_latent_stats", None)
+        self._latent_stats = stats if old is None else old + stats
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Trainer hook: every ``whiten_every`` steps, :meth:`whiten` from the posteriors since the last one."""
+        every = self.cfg.whiten_every
+        stats = getattr(self, "_latent_stats", None)
+        if not every or stats is None or step % every:
+            return
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # one transform on every rank
+            torch.distributed.all_reduce(stats)
+        self._latent_stats = None
+        K = self.cfg.zdim
+        n, total, second = stats[0], stats[1:K + 1], stats[K + 1:].view(K, K)
+        mean = total / n
+        changed = self.whiten(mean, second / n - mean[:, None] * mean[None])
+        for p in changed:  # Adam's moments were for the old coordinates
+            optimizer.state.pop(p, None)
+
+    @torch.no_grad()
+    def whiten(self, mean: Tensor, cov: Tensor) -> list[nn.Parameter]:
+        """Re-express the latent so that the aggregate posterior has mean 0 and covariance I (PX-EM).
+
+        ``mean`` (K,) and ``cov`` (K, K): of the aggregate posterior, sum of q(z | x) over particles, in the
+        current coordinates. With cov = U diag(lam) U^T, the new latent is z' = diag(lam)^-1/2 U^T (z - mean).
+        The decoder's first layer absorbs z = T z' + mean (T = U diag(lam)^1/2), so every decoded model stays
+        the same, and the encoder's mean head and the stored means (``z_last``) are mapped the same way. Returns
+        the parameters changed.
+
+        Why: the prior N(0, I) is redundant with the decoder's first layer (Liu, Rubin & Wu 1998, PX-EM), and
+        with a Laplace posterior nothing else sets the latent's scale. Without this, the decoder learnt to move
+        a whole domain with a 0.05-wide range of one latent direction: that direction then had the smallest
+        spread of the posterior means (latent PC8 of 8), below the dimensions that fit noise, and every
+        optimiser step on it was too large.
+        """
+        lam, U = torch.linalg.eigh(0.5 * (cov + cov.T))
+        lam = lam.clamp_min(1e-6)
+        T = U * lam.sqrt()
+        T_inv = (U / lam.sqrt()).T
+        first, head, K = self.decoder.mlp[0], self.encoder.head, self.cfg.zdim
+        first.bias += first.weight @ mean
+        first.weight.copy_(first.weight @ T)
+        head.weight[:K] = T_inv @ head.weight[:K]
+        head.bias[:K] = T_inv @ (head.bias[:K] - mean)
+        self.z_last.copy_((self.z_last - mean) @ T_inv.T)
+        return [first.weight, first.bias, head.weight, head.bias]
 
     @torch.no_grad()
     def init_scale(self, batch: dict) -> float:

@@ -23,7 +23,10 @@ def add_subcommands(sub) -> None:
     p.add_argument("--dec-hidden", type=int, default=256, help="width of the decoder MLP")
     p.add_argument("--enc-downsample", type=int, default=0,
                    help="the encoder sees images pooled by this factor (default 0: from the box, to about 32 px)")
-    p.add_argument("--atoms", choices=["heavy", "backbone", "ca"], default="backbone")
+    p.add_argument("--atoms", choices=["auto", "heavy", "backbone", "ca"], default="auto",
+                   help="atoms the decoder moves (default auto: heavy, i.e. every non-hydrogen atom, or ca for a "
+                        "C-alpha-only model; a backbone model of a full protein leaves half its density "
+                        "unmodelled, and the latent spent dimensions on that)")
     p.add_argument("--center", choices=["centroid", "map", "none"], default="centroid",
                    help="centroid: the model's centroid sits at the box centre; map: the model was fitted in a "
                         "map of this box with origin 0; none: coordinates are already relative to the box centre "
@@ -46,6 +49,12 @@ def add_subcommands(sub) -> None:
                    help="laplace (default): each particle's latent posterior by a Gauss-Newton step of the decoder "
                         "and renderer from the encoder's guess; amortized: the encoder alone, as cryoDRGN (its "
                         "latent can take thousands of steps to start carrying information)")
+    p.add_argument("--gn-steps", type=int, default=1,
+                   help="laplace: Gauss-Newton steps per particle and training step")
+    p.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,
+                   help="laplace: start each particle's Gauss-Newton step from its posterior mean at its last visit")
+    p.add_argument("--whiten-every", type=int, default=100,
+                   help="laplace: steps between re-standardisations of the latent (PX-EM); 0: off")
     p.add_argument("--w-bond", type=float, default=1.0)
     p.add_argument("--w-local", type=float, default=1.0)
     p.add_argument("--w-clash", type=float, default=1.0)
@@ -108,7 +117,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                     a.lazy)
     cfg = AtomVAEConfig(zdim=a.zdim, enc_width=a.enc_width, enc_downsample=a.enc_downsample,
                         dec_hidden=a.dec_hidden, beta=a.beta, enc_reference=a.enc_reference,
-                        likelihood=a.likelihood, posterior=a.posterior, w_bond=a.w_bond, w_local=a.w_local,
+                        likelihood=a.likelihood, posterior=a.posterior, gn_steps=a.gn_steps, warm_start=a.warm_start,
+                        whiten_every=a.whiten_every, w_bond=a.w_bond, w_local=a.w_local,
                         w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
                         infer_poses=a.infer_poses, pose_heads=a.pose_heads, pose_warmup=a.pose_warmup)
     tcfg = TrainConfig(out=a.out, epochs=a.epochs, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size,

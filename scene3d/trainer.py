@@ -11,7 +11,9 @@ A model is a ``torch.nn.Module`` with one method::
 (usually a dict of tensors, already moved to the device); ``step`` is the global
 optimisation step, for annealing schedules. Every other term in the dict is only logged.
 A model may also define ``check_batch(batch)``, called once before training, that raises
-``scene3d.runinfo.UserError`` when data and model disagree (image size, channels ...).
+``scene3d.runinfo.UserError`` when data and model disagree (image size, channels ...), and
+``after_step(step, optimizer)``, called after each optimiser step (``step`` counts the steps done)
+to reparameterise the model between steps; it drops the optimiser state of parameters it changes.
 
 Typical use::
 
@@ -336,6 +338,9 @@ class Trainer:
         self.scaler.update()
         self.sched.step()
         self.step += 1
+        hook = getattr(self.model, "after_step", None)
+        if hook is not None:  # e.g. a reparameterisation between steps (cryoem.vae.AtomVAE.after_step)
+            hook(self.step, self.opt)
         vals = torch.stack([v.detach().float().reshape(()) for v in terms.values()])
         if self.world > 1:
             dist.all_reduce(vals)

@@ -39,10 +39,10 @@ simulate() {  # case -> simulation folder
 for c in "${@:-morph hinge1 hinge2 ubq}"; do
   for c1 in $c; do
     simulate "$c1"
-    s="$OUT/$c1/sim"; atoms=backbone; [ "$c1" = ubq ] && atoms=ca
+    s="$OUT/$c1/sim"
     minutes=$MINUTES; epochs=$EPOCHS; [ "$c1" = morph001 ] && { minutes=$((3 * MINUTES)); epochs=$((3 * EPOCHS)); }
     [ -f "$OUT/$c1/run/checkpoint.pt" ] || cryoem train --particles "$s/particles.star" --structure "$s/gt_models.pdb" \
-      --atoms $atoms --center none --minutes "$minutes" --threads 1 --out "$OUT/$c1/run" > "$OUT/$c1/train.log" 2>&1 &
+      --center none --minutes "$minutes" --threads 1 --out "$OUT/$c1/run" > "$OUT/$c1/train.log" 2>&1 &
     python scripts/compare_cryodrgn.py --sim "$s" --plato "$OUT/$c1/run" --cryodrgn "$CRYODRGN" --epochs "$epochs" \
       --threads 1 --train-only --out "$OUT/$c1/cmp" > "$OUT/$c1/cryodrgn_train.log" 2>&1 &
     wait

@@ -142,3 +142,14 @@ def test_collapse_warning(tmp_path, motion):
     assert ("latent space has collapsed" in html) == (not motion) and "latent_diagnostics.png" in html
     diag = json.loads(html.split("<pre>")[1].split("</pre>")[0].replace("&quot;", '"'))["latent_diagnostics"]
     assert (diag["shuffle_nats"] > 5) if motion else (diag["shuffle_nats"] < 1)
+
+
+def test_default_atoms_are_heavy_or_ca_for_a_ca_only_model():
+    from cryoem.structure import read_structure
+    from cryoem.train import atom_selection
+
+    full = read_structure(DATA / "1ubi.pdb", models="first")
+    ca = read_structure(Path(__file__).resolve().parents[2] / "cryoem/data/2k39_ca_ensemble.pdb.gz", models="first")
+    assert atom_selection("auto", full) == "heavy" and atom_selection("auto", ca) == "ca"
+    assert atom_selection("backbone", full) == "backbone"  # an explicit choice stands
+    assert full.select("heavy").n_atoms == 602  # 1UBI: 76 residues, 602 non-hydrogen protein atoms (the PDB entry)

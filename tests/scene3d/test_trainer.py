@@ -146,3 +146,18 @@ def test_bad_settings_are_user_errors(tmp_path):
         Trainer(Toy(), ToyData(), TrainConfig(out=str(tmp_path)))
     with pytest.raises(UserError, match="fewer than one batch"):
         Trainer(Toy(), ToyData(4), TrainConfig(out=str(tmp_path), steps=1, batch_size=8))
+
+
+def test_after_step_hook_sees_each_step_and_can_reset_optimizer_state(tmp_path):
+    calls = []
+
+    class Hooked(Toy):
+        def after_step(self, step, optimizer):
+            calls.append((step, len(optimizer.state)))
+            optimizer.state.pop(self.lin.bias, None)  # what a reparameterisation does to a parameter it changes
+
+    torch.manual_seed(0)
+    cfg = TrainConfig(out=str(tmp_path / "r"), steps=5, batch_size=8, lr=0.1, progress=False, tensorboard=False)
+    Trainer(Hooked(), ToyData(), cfg).fit()
+    assert [c[0] for c in calls] == [1, 2, 3, 4, 5]  # called after each optimiser step, with the steps done
+    assert all(n == 2 for _, n in calls)  # Adam re-creates the state it lost: weight and bias both present
