@@ -8,6 +8,7 @@ against the simulation's true coordinate). Issue 13's diagnosis: the motion sat 
 from __future__ import annotations
 
 import argparse
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +66,7 @@ def main() -> None:
         ax.bar(k, lam / lam.sum(), color=cmap(rho))
         for ki, li, ri in zip(k, lam / lam.sum(), rho):
             ax.text(ki, li, f"{ri:.2f}", ha="center", va="bottom", fontsize=8)
-        ax.set_title(label, fontsize=10)
+        ax.set_title(textwrap.fill(label, 34), fontsize=9)
         ax.set_xlabel("latent PC")
         ax.set_xticks(k)
     axes[0][0].set_ylabel("share of the posterior means' variance")
