@@ -269,8 +269,8 @@ class AtomVAE(nn.Module):
             return
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
-            idx_all, mu_all = [torch.empty_like(index) for _ in range(world)], [torch.empty_like(mu) for _ in
-                                                                                    range(world)]
+            idx_all = [torch.empty_like(index) for _ in range(world)]
+            mu_all = [torch.empty_like(mu) for _ in range(world)]
             torch.distributed.all_gather(idx_all, index)
             torch.distributed.all_gather(mu_all, mu.contiguous())
             index, mu = torch.cat(idx_all), torch.cat(mu_all)
