@@ -192,6 +192,8 @@ class AtomVAE(nn.Module):
         # laplace: each particle's latest posterior mean, where its next Gauss-Newton step starts (see warm_start)
         self.register_buffer("z_last", torch.zeros(n_particles, cfg.zdim))
         self.register_buffer("z_seen", torch.zeros(n_particles, dtype=torch.bool))
+        # the prior N(0, diag(prior_var)); set with the latent's coordinates by whiten (1 until then)
+        self.register_buffer("prior_var", torch.ones(cfg.zdim))
         self.pose_delta = nn.Embedding(n_particles, 5) if cfg.refine_poses else None
         if self.pose_delta is not None:
             nn.init.zeros_(self.pose_delta.weight)
@@ -222,28 +224,30 @@ class AtomVAE(nn.Module):
         Gauss-Newton steps from ``z``.
 
         With J = d model image / dz (B, zdim, pixels), by finite differences of the decoder and renderer,
-        residual r = image - model(z) and noise sigma s, the linearised log posterior under the N(0, I)
-        prior has precision A = J J^T / s^2 + I and its maximum at z + A^-1 (J r / s^2 - z).
+        residual r = image - model(z), noise sigma s and the prior N(0, P^-1) (P = diag(1 / ``prior_var``)),
+        the linearised log posterior has precision A = J J^T / s^2 + P and its maximum at
+        z + A^-1 (J r / s^2 - P z).
 
         This is the posterior of the model itself (KL weight 1), whatever ``beta`` is. Measured: with the
         posterior tempered by beta = 1 / zdim, every latent dimension that the motion did not need fitted noise
         and model mismatch (posterior-mean variance 1-2), and the motion was no longer latent PC1.
         """
         B, K = z.shape
-        eye = torch.eye(K, device=z.device, dtype=z.dtype)
-        h = 0.01  # finite-difference step, in units of the prior's standard deviation (float32: still ~1e-4 precise)
+        P = torch.diag(1 / self.prior_var.to(z.dtype))
+        # finite-difference steps: 0.01 of the prior's standard deviation (float32: still ~1e-4 precise)
+        steps = 0.01 * self.prior_var.to(z.dtype).sqrt()
         rep = {k: batch[k].repeat_interleave(K + 1, 0) for k in ("R", "shift_A", "ctf")}
         index = batch.get("index")
         index = None if index is None else index.repeat_interleave(K + 1, 0)
         s2 = self.noise_sigma**2
-        A = eye
+        A = P
         for _ in range(max(1, self.cfg.gn_steps)):
-            zz = torch.cat([z[:, None], z[:, None] + h * eye], 1).reshape(B * (K + 1), K)
+            zz = torch.cat([z[:, None], z[:, None] + torch.diag(steps)], 1).reshape(B * (K + 1), K)
             m = self.render(self.decode(zz), rep["R"], rep["shift_A"], rep["ctf"], index).reshape(B, K + 1, -1)
-            J = (m[:, 1:] - m[:, :1]) / h
+            J = (m[:, 1:] - m[:, :1]) / steps[:, None]
             r = batch["image"].reshape(B, -1) - m[:, 0]
-            A = J @ J.transpose(1, 2) / s2 + eye
-            z = z + torch.linalg.solve(A, (J @ r[..., None])[..., 0] / s2 - z)
+            A = J @ J.transpose(1, 2) / s2 + P
+            z = z + torch.linalg.solve(A, (J @ r[..., None])[..., 0] / s2 - z @ P)
         return z, A
 
     def warm_start(self, batch: dict, guess: Tensor) -> Tensor:
@@ -336,7 +340,7 @@ class AtomVAE(nn.Module):
         R = random_rotations(B, None).to(dev, torch.float32)
         shift = torch.randn(B, 2, device=dev) * self.cfg.pose_shift_px * self.apix
         with torch.no_grad():
-            coords = self.decode(torch.randn(B, self.cfg.zdim, device=dev))
+            coords = self.decode(torch.randn(B, self.cfg.zdim, device=dev) * self.prior_var.sqrt())
             img = self.render(coords, R, shift, ctf[torch.randperm(B, device=dev)])
             img = img + self.noise_sigma * torch.randn_like(img)
         R_hat, shift_hat = self.pose_encoder(self._pose_input(img))
@@ -409,7 +413,7 @@ class AtomVAE(nn.Module):
         if c.posterior == "laplace":  # the encoder learns to predict the Laplace posterior it starts from
             mu_enc, logvar_enc = mu, logvar
             mu, precision = self.laplace(batch, self.warm_start(batch, mu_enc.detach()))
-            z, kl = sample_precision(mu, precision)
+            z, kl = sample_precision(mu, precision, self.prior_var)
             cov = torch.linalg.inv(precision)
             logvar = cov.diagonal(dim1=-2, dim2=-1).log()
             if self.training:
@@ -469,31 +473,67 @@ class AtomVAE(nn.Module):
 
     @torch.no_grad()
     def whiten(self, mean: Tensor, cov: Tensor) -> list[nn.Parameter]:
-        """Re-express the latent so that the aggregate posterior has mean 0 and covariance I (PX-EM).
+        """Re-express the latent (PX-EM) so that its axes are the decoder's directions of structural change,
+        largest first, and set the prior to the aggregate posterior, N(0, diag(``prior_var``)).
 
-        ``mean`` (K,) and ``cov`` (K, K): of the aggregate posterior, sum of q(z | x) over particles, in the
-        current coordinates. With cov = U diag(lam) U^T, the new latent is z' = diag(lam)^-1/2 U^T (z - mean).
-        The decoder's first layer absorbs z = T z' + mean (T = U diag(lam)^1/2), so every decoded model stays
-        the same, and the encoder's mean head and the stored means (``z_last``) are mapped the same way. Returns
-        the parameters changed.
+        ``mean`` (K,) and ``cov`` (K, K): of the aggregate posterior, the sum of q(z | x) over particles, in the
+        current coordinates. With cov = U diag(lam) U^T, z' = diag(lam)^-1/2 U^T (z - mean) has an aggregate
+        posterior N(0, I). In z', G = the mean over particles of J^T J / N (J = d coordinates / dz', (3N, K),
+        Å per unit; :meth:`structure_metric`) = V diag(g) V^T, and the new latent is
+        z'' = diag(g / max g)^1/2 V^T z'. Then a unit step in any direction of z'' moves the atoms by the same RMS
+        distance, and the aggregate posterior and the prior are N(0, diag(g / max g)): a direction that barely
+        moves atoms has a small prior variance. The decoder's first layer absorbs z = T z'' + mean, so every
+        decoded model stays the same; the encoder's mean head and the stored means (``z_last``) are mapped the
+        same way. Returns the parameters changed.
 
-        Why: the prior N(0, I) is redundant with the decoder's first layer (Liu, Rubin & Wu 1998, PX-EM), and
-        with a Laplace posterior nothing else sets the latent's scale. Without this, the decoder learnt to move
-        a whole domain with a 0.05-wide range of one latent direction: that direction then had the smallest
-        spread of the posterior means (latent PC8 of 8), below the dimensions that fit noise, and every
-        optimiser step on it was too large.
+        Why: the N(0, I) prior is redundant with the decoder's first layer (Liu, Rubin & Wu 1998, PX-EM), so
+        nothing else sets the latent's scale. Measured: standardised to N(0, I), the dimensions that fitted noise
+        with sub-Å displacements had nearly the variance of the motion's (eigenvalues 1.3 to 0.7), and latent
+        PC1 ordered the particles by the motion with |rho| 0.45; PC1 of the decoded structures, 0.70 to 0.95.
+        With the unscaled latent (before PX-EM) the motion sat in latent PC8 of 8.
         """
         lam, U = torch.linalg.eigh(0.5 * (cov + cov.T))
         lam = lam.clamp_min(1e-6)
-        T = U * lam.sqrt()
-        T_inv = (U / lam.sqrt()).T
+        T = U * lam.sqrt()  # z = T z' + mean
+        points = (self._latent_sample() - mean) @ (U / lam.sqrt())  # stored means, in z'
+        g, V = torch.linalg.eigh(self.structure_metric(points, T, mean))
+        g, V = g.flip(0), V.flip(1)  # largest structural change first
+        var = (g / g[0].clamp_min(1e-30)).clamp(1e-4, 1.0)
+        T = T @ V / var.sqrt()  # z = T z'' + mean
+        T_inv = (var.sqrt()[:, None] * V.T) @ (U / lam.sqrt()).T  # z'' = T_inv (z - mean)
         first, head, K = self.decoder.mlp[0], self.encoder.head, self.cfg.zdim
         first.bias += first.weight @ mean
         first.weight.copy_(first.weight @ T)
         head.weight[:K] = T_inv @ head.weight[:K]
         head.bias[:K] = T_inv @ (head.bias[:K] - mean)
         self.z_last.copy_((self.z_last - mean) @ T_inv.T)
+        self.prior_var.copy_(var)
         return [first.weight, first.bias, head.weight, head.bias]
+
+    def _latent_sample(self, n: int = 128) -> Tensor:
+        """Up to ``n`` stored posterior means (n, K), evenly spaced over the particles seen (the same on every
+        DDP rank); the origin when none is stored."""
+        seen = torch.nonzero(self.z_seen)[:, 0]
+        if len(seen) == 0:
+            return self.z_last.new_zeros(1, self.cfg.zdim)
+        pick = seen[torch.linspace(0, len(seen) - 1, min(n, len(seen)), device=seen.device).long()]
+        return self.z_last[pick]
+
+    @torch.no_grad()
+    def structure_metric(self, z: Tensor, T: Tensor | None = None, mean: Tensor | None = None) -> Tensor:
+        """(K, K) Å² per unit²: the mean over latents ``z`` (S, K) of J^T J / N, J = d coordinates / dz (3N, K) by
+        finite differences of the decoder, so that z^T G z is the mean squared atom displacement of a small step
+        z. With ``T`` (K, K) and ``mean`` (K,), ``z`` is in coordinates where the decoder's input is T z + mean."""
+        K = z.shape[1]
+        T = torch.eye(K, dtype=z.dtype, device=z.device) if T is None else T
+        mean = z.new_zeros(K) if mean is None else mean
+        h, G = 0.01, z.new_zeros(K, K)
+        for chunk in z.split(32):
+            zz = torch.cat([chunk[:, None], chunk[:, None] + h * torch.eye(K, dtype=z.dtype, device=z.device)], 1)
+            x = self.decoder(zz.reshape(-1, K) @ T.T + mean).reshape(len(chunk), K + 1, -1)
+            J = (x[:, 1:] - x[:, :1]) / h  # (S, K, 3N)
+            G += (J @ J.transpose(1, 2)).sum(0)
+        return G / (len(z) * len(self.decoder.x0))
 
     @torch.no_grad()
     def init_scale(self, batch: dict) -> float:
@@ -525,18 +565,20 @@ class AtomVAE(nn.Module):
                 "n_atoms": len(self.decoder.x0), "noise_sigma": float(self.noise_sigma)}
 
 
-def sample_precision(mu: Tensor, precision: Tensor) -> tuple[Tensor, Tensor]:
-    """A sample of N(mu, precision^-1) (B, K), with the full covariance, and its KL to N(0, I) (B,), nats.
+def sample_precision(mu: Tensor, precision: Tensor, prior_var: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """A sample of N(mu, precision^-1) (B, K), with the full covariance, and its KL (B,) nats to the prior
+    N(0, diag(prior_var)) ((K,); None: N(0, I)).
 
-    With precision A = L L^T (Cholesky), z = mu + L^-T eps has covariance A^-1, and
-    KL = (tr A^-1 + |mu|^2 - K + log det A) / 2.
+    With precision A = L L^T (Cholesky) and v = prior_var, z = mu + L^-T eps has covariance A^-1, and
+    KL = (sum_k (A^-1)_kk / v_k + sum_k mu_k^2 / v_k - K + log det A + sum_k log v_k) / 2.
     """
+    v = torch.ones_like(mu[0]) if prior_var is None else prior_var.to(mu.dtype)
     L = torch.linalg.cholesky(precision)
     eps = torch.randn_like(mu)[..., None]
     z = mu + torch.linalg.solve_triangular(L.transpose(-1, -2), eps, upper=True)[..., 0]
-    cov_trace = torch.cholesky_inverse(L).diagonal(dim1=-2, dim2=-1).sum(-1)
-    logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1)
-    return z, 0.5 * (cov_trace + (mu**2).sum(-1) - mu.shape[-1] + logdet)
+    cov_trace = (torch.cholesky_inverse(L).diagonal(dim1=-2, dim2=-1) / v).sum(-1)
+    logdet = 2 * L.diagonal(dim1=-2, dim2=-1).log().sum(-1) + v.log().sum()
+    return z, 0.5 * (cov_trace + (mu**2 / v).sum(-1) - mu.shape[-1] + logdet)
 
 
 def latent_use(mu: Tensor, z: Tensor, rec: Tensor, batch: dict, model: AtomVAE, step: int) -> dict[str, Tensor]:
