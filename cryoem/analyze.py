@@ -119,8 +119,8 @@ def encode_all(model, ds, batch_size: int = 256, progress: bool = True) -> np.nd
 def latent_diagnostics(model, ds, n: int = 1024, batch_size: int = 128) -> dict:
     """Is the latent used? On up to ``n`` particles (a fixed sample):
 
-    * ``kl_per_dim`` (zdim,): mean KL(q(z_d | x) || N(0, 1)) in nats;
-    * ``active_units``: dimensions whose posterior mean varies across particles (variance > 0.01);
+    * ``kl_per_dim`` (zdim,): mean KL(q(z_d | x) || N(0, v_d)) in nats, v = the model's ``prior_var``;
+    * ``active_units``: dimensions whose posterior mean varies across particles (variance > 0.01 v_d);
     * ``shuffle_nats``: mean increase of the reconstruction loss (nats per particle) when each particle is
       decoded from another particle's posterior mean instead of its own (0 = the latent is ignored);
     * ``warning``: the collapse warning, or None.
@@ -141,8 +141,9 @@ def latent_diagnostics(model, ds, n: int = 1024, batch_size: int = 128) -> dict:
             for z in (mu, torch.roll(mu, 1, 0)):  # its own latent, then its neighbour's
                 m = model.render(model.decode(z), batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"))
                 recs.append(model.reconstruction(batch["image"], m, None))
-            mus.append(mu)
-            kls.append(gaussian_kl(mu, logvar, dims=0))
+            sd = model.prior_var.sqrt()  # in units of the prior's standard deviation, KL(q || N(0, 1)) is the same
+            mus.append(mu / sd)
+            kls.append(gaussian_kl(mu / sd, logvar - 2 * sd.log(), dims=0))
             gains.append(recs[1] - recs[0])
     mu = torch.cat(mus)
     out = {"particles": len(idx), "kl_per_dim": torch.cat(kls).mean(0).tolist(),

@@ -589,13 +589,13 @@ def sample_precision(mu: Tensor, precision: Tensor, prior_var: Tensor | None = N
 def latent_use(mu: Tensor, z: Tensor, rec: Tensor, batch: dict, model: AtomVAE, step: int) -> dict[str, Tensor]:
     """Is the latent used? Logged by ``loss`` (see ``scene3d.objective.active_units``).
 
-    * ``au``: active units of the batch's posterior means ``mu`` (B, zdim).
+    * ``au``: active units of the batch's posterior means ``mu`` (B, zdim), in units of the prior's std.
     * ``shuffle``: how much worse (nats per particle) the batch is reconstructed with its
       latents ``z`` permuted within the batch, against its own (``rec`` (B,)). Near 0 means the
       decoder ignores z. It costs one extra rendering, so it is computed only on the steps
       that the trainer logs (every 10th, its default ``log_every``) and is NaN elsewhere.
     """
-    out = {"au": active_units(mu).float()}
+    out = {"au": active_units(mu / model.prior_var.sqrt()).float()}  # relative to each dimension's prior
     if step != 0 and (step + 1) % 10:  # the trainer logs after steps 1, 10, 20, ...: loss steps 0, 9, 19, ...
         return {**out, "shuffle": mu.new_tensor(float("nan"))}
     with torch.no_grad():
