@@ -97,21 +97,8 @@ class StructuralPrior:
         return StructuralPrior(self.bonds.to(device), self.bond_d0.to(device), self.local.to(device),
                                self.local_d0.to(device), self.clash_pairs.to(device), self.clash_threshold)
 
-    def __call__(self, x: Tensor, max_pairs: int = 0) -> dict[str, Tensor]:
-        """Evaluate on (B, N, 3) coordinates: {'bond', 'local', 'clash'} scalars.
-
-        ``max_pairs`` > 0: the local and clash terms use that many of their pairs, drawn uniformly with
-        replacement at each call, so that each term is an unbiased estimate of its value over all pairs
-        (a training step then costs O(max_pairs), not O(P): 200,000 pairs took a third of a step's time).
-        """
-        local, local_d0, clash = self.local, self.local_d0, self.clash_pairs
-        clash_factor = 1.0
-        if max_pairs and len(local) > max_pairs:
-            pick = torch.randint(len(local), (max_pairs,), device=local.device)
-            local, local_d0 = local[pick], local_d0[pick]
-        if max_pairs and len(clash) > max_pairs:
-            clash_factor = len(clash) / max_pairs  # the clash term is a sum over pairs
-            clash = clash[torch.randint(len(clash), (max_pairs,), device=clash.device)]
+    def __call__(self, x: Tensor) -> dict[str, Tensor]:
+        """Evaluate on (B, N, 3) coordinates: {'bond', 'local', 'clash'} scalars."""
         return {"bond": bond_loss(x, self.bonds, self.bond_d0.to(x.dtype)),
-                "local": local_distance_loss(x, local, local_d0.to(x.dtype)),
-                "clash": clash_factor * clash_loss(x, clash, self.clash_threshold)}
+                "local": local_distance_loss(x, self.local, self.local_d0.to(x.dtype)),
+                "clash": clash_loss(x, self.clash_pairs, self.clash_threshold)}

@@ -192,8 +192,7 @@ def load_run(run: str | os.PathLike, device: str = "cpu") -> tuple[AtomVAE, dict
     ds = load_data(spec, check_pixels=False, need_poses=not cfg.infer_poses)
     model, s, _ = build_model(spec, cfg, ds, noise_sigma=rec["noise_sigma"])
     state = load_checkpoint(run, map_location=device)["model"]
-    # runs written before the warm starts (none remembered) or the structural latent axes (prior N(0, I))
-    for k in ("z_last", "z_seen", "prior_var"):
-        state.setdefault(k, getattr(model, k))
+    for k in ("z_last", "z_seen", "prior_var"):  # runs written before the warm starts (none remembered) or the
+        state.setdefault(k, getattr(model, k))    # structural latent axes (prior N(0, I))
     model.load_state_dict(state)
     return model.to(device).eval(), rec, ds, s

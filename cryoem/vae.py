@@ -4,11 +4,11 @@ One training step (the loop of the design guide, with cryo-EM parts)::
 
     image --ConvEncoder--> q(z|x) --z--> AtomDecoder --> coordinates (B, N, 3) Å
         --gaussian_projection(camera from pose)--> projection --CTF, low-pass--> model image
-    loss = -log p(image | model image) + beta * KL(q || prior) + structural priors
+    loss = -log p(image | model image) + beta * KL(q || N(0, I)) + structural priors
 
 * The posterior q(z | x) (``posterior="laplace"``, the default) is a Laplace approximation: from
   the encoder's guess, one Gauss-Newton step of the decoder + renderer against the particle
-  image, under the prior (:meth:`AtomVAE.laplace`). The encoder is trained to predict
+  image, under the N(0, I) prior (:meth:`AtomVAE.laplace`). The encoder is trained to predict
   that posterior (``enc_fit``); the decoder learns from samples of it (variational EM).
   Why: with an amortised encoder alone (``"amortized"``, cryoDRGN's scheme) training starts
   at a saddle. The decoder barely depends on z, so the encoder gets almost no gradient, and
@@ -18,13 +18,10 @@ One training step (the loop of the design guide, with cryo-EM parts)::
   latent carries information from the first steps. It costs zdim + 1 extra renderings
   per particle, without gradients.
 * Each particle's Gauss-Newton step starts from its posterior mean at its previous visit
-  (``warm_start``), so its posterior converges over the epochs. Every ``whiten_every`` steps the
-  latent is re-expressed (:meth:`AtomVAE.whiten`, PX-EM): its axes become the decoder's directions of
-  structural change, largest first, scaled so that a unit step moves the atoms by the same RMS distance
-  in every direction, and the prior N(0, diag(v)) becomes the aggregate posterior. A latent direction
-  that barely moves atoms then has a small variance, so latent PC1 is the largest motion. Without the
-  warm starts and PX-EM the motion ended up in latent PC8 of 8; standardised to N(0, I) instead, it
-  shared PC1 with dimensions that fitted noise.
+  (``warm_start``), so its posterior converges over the epochs; and every ``whiten_every``
+  steps the latent is re-expressed so that the aggregate posterior is N(0, I) (:meth:`AtomVAE.whiten`,
+  PX-EM). Without them the decoder learnt to make a whole motion from a sliver of one latent
+  direction, which then had the least spread of all (the motion in latent PC8 of 8).
 * The encoder, the KL / Gaussian likelihood and the trainer are scene3d's; the projector
   is ``renderers.gaussian``; the CTF is ``cryoem.ctf``. This module only wires them.
 * The decoder outputs a displacement of every modelled atom from the starting model;
@@ -82,7 +79,6 @@ class AtomVAEConfig:
     w_local: float = 1.0
     w_clash: float = 1.0
     prior_samples: int = 16  # decoded models of a batch the priors are evaluated on (unbiased, cheaper)
-    prior_pairs: int = 20000  # local and clash pairs drawn per training step (unbiased, cheaper); 0: all
     local_radius: float = 10.0
     clash_threshold: float = 3.0
     lowpass_start: float | None = None  # Å; resolution curriculum start (None = off)
@@ -379,10 +375,9 @@ class AtomVAE(nn.Module):
         return torch.exp(-math.log(2) * (f * res) ** 2)  # half amplitude at frequency 1 / res
 
     def prior_terms(self, coords: Tensor) -> dict[str, Tensor]:
-        """Structural prior terms of (B, N, 3) coordinates; in training, on ``prior_pairs`` random pairs."""
         p = StructuralPrior(self.prior_bonds, self.prior_bond_d0, self.prior_local, self.prior_local_d0,
                             self.prior_clash_pairs, self.cfg.clash_threshold)
-        return p(coords, self.cfg.prior_pairs if self.training else 0)
+        return p(coords)
 
     # ------------------------------------------------------------------ loss
     def check_batch(self, batch: dict) -> None:

@@ -45,22 +45,3 @@ def test_clash_penalty_counts_only_close_pairs():
     pairs = torch.tensor([[0, 1], [0, 2], [1, 2]])
     # only pair (0, 1) is closer than 3 Å: (3 - 2)^2 = 1
     torch.testing.assert_close(clash_loss(x, pairs, 3.0), torch.tensor(1.0))
-
-
-def test_sampled_pairs_estimate_the_full_terms_without_bias():
-    """With ``max_pairs`` the local and clash terms are averages over random pairs: their mean over many draws
-    is the value over all pairs (the clash sum rescaled), and the bond term is exact."""
-    torch.manual_seed(0)
-    x0 = helix(80)
-    bonds = torch.stack([torch.arange(79), torch.arange(1, 80)], 1)
-    prior = StructuralPrior.from_model(x0, bonds)
-    x = (x0 + 0.8 * torch.randn(2, 80, 3, dtype=torch.float64))  # a distorted pair of models with clashes
-    full = prior(x)
-    assert len(prior.local) > 200 and len(prior.clash_pairs) > 200 and full["clash"] > 0
-    draws = [prior(x, max_pairs=50) for _ in range(4000)]
-    for k in ("local", "clash"):
-        est = torch.stack([d[k] for d in draws])
-        assert est.std() > 0  # the draws do differ ...
-        torch.testing.assert_close(est.mean(), full[k], rtol=4 * est.std().item() / 4000**0.5 / full[k].item(),
-                                   atol=0)  # ... and average to the full value (4 standard errors)
-    torch.testing.assert_close(draws[0]["bond"], full["bond"])
