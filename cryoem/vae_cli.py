@@ -54,7 +54,8 @@ def add_subcommands(sub) -> None:
     p.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,
                    help="laplace: start each particle's Gauss-Newton step from its posterior mean at its last visit")
     p.add_argument("--whiten-every", type=int, default=100,
-                   help="laplace: steps between re-standardisations of the latent (PX-EM); 0: off")
+                   help="laplace: steps between re-expressions of the latent (PX-EM): axes along the decoder's "
+                        "directions of structural change, largest first, prior = aggregate posterior; 0: off")
     p.add_argument("--w-bond", type=float, default=1.0)
     p.add_argument("--w-local", type=float, default=1.0)
     p.add_argument("--w-clash", type=float, default=1.0)
