@@ -116,42 +116,6 @@ def encode_all(model, ds, batch_size: int = 256, progress: bool = True) -> np.nd
     return np.concatenate(out)
 
 
-def latent_diagnostics(model, ds, n: int = 1024, batch_size: int = 128) -> dict:
-    """Is the latent used? On up to ``n`` particles (a fixed sample):
-
-    * ``kl_per_dim`` (zdim,): mean KL(q(z_d | x) || N(0, v_d)) in nats, v = the model's ``prior_var``;
-    * ``active_units``: dimensions whose posterior mean varies across particles (variance > 0.01 v_d);
-    * ``shuffle_nats``: mean increase of the reconstruction loss (nats per particle) when each particle is
-      decoded from another particle's posterior mean instead of its own (0 = the latent is ignored);
-    * ``warning``: the collapse warning, or None.
-    """
-    import torch
-
-    from cryoem.vae import collapse_warning
-    from scene3d.objective import active_units, gaussian_kl
-
-    idx = np.sort(np.random.default_rng(3).choice(len(ds), min(len(ds), n), replace=False))
-    mus, kls, gains = [], [], []
-    with torch.no_grad():
-        for i in range(0, len(idx), batch_size):
-            batch = {k: v.to(model.log_scale.device) for k, v in ds.batch(idx[i:i + batch_size]).items()}
-            mu, logvar = model.encode(batch)
-            batch = model.with_poses(batch)
-            recs = []
-            for z in (mu, torch.roll(mu, 1, 0)):  # its own latent, then its neighbour's
-                m = model.render(model.decode(z), batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"))
-                recs.append(model.reconstruction(batch["image"], m, None))
-            sd = model.prior_var.sqrt()  # in units of the prior's standard deviation, KL(q || N(0, 1)) is the same
-            mus.append(mu / sd)
-            kls.append(gaussian_kl(mu / sd, logvar - 2 * sd.log(), dims=0))
-            gains.append(recs[1] - recs[0])
-    mu = torch.cat(mus)
-    out = {"particles": len(idx), "kl_per_dim": torch.cat(kls).mean(0).tolist(),
-           "active_units": int(active_units(mu)), "shuffle_nats": float(torch.cat(gains).mean())}
-    out["warning"] = collapse_warning(out["shuffle_nats"], out["active_units"], mu.shape[1])
-    return out
-
-
 def diagnostics_png(path: Path, d: dict) -> None:
     """Bar chart of the KL per latent dimension, titled with the active units and the shuffled-z cost."""
     kl = np.asarray(d["kl_per_dim"])
@@ -161,7 +125,8 @@ def diagnostics_png(path: Path, d: dict) -> None:
     ax.set_ylabel("KL (nats per particle)")
     ax.set_xticks(np.arange(1, len(kl) + 1))
     state = "COLLAPSED" if d["warning"] else "in use"
-    ax.set_title(f"latent {state}: {d['active_units']}/{len(kl)} active units, shuffled z costs "
+    ax.set_title(f"latent {state}: decoded atoms spread {d['spread_A']:.2f} Å (95th pct RMSF),\n"
+                 f"{d['active_units']}/{len(kl)} active units, shuffled z costs "
                  f"{round(d['shuffle_nats'], 1) + 0.0:.1f} nats", fontsize=9)
     fig.tight_layout()
     _save(fig, path)
@@ -235,6 +200,7 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
 
     from cryoem.structure import write_pdb
     from cryoem.train import load_run
+    from cryoem.vae import latent_diagnostics
 
     run = Path(run)
     primary = run / "half1" if (run / "half1" / "model.json").is_file() else run
@@ -249,8 +215,10 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
         print(diag["warning"], file=sys.stderr)
     diagnostics_png(out / "latent_diagnostics.png", diag)
     items.append(("latent_diagnostics.png", f"is the latent used? KL per dimension on {diag['particles']} particles; "
-                                            "'shuffled z' is how much worse particles are reconstructed from "
-                                            "other particles' latents (nats per particle; near 0 = collapsed)"))
+                                            "'spread' is the 95th-percentile RMS fluctuation of an atom across "
+                                            "the decoded structures (under 0.25 Å = collapsed); 'shuffled z' is "
+                                            "how much worse particles are reconstructed from other particles' "
+                                            "latents (nats per particle)"))
     z = encode_all(model, ds)
     np.save(out / "latents.npy", z)
     items.append(("latents.npy", f"posterior means, {z.shape[0]} particles x zdim {z.shape[1]}, input order"))

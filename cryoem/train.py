@@ -19,7 +19,7 @@ import torch
 
 from cryoem.particles import ParticleSet, load_particles
 from cryoem.structure import Structure, bonded_pairs, read_structure, scattering_gaussians
-from cryoem.vae import AtomVAE, AtomVAEConfig, collapse_warning, estimate_noise_sigma
+from cryoem.vae import AtomVAE, AtomVAEConfig, estimate_noise_sigma, latent_diagnostics
 from scene3d.runinfo import UserError, atomic_write
 from scene3d.trainer import TrainConfig, Trainer, load_checkpoint
 
@@ -161,21 +161,12 @@ def _train_one(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, ds: Partic
     summary = trainer.fit()
     if rank0 and (out / "log.csv").is_file():
         atomic_write(out / "train_log.csv", (out / "log.csv").read_text())
-        warning = log_collapse_warning(out / "log.csv", cfg.zdim)
-        if warning:
-            print(warning, file=sys.stderr)
-        summary["collapse_warning"] = warning
+    if rank0:
+        diag = latent_diagnostics(model, ds, idx, n=512)
+        if diag["warning"]:
+            print(diag["warning"], file=sys.stderr)
+        summary["collapse_warning"] = diag["warning"]
     return summary
-
-
-def log_collapse_warning(log_csv: Path, zdim: int) -> str | None:
-    """The collapse warning (``vae.collapse_warning``) from the last fifth of a training log's latent tests."""
-    rows = np.genfromtxt(log_csv, delimiter=",", names=True)
-    if rows.size < 2 or "shuffle" not in rows.dtype.names:
-        return None
-    rows = rows[np.isfinite(rows["shuffle"])]
-    tail = rows[-max(3, len(rows) // 5):]
-    return collapse_warning(float(np.mean(tail["shuffle"])), float(np.median(tail["au"])), zdim)
 
 
 def load_run(run: str | os.PathLike, device: str = "cpu") -> tuple[AtomVAE, dict, ParticleSet, Structure]:
