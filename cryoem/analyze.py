@@ -38,16 +38,11 @@ def traversal(p: PCA, latents: np.ndarray, pc: int, n: int = 10) -> np.ndarray:
     return p.mean_[None] + steps[:, None] * p.components_[pc][None]
 
 
-def rmsf(models: np.ndarray) -> np.ndarray:
-    """Root-mean-square fluctuation (Å) of each atom across models (M, N, 3) -> (N,)."""
-    return np.sqrt(((models - models.mean(0)) ** 2).sum(-1).mean(0))
-
-
 def scatter_png(path: Path, xy: np.ndarray, title: str, color: np.ndarray | None = None,
                 color_label: str | None = None, centres: np.ndarray | None = None) -> None:
     fig, ax = plt.subplots(figsize=(5, 4.5), dpi=110)
-    sc = ax.scatter(xy[:, 0], xy[:, 1], s=3, c=color if color is not None else "tab:blue",
-                    cmap="viridis", alpha=0.6, linewidths=0)
+    colour = {"c": color, "cmap": "viridis"} if color is not None else {"c": "tab:blue"}
+    sc = ax.scatter(xy[:, 0], xy[:, 1], s=3, alpha=0.6, linewidths=0, **colour)
     if color is not None:
         fig.colorbar(sc, ax=ax, label=color_label)
     if centres is not None:
@@ -198,7 +193,7 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
     """Write ``RUN/analysis/`` (latents, PCA/t-SNE, k-means models and maps, traversals, RMSF, index.html)."""
     from sklearn.manifold import TSNE
 
-    from cryoem.structure import write_pdb
+    from cryoem.structure import rmsf, write_pdb
     from cryoem.train import load_run
     from cryoem.vae import latent_diagnostics
 

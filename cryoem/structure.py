@@ -399,6 +399,12 @@ def rmsd(P: Tensor, Q: Tensor, superposition: bool = True) -> Tensor:
     return ((P - Q) ** 2).sum(-1).mean(-1).sqrt()
 
 
+def rmsf(models: np.ndarray) -> np.ndarray:
+    """Root-mean-square fluctuation (Å) of each atom across models (M, N, 3) -> (N,), about the mean model."""
+    models = np.asarray(models, dtype=np.float64)
+    return np.sqrt(((models - models.mean(0)) ** 2).sum(-1).mean(0))
+
+
 def match_atoms(a: Structure, b: Structure) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(ia, ib)`` of the atoms present in both, matched by (chain, resnum, icode, name).
 

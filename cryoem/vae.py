@@ -52,6 +52,7 @@ from cryoem.ctf import CTFParams, ctf_2d
 from cryoem.imaging import fourier_filter, project
 from cryoem.priors import StructuralPrior
 from cryoem.simulate import random_rotations
+from cryoem.structure import rmsf
 from renderers.cameras import axis_angle_to_matrix, rotation_6d_to_matrix
 from scene3d.encoders import ConvEncoder
 from scene3d.objective import active_units, gaussian_kl, gaussian_log_likelihood, reparameterize
@@ -650,17 +651,16 @@ def latent_diagnostics(model: AtomVAE, ds, pool=None, n: int = 1024, batch_size:
             for xi in (x, torch.roll(x, 1, 0)):  # its own structure, then its neighbour's
                 m = model.render(xi, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"))
                 recs.append(model.reconstruction(batch["image"], m, None))
-            coords.append(x.double().cpu())
+            coords.append(x.cpu().numpy())
             sd = model.prior_var.sqrt()  # in units of the prior's standard deviation, KL(q || N(0, 1)) is the same
             mus.append(mu / sd)
             kls.append(gaussian_kl(mu / sd, logvar - 2 * sd.log(), dims=0))
             gains.append(recs[1] - recs[0])
     model.train(was_training)
-    mu, x = torch.cat(mus), torch.cat(coords)
-    rmsf = ((x - x.mean(0)) ** 2).sum(-1).mean(0).sqrt()
+    mu = torch.cat(mus)
     out = {"particles": len(idx), "kl_per_dim": torch.cat(kls).mean(0).tolist(),
            "active_units": int(active_units(mu)), "shuffle_nats": float(torch.cat(gains).mean()),
-           "spread_A": float(torch.quantile(rmsf, 0.95))}
+           "spread_A": float(np.percentile(rmsf(np.concatenate(coords)), 95))}
     out["warning"] = collapse_warning(out["spread_A"], out["shuffle_nats"], out["active_units"], mu.shape[1])
     return out
 

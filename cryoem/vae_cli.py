@@ -159,8 +159,7 @@ def cmd_decode(a: argparse.Namespace) -> int:
 
 
 def cmd_view(a: argparse.Namespace) -> int:
-    from cryoem.analyze import rmsf
-    from cryoem.structure import read_structure
+    from cryoem.structure import read_structure, rmsf
     from cryoem.view import atoms_mesh, chain_colors, render_models, save_frames, value_colors
 
     s = read_structure(a.structure)

@@ -15,6 +15,7 @@ from cryoem.structure import (
     match_atoms,
     read_structure,
     rmsd,
+    rmsf,
     scattering_gaussians,
     superpose,
     write_cif,
@@ -127,6 +128,13 @@ def test_kabsch_is_batched_and_proper():
     Q = -P  # an inversion: the best proper rotation must not reflect
     R, _ = kabsch(P, Q)
     assert R.shape == (4, 3, 3) and torch.allclose(torch.det(R), torch.ones(4, dtype=torch.float64))
+
+
+def test_rmsf_of_atoms_swinging_between_two_positions():
+    """Half the models put atom 0 at +d x, half at -d x: its RMSF is d; a fixed atom's is 0."""
+    models = np.zeros((6, 2, 3))
+    models[:3, 0, 0], models[3:, 0, 0] = 1.5, -1.5
+    assert np.allclose(rmsf(models), [1.5, 0.0])
 
 
 def test_match_atoms_by_chain_residue_name(ubi):
