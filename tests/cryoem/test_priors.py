@@ -2,9 +2,10 @@
 
 import math
 
+import pytest
 import torch
 
-from cryoem.priors import StructuralPrior, bond_loss, clash_loss, local_pairs
+from cryoem.priors import StructuralPrior, bond_loss, clash_loss, local_pairs, pair_loss
 
 
 def helix(n=40):
@@ -45,3 +46,22 @@ def test_clash_penalty_counts_only_close_pairs():
     pairs = torch.tensor([[0, 1], [0, 2], [1, 2]])
     # only pair (0, 1) is closer than 3 Å: (3 - 2)^2 = 1
     torch.testing.assert_close(clash_loss(x, pairs, 3.0), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize("kind", ["harmonic", "clash"])
+def test_compiled_and_torch_pair_losses_agree_with_the_direct_formula(kind):
+    """Both backends of pair_loss give the value and gradient of the formula written out over all pairs."""
+    g = torch.Generator().manual_seed(0)
+    x = (4 * torch.randn(3, 50, 3, generator=g, dtype=torch.float64)).requires_grad_(True)
+    pairs = torch.randint(0, 50, (400, 2), generator=g)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    d0 = 6 * torch.rand(len(pairs), generator=g, dtype=torch.float64) if kind == "harmonic" else None
+    d = (x[:, pairs[:, 0]] - x[:, pairs[:, 1]]).norm(dim=-1)
+    direct = ((d - d0) ** 2).mean() if kind == "harmonic" else (torch.relu(3.0 - d) ** 2).sum(1).mean()
+    assert direct.item() > 0.1  # the clash case has close pairs
+    (expect,) = torch.autograd.grad(direct, x)
+    for backend in ("torch", "numba"):
+        value = pair_loss(x, pairs, d0, 3.0, backend=backend)
+        (grad,) = torch.autograd.grad(value, x)
+        torch.testing.assert_close(value, direct, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, expect, rtol=1e-10, atol=1e-12)
