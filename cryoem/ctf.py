@@ -18,12 +18,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["CTFParams", "wavelength", "ctf_at", "ctf_2d", "fft_frequencies", "CTF_FIELDS"]
+__all__ = ["CTFParams", "wavelength", "ctf_at", "ctf_2d", "fft_frequencies", "CTF_FIELDS", "unphysical_ctf",
+           "VOLTAGE_RANGE_KV"]
 
 CTF_FIELDS = ("defocus_u", "defocus_v", "angle", "voltage", "cs", "amp_contrast", "phase_shift", "bfactor", "scale")
+# Accelerating voltages (kV) a microscope can have; 300000 is 300 kV written in volts.
+VOLTAGE_RANGE_KV = (1.0, 1000.0)
 
 
 def wavelength(voltage_kv: Tensor | float) -> Tensor:
@@ -91,6 +95,39 @@ class CTFParams:
     @staticmethod
     def cat(items: list["CTFParams"]) -> "CTFParams":
         return CTFParams(*(torch.cat([getattr(c, f.name) for c in items]) for f in fields(CTFParams)))
+
+
+def unphysical_ctf(ctf) -> tuple[int, str, str] | None:
+    """The first row of ``ctf`` whose values no microscope produces, or None.
+
+    Args:
+        ctf: (N, 9) array-like in ``CTF_FIELDS`` order (defocus Å, voltage kV, Cs mm).
+
+    Returns:
+        ``(row, field, problem)``: the 0-based row, the ``CTF_FIELDS`` name, and a short phrase
+        with the value and its unit. Accepted: ``defocus_u, defocus_v >= 0`` Å (underfocus is
+        positive), ``voltage`` within ``VOLTAGE_RANGE_KV``, ``cs >= 0`` mm and
+        ``0 <= amp_contrast <= 1``. NaN is left to the callers' finiteness checks.
+    """
+    c = np.asarray(ctf, dtype=np.float64).reshape(-1, len(CTF_FIELDS))
+    col = {k: c[:, i] for i, k in enumerate(CTF_FIELDS)}
+    lo, hi = VOLTAGE_RANGE_KV
+    kv, w = col["voltage"], col["amp_contrast"]
+    checks = (
+        ("voltage", kv <= 0, "voltage {:g} kV must be positive"),
+        ("voltage", kv > hi, f"voltage {{:g}} kV is above {hi:g} kV (volts?)"),
+        ("voltage", (kv > 0) & (kv < lo), f"voltage {{:g}} kV is below {lo:g} kV"),
+        ("defocus_u", col["defocus_u"] < 0, "negative defocus {:g} Å (underfocus is positive)"),
+        ("defocus_v", col["defocus_v"] < 0, "negative defocus {:g} Å (underfocus is positive)"),
+        ("cs", col["cs"] < 0, "negative spherical aberration {:g} mm"),
+        ("amp_contrast", (w < 0) | (w > 1), "amplitude contrast {:g} is outside [0, 1]"),
+    )
+    first = None
+    for name, bad, problem in checks:
+        if bad.any() and (first is None or int(np.argmax(bad)) < first[0]):
+            i = int(np.argmax(bad))
+            first = (i, name, problem.format(col[name][i]))
+    return first
 
 
 def fft_frequencies(box: int, pixel_size: float, rfft: bool = True, dtype=torch.float32, device=None

@@ -229,9 +229,11 @@ def read_structure(path: str | Path, models: str = "all") -> Structure:
             raise UserError(f"{path}: model {m.serial_num} has a different atom list from model "
                             f"{all_models[0].serial_num}; split the file or match atoms first")
         coords.append(np.array([a.coord for a in atoms]))
+    coords = np.stack(coords).astype(np.float64)
+    _check_finite(path, coords, all_models)
     res = [a.get_parent() for a in ref_atoms]
     return Structure(
-        coords=np.stack(coords).astype(np.float64),
+        coords=coords,
         element=np.array([_element_of(a) for a in ref_atoms], dtype=object),
         name=np.array([a.get_id().strip() for a in ref_atoms], dtype=object),
         resname=np.array([r.get_resname().strip() for r in res], dtype=object),
@@ -240,6 +242,20 @@ def read_structure(path: str | Path, models: str = "all") -> Structure:
         icode=np.array([r.id[2].strip() for r in res], dtype=object),
         bfactor=np.array([a.get_bfactor() for a in ref_atoms], dtype=np.float64),
     )
+
+
+def _check_finite(path: Path, coords: np.ndarray, models: list) -> None:
+    """UserError naming the model (1-based, in file order) and atom (serial number, chain, residue,
+    name) of the first coordinate in ``coords`` (M, N, 3, Å) that is NaN or inf ("nan" parses as NaN)."""
+    bad = np.argwhere(~np.isfinite(coords).all(-1))
+    if len(bad):
+        m, i = (int(v) for v in bad[0])
+        atom = list(models[m].get_atoms())[i]
+        chain, resnum, icode, name = _atom_key(atom)
+        res = atom.get_parent().get_resname().strip()
+        xyz = ", ".join(f"{v:.3f}" for v in coords[m, i])
+        raise UserError(f"{path}: model {m + 1}, atom {atom.get_serial_number()} ({chain} {res} {resnum}{icode} "
+                        f"{name}): coordinate ({xyz}) is not a finite number")
 
 
 def _atom_key(a) -> tuple:
@@ -254,6 +270,8 @@ def _pdb_atom_name(name: str, element: str) -> str:
 def write_pdb(path: str | Path, structure: Structure) -> None:
     """Write every model as ``MODEL``/``ENDMDL`` blocks of fixed-column ATOM records (atomically)."""
     s = structure
+    if not np.isfinite(s.coords).all():
+        raise ValueError("write_pdb: coordinates contain NaN or inf")
     if np.abs(s.coords).max(initial=0) >= 1e4:
         raise ValueError("write_pdb: coordinates beyond the PDB format's range (|x| >= 10000 Å)")
     lines = []

@@ -256,3 +256,151 @@ def test_image_count_must_match_pickle_rows(tmp_path, capsys):
 def test_write_mrcs_refuses_nan(tmp_path):
     with pytest.raises(ValueError, match="NaN"):
         write_mrcs(tmp_path / "x.mrcs", np.full((2, 4, 4), np.nan), 1.0)
+
+
+# ----------------------------------------------------------------------------- inputs that cannot corrupt a run
+def _cs_with(path, fields: dict, base=DATA / "empiar_10076_7.cs"):
+    """``base`` (a real .cs) with ``fields`` replaced or added, each (N, ...) as given."""
+    src = np.load(base)
+    keep = [k for k in src.dtype.names if k not in fields]
+    out = np.zeros(len(src), dtype=[(k, src.dtype[k]) for k in keep] +
+                   [(k, v.dtype, v.shape[1:]) for k, v in fields.items()])
+    for k in keep:
+        out[k] = src[k]
+    for k, v in fields.items():
+        out[k] = v
+    with open(path, "wb") as f:
+        np.save(f, out)
+    return path
+
+
+def _one_line_user_error(fn, *args, match, **kw) -> str:
+    with pytest.raises(UserError, match=match) as e:
+        fn(*args, **kw)
+    assert "\n" not in str(e.value) and "Traceback" not in str(e.value)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("field, shape, want", [
+    ("alignments3D/pose", (7, 6), r"field alignments3D/pose has shape \(7, 6\), expected \(7, 3\)$"),
+    ("alignments3D/shift", (7, 3), r"field alignments3D/shift has shape \(7, 3\), expected \(7, 2\)$"),
+    ("alignments3D/pose", (7, 2), r"field alignments3D/pose has shape \(7, 2\), expected \(7, 3\)$"),
+    ("ctf/df1_A", (7, 2), r"field ctf/df1_A has shape \(7, 2\), expected \(7,\)$"),
+])
+def test_cryosparc_fields_of_the_wrong_width_are_refused(tmp_path, field, shape, want):
+    fields = {"alignments3D/pose": np.zeros((7, 3), np.float32), "alignments3D/shift": np.zeros((7, 2), np.float32)}
+    fields[field] = np.ones(shape, np.float32)
+    path = _cs_with(tmp_path / "wide.cs", fields)
+    msg = _one_line_user_error(meta_from_cs, path, match=want)
+    assert msg.startswith(f"{path}: field ")
+
+
+def _relion_with(path, optics=None, row3=None):
+    """relion31.v2.star with optics columns set for every group and particle columns set on row 3."""
+    ref = starfile.read(DATA / "relion31.v2.star")
+    o, p = ref["optics"].copy(), ref["particles"].copy()
+    for k, v in (optics or {}).items():
+        o[k] = v
+    for k, v in (row3 or {}).items():
+        p.loc[2, k] = v
+    starfile.write({"optics": o, "particles": p}, path)
+    return path
+
+
+@pytest.mark.parametrize("optics, row3, want", [
+    ({"rlnVoltage": 0.0}, None, r"row 1: rlnVoltage: voltage 0 kV must be positive$"),
+    ({"rlnVoltage": 300000.0}, None, r"row 1: rlnVoltage: voltage 300000 kV is above 1000 kV \(volts\?\)$"),
+    (None, {"rlnDefocusU": -5000.0}, r"row 3: rlnDefocusU: negative defocus -5000 Å"),
+    (None, {"rlnDefocusV": -1.0}, r"row 3: rlnDefocusV: negative defocus -1 Å"),
+    ({"rlnSphericalAberration": -2.7}, None, r"row 1: rlnSphericalAberration: negative spherical aberration -2.7 mm$"),
+    ({"rlnAmplitudeContrast": 1.5}, None, r"row 1: rlnAmplitudeContrast: amplitude contrast 1.5 is outside \[0, 1\]$"),
+    ({"rlnImagePixelSize": 0.0}, None, r"row 1: pixel size must be positive, got 0.0$"),
+])
+def test_unphysical_ctf_in_star_is_refused(tmp_path, capsys, optics, row3, want):
+    path = _relion_with(tmp_path / "bad.star", optics, row3)
+    msg = _one_line_user_error(meta_from_star, path, match=want)
+    assert msg.startswith(f"{path}: row ")
+    code, err = _check(path, capsys=capsys)  # `cryoem check` refuses it too (it accepted voltage 0)
+    assert code == 2 and err == f"error: {msg}"
+
+
+@pytest.mark.parametrize("fields, want", [
+    ({"ctf/accel_kv": [300.0] * 6 + [0.0]}, r"row 7: ctf/accel_kv: voltage 0 kV must be positive$"),
+    ({"ctf/accel_kv": [300000.0] * 7}, r"row 1: ctf/accel_kv: voltage 300000 kV is above 1000 kV \(volts\?\)$"),
+    ({"ctf/df1_A": [1e4, 1e4, -2e4, 1e4, 1e4, 1e4, 1e4]}, r"row 3: ctf/df1_A: negative defocus -20000 Å"),
+    ({"ctf/cs_mm": [-0.1] * 7}, r"row 1: ctf/cs_mm: negative spherical aberration -0.1 mm$"),
+    ({"ctf/amp_contrast": [0.07] * 3 + [-0.07] * 4}, r"row 4: ctf/amp_contrast: amplitude contrast -0.07 is outside"),
+    ({"blob/psize_A": [0.0] * 7}, r"row 1: blob/psize_A must be positive, got 0$"),
+])
+def test_unphysical_ctf_in_cs_is_refused(tmp_path, fields, want):
+    path = _cs_with(tmp_path / "bad.cs", {k: np.asarray(v, np.float32) for k, v in fields.items()})
+    msg = _one_line_user_error(meta_from_cs, path, match=want)
+    assert msg.startswith(f"{path}: row ")
+
+
+@pytest.mark.parametrize("column, row, value, want", [
+    (5, 0, 300000.0, r"row 1: column 6 \(kV\): voltage 300000 kV is above 1000 kV \(volts\?\)$"),
+    (5, 9, 0.0, r"row 10: column 6 \(kV\): voltage 0 kV must be positive$"),
+    (2, 3, -100.0, r"row 4: column 3 \(dfU, Å\): negative defocus -100 Å"),
+    (6, 0, -2.7, r"row 1: column 7 \(Cs, mm\): negative spherical aberration"),
+    (7, 0, 2.0, r"row 1: column 8 \(amplitude contrast\): amplitude contrast 2 is outside \[0, 1\]$"),
+    (1, 0, 0.0, r"row 1: column 2 \(pixel size\) must be positive, got 0$"),
+])
+def test_unphysical_ctf_in_pkl_is_refused(tmp_path, column, row, value, want):
+    ctf = load_pickle(DATA / "test_ctf.pkl")[:50].copy()
+    ctf[row, column] = value
+    if column == 1:
+        ctf[:, 1] = value
+    with open(tmp_path / "ctf.pkl", "wb") as f:
+        pickle.dump(ctf, f)
+    msg = _one_line_user_error(meta_from_stack, DATA / "toy_projections_50.mrcs", ctf=tmp_path / "ctf.pkl", match=want)
+    assert msg.startswith(f"{tmp_path / 'ctf.pkl'}: row ")
+
+
+@pytest.mark.parametrize("row, change, want", [
+    (4, np.diag([2.0, 1.0, 1.0]), r"row 5: not a rotation matrix \(max \|R\^T R - I\| = 3, det R = 2"),
+    (2, np.diag([1.0, 1.0, -1.0]), r"row 3: not a rotation matrix \(max \|R\^T R - I\| = [0-9.e-]+, det R = -1"),
+    (0, np.full((3, 3), 0.0), r"row 1: not a rotation matrix"),
+])
+def test_pose_pkl_rotations_that_are_not_rotations_are_refused(tmp_path, row, change, want):
+    R, trans = pickle.load(open(DATA / "toy_rot_trans_50.pkl", "rb"))  # trusted: made for this test suite
+    R = np.array(R, dtype=np.float64)
+    R[row] = R[row] @ change
+    with open(tmp_path / "poses.pkl", "wb") as f:
+        pickle.dump((R, trans), f)
+    msg = _one_line_user_error(meta_from_stack, DATA / "toy_projections_50.mrcs", pixel_size=1.0,
+                               poses=tmp_path / "poses.pkl", match=want)
+    assert msg.startswith(f"{tmp_path / 'poses.pkl'}: row ")
+
+
+def test_pixel_size_that_contradicts_the_metadata_warns(tmp_path, capsys):
+    star_apix = float(starfile.read(DATA / "relion31.v2.star")["optics"]["rlnImagePixelSize"][0])
+    cs_apix = float(np.load(DATA / "empiar_10076_7.cs")["blob/psize_A"][0])
+    capsys.readouterr()
+    assert meta_from_star(DATA / "relion31.v2.star", pixel_size=1.5).pixel_size == 1.5  # the user's wins for STAR
+    err = capsys.readouterr().err
+    assert err == (f"warning: {DATA / 'relion31.v2.star'}: pixel size 1.5 Å/px given, but the STAR file says "
+                   f"{star_apix:g} Å/px; using 1.5 Å/px\n")
+    assert meta_from_cs(DATA / "empiar_10076_7.cs", pixel_size=2.0).pixel_size == pytest.approx(cs_apix)  # file wins
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {DATA / 'empiar_10076_7.cs'}: pixel size 2 Å/px given, but blob/psize_A says "
+                          f"{cs_apix:g} Å/px; using {cs_apix:g} Å/px") and err.count("\n") == 1
+    ctf = load_pickle(DATA / "test_ctf.pkl")[:50]
+    with open(tmp_path / "ctf50.pkl", "wb") as f:
+        pickle.dump(ctf, f)
+    assert meta_from_stack(DATA / "toy_projections_50.mrcs", pixel_size=3.0, ctf=tmp_path / "ctf50.pkl").pixel_size == 3
+    assert f"pixel size 3 Å/px given, but the CTF pickle's column 2 says {float(ctf[0, 1]):g} Å/px; using 3 Å/px" in (
+        capsys.readouterr().err)
+    meta_from_star(DATA / "relion31.v2.star", pixel_size=star_apix)  # agreeing values: no warning
+    assert capsys.readouterr().err == ""
+    _one_line_user_error(meta_from_star, DATA / "relion31.v2.star", pixel_size=-1.0,
+                         match=r"relion31.v2.star: pixel size must be positive, got -1.0$")
+
+
+def test_datadir_applies_to_star_input(tmp_path):
+    for d in ("data", "meta"):
+        (tmp_path / d).mkdir()
+    _stack(tmp_path / "data/s.mrcs")
+    star = _star(tmp_path / "meta/a.star", ["1@s.mrcs", "3@s.mrcs"])
+    ps = load_particles(star, datadir=tmp_path / "data")
+    assert ps.meta.files == [tmp_path / "data/s.mrcs"] and list(ps.meta.image_idx) == [0, 2]

@@ -72,6 +72,40 @@ def test_reader_errors_are_user_errors(tmp_path):
         read_structure(tmp_path / "empty.pdb")
 
 
+@pytest.mark.parametrize("value", ["     nan", "     inf", "    -inf"])
+def test_non_finite_pdb_coordinate_is_a_user_error(tmp_path, value):
+    lines = (DATA / "1ubi.pdb").read_text().splitlines()
+    k = [i for i, line in enumerate(lines) if line.startswith("ATOM")][6]
+    line = lines[k]
+    lines[k] = line[:38] + value + line[46:]  # the y field, columns 39-46
+    (tmp_path / "bad.pdb").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError) as e:
+        read_structure(tmp_path / "bad.pdb")
+    serial, name, resname, chain, resnum = int(line[6:11]), line[12:16].strip(), line[17:20], line[21], int(line[22:26])
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'bad.pdb'}: model 1, atom {serial} ({chain} {resname} {resnum} {name}): "
+                          f"coordinate ({line[30:38].strip()}, {value.strip()}, {line[46:54].strip()})")
+    assert "\n" not in msg
+    assert msg.endswith("is not a finite number") and value.strip() in msg
+
+
+def test_non_finite_cif_coordinate_is_a_user_error(tmp_path):
+    ens = read_structure(DATA / "2k39_ca_10models.pdb")
+    write_cif(tmp_path / "e.cif", ens)
+    lines = (tmp_path / "e.cif").read_text().splitlines()
+    atoms = [i for i, line in enumerate(lines) if line.startswith("ATOM ")]
+    k = atoms[ens.n_atoms + 4]  # model 2, atom 5
+    fields = lines[k].split()
+    fields[11] = "nan"  # Cartn_y
+    lines[k] = " ".join(fields)
+    (tmp_path / "e.cif").write_text("\n".join(lines) + "\n")
+    with pytest.raises(UserError) as e:
+        read_structure(tmp_path / "e.cif")
+    msg = str(e.value)
+    assert msg.startswith(f"{tmp_path / 'e.cif'}: model 2, atom {fields[1]} ({ens.chain[4]} {ens.resname[4]} "
+                          f"{ens.resnum[4]} CA): coordinate ({fields[10]}, nan, {fields[12]})") and "\n" not in msg
+
+
 def test_peng_scattering_single_and_five_gaussian(ubi):
     s = ubi.select("heavy")
     idx, amp, sig = scattering_gaussians(s)
