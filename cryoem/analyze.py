@@ -134,6 +134,8 @@ def decode(model, z: np.ndarray, offset, batch_size: int = 256) -> np.ndarray:
     z = np.asarray(z, dtype=np.float32)
     if z.ndim != 2 or z.shape[1] != model.cfg.zdim:
         raise UserError(f"--z: expected an (M, {model.cfg.zdim}) array of latents, got shape {z.shape}")
+    if not np.isfinite(z).all():  # a NaN latent decodes to NaN coordinates: a model full of "nan"
+        raise UserError(f"--z: {int((~np.isfinite(z).all(1)).sum())} latents hold NaN or infinite values")
     with torch.no_grad():
         xs = [model.decode(torch.as_tensor(z[i:i + batch_size], device=model.log_scale.device)).cpu().numpy()
               for i in range(0, len(z), batch_size)]
@@ -171,7 +173,10 @@ def per_residue(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
 
 
 def load_color(spec: str | None, n: int) -> tuple[np.ndarray | None, str | None]:
-    """``file.npz:key`` -> a (N,) colour array checked against the particle count."""
+    """``file.npz:key`` -> a (N,) colour array of finite numbers, one per particle; else one UserError line."""
+    import zipfile
+    import zlib
+
     if spec is None:
         return None, None
     path, _, key = spec.rpartition(":")
@@ -179,27 +184,48 @@ def load_color(spec: str | None, n: int) -> tuple[np.ndarray | None, str | None]
         raise UserError(f"--color {spec}: expected FILE.npz:KEY")
     if not Path(path).is_file():
         raise UserError(f"--color {path}: file not found")
-    with np.load(path, allow_pickle=False) as f:
+    try:
+        f = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise UserError(f"--color {path}: not a numpy .npz file ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(f, np.lib.npyio.NpzFile):
+        raise UserError(f"--color {path}: a single array; expected an .npz archive of named arrays (FILE.npz:KEY)")
+    with f:
         if key not in f:
-            raise UserError(f"--color {path}: no array {key!r} (has {', '.join(f.files)})")
-        c = np.asarray(f[key])
+            raise UserError(f"--color {path}: no array {key!r} (has {', '.join(f.files) or 'none'})")
+        try:
+            c = np.asarray(f[key])
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise UserError(f"--color {path}:{key}: unreadable ({' '.join(str(e).split())[:120]})") from None
+    if c.dtype.kind not in "biuf":
+        raise UserError(f"--color {path}:{key}: holds {c.dtype} values; expected numbers")
     if c.shape != (n,):
         raise UserError(f"--color {path}:{key}: expected one value per particle ({n},), got {c.shape}")
+    bad = np.flatnonzero(~np.isfinite(c))
+    if len(bad):
+        raise UserError(f"--color {path}:{key}: {len(bad)} values are NaN or infinite (first: particle {bad[0]})")
     return c.astype(float), key
 
 
 def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device: str = "cpu",
-                 snapshots: bool = True) -> Path:
-    """Write ``RUN/analysis/`` (latents, PCA/t-SNE, k-means models and maps, traversals, RMSF, index.html)."""
+                 snapshots: bool = True, particles: str | None = None, datadir: str | None = None) -> Path:
+    """Write ``RUN/analysis/`` (latents, PCA/t-SNE, k-means models and maps, traversals, RMSF, index.html).
+
+    ``particles`` / ``datadir`` say where the run's data are now, when they have moved (see ``load_run``).
+    Every input (``k``, ``color``, the run) is checked before anything is written.
+    """
     from sklearn.manifold import TSNE
 
-    from cryoem.structure import rmsf, write_pdb
+    from cryoem.structure import rmsf
     from cryoem.train import load_run
     from cryoem.vae import latent_diagnostics
 
+    if k < 1:
+        raise UserError(f"--k {k}: expected at least 1 k-means cluster")
     run = Path(run)
     primary = run / "half1" if (run / "half1" / "model.json").is_file() else run
-    model, rec, ds, s = load_run(primary, device)
+    model, rec, ds, s = load_run(primary, device, particles=particles, datadir=datadir)
+    cvals, clabel = load_color(color, len(ds))
     out = run / "analysis"
     out.mkdir(parents=True, exist_ok=True)
     offset = np.asarray(rec["offset"])
@@ -217,7 +243,6 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
     z = encode_all(model, ds)
     np.save(out / "latents.npy", z)
     items.append(("latents.npy", f"posterior means, {z.shape[0]} particles x zdim {z.shape[1]}, input order"))
-    cvals, clabel = load_color(color, len(z))
     scores, p = pca(z, 2)
     if scores.shape[1] < 2:
         scores = np.concatenate([scores, np.zeros_like(scores)], 1)
@@ -232,18 +257,7 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
     scatter_png(out / "tsne.png", emb, "t-SNE of the latents", None if cvals is None else cvals[sub], clabel)
     items.append(("tsne.png", f"t-SNE of {len(sub)} particles' latents"))
 
-    km_models = decode(model, centres, offset)
-    write_pdb(out / "kmeans.pdb", s.with_coords(km_models))
-    write_maps(model, km_models, offset, out, "kmeans")
-    counts = np.bincount(labels, minlength=len(centres))
-    items.append(("kmeans.pdb", f"{len(centres)} models decoded at the k-means centres (particles per "
-                                f"cluster: {counts.tolist()}); maps kmeans_XX.mrc"))
-    for pc in range(min(2, z.shape[1])):
-        trav = decode(model, traversal(p if p.n_components_ > pc else pca(z, 2)[1], z, pc), offset)
-        write_pdb(out / f"pc{pc + 1}.pdb", s.with_coords(trav))
-        write_maps(model, trav, offset, out, f"pc{pc + 1}")
-        items.append((f"pc{pc + 1}.pdb", f"10 models along latent PC{pc + 1} (5th to 95th percentile); "
-                                         f"maps pc{pc + 1}_XX.mrc"))
+    items += decoded_models(model, s, z, p, centres, labels, offset, out)
 
     groups, res_labels = residue_groups(s)
     sample = np.random.default_rng(1).choice(len(z), min(len(z), 2000), replace=False)
@@ -257,7 +271,7 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
                "pca_explained_variance": p.explained_variance_ratio_.tolist(), "latent_diagnostics": diag}
 
     if primary != run:
-        dis = halfset_disagreement(run, ds, groups)
+        dis = halfset_disagreement(run, ds, groups, particles=particles, datadir=datadir)
         rmsf_png(out / "halfset_disagreement.png", dis, res_labels,
                  "per-residue disagreement between half-set models (Å)")
         np.save(out / "halfset_disagreement.npy", dis)
@@ -273,6 +287,28 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
                 items.append((png, caption))
     write_index(out, items, f"Plato atom VAE analysis: {run}", summary, warning=diag["warning"])
     return out / "index.html"
+
+
+def decoded_models(model, s, z: np.ndarray, p: PCA, centres: np.ndarray, labels: np.ndarray, offset,
+                   out: Path) -> list[tuple[str, str]]:
+    """Models (.pdb) and maps (.mrc) at the k-means ``centres`` (k, zdim) and along latent PC1 and PC2 of
+    the latents ``z`` (N, zdim); returns the (file, caption) items of index.html."""
+    from cryoem.structure import write_pdb
+
+    items = []
+    km_models = decode(model, centres, offset)
+    write_pdb(out / "kmeans.pdb", s.with_coords(km_models))
+    write_maps(model, km_models, offset, out, "kmeans")
+    counts = np.bincount(labels, minlength=len(centres))
+    items.append(("kmeans.pdb", f"{len(centres)} models decoded at the k-means centres (particles per "
+                                f"cluster: {counts.tolist()}); maps kmeans_XX.mrc"))
+    for pc in range(min(2, z.shape[1])):
+        trav = decode(model, traversal(p if p.n_components_ > pc else pca(z, 2)[1], z, pc), offset)
+        write_pdb(out / f"pc{pc + 1}.pdb", s.with_coords(trav))
+        write_maps(model, trav, offset, out, f"pc{pc + 1}")
+        items.append((f"pc{pc + 1}.pdb", f"10 models along latent PC{pc + 1} (5th to 95th percentile); "
+                                         f"maps pc{pc + 1}_XX.mrc"))
+    return items
 
 
 def _view(pdb: Path, out: Path, color: str, timeout: float = 120) -> bool:
@@ -292,14 +328,15 @@ def _view(pdb: Path, out: Path, color: str, timeout: float = 120) -> bool:
     return True
 
 
-def halfset_disagreement(run: Path, ds, groups: np.ndarray, n: int = 1000) -> np.ndarray:
+def halfset_disagreement(run: Path, ds, groups: np.ndarray, n: int = 1000, particles: str | None = None,
+                         datadir: str | None = None) -> np.ndarray:
     """Per-residue RMS distance (Å) between the two half-set models' decodings of the same particles."""
     from cryoem.train import load_run
 
     idx = np.random.default_rng(2).choice(len(ds), min(len(ds), n), replace=False)
     decs = []
     for h in ("half1", "half2"):
-        model, rec, _, _ = load_run(run / h)
+        model, rec, _, _ = load_run(run / h, particles=particles, datadir=datadir)
         decs.append(decode(model, encode_all(model, _Take(ds, idx), progress=False), rec["offset"]))
     d2 = ((decs[0] - decs[1]) ** 2).sum(-1).mean(0)
     return np.sqrt(per_residue(d2, groups))

@@ -23,10 +23,13 @@ def fsc(a: np.ndarray | Tensor, b: np.ndarray | Tensor, apix: float = 1.0) -> tu
 
     Returns:
         freq (D//2 + 1,) in 1/Å, and the FSC per shell.
+    Raises ValueError for maps of different shapes or with NaN / infinite voxels.
     """
     a, b = (torch.as_tensor(np.asarray(x), dtype=torch.float64) for x in (a, b))
     if a.shape != b.shape or a.dim() != 3 or len(set(a.shape)) != 1:
         raise ValueError(f"fsc: expected two cubic maps of the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise ValueError("fsc: the maps hold NaN or infinite voxels")
     D = a.shape[0]
     Fa, Fb = torch.fft.fftn(a), torch.fft.fftn(b)
     k = torch.fft.fftfreq(D, dtype=torch.float64) * D

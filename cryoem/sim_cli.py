@@ -7,7 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from scene3d.runinfo import UserError, atomic_path, write_config
+from scene3d.runinfo import UserError, atomic_path, check_out_dir, remove_outputs, write_config
+
+SIM_OUTPUTS = ("config.json", "particles.mrcs", "particles.star", "ground_truth.npz", "gt_models.pdb", "preview.png")
 
 GT_HELP = """ground_truth.npz holds, per particle in stack order: model_index (ensemble), morph_t (morph,
 in [0, 1]) or hinge_t (N, hinges) in [0, 1]; model_labels, the label of each model of gt_models.pdb;
@@ -48,7 +50,8 @@ def add_subcommands(sub) -> None:
     s.add_argument("--batch", type=int, default=256, help="particles per batch (default: 256)")
     s.add_argument("--preview", action="store_true", help="also write preview.png: clean, SNR 1 and SNR 0.1")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
-    s.add_argument("--out", type=Path, required=True, help="output folder")
+    s.add_argument("--out", type=Path, required=True, help="output folder (new or empty, unless --overwrite)")
+    s.add_argument("--overwrite", action="store_true", help="replace the simulation in a non-empty --out")
     s.set_defaults(func=cmd_simulate)
 
     f = sub.add_parser("fsc", help="FSC, resolution at 0.5/0.143, AU-FSC and correlation of two maps")
@@ -102,13 +105,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     if not args.snr > 0:
         raise UserError(f"--snr: expected a positive number, got {args.snr}")
+    out = check_out_dir(args.out, overwrite=args.overwrite)
     conf = _conformations(args)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(out, vars(args))
     res = simulate(conf, args.n, args.box, args.apix, args.snr, tuple(args.defocus), args.shift_std, args.seed,
                    args.batch, progress=not args.quiet, shift_dist=args.shift_dist,
                    bfactor_range=tuple(args.particle_bfactor))
+    if args.overwrite:  # every check has passed: replace the previous set's files, and nothing else
+        remove_outputs(out, SIM_OUTPUTS)
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(out, vars(args))
     write_particles(out, res.images, args.apix, res.R, res.shift_A, res.ctf)
     with atomic_path(out / "ground_truth.npz") as tmp:
         np.savez(tmp, **ground_truth_arrays(res, conf, args.apix, args.snr))
@@ -165,6 +170,12 @@ def cmd_fsc(args: argparse.Namespace) -> int:
 
     a, apix_a, _ = read_mrc(args.map_a)
     b, _, _ = read_mrc(args.map_b)
+    for path, m in ((args.map_a, a), (args.map_b, b)):
+        bad = ~np.isfinite(m)
+        if bad.any():  # one NaN voxel makes every Fourier coefficient NaN, and the FSC meaningless
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise UserError(f"{path}: {int(bad.sum())} voxels are NaN or infinite (first at z, y, x = {first}); "
+                            "an FSC needs finite maps")
     if a.shape != b.shape or a.ndim != 3 or len(set(a.shape)) != 1:
         raise UserError(f"{args.map_b}: shape {b.shape} differs from {args.map_a} {a.shape} (need equal cubic maps)")
     apix = args.apix or apix_a

@@ -2,8 +2,15 @@
 
 A run folder holds ``config.json`` (every setting), ``checkpoint.pt`` (scene3d trainer),
 ``train_log.csv`` (every loss term), ``tb/`` (TensorBoard), and ``model.json`` (what
-is needed to rebuild the model: paths, atom selection, centring offset). With half-sets
+is needed to rebuild the model: absolute data paths, atom selection, centring offset). With half-sets
 it holds ``half1/`` and ``half2/``, each a full run on its half of the particles.
+
+The output folder follows ``scene3d.runinfo.check_out_dir``: ``--out`` must be new or empty, unless
+``--resume`` continues the run in it (with the same model settings, checked against its ``model.json``)
+or ``--overwrite`` replaces it. Nothing is written before every check has passed.
+
+A run loads from any working directory: new runs record absolute paths; for runs that recorded relative
+paths, ``load_run`` tries the working directory, then each ancestor of the run folder, nearest first.
 """
 
 from __future__ import annotations
@@ -20,8 +27,15 @@ import torch
 from cryoem.particles import ParticleSet, load_particles
 from cryoem.structure import Structure, bonded_pairs, read_structure, scattering_gaussians
 from cryoem.vae import AtomVAE, AtomVAEConfig, estimate_noise_sigma, latent_diagnostics
-from scene3d.runinfo import UserError, atomic_write
-from scene3d.trainer import TrainConfig, Trainer, load_checkpoint
+from scene3d.runinfo import UserError, atomic_write, check_out_dir, remove_outputs, settings_diff
+from scene3d.trainer import CHECKPOINT, RUN_FILES, TrainConfig, Trainer, load_checkpoint
+
+PATH_FIELDS = ("particles", "structure", "poses", "ctf", "datadir")  # DataSpec fields that name files
+# what a run writes into --out (with the trainer's files); --overwrite deletes these first
+RUN_OUTPUTS = ("model.json", "train_log.csv", "half1", "half2", "analysis", *RUN_FILES)
+# settings of runs written before they existed: the behaviour those runs had
+OLD_MODEL_DEFAULTS = {"enc_reference": False, "posterior": "amortized", "dec_scale": 1.0, "whiten_every": 0,
+                      "warm_start": False}
 
 
 @dataclass
@@ -38,6 +52,12 @@ class DataSpec:
     center: str = "centroid"  # centroid | map | none: how the model sits relative to the box centre
     chains: str | None = None  # comma-separated chain ids to model (default: all)
     lazy: bool = False
+
+
+def absolute_spec(spec: DataSpec) -> DataSpec:
+    """``spec`` with every path made absolute (from the working directory), so that a run loads from anywhere."""
+    return DataSpec(**{**asdict(spec), **{k: os.path.abspath(getattr(spec, k)) for k in PATH_FIELDS
+                                          if getattr(spec, k) is not None}})
 
 
 def load_data(spec: DataSpec, check_pixels: bool = True, need_poses: bool = True) -> ParticleSet:
@@ -118,16 +138,51 @@ def _split_halves(ds: ParticleSet, seed: int) -> list[np.ndarray]:
 
 
 def train(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, halves: bool = False) -> dict:
-    """Train one model (or two on independent halves); returns the trainer summaries."""
+    """Train one model (or two on independent halves); returns the trainer summaries.
+
+    Every check (output folder, data, starting model, ``--resume`` settings) runs before anything is written;
+    ``tcfg.overwrite`` then deletes the previous run's files (:data:`RUN_OUTPUTS` and the trainer's).
+    """
+    spec = absolute_spec(spec)
+    out = check_out_dir(tcfg.out, tcfg.resume, tcfg.overwrite, run_file="half1/model.json" if halves else "model.json")
     ds = load_data(spec, need_poses=not cfg.infer_poses)
-    out = Path(tcfg.out)
-    if not halves:
-        return {"full": _train_one(spec, cfg, tcfg, ds, None)}
+    parts = {"full": (out, None)} if not halves else {
+        f"half{h}": (out / f"half{h}", idx) for h, idx in enumerate(_split_halves(ds, tcfg.seed), start=1)}
+    for folder, idx in parts.values():
+        if idx is not None and len(idx) < tcfg.batch_size:  # half 2's trainer would say so after half 1 ran
+            raise UserError(f"--batch-size {tcfg.batch_size}: {folder.name} has only {len(idx)} particles")
+        if tcfg.resume and (folder / "model.json").is_file():
+            check_same_run(folder, spec, cfg, ds)
     summary = {}
-    for h, idx in enumerate(_split_halves(ds, tcfg.seed), start=1):
-        sub_cfg = TrainConfig(**{**asdict(tcfg), "out": str(out / f"half{h}")})
-        summary[f"half{h}"] = _train_one(spec, cfg, sub_cfg, ds, idx)
+    for i, (name, (folder, idx)) in enumerate(parts.items()):
+        # a half-set run stopped during half 1 has no half2 yet: that half starts afresh
+        resume = tcfg.resume and (idx is None or folder.exists())
+        sub = TrainConfig(**{**asdict(tcfg), "out": str(folder), "resume": resume})
+        clear = (lambda: remove_outputs(out, RUN_OUTPUTS)) if tcfg.overwrite and i == 0 else None
+        summary[name] = _train_one(spec, cfg, sub, ds, idx, before_fit=clear)
     return summary
+
+
+def check_same_run(run: Path, spec: DataSpec, cfg: AtomVAEConfig, ds: ParticleSet) -> None:
+    """``--resume``: the run in ``run`` must have these model settings and this data; else one line naming
+    each difference (``setting: run has A, given B``)."""
+    rec = read_record(run)
+    diff = settings_diff(_saved_model(rec), asdict(cfg))
+    old = rec["data"]
+    for key in ("atoms", "center", "chains"):
+        if key in old and old[key] != getattr(spec, key):
+            diff.append(f"{key}: run has {old[key]!r}, given {getattr(spec, key)!r}")
+    recorded = _find_recorded(old["structure"], run, "structure", must_exist=False)
+    if Path(spec.structure).is_file() and not (Path(recorded).is_file() and os.path.samefile(recorded, spec.structure)):
+        diff.append(f"structure: run has {old['structure']!r}, given {spec.structure!r}")
+    for key, now in (("box", ds.box), ("n_particles", len(ds))):
+        if key in rec and rec[key] != now:
+            diff.append(f"{key}: run has {rec[key]!r}, the particles give {now!r}")
+    if "pixel_size" in rec and abs(rec["pixel_size"] - ds.pixel_size) > 1e-4 * rec["pixel_size"]:
+        diff.append(f"pixel_size: run has {rec['pixel_size']!r}, the particles give {ds.pixel_size!r}")
+    if diff:
+        raise UserError(f"--resume: {run} is a run with other settings: {'; '.join(diff)} (resume with the "
+                        "run's settings, or start a new --out)")
 
 
 class _Subset(torch.utils.data.Dataset):
@@ -141,7 +196,9 @@ class _Subset(torch.utils.data.Dataset):
         return self.ds[int(self.idx[i])]
 
 
-def _train_one(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, ds: ParticleSet, idx) -> dict:
+def _train_one(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, ds: ParticleSet, idx,
+               before_fit=None) -> dict:
+    """One run in ``tcfg.out``; ``before_fit`` (rank 0) runs after the trainer's checks, before any write."""
     model, s, offset = build_model(spec, cfg, ds)
     data = ds if idx is None else _Subset(ds, idx)
     out = Path(tcfg.out)
@@ -154,10 +211,10 @@ def _train_one(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, ds: Partic
     record = {"data": asdict(spec), "model": asdict(cfg), "offset": offset.tolist(),
               "box": ds.box, "pixel_size": ds.pixel_size, "n_particles": len(ds),
               "noise_sigma": float(model.noise_sigma), "subset": None if idx is None else idx.tolist()}
-    if rank0:
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write(out / "model.json", json.dumps(record))
-    trainer = Trainer(model, data, tcfg, settings={"data": asdict(spec), "model": asdict(cfg)})
+    trainer = Trainer(model, data, tcfg, settings={"data": asdict(spec), "model": asdict(cfg)},
+                      files={"model.json": json.dumps(record)})  # written by fit, after the first batch's check
+    if rank0 and before_fit is not None:
+        before_fit()
     summary = trainer.fit()
     if rank0 and (out / "log.csv").is_file():
         atomic_write(out / "train_log.csv", (out / "log.csv").read_text())
@@ -169,21 +226,97 @@ def _train_one(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, ds: Partic
     return summary
 
 
-def load_run(run: str | os.PathLike, device: str = "cpu") -> tuple[AtomVAE, dict, ParticleSet, Structure]:
-    """Rebuild a trained model, its record, its particles and the selected starting model from a run folder."""
-    run = Path(run)
-    if not (run / "model.json").is_file():
+def read_record(run: str | os.PathLike) -> dict:
+    """``RUN/model.json``, checked: a dict with ``data`` (particles, structure), ``model``, ``offset`` (3 numbers)
+    and ``noise_sigma`` (> 0). A damaged file is one ``UserError`` line naming it."""
+    path = Path(run) / "model.json"
+    if not path.is_file():
         raise UserError(f"{run}: not an atom-VAE run folder (no model.json)")
-    rec = json.loads((run / "model.json").read_text())
-    spec = DataSpec(**rec["data"])
-    # runs written before the reference channel, and before the Laplace posterior, existed
-    saved = {"enc_reference": False, "posterior": "amortized", "dec_scale": 1.0, "whiten_every": 0,
-             "warm_start": False, **rec["model"]}
-    cfg = AtomVAEConfig(**{f.name: saved[f.name] for f in fields(AtomVAEConfig) if f.name in saved})
+    try:
+        rec = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); the run record is damaged (truncated?)") from None
+    problem = None
+    if not isinstance(rec, dict) or not isinstance(rec.get("data"), dict) or not isinstance(rec.get("model"), dict):
+        problem = "expected an object with 'data' and 'model' objects"
+    elif not all(isinstance(rec["data"].get(k), str) for k in ("particles", "structure")):
+        problem = "'data' lacks the 'particles' and 'structure' paths"
+    elif not (isinstance(rec.get("offset"), list) and len(rec["offset"]) == 3
+              and all(isinstance(v, (int, float)) and np.isfinite(v) for v in rec["offset"])):
+        problem = f"'offset': expected 3 finite numbers, got {rec.get('offset')!r}"
+    elif not (isinstance(rec.get("noise_sigma"), (int, float)) and rec["noise_sigma"] > 0):
+        problem = f"'noise_sigma': expected a positive number, got {rec.get('noise_sigma')!r}"
+    if problem:
+        raise UserError(f"{path}: not an atom-VAE run record: {problem}")
+    return rec
+
+
+def _saved_model(rec: dict) -> dict:
+    """The run's model settings, with the behaviour of older runs for settings they predate."""
+    return {**OLD_MODEL_DEFAULTS, **rec["model"]}
+
+
+def _find_recorded(path: str, run: Path, what: str, must_exist: bool = True, folder: bool = False) -> str:
+    """A path recorded in ``run/model.json``: absolute as it is; a relative one (older runs) from the working
+    directory, else from each ancestor of the run folder, nearest first."""
+    p = Path(path)
+    if p.is_absolute():
+        return path
+    exists = Path.is_dir if folder else Path.is_file
+    tried = [Path.cwd(), *Path(os.path.abspath(run)).parents]
+    for base in tried:
+        if exists(base / p):
+            return str(base / p)
+    if not must_exist:
+        return path
+    hint = f"; pass --{what} to say where it is now" if what in ("particles", "datadir") else ""
+    raise UserError(f"{Path(run) / 'model.json'}: {what} {path} not found from the working directory or any "
+                    f"folder above the run{hint}")
+
+
+def run_spec(run: str | os.PathLike, rec: dict, particles: str | None = None, datadir: str | None = None) -> DataSpec:
+    """The run's ``DataSpec`` with its paths found (see :func:`_find_recorded`), ``particles`` / ``datadir``
+    replacing the recorded ones when the data have moved."""
+    known = {f.name for f in fields(DataSpec)}
+    data = {k: v for k, v in rec["data"].items() if k in known}
+    if particles is not None:
+        data["particles"] = os.path.abspath(particles)
+    if datadir is not None:
+        data["datadir"] = os.path.abspath(datadir)
+    for k in PATH_FIELDS:
+        overridden = (k == "particles" and particles is not None) or (k == "datadir" and datadir is not None)
+        if data.get(k) is not None and not overridden:
+            data[k] = _find_recorded(data[k], Path(run), k, folder=k == "datadir")
+    return DataSpec(**data)
+
+
+def load_run(run: str | os.PathLike, device: str = "cpu", particles: str | None = None,
+             datadir: str | None = None) -> tuple[AtomVAE, dict, ParticleSet, Structure]:
+    """Rebuild a trained model, its record, its particles and the selected starting model from a run folder.
+
+    ``particles`` / ``datadir`` replace the recorded particle file / stack folder when the data have moved;
+    the particles must still be the run's (same count and box).
+    """
+    run = Path(run)
+    rec = read_record(run)
+    spec = run_spec(run, rec, particles, datadir)
+    try:
+        saved = _saved_model(rec)
+        cfg = AtomVAEConfig(**{f.name: saved[f.name] for f in fields(AtomVAEConfig) if f.name in saved})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{run / 'model.json'}: bad model settings ({e})") from None
     ds = load_data(spec, check_pixels=False, need_poses=not cfg.infer_poses)
+    for key, now in (("n_particles", len(ds)), ("box", ds.box)):
+        if key in rec and rec[key] != now:
+            raise UserError(f"{spec.particles}: {key} {now}, but the run {run} was trained on {rec[key]}; "
+                            "give the run's particles")
     model, s, _ = build_model(spec, cfg, ds, noise_sigma=rec["noise_sigma"])
     state = load_checkpoint(run, map_location=device)["model"]
     for k in ("z_last", "z_seen", "prior_var"):  # runs written before the warm starts (none remembered) or the
         state.setdefault(k, getattr(model, k))    # structural latent axes (prior N(0, I))
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"{run / CHECKPOINT}: does not fit the model of {run / 'model.json'} "
+                        f"({str(e).strip().splitlines()[0][:200]})") from None
     return model.to(device).eval(), rec, ds, s

@@ -10,6 +10,11 @@ import numpy as np
 
 def add_subcommands(sub) -> None:
     """Register the atom-VAE subcommands on an argparse sub-parser collection."""
+    _add_train(sub)
+    _add_analysis(sub)
+
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train the atom VAE on particles + a starting model",
                        description="Learn a latent per particle and a decoder from latent to atom coordinates.")
     p.add_argument("--particles", required=True,
@@ -72,14 +77,21 @@ def add_subcommands(sub) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the free cores, from the load)")
-    p.add_argument("--resume", action="store_true")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out (same model settings)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty --out (its files only; without this, a non-empty --out "
+                        "is refused)")
     p.set_defaults(func=cmd_train)
 
+
+def _add_analysis(sub) -> None:
     p = sub.add_parser("analyze", help="latents, PCA/t-SNE, k-means models and maps, traversals, RMSF, index.html")
     p.add_argument("run")
     p.add_argument("--k", type=int, default=10, help="k-means clusters")
     p.add_argument("--color", help="colour the scatter plots by FILE.npz:KEY (one value per particle)")
     p.add_argument("--no-snapshots", action="store_true", help="skip the open3d pictures")
+    p.add_argument("--particles", help="the run's particles, when they have moved since training")
+    p.add_argument("--datadir", help="folder of the stacks, when they have moved since training")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("decode", help="decode latents to atomic models")
@@ -123,7 +135,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                         w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
                         infer_poses=a.infer_poses, pose_heads=a.pose_heads, pose_warmup=a.pose_warmup)
     tcfg = TrainConfig(out=a.out, epochs=a.epochs, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size,
-                       lr=a.lr, seed=a.seed, resume=a.resume, device=a.device, ckpt_every=200,
+                       lr=a.lr, seed=a.seed, resume=a.resume, overwrite=a.overwrite, device=a.device, ckpt_every=200,
                        find_unused_parameters=a.infer_poses)  # the pose warm-up leaves the model unused
     for name, s in train(spec, cfg, tcfg, halves=a.half_sets).items():
         print(f"{name}: {s['step']} steps, {s['epoch']} epochs, {s['elapsed_s'] / 60:.1f} min, "
@@ -135,7 +147,8 @@ def cmd_train(a: argparse.Namespace) -> int:
 def cmd_analyze(a: argparse.Namespace) -> int:
     from cryoem.analyze import run_analysis
 
-    index = run_analysis(a.run, k=a.k, color=a.color, snapshots=not a.no_snapshots)
+    index = run_analysis(a.run, k=a.k, color=a.color, snapshots=not a.no_snapshots, particles=a.particles,
+                         datadir=a.datadir)
     print(f"open {index}")
     return 0
 
@@ -146,16 +159,40 @@ def cmd_decode(a: argparse.Namespace) -> int:
     from cryoem.train import load_run
     from scene3d.runinfo import UserError
 
-    if not Path(a.z).is_file():
-        raise UserError(f"--z {a.z}: file not found")
-    z = np.load(a.z, allow_pickle=False)
-    z = z[None] if z.ndim == 1 else z
+    z = read_latents(a.z)
     model, rec, _, s = load_run(a.run)
+    if z.shape[1] != model.cfg.zdim:
+        raise UserError(f"--z {a.z}: latents of {z.shape[1]} dimensions, the run's zdim is {model.cfg.zdim}")
     models = decode(model, z, rec["offset"])
     writer = write_cif if a.out.lower().endswith((".cif", ".mmcif")) else write_pdb
     writer(a.out, s.with_coords(models))
     print(f"wrote {len(models)} models to {a.out}")
     return 0
+
+
+def read_latents(path: str) -> np.ndarray:
+    """``--z`` file: an .npy of (M, zdim) or (zdim,) finite numbers -> (M, zdim) float32; else one UserError line."""
+    from scene3d.runinfo import UserError
+
+    if not Path(path).is_file():
+        raise UserError(f"--z {path}: file not found")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"--z {path}: not a numpy .npy array ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(z, np.ndarray):
+        z.close()
+        raise UserError(f"--z {path}: an .npz archive; expected one .npy array of shape (M, zdim)")
+    if z.dtype.kind not in "biuf":
+        raise UserError(f"--z {path}: holds {z.dtype} values; expected numbers")
+    z = z[None] if z.ndim == 1 else z
+    if z.ndim != 2 or z.shape[0] == 0:
+        raise UserError(f"--z {path}: expected an array of shape (M, zdim) with M >= 1, got {z.shape}")
+    bad = np.flatnonzero(~np.isfinite(z).all(1))
+    if len(bad):
+        raise UserError(f"--z {path}: {len(bad)} of {len(z)} latents hold NaN or infinite values "
+                        f"(first: row {bad[0]})")
+    return z.astype(np.float32)
 
 
 def cmd_view(a: argparse.Namespace) -> int:

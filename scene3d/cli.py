@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import fields
 
 from scene3d.runinfo import UserError, cli_main, cmd_info, version_string
@@ -25,7 +26,8 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(out=args.out, epochs=args.epochs, steps=args.train_steps, minutes=args.minutes,
                        batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, lr_final=args.lr_final,
                        lr_anneal_steps=args.lr_anneal_steps, grad_clip=args.grad_clip or None, seed=args.seed,
-                       ckpt_every=args.ckpt_every, resume=args.resume, device=args.device, progress=not args.quiet)
+                       ckpt_every=args.ckpt_every, resume=args.resume, overwrite=args.overwrite, device=args.device,
+                       progress=not args.quiet)
 
 
 def cmd_train_gqn(args: argparse.Namespace) -> int:
@@ -58,7 +60,8 @@ def cmd_train_gqn(args: argparse.Namespace) -> int:
                         f"{data.image_size[0]}x{data.image_size[1]} (pass --image-size {data.image_size[0]})")
     torch.manual_seed(args.seed)
     model = GQN(gcfg)
-    summary = Trainer(model, data, _train_config(args), settings={"gqn": model.settings(), "data": args.data}).fit()
+    settings = {"gqn": model.settings(), "data": os.path.abspath(args.data)}  # loads from any folder
+    summary = Trainer(model, data, _train_config(args), settings=settings).fit()
     print(f"stopped at step {summary['step']} (epoch {summary['epoch']}, {summary['elapsed_s'] / 60:.1f} min, "
           f"{summary['stopped_by']}); checkpoint in {args.out}")
     return 0
@@ -148,6 +151,8 @@ def _add_train(sub) -> None:
     opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--ckpt-every", type=int, default=200, help="checkpoint interval in steps")
     opt.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
+    opt.add_argument("--overwrite", action="store_true",
+                     help="replace the run in a non-empty --out (without it, a non-empty --out is refused)")
     opt.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     opt.add_argument("--threads", type=int, default=0,
                      help="torch CPU threads (0 = torch's default; 1 is much faster on a CPU shared with other jobs)")

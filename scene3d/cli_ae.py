@@ -24,9 +24,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from scene3d.runinfo import UserError, atomic_path, atomic_write
+from scene3d.runinfo import UserError, atomic_path, atomic_write, remove_outputs
 
 MODELS = ("voxel", "mesh", "nerf")
+OVERWRITE_HELP = "replace the run in a non-empty --out (without it, a non-empty --out is refused)"
 
 
 def add_subcommands(sub) -> None:
@@ -52,6 +53,7 @@ def add_subcommands(sub) -> None:
     s.add_argument("--background", type=float, nargs=3, default=(1.0, 1.0, 1.0))
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--resume", action="store_true")
+    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_fit)
     s = sub.add_parser("export", help="a run's 3D scene as a mesh or point cloud file")
@@ -149,6 +151,7 @@ def _train_args(p, kind: str) -> None:
     p.add_argument("--rays", type=int, default=512, help="NeRF: rays per scene per step")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     p.add_argument("--device", default="auto")
 
 
@@ -169,9 +172,11 @@ def cmd_train(a) -> int:
         raise UserError(f"--contexts/--queries: {max(cfg.contexts)} + {cfg.queries} views exceed the "
                         f"data's {data.views}")
     tc = TrainConfig(out=a.out, minutes=a.minutes, steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
-                     lr=a.lr, seed=a.seed, resume=a.resume, device=a.device, ckpt_every=200)
+                     lr=a.lr, seed=a.seed, resume=a.resume, overwrite=a.overwrite, device=a.device, ckpt_every=200)
     settings = {"ae": asdict(cfg), "per_scene": False, "data": str(Path(a.data).resolve())}
     trainer = Trainer(SceneAE(cfg), data, tc, settings=settings)
+    if a.overwrite and trainer.is_main:  # the checks passed: drop the previous run's records besides the trainer's
+        remove_outputs(a.out, ("calibration.json", "metrics.json", "samples.png"))
     summary = trainer.fit()
     print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
     if (a.kind != "mesh" and data.background is not None and trainer.is_main
@@ -228,15 +233,20 @@ def cmd_fit(a) -> int:
     budgets = a.eval_at or [a.minutes]
     if budgets == [None] and a.steps is None:
         raise UserError("give a budget: --minutes, --steps or --eval-at")
-    results, resume = [], a.resume
+    results, resume, overwrite = [], a.resume, a.overwrite
     for minutes in budgets:
         tc = TrainConfig(out=a.out, minutes=minutes, steps=a.steps, batch_size=min(a.batch_size, len(views)), lr=lr,
-                         seed=a.seed, resume=resume, device=a.device, ckpt_every=100, log_every=5)
-        summary = Trainer(model, views, tc, settings=settings).fit()
-        resume = True
+                         seed=a.seed, resume=resume, overwrite=overwrite, device=a.device, ckpt_every=100,
+                         log_every=5)
+        trainer = Trainer(model, views, tc, settings=settings)
+        if overwrite:  # the checks passed: drop the previous fit's scores besides the trainer's records
+            remove_outputs(a.out, ["metrics.json", *(p.name for p in Path(a.out).glob("test_*.png"))])
+        summary = trainer.fit()
+        resume, overwrite = True, False  # the next budget continues this run
+        strip = f"test_{minutes:g}min.png" if minutes is not None else f"test_{summary['step']}steps.png"
         row = {"minutes": summary["elapsed_s"] / 60, "steps": summary["step"],
                "iterations_per_s": summary["step"] / max(summary["elapsed_s"], 1e-9),
-               **test_scores(model, test, Path(a.out) / f"test_{minutes:g}min.png")}
+               **test_scores(model, test, Path(a.out) / strip)}
         results.append(row)
         print(json.dumps(row), flush=True)
     atomic_write(Path(a.out) / "metrics.json", json.dumps({"test": results, "test_views": test.views}, indent=2))

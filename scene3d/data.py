@@ -109,29 +109,23 @@ class MultiViewDataset(torch.utils.data.Dataset):
     # ------------------------------------------------------------------ disk
     @classmethod
     def load(cls, root: str | Path) -> "MultiViewDataset":
-        """Read a dataset folder written by :func:`save` / the generators."""
+        """Read a dataset folder written by :func:`save` / the generators.
+
+        A damaged ``meta.json`` or shard (truncated, missing arrays, shapes that disagree) is one
+        ``UserError`` line naming the file.
+        """
         root = Path(root)
-        meta_path = root / "meta.json"
-        if not meta_path.is_file():
-            raise UserError(f"{root}: not a Plato multi-view dataset (no meta.json; make one with `scene3d data`)")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT:
-            raise UserError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
-        parts: dict[str, list] = {}
-        for shard in meta["shards"]:
-            path = root / shard["file"]
-            if not path.is_file():
-                raise UserError(f"{path}: missing shard listed in meta.json")
-            with np.load(path, allow_pickle=False) as z:
-                for k in z.files:
-                    parts.setdefault(k, []).append(z[k])
-        arr = {k: np.concatenate(v) for k, v in parts.items()}
+        meta = _read_meta(root)
+        arr = _read_shards(root, meta)
         occ = None
-        if "occupancy" in arr:
-            g = meta["occupancy"]["resolution"]
-            occ = np.unpackbits(arr["occupancy"], axis=1)[:, :g ** 3].reshape(-1, g, g, g).astype(bool)
-        factors = {k[len("factor_"):]: v for k, v in arr.items() if k.startswith("factor_")}
-        return cls(arr["images"], arr["R"], arr["t"], arr["focal"], arr["principal"], factors, meta, occ)
+        try:
+            if "occupancy" in arr:
+                g = int(meta["occupancy"]["resolution"])
+                occ = np.unpackbits(arr["occupancy"], axis=1)[:, :g ** 3].reshape(-1, g, g, g).astype(bool)
+            factors = {k[len("factor_"):]: v for k, v in arr.items() if k.startswith("factor_")}
+            return cls(arr["images"], arr["R"], arr["t"], arr["focal"], arr["principal"], factors, meta, occ)
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{root}: the shards do not form a dataset ({_one_line(e)})") from None
 
     def save(self, root: str | Path, shard_size: int = 500) -> Path:
         """Write this dataset as a folder of shards (see the module docstring)."""
@@ -141,6 +135,57 @@ class MultiViewDataset(torch.utils.data.Dataset):
             w.add(self.images[i], {k: getattr(self, k)[i] for k in CAMERA_KEYS},
                   {k: v[i] for k, v in self.factors.items()}, occ)
         return w.close(self.meta)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:160] or e.__class__.__name__
+
+
+def _read_meta(root: Path) -> dict:
+    """``root/meta.json`` checked: a JSON object of format :data:`FORMAT` listing its shards."""
+    meta_path = root / "meta.json"
+    if not meta_path.is_file():
+        raise UserError(f"{root}: not a Plato multi-view dataset (no meta.json; make one with `scene3d data`)")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{meta_path}: not valid JSON ({_one_line(e)}); the file is damaged (truncated?)") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT!r}")
+    shards = meta.get("shards")
+    if not (isinstance(shards, list) and shards and all(isinstance(x, dict) and isinstance(x.get("file"), str)
+                                                        for x in shards)):
+        raise UserError(f"{meta_path}: 'shards' must be a non-empty list of {{\"file\": ...}} entries")
+    return meta
+
+
+def _read_shards(root: Path, meta: dict) -> dict[str, np.ndarray]:
+    """The arrays of every shard listed in ``meta``, concatenated along the scene axis."""
+    import zipfile
+    import zlib
+
+    parts: dict[str, list] = {}
+    for shard in meta["shards"]:
+        path = root / shard["file"]
+        if not path.is_file():
+            raise UserError(f"{path}: missing shard listed in meta.json")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                if not hasattr(z, "files"):
+                    raise ValueError("a single array, not an .npz archive")
+                for k in z.files:
+                    parts.setdefault(k, []).append(z[k])
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+            raise UserError(f"{path}: unreadable shard ({_one_line(e)}); the file is damaged (truncated?)") from None
+    missing = [k for k in ("images", *CAMERA_KEYS) if len(parts.get(k, ())) != len(meta["shards"])]
+    if missing:
+        raise UserError(f"{root}: shards lack the arrays {', '.join(missing)}")
+    try:
+        return {k: np.concatenate(v) for k, v in parts.items()}
+    except ValueError as e:
+        raise UserError(f"{root}: the shards' arrays differ in shape ({_one_line(e)})") from None
 
 
 class ShardWriter:
@@ -275,7 +320,6 @@ def load_nerf_folder(root: str | Path, split: str = "train", background=(1.0, 1.
     and per frame a ``file_path`` and a 4x4 OpenGL camera-to-world ``transform_matrix``.
     RGBA images are composited onto ``background`` (RGB in [0, 1]).
     """
-    from PIL import Image
 
     root = Path(root)
     tf = root / f"transforms_{split}.json"
@@ -286,27 +330,19 @@ def load_nerf_folder(root: str | Path, split: str = "train", background=(1.0, 1.
     try:
         meta = json.loads(tf.read_text())
         frames = meta["frames"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise UserError(f"{tf}: not a NeRF transforms file ({e})") from e
-    images, c2w = [], []
-    for k, fr in enumerate(frames):
-        p = root / fr["file_path"]
-        if not p.suffix:
-            p = p.with_suffix(".png")
-        if not p.is_file():
-            raise UserError(f"{tf}: frame {k}: image {p} not found")
-        im = Image.open(p)
-        if image_size is not None:
-            im = im.resize((image_size, image_size), Image.BILINEAR)
-        images.append(_composite(np.asarray(im.convert("RGBA")), background))
-        m = np.asarray(fr.get("transform_matrix"), np.float64)
-        if m.shape != (4, 4):
-            raise UserError(f"{tf}: frame {k}: transform_matrix must be 4x4, got {m.shape}")
-        c2w.append(m)
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{tf}: not a NeRF transforms file ({_one_line(e)})") from None
+    if not isinstance(frames, list) or not frames:
+        raise UserError(f"{tf}: 'frames' is empty; expected one entry per image")
+    images, c2w = _nerf_frames(root, tf, frames, background, image_size)
     H, W = images[0].shape[:2]
     c2w_t = torch.from_numpy(np.stack(c2w))
     scale = 1.0
     if "fl_x" in meta:
+        for key in ("fl_x", "fl_y", "cx", "cy", "w", "h"):
+            v = meta.get(key, 1.0)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and (v > 0 or key in ("cx", "cy"))):
+                raise UserError(f"{tf}: {key} must be a finite number of pixels (positive), got {v!r}")
         w0 = meta.get("w", W)
         scale = W / w0
         fl = torch.tensor([[meta["fl_x"], meta.get("fl_y", meta["fl_x"])]], dtype=torch.float64) * scale
@@ -314,12 +350,51 @@ def load_nerf_folder(root: str | Path, split: str = "train", background=(1.0, 1.
                           dtype=torch.float64) * scale
         cam = Camera.from_opengl_c2w(c2w_t, (H, W), focal=fl.expand(len(c2w), 2), principal=pp)
     elif "camera_angle_x" in meta:
-        cam = Camera.from_opengl_c2w(c2w_t, (H, W), fov=float(meta["camera_angle_x"]))
+        fov = meta["camera_angle_x"]
+        if not (isinstance(fov, (int, float)) and 0 < fov < math.pi):
+            raise UserError(f"{tf}: camera_angle_x must be a horizontal field of view in (0, pi) radians, got {fov!r}")
+        cam = Camera.from_opengl_c2w(c2w_t, (H, W), fov=float(fov))
     else:
         raise UserError(f"{tf}: expected camera_angle_x or fl_x/fl_y/cx/cy")
     arr = {k: v[None] for k, v in camera_arrays(cam).items()}
     return MultiViewDataset(np.stack(images)[None], **arr,
                             meta={"source": "nerf", "split": split, "background": list(background)})
+
+
+def _nerf_frames(root: Path, tf: Path, frames: list, background, image_size: int | None):
+    """Each frame's image (H, W, 3) uint8 and camera-to-world matrix (4, 4); one UserError line per bad frame."""
+    from PIL import Image
+
+    images, c2w = [], []
+    for k, fr in enumerate(frames):
+        if not isinstance(fr, dict) or not isinstance(fr.get("file_path"), str):
+            raise UserError(f"{tf}: frame {k}: expected an object with a 'file_path'")
+        p = root / fr["file_path"]
+        if not p.suffix:
+            p = p.with_suffix(".png")
+        if not p.is_file():
+            raise UserError(f"{tf}: frame {k}: image {p} not found")
+        try:
+            with Image.open(p) as im:
+                if image_size is not None:
+                    im = im.resize((image_size, image_size), Image.BILINEAR)
+                rgba = np.asarray(im.convert("RGBA"))
+        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt or truncated files
+            raise UserError(f"{tf}: frame {k}: image {p} is unreadable ({_one_line(e)})") from None
+        if images and rgba.shape[:2] != images[0].shape[:2]:
+            raise UserError(f"{tf}: frame {k}: image {p} is {rgba.shape[1]}x{rgba.shape[0]} px, frame 0 is "
+                            f"{images[0].shape[1]}x{images[0].shape[0]}; every view must have one size")
+        images.append(_composite(rgba, background))
+        try:
+            m = np.asarray(fr.get("transform_matrix"), np.float64)
+        except (TypeError, ValueError):
+            m = np.zeros(0)
+        if m.shape != (4, 4):
+            raise UserError(f"{tf}: frame {k}: transform_matrix must be 4x4 numbers, got shape {m.shape}")
+        if not np.isfinite(m).all():
+            raise UserError(f"{tf}: frame {k}: transform_matrix holds NaN or infinite values")
+        c2w.append(m)
+    return images, c2w
 
 
 def _composite(rgba: np.ndarray, background) -> np.ndarray:

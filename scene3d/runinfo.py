@@ -104,6 +104,71 @@ def atomic_path(path: str | os.PathLike):
             tmp.unlink()
 
 
+# ------------------------------------------------------------------ output folders
+def check_out_dir(out: str | os.PathLike, resume: bool = False, overwrite: bool = False,
+                  run_file: str | None = None) -> Path:
+    """The one output-folder rule of every Plato command that writes a folder; call it before writing anything.
+
+    * a missing or empty folder is fine;
+    * ``resume``: the folder must hold ``run_file`` (the run to continue, e.g. ``checkpoint.pt``);
+    * a non-empty folder is refused unless ``resume`` or ``overwrite`` is given, so that no run, simulation
+      or dataset is replaced without asking.
+
+    Checks only; writes nothing. Returns ``out`` as a Path. Raises ``UserError`` (one line).
+    """
+    out = Path(out)
+    if resume and overwrite:
+        raise UserError(f"--out {out}: --resume continues the run in it, --overwrite replaces it; give only one")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder")
+    if resume:
+        if run_file is None:
+            raise UserError(f"--out {out}: this command cannot resume; give --overwrite or a new --out")
+        if not (out / run_file).is_file():
+            raise UserError(f"--resume: {out} holds no {run_file}, so there is no run to continue")
+        return out
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if entries and not overwrite:
+        shown = ", ".join(entries[:4]) + (f" and {len(entries) - 4} more" if len(entries) > 4 else "")
+        hint = " --resume to continue the run in it," if run_file and (out / run_file).is_file() else ""
+        raise UserError(f"--out {out}: the folder is not empty ({shown}); choose a new folder,{hint} "
+                        "or pass --overwrite to replace it")
+    return out
+
+
+def remove_outputs(out: str | os.PathLike, names) -> None:
+    """``--overwrite``: delete what an earlier run left under these names in ``out`` (files or folders).
+
+    Only the names a command itself writes, never the rest of the folder (which may hold its inputs).
+    """
+    import shutil
+
+    for name in names:
+        p = Path(out) / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def settings_diff(old, new, prefix: str = "") -> list[str]:
+    """``"key: run has A, given B"`` for each setting that differs between two nested dicts.
+
+    Keys present on one side only are skipped: the other side predates that setting.
+    """
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in old:
+            if k in new:
+                out += settings_diff(old[k], new[k], f"{prefix}{k}.")
+        return out
+    if isinstance(old, (list, tuple)) and isinstance(new, (list, tuple)):
+        old, new = list(old), list(new)
+    if old == new or (isinstance(old, float) and isinstance(new, float) and old != old and new != new):
+        return []
+    return [f"{prefix.rstrip('.')}: run has {old!r}, given {new!r}"]
+
+
 def write_config(out_dir: str | os.PathLike, settings: dict, name: str = "config.json") -> Path:
     """Write ``out_dir/config.json``: settings, versions, git commit, command line."""
     record = {"settings": settings, "versions": versions(), "git_commit": git_commit(),

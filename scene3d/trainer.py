@@ -33,7 +33,14 @@ What the trainer owns
 * **Checkpoints:** ``out/checkpoint.pt`` every ``ckpt_every`` steps, at the end, and on
   SIGINT / SIGTERM. ``resume=True`` restores model, optimiser, scheduler, AMP scaler,
   RNG states (torch, CUDA, numpy, python), data position and elapsed time.
-  Checkpoints load with ``torch.load(weights_only=True)``.
+  Checkpoints load with ``torch.load(weights_only=True)``. After SIGTERM the process exits
+  with code 143 (128 + 15), as other tools do, once the checkpoint is written; after SIGINT
+  ``fit`` returns normally (``stopped_by`` says which signal).
+* **The output folder:** the rule of ``runinfo.check_out_dir``, applied when the trainer is made,
+  before anything is written: a non-empty ``out`` needs ``resume`` (it must hold ``checkpoint.pt``,
+  whose settings must equal ``settings`` except ``data``, the location of the data) or ``overwrite``
+  (which deletes the previous run's checkpoint, log and TensorBoard files first). ``fit`` checks
+  the first batch (``check_batch``) and only then writes ``config.json`` and the caller's ``files``.
 * **DDP:** launched by ``torchrun`` (``WORLD_SIZE > 1``), the trainer joins the process
   group (gloo on CPU, nccl on CUDA), and splits each global batch of ``batch_size`` into
   ``batch_size / world`` per process; gradients are averaged, so the run matches a
@@ -50,6 +57,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -59,9 +67,19 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from scene3d.runinfo import UserError, atomic_path, write_config
+from scene3d.runinfo import (
+    UserError,
+    atomic_path,
+    atomic_write,
+    check_out_dir,
+    remove_outputs,
+    settings_diff,
+    write_config,
+)
 
 CHECKPOINT = "checkpoint.pt"
+RUN_FILES = (CHECKPOINT, "log.csv", "tb", "config.json")  # what fit writes; --overwrite deletes them first
+RESUME_MAY_CHANGE = ("data",)  # settings a resumed run may change: where the data lie, not what they are
 
 
 @dataclass
@@ -87,6 +105,7 @@ class TrainConfig:
     ckpt_every: int = 500  # steps
     log_every: int = 10  # steps between CSV / TensorBoard rows
     resume: bool = False
+    overwrite: bool = False  # replace the run in a non-empty ``out`` (see runinfo.check_out_dir)
     device: str = "auto"  # auto | cpu | cuda
     progress: bool = True
     tensorboard: bool = True
@@ -146,13 +165,13 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     n = state["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), *n[2:]))
     p = state["python"]
     random.setstate((p[0], tuple(p[1]), p[2]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def seed_everything(seed: int) -> None:
@@ -205,16 +224,21 @@ class Trainer:
         model: an ``nn.Module`` with ``loss(batch, step) -> dict`` (``"loss"`` = total).
         dataset: a map-style dataset whose items the default collate can stack.
         cfg: the :class:`TrainConfig`.
-        settings: extra settings (model hyper-parameters, data path ...) recorded in config.json.
+        settings: extra settings (model hyper-parameters, data path ...) recorded in config.json and the
+            checkpoint; a resumed run must have the same ones (except ``data``).
         collate_fn: optional DataLoader collate function.
+        files: more run records, ``{file name: text}``, written into ``out`` beside config.json.
+
+    Raises ``UserError`` for bad settings or an output folder that breaks the rule of ``check_out_dir``.
     """
 
     def __init__(self, model: nn.Module, dataset, cfg: TrainConfig, settings: dict | None = None,
-                 collate_fn=None):
+                 collate_fn=None, files: dict[str, str] | None = None):
         if not hasattr(model, "loss"):
             raise TypeError("model: expected an nn.Module with a loss(batch, step) -> dict method")
         self.cfg, self.dataset, self.collate_fn = cfg, dataset, collate_fn
         self.settings = settings or {}
+        self.files = dict(files or {})
         self.out = Path(cfg.out)
         self._init_distributed()
         if cfg.batch_size % self.world:
@@ -225,6 +249,7 @@ class Trainer:
             raise UserError("give a training budget: epochs, steps or minutes")
         seed_everything(cfg.seed + self.rank)
         self.model = model.to(self.device)
+        self._resume_ckpt = self._check_out()  # before DDP's first collective: no rank has written yet
         self.net = _LossModule(self.model)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -259,6 +284,43 @@ class Trainer:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def _check_out(self) -> dict | None:
+        """Apply the output-folder rule; on resume, return the checkpoint after checking that it is this run.
+
+        Raises ``UserError`` naming each setting that differs (``key: run has A, given B``), or when the
+        checkpoint's model does not fit the model built from these settings.
+        """
+        c = self.cfg
+        check_out_dir(self.out, c.resume, c.overwrite, run_file=CHECKPOINT)
+        if not c.resume:
+            return None
+        path = self.out / CHECKPOINT
+        ckpt = load_checkpoint(path, map_location=self.device)
+        old = {k: v for k, v in ckpt.get("settings", {}).items() if k not in RESUME_MAY_CHANGE}
+        diff = settings_diff(old, _plain(self.settings))
+        if diff:
+            raise UserError(f"--resume: {self.out} is a run with other settings: {'; '.join(diff)} "
+                            "(resume with the run's settings, or start a new --out)")
+        try:
+            self.model.load_state_dict(ckpt["model"])
+        except (RuntimeError, KeyError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+            raise UserError(f"{path}: the checkpoint's model does not fit the model of these settings "
+                            f"({first[:200]})") from e
+        return ckpt
+
+    def _write_records(self) -> None:
+        """``config.json`` and the caller's ``files`` (rank 0), after every check; --overwrite clears first."""
+        if not self.is_main:
+            return
+        if self.cfg.overwrite:
+            remove_outputs(self.out, (*RUN_FILES, *self.files))
+        self.out.mkdir(parents=True, exist_ok=True)
+        for name, text in self.files.items():
+            atomic_write(self.out / name, text)
+        write_config(self.out, {"train": asdict(self.cfg), **self.settings,
+                                "world_size": self.world, "device": str(self.device)})
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
@@ -354,28 +416,22 @@ class Trainer:
     def fit(self) -> dict:
         """Train until the budget is spent or a signal arrives; returns a summary dict."""
         c = self.cfg
-        if c.resume and (self.out / CHECKPOINT).is_file():
-            self.load_state(load_checkpoint(self.out / CHECKPOINT, map_location=self.device))
-        elif c.resume:
-            raise UserError(f"--resume: no {CHECKPOINT} in {self.out}")
-        elif self.is_main and (self.out / CHECKPOINT).is_file():
-            raise UserError(f"{self.out} already holds a run; pass --resume to continue it or choose a new --out")
-        if self.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_config(self.out, {"train": asdict(c), **self.settings,
-                                    "world_size": self.world, "device": str(self.device)})
+        if self._resume_ckpt is not None:
+            self.load_state(self._resume_ckpt)
+            self._resume_ckpt = None
+        batches = self._batches()
+        first = next(batches)
+        if hasattr(self.model, "check_batch"):  # data and model agree, before anything is written
+            self.model.check_batch(_to_device(first[2], self.device))
+        self._write_records()
         old = self._install_signal_handlers()
         log = _Log(self.out, c, self.is_main, start_step=self.step)
         t0, elapsed0 = time.time(), self.elapsed
         terms: dict[str, float] = {}
-        checked = False
         try:
-            batches = self._batches()
             while self._budget_left(t0, elapsed0):
-                i, n, batch = next(batches)
-                if not checked and hasattr(self.model, "check_batch"):
-                    self.model.check_batch(_to_device(batch, self.device))
-                    checked = True
+                i, n, batch = first if first is not None else next(batches)
+                first = None
                 terms = self.train_step(batch)
                 self.batch_in_epoch = i + 1
                 if self.batch_in_epoch == n:
@@ -390,6 +446,11 @@ class Trainer:
         finally:
             log.close()
             self._restore_signal_handlers(old)
+        if self._stop_signal == "SIGTERM":  # the checkpoint is written; exit as a terminated process does
+            if self.is_main:
+                print(f"SIGTERM: stopped at step {self.step}; {self.out / CHECKPOINT} continues with --resume",
+                      file=sys.stderr)
+            raise SystemExit(128 + signal.SIGTERM)
         stopped = (f"signal {self._stop_signal}" if self._stop_signal else "budget")
         return {"step": self.step, "epoch": self.epoch, "elapsed_s": self.elapsed, "stopped_by": stopped,
                 "last": terms}

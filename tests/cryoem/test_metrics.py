@@ -66,3 +66,21 @@ def test_cli_fsc_prints_and_plots(tmp_path, ubi_map, capsys):
     write_mrc(tmp_path / "c.mrc", np.zeros((8, 8, 8)), 1.0)
     assert main(["fsc", str(tmp_path / "a.mrc"), str(tmp_path / "c.mrc")]) == 2
     assert "differs" in capsys.readouterr().err
+
+
+def test_cli_fsc_refuses_a_map_with_a_nan_voxel(tmp_path, ubi_map, capsys):
+    import mrcfile
+
+    write_mrc(tmp_path / "a.mrc", ubi_map, 1.5)
+    bad = ubi_map.astype(np.float32).copy()
+    bad[3, 4, 5] = np.nan
+    with mrcfile.new(tmp_path / "nan.mrc") as m:  # write_mrc itself refuses NaN
+        m.set_data(bad)
+        m.voxel_size = 1.5
+    capsys.readouterr()
+    assert main(["fsc", str(tmp_path / "a.mrc"), str(tmp_path / "nan.mrc")]) == 2
+    out, err = capsys.readouterr()
+    assert "resolution" not in out
+    assert "nan.mrc: 1 voxels are NaN" in err and "(3, 4, 5)" in err and err.count("\n") == 1
+    with pytest.raises(ValueError, match="NaN"):
+        fsc(ubi_map, bad)

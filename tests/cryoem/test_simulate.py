@@ -177,3 +177,22 @@ def test_uniform_shifts_have_the_asked_spread():
                    shift_std_px=2.0, shift_dist="uniform")
     px = res.shift_A / 4.0
     assert np.abs(px).max() <= 2.0 * np.sqrt(3) + 1e-9 and px.std(0) == pytest.approx([2.0, 2.0], rel=0.05)
+
+
+def test_cli_simulate_refuses_an_existing_set_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "set"
+    args = ["simulate", "--structure", str(DATA / "1ubi.pdb"), "--select", "ca", "--box", "16", "--apix", "5",
+            "--out", str(out), "--quiet"]
+    assert main([*args, "--n", "8"]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main([*args, "--n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # a bad input with --overwrite still writes nothing: every check comes first
+    assert main([*args, "--n", "4", "--overwrite", "--defocus", "3", "1"]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main([*args, "--n", "4", "--overwrite"]) == 0
+    assert len(load_particles(out / "particles.star")) == 4
+    assert json.loads((out / "config.json").read_text())["settings"]["n"] == 4

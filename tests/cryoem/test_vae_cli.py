@@ -153,3 +153,159 @@ def test_default_atoms_are_heavy_or_ca_for_a_ca_only_model():
     assert atom_selection("auto", full) == "heavy" and atom_selection("auto", ca) == "ca"
     assert atom_selection("backbone", full) == "backbone"  # an explicit choice stands
     assert full.select("heavy").n_atoms == 602  # 1UBI: 76 residues, 602 non-hydrogen protein atoms (the PDB entry)
+
+
+# ----------------------------------------------------------------- run and output folders
+def snapshot(folder):
+    """{relative path: bytes} of every file under ``folder``: to show that nothing was written."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def copy_run(run, dest):
+    import shutil
+
+    shutil.copytree(run, dest, ignore=shutil.ignore_patterns("analysis", "tb"))
+    return dest
+
+
+def one_error_line(capsys, *words):
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1, err
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_new_runs_record_absolute_paths(run):
+    data = json.loads((run / "model.json").read_text())["data"]
+    assert Path(data["particles"]).is_absolute() and Path(data["structure"]).is_absolute()
+
+
+def test_train_refuses_a_non_empty_out_and_other_settings_on_resume(sim, run):
+    before_sim, before_run = snapshot(sim), snapshot(run)
+    args = ["train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms", "ca",
+            "--center", "none", "--zdim", 2, "--steps", 4, "--batch-size", 16]
+    r = cryoem(*args, "--out", sim)  # a simulation folder: its config.json stays
+    assert r.returncode == 2 and "not empty" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = cryoem(*args, "--out", run)  # an existing run: its model.json stays
+    assert r.returncode == 2 and "--resume" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    args[args.index("--zdim") + 1] = 3
+    r = cryoem(*args, "--beta", 0.5, "--out", run, "--resume")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "zdim: run has 2, given 3" in r.stderr and "beta: run has None, given 0.5" in r.stderr
+    assert snapshot(sim) == before_sim and snapshot(run) == before_run
+
+
+def test_train_resume_and_overwrite(sim, tmp_path):
+    out = tmp_path / "r"
+    args = ["train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms", "ca",
+            "--center", "none", "--zdim", 2, "--batch-size", 16, "--out", out]
+    assert cryoem(*args, "--steps", 2).returncode == 0
+    (out / "analysis").mkdir()
+    r = cryoem(*args, "--steps", 3, "--resume")
+    assert r.returncode == 0, r.stderr
+    from scene3d.trainer import load_checkpoint
+
+    assert load_checkpoint(out)["step"] == 3 and (out / "analysis").is_dir()
+    r = cryoem(*args, "--steps", 2, "--zdim", 3, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert load_checkpoint(out)["step"] == 2 and not (out / "analysis").exists()
+    assert json.loads((out / "model.json").read_text())["model"]["zdim"] == 3
+
+
+def test_old_run_with_relative_paths_loads_from_anywhere(run, sim, tmp_path, monkeypatch, capsys):
+    """A run that recorded relative paths loads from its training folder, from anywhere above the run, and,
+    once the data moved, with --particles; analyze takes --particles too."""
+    import shutil
+
+    import starfile
+
+    from cryoem.cli import main
+    from cryoem.train import load_run
+    from scene3d.runinfo import UserError
+
+    proj = tmp_path / "proj"
+    shutil.copytree(sim, proj / "sim")
+    (proj / "model").mkdir()
+    shutil.copy(sim / "gt_models.pdb", proj / "model" / "gt.pdb")
+    r = copy_run(run, proj / "runs" / "r")
+    rec = json.loads((r / "model.json").read_text())
+    rec["data"].update(particles="sim/particles.star", structure="model/gt.pdb")
+    (r / "model.json").write_text(json.dumps(rec))
+    monkeypatch.chdir(proj)  # the training folder
+    assert len(load_run(r)[2]) == 48
+    monkeypatch.chdir(tmp_path)  # elsewhere: found from the run's ancestors
+    assert len(load_run(r)[2]) == 48
+    shutil.move(proj / "sim", tmp_path / "moved")
+    with pytest.raises(UserError, match="model.json: particles sim/particles.star not found.*--particles"):
+        load_run(r)
+    model, rec2, ds, _ = load_run(r, particles=tmp_path / "moved" / "particles.star", datadir=tmp_path / "moved")
+    assert len(ds) == 48 and rec2["offset"] == rec["offset"]
+    blocks = starfile.read(tmp_path / "moved" / "particles.star")
+    starfile.write({"optics": blocks["optics"], "particles": blocks["particles"].iloc[:40]}, tmp_path / "moved/40.star")
+    with pytest.raises(UserError, match="n_particles 40.*trained on 48"):
+        load_run(r, particles=tmp_path / "moved" / "40.star")
+    capsys.readouterr()
+    assert main(["analyze", str(r), "--k", "2", "--no-snapshots", "--particles",
+                 str(tmp_path / "moved" / "particles.star")]) == 0
+    assert np.load(r / "analysis" / "latents.npy").shape == (48, 2)
+
+
+def test_analyze_bad_inputs_are_one_line_and_write_nothing(run, tmp_path, capsys):
+    from cryoem.cli import main
+
+    r = copy_run(run, tmp_path / "r")
+    before = snapshot(r)
+    np.savez(tmp_path / "ok.npz", x=np.arange(48.0), short=np.arange(47.0), nan=np.r_[np.nan, np.arange(47.0)])
+    np.save(tmp_path / "one.npy", np.arange(48.0))
+    (tmp_path / "junk.npz").write_bytes(b"not a zip archive")
+    cases = [(["--k", "0"], "--k 0"),
+             (["--color", f"{tmp_path / 'none.npz'}:x"], "file not found"),
+             (["--color", f"{tmp_path / 'junk.npz'}:x"], "not a numpy .npz"),
+             (["--color", f"{tmp_path / 'one.npy'}:x"], "expected an .npz"),
+             (["--color", f"{tmp_path / 'ok.npz'}:y"], "no array 'y'"),
+             (["--color", f"{tmp_path / 'ok.npz'}:short"], "one value per particle (48,), got (47,)"),
+             (["--color", f"{tmp_path / 'ok.npz'}:nan"], "1 values are NaN")]
+    for args, message in cases:
+        capsys.readouterr()
+        assert main(["analyze", str(r), "--no-snapshots", *args]) == 2, args
+        one_error_line(capsys, message)
+    assert snapshot(r) == before and not (r / "analysis").exists()
+
+
+def test_decode_bad_latents_are_one_line_and_write_nothing(run, tmp_path, capsys):
+    from cryoem.cli import main
+
+    (tmp_path / "junk.npy").write_bytes(b"\x93NUMPY garbage")
+    np.savez(tmp_path / "z.npz", z=np.zeros((2, 2)))
+    np.save(tmp_path / "cube.npy", np.zeros((2, 2, 2)))
+    np.save(tmp_path / "zdim3.npy", np.zeros((2, 3)))
+    np.save(tmp_path / "nan.npy", np.array([[0.0, 0.0], [np.nan, 1.0]]))
+    np.save(tmp_path / "inf.npy", np.array([[np.inf, 0.0]]))
+    np.save(tmp_path / "text.npy", np.array(["a", "b"]))
+    cases = [("missing.npy", "file not found"), ("junk.npy", "not a numpy .npy"), ("z.npz", "an .npz archive"),
+             ("cube.npy", "shape (M, zdim)"), ("zdim3.npy", "3 dimensions, the run's zdim is 2"),
+             ("nan.npy", "1 of 2 latents hold NaN or infinite values (first: row 1)"), ("inf.npy", "NaN or infinite"),
+             ("text.npy", "expected numbers")]
+    for name, message in cases:
+        capsys.readouterr()
+        assert main(["decode", str(run), "--z", str(tmp_path / name), "--out", str(tmp_path / "m.pdb")]) == 2, name
+        one_error_line(capsys, f"--z {tmp_path / name}", message)
+        assert not (tmp_path / "m.pdb").exists()
+
+
+def test_damaged_model_json_is_one_line(run, tmp_path, capsys):
+    from cryoem.cli import main
+
+    r = copy_run(run, tmp_path / "r")
+    np.save(tmp_path / "z.npy", np.zeros((1, 2)))
+    text = (r / "model.json").read_text()
+    for damaged, message in ((text[: len(text) // 2], "not valid JSON"), ("[1, 2]", "not an atom-VAE run record"),
+                             (json.dumps({**json.loads(text), "offset": [0, 0]}), "'offset'")):
+        (r / "model.json").write_text(damaged)
+        capsys.readouterr()
+        assert main(["decode", str(r), "--z", str(tmp_path / "z.npy"), "--out", str(tmp_path / "m.pdb")]) == 2
+        one_error_line(capsys, "model.json", message)
+        assert main(["analyze", str(r), "--no-snapshots"]) == 2
+        one_error_line(capsys, "model.json", message)
+    assert not (tmp_path / "m.pdb").exists() and not (r / "analysis").exists()

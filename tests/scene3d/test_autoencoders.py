@@ -243,3 +243,25 @@ def test_binary_regulariser_is_zero_for_empty_or_opaque_cells():
     solid = torch.zeros(1, 1, 8, 8, 8)
     solid[..., :4] = 100 / dec.cell
     assert dec.regularisers({"density": solid})["binary"].item() < 1e-6
+
+
+def test_cli_fit_nerf_by_steps_alone_writes_metrics_and_keeps_its_folder(tmp_path, capsys):
+    """`fit nerf --steps N` without --minutes scores the test views and writes metrics.json (it crashed after
+    training); a second fit into the same --out is refused without --resume / --overwrite, writing nothing."""
+    from scene3d.cli import main
+
+    write_nerf_folder(tmp_path, n_train=4, n_test=1, size=8)
+    run = tmp_path / "run"
+    args = ["fit", "nerf", "--data", str(tmp_path / "transforms_train.json"), "--out", str(run), "--steps", "2",
+            "--rays", "32", "--batch-size", "2"]
+    assert main(args) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"][0]["steps"] == 2 and "psnr" in metrics["test"][0] and (run / "test_2steps.png").is_file()
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--overwrite" in err and err.count("\n") == 1
+    assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["test"][0]["steps"] == 2

@@ -125,3 +125,60 @@ def test_nerf_folder_reader(tmp_path):
     torch.testing.assert_close(cam.focal[0], torch.tensor([10.0, 11.0]))
     with pytest.raises(UserError, match="no transforms"):
         load_nerf_folder(tmp_path / "train")
+
+
+def _one_line_error(fn, match):
+    with pytest.raises(UserError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_damaged_dataset_folder_is_one_line(tmp_path):
+    random_dataset(4).save(tmp_path / "d", shard_size=2)
+    meta = tmp_path / "d/meta.json"
+    good = meta.read_text()
+    meta.write_text(good[: len(good) // 2])  # truncated
+    assert "meta.json" in _one_line_error(lambda: MultiViewDataset.load(tmp_path / "d"), "not valid JSON")
+    meta.write_text("[]")
+    _one_line_error(lambda: MultiViewDataset.load(tmp_path / "d"), "JSON object")
+    meta.write_text(good)
+    shard = tmp_path / "d/shard-00001.npz"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])  # truncated
+    assert "shard-00001.npz" in _one_line_error(lambda: MultiViewDataset.load(tmp_path / "d"), "unreadable shard")
+    np.savez(shard, images=np.zeros((2, 4, 8, 8, 3), np.uint8))  # a shard without cameras
+    _one_line_error(lambda: MultiViewDataset.load(tmp_path / "d"), "lack the arrays R, t, focal, principal")
+    z = dict(np.load(tmp_path / "d/shard-00000.npz"))
+    np.savez(shard, **{**z, "images": np.zeros((2, 4, 6, 6, 3), np.uint8)})  # another image size
+    _one_line_error(lambda: MultiViewDataset.load(tmp_path / "d"), "differ in shape")
+
+
+def _nerf_scene(root, sizes=(8, 8), matrix=None):
+    c2w = np.eye(4)
+    c2w[:3, 3] = [0, 0, 4]
+    frames = []
+    for i, s in enumerate(sizes):
+        Image.fromarray(np.full((s, s, 4), 255, np.uint8)).save(root / f"r_{i}.png")
+        frames.append({"file_path": f"r_{i}.png", "transform_matrix": (c2w if matrix is None else matrix).tolist()})
+    (root / "transforms_train.json").write_text(json.dumps({"camera_angle_x": 0.9, "frames": frames}))
+
+
+def test_bad_nerf_folder_is_one_line(tmp_path):
+    _nerf_scene(tmp_path, sizes=(8, 8))
+    assert load_nerf_folder(tmp_path).images.shape == (1, 2, 8, 8, 3)
+    _nerf_scene(tmp_path, sizes=(8, 6))
+    assert "r_1.png" in _one_line_error(lambda: load_nerf_folder(tmp_path), "6x6 px, frame 0 is 8x8")
+    assert load_nerf_folder(tmp_path, image_size=4).images.shape == (1, 2, 4, 4, 3)  # resized: one size
+    (tmp_path / "transforms_train.json").write_text(json.dumps({"camera_angle_x": 0.9, "frames": []}))
+    _one_line_error(lambda: load_nerf_folder(tmp_path), "'frames' is empty")
+    _nerf_scene(tmp_path, sizes=(8, 8))
+    (tmp_path / "r_1.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    assert "r_1.png" in _one_line_error(lambda: load_nerf_folder(tmp_path), "unreadable")
+    png = (tmp_path / "r_0.png").read_bytes()
+    (tmp_path / "r_1.png").write_bytes(png[: len(png) // 2])  # truncated
+    _one_line_error(lambda: load_nerf_folder(tmp_path), "frame 1: .*unreadable")
+    bad = np.eye(4)
+    bad[0, 3] = np.nan
+    _nerf_scene(tmp_path, matrix=bad)
+    _one_line_error(lambda: load_nerf_folder(tmp_path), "frame 0: transform_matrix holds NaN")

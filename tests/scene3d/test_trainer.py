@@ -94,7 +94,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     while time.time() < deadline and not (log.is_file() and len(read_log(log)) >= 10):
         time.sleep(0.05)
     p.send_signal(signal.SIGTERM)
-    assert p.wait(60) == 0
+    assert p.wait(60) == 143  # 128 + SIGTERM, as a terminated process, after writing the checkpoint
     stopped = load_checkpoint(tmp_path / "cut")["step"]
     assert 10 <= stopped < 30, stopped
     tr = make(tmp_path / "cut", steps=30, resume=True)
@@ -161,3 +161,64 @@ def test_after_step_hook_sees_each_step_and_can_reset_optimizer_state(tmp_path):
     Trainer(Hooked(), ToyData(), cfg).fit()
     assert [c[0] for c in calls] == [1, 2, 3, 4, 5]  # called after each optimiser step, with the steps done
     assert all(n == 2 for _, n in calls)  # Adam re-creates the state it lost: weight and bias both present
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file under ``folder``: to show that nothing was written."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_non_empty_out_is_refused_unless_resume_or_overwrite(tmp_path):
+    out = tmp_path / "sim"
+    out.mkdir()
+    (out / "config.json").write_text("a simulation's settings")
+    before = snapshot(out)
+    with pytest.raises(UserError, match="not empty.*--overwrite") as e:
+        make(out, steps=3)
+    assert "\n" not in str(e.value) and snapshot(out) == before
+    with pytest.raises(UserError, match="no checkpoint.pt"):
+        make(out, steps=3, resume=True)
+    with pytest.raises(UserError, match="only one"):
+        make(out, steps=3, resume=True, overwrite=True)
+    assert snapshot(out) == before
+    make(out, steps=3, overwrite=True).fit()
+    assert load_checkpoint(out)["step"] == 3 and "a simulation" not in (out / "config.json").read_text()
+    (out / "tb").mkdir()
+    (out / "tb" / "old.events").write_text("x")
+    make(out, steps=2, overwrite=True).fit()  # a fresh run: the old checkpoint and records are gone
+    assert load_checkpoint(out)["step"] == 2 and not (out / "tb").exists()
+    assert [int(r["step"]) for r in read_log(out / "log.csv")] == [1, 2]
+
+
+def test_resume_with_other_settings_names_each_difference(tmp_path):
+    make(tmp_path / "r", steps=3).fit()
+    before = snapshot(tmp_path / "r")
+    cfg = TrainConfig(out=str(tmp_path / "r"), steps=6, batch_size=8, resume=True, progress=False, tensorboard=False)
+    with pytest.raises(UserError) as e:
+        Trainer(Toy(), ToyData(), cfg, settings={"toy": False, "data": "elsewhere"})
+    assert "toy: run has True, given False" in str(e.value) and "data:" not in str(e.value)
+    assert "\n" not in str(e.value)
+
+    class Wider(Toy):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+    with pytest.raises(UserError, match="does not fit"):
+        Trainer(Wider(), ToyData(), cfg, settings={"toy": True})
+    assert snapshot(tmp_path / "r") == before
+    Trainer(Toy(), ToyData(), cfg, settings={"toy": True, "data": "moved"}).fit()  # where the data lie may change
+    assert load_checkpoint(tmp_path / "r")["step"] == 6
+
+
+def test_a_batch_the_model_refuses_writes_nothing(tmp_path):
+    class Picky(Toy):
+        def check_batch(self, batch):
+            raise UserError("data: images are 8 px, the model expects 16")
+
+    cfg = TrainConfig(out=str(tmp_path / "p"), steps=3, batch_size=8, progress=False, tensorboard=False)
+    with pytest.raises(UserError, match="8 px"):
+        Trainer(Picky(), ToyData(), cfg, files={"model.json": "{}"}).fit()
+    assert not (tmp_path / "p").exists()
+    Trainer(Toy(), ToyData(), cfg, files={"model.json": "{}"}).fit()
+    assert (tmp_path / "p" / "model.json").read_text() == "{}" and (tmp_path / "p" / "config.json").is_file()
