@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cryoem import sim_cli, vae_cli
+from cryoem import data_cli, sim_cli, vae_cli
 from scene3d.runinfo import cli_main, cmd_info, version_string
 
 
@@ -17,6 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_info)
     sim_cli.add_subcommands(sub)
     vae_cli.add_subcommands(sub)
+    data_cli.add_subcommands(sub)
     return p
 
 

@@ -1,0 +1,255 @@
+"""Fourier cropping of particle images, and ``cryoem downsample``: any particle set -> a smaller-box RELION set.
+
+The crop (:func:`fourier_crop`) keeps the field of view and the particle centre and makes the pixels larger:
+a D x D image at ``a`` Å/px becomes d x d at ``a * D / d`` Å/px, *exactly*, whether or not d divides D
+(200 px at 1.0 Å/px -> 64 px at 3.125 Å/px). Its output is the samples, on the coarse grid, of the
+input's band-limited (trigonometric) interpolant low-passed to ``|kx|, |ky| <= d / 2`` cycles per field
+of view; a component exactly at the new Nyquist frequency is sampled, i.e. folded onto the Nyquist bin.
+Pixel values are samples (not sums): a constant image stays the same constant.
+
+Centres: Plato puts the particle centre at pixel ``D // 2`` (see ``cryoem.particles``). For even D and d
+the grids share that point; for an odd input box the crop shifts the content by half an input pixel so that
+input pixel ``D // 2`` lands on output pixel ``d // 2``. Shifts in Å therefore stay valid unchanged.
+
+Boxes: the output box must be even (RELION, and cryoDRGN's downsample, expect even boxes) and at most the
+input box (equal: the images are copied; larger: refused, as Fourier padding adds no information). Any input
+box works, odd or not dividing by d.
+
+``cryoem downsample`` (:func:`downsample`) reads a RELION STAR or cryoSPARC .cs set lazily and writes, into
+an output folder::
+
+    particles_000.mrcs, particles_001.mrcs, ...   at most ``chunk`` particles each (float32)
+    particles.star       RELION 3.1 (optics + particles): new box and pixel size (to the 6 decimals RELION
+                         writes; downsample.json holds it in full), the source's poses,
+                         shifts (Å, unchanged) and CTF, and ``rlnPlatoSourceRow``: each particle's 0-based
+                         row in the source's particle block (.star) or array (.cs), in source order
+    downsample.json      the source file (absolute path, and relative to this folder), its format and
+                         particle count: ``cryoem select`` follows it back to the original file
+    config.json          the settings, versions and git commit (``scene3d.runinfo.write_config``)
+
+Memory is one output chunk plus one input batch of about 64 MB, whatever the size of the set.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from scene3d.runinfo import UserError, atomic_write, check_out_dir, remove_outputs, write_config
+
+__all__ = ["fourier_crop", "downsample", "star_tables", "ROW_COLUMN", "RECORD", "STAR_NAME"]
+
+ROW_COLUMN = "rlnPlatoSourceRow"  # 0-based row of each particle in the source file
+RECORD = "downsample.json"  # beside the STAR: where the source file is
+STAR_NAME = "particles.star"
+_STACK = re.compile(r"particles_\d+\.mrcs")
+_BATCH_FLOATS = 2**24  # input pixels per batch: 64 MB of float32
+
+
+# ----------------------------------------------------------------------------- the crop
+def _crop_axis(F: Tensor, n: int, dim: int) -> Tensor:
+    """Keep ``n`` frequencies of a spectrum along ``dim`` (FFT order, ``n`` <= its length).
+
+    Output bins hold k = 0 .. (n-1)//2 and -(n//2) .. -1; for even ``n`` the bin -n/2 is the new Nyquist
+    bin, onto which sampling on the coarse grid folds +n/2: it receives F(-n/2) + F(+n/2).
+    """
+    n_in = F.shape[dim]
+    if n == n_in:
+        return F
+    k = torch.cat([torch.arange(0, (n - 1) // 2 + 1), torch.arange(-(n // 2), 0)]) % n_in
+    out = F.index_select(dim, k.to(F.device))
+    if n % 2 == 0:
+        out.narrow(dim, n // 2, 1).add_(F.narrow(dim, n // 2, 1))
+    return out
+
+
+def fourier_crop(images: Tensor, box: int) -> Tensor:
+    """Fourier-crop images (..., D, D) to (..., box, box), same field of view: pixel size x D / box.
+
+    Args:
+        images: (..., D, D) real tensor (float32 or float64), any D >= box.
+        box: the new side, 1 <= box <= D.
+    Returns:
+        (..., box, box) in the dtype of ``images``: samples at the output pixels of the input's trigonometric
+        interpolant, low-passed to ``|kx|, |ky| <= box / 2`` cycles per field of view (module docstring).
+        Output pixel ``box // 2`` sits on input pixel ``D // 2`` (the particle centre).
+    """
+    D = images.shape[-1]
+    if images.shape[-2] != D or not 1 <= box <= D:
+        raise ValueError(f"fourier_crop: expected (..., D, D) images with D >= box, got {tuple(images.shape)} "
+                         f"and box {box}")
+    if box == D:
+        return images.clone()
+    # move the content by delta input px so that input pixel D//2 lands on output pixel box//2
+    delta = (box // 2) * D / box - D // 2
+    k = torch.fft.fftfreq(D, d=1.0 / D, dtype=torch.float64, device=images.device)  # integer frequencies
+    phase = None if delta == 0 else torch.polar(torch.ones_like(k), -2 * math.pi * k * delta / D)
+    F = torch.fft.fft(images, dim=-1, norm="forward")  # coefficients of the interpolant along x
+    if phase is not None:
+        F = F * phase.to(F.dtype)
+    F = torch.fft.fft(_crop_axis(F, box, -1), dim=-2, norm="forward")
+    if phase is not None:
+        F = F * phase.to(F.dtype)[:, None]
+    return torch.fft.ifft2(_crop_axis(F, box, -2), norm="forward").real.to(images.dtype)
+
+
+# ----------------------------------------------------------------------------- the STAR of the output
+def star_tables(meta, image_names: list[str], pixel_size: float, box: int, source_rows: np.ndarray):
+    """RELION 3.1 optics and particle tables (pandas) for ``meta`` (``cryoem.particles.ParticleMeta``).
+
+    One optics group per distinct (voltage, Cs, amplitude contrast); angles in degrees from ``meta.R``;
+    ``rlnOriginX/YAngst = -shift_A`` (Å); defocus (Å), astigmatism angle and phase shift (degrees), B-factor
+    and scale from ``meta.ctf``; ``rlnPlatoSourceRow`` from ``source_rows`` (N,). Absent metadata (no poses,
+    no CTF) give no columns rather than invented values.
+    """
+    import pandas as pd
+
+    from cryoem.ctf import CTF_FIELDS
+    from renderers.cameras import matrix_to_euler_zyz
+
+    n = len(image_names)
+    optics = {"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"]}
+    cols: dict = {"rlnImageName": image_names, "rlnOpticsGroup": np.ones(n, dtype=int)}
+    if meta.ctf is not None:
+        col = {f: meta.ctf[:, i] for i, f in enumerate(CTF_FIELDS)}
+        groups, group_of = np.unique(np.stack([col["voltage"], col["cs"], col["amp_contrast"]], 1), axis=0,
+                                     return_inverse=True)
+        optics = {"rlnOpticsGroup": np.arange(1, len(groups) + 1),
+                  "rlnOpticsGroupName": [f"opticsGroup{g}" for g in range(1, len(groups) + 1)],
+                  "rlnAmplitudeContrast": groups[:, 2], "rlnSphericalAberration": groups[:, 1],
+                  "rlnVoltage": groups[:, 0]}
+        cols["rlnOpticsGroup"] = group_of.reshape(-1) + 1
+    g = len(optics["rlnOpticsGroup"])
+    optics.update(rlnImagePixelSize=[float(pixel_size)] * g, rlnImageSize=[int(box)] * g,
+                  rlnImageDimensionality=[2] * g)
+    if meta.R is not None:
+        rot, tilt, psi = (np.rad2deg(a.numpy()) for a in matrix_to_euler_zyz(torch.as_tensor(meta.R)))
+        cols.update(rlnAngleRot=rot, rlnAngleTilt=tilt, rlnAnglePsi=psi)
+    if meta.shift_A is not None:
+        cols.update(rlnOriginXAngst=-meta.shift_A[:, 0], rlnOriginYAngst=-meta.shift_A[:, 1])
+    if meta.ctf is not None:
+        cols.update(rlnDefocusU=col["defocus_u"], rlnDefocusV=col["defocus_v"],
+                    rlnDefocusAngle=np.rad2deg(col["angle"]), rlnPhaseShift=np.rad2deg(col["phase_shift"]),
+                    rlnCtfBfactor=col["bfactor"], rlnCtfScalefactor=col["scale"])
+    cols[ROW_COLUMN] = np.asarray(source_rows, dtype=np.int64)
+    return pd.DataFrame(optics), pd.DataFrame(cols)
+
+
+# ----------------------------------------------------------------------------- the command
+def _check_inputs(particles: Path, out: Path, box: int, chunk: int, overwrite: bool) -> None:
+    """Argument checks that need no file reading (one ``UserError`` line each)."""
+    if particles.suffix.lower() not in (".star", ".cs"):
+        raise UserError(f"--particles {particles}: expected a RELION .star or cryoSPARC .cs file")
+    if not particles.is_file():
+        raise UserError(f"--particles {particles}: file not found")
+    if box < 2 or box % 2:
+        raise UserError(f"--box {box}: expected an even number of pixels >= 2 (RELION expects even boxes)")
+    if chunk < 1:
+        raise UserError(f"--chunk {chunk}: expected at least 1 particle per stack")
+    check_out_dir(out, overwrite=overwrite)
+
+
+def _load_source(particles: Path, datadir, pixel_size, box: int):
+    """The source set (lazy, pixels unchecked: each batch is checked as it is read), with box checks."""
+    from cryoem.particles import load_particles
+
+    ds = load_particles(particles, pixel_size=pixel_size, datadir=datadir, lazy=True, check_pixels=False)
+    if box > ds.box:
+        raise UserError(f"--box {box}: larger than the input box ({ds.box} px); downsample only makes images "
+                        "smaller (Fourier padding adds no information)")
+    return ds
+
+
+def _stack_names(n: int, chunk: int) -> list[str]:
+    count = -(-n // chunk)
+    width = max(3, len(str(count - 1)))
+    return [f"particles_{c:0{width}d}.mrcs" for c in range(count)]
+
+
+def _check_not_source(out: Path, ds, particles: Path, names: list[str]) -> None:
+    """Refuse outputs (or --overwrite deletions) that would replace the source file or one of its stacks."""
+    sources = {os.path.realpath(p) for p in [particles, *ds.meta.files]}
+    old = [p.name for p in out.iterdir() if _STACK.fullmatch(p.name)] if out.is_dir() else []
+    for name in {*names, *old, STAR_NAME, RECORD, "config.json"}:
+        if os.path.realpath(out / name) in sources:
+            raise UserError(f"--out {out}: writing {name} there would replace the source {out / name}; "
+                            "choose another folder")
+
+
+def _write_stacks(ds, out: Path, box: int, chunk: int, names: list[str], pixel_size: float,
+                  progress: bool) -> None:
+    """Crop every particle in source order into ``names`` (``chunk`` particles each); NaN/inf -> UserError."""
+    from tqdm import tqdm
+
+    from cryoem.io import write_mrcs
+
+    N, D = len(ds), ds.box
+    batch = max(1, min(chunk, _BATCH_FLOATS // (D * D)))
+    with tqdm(total=N, unit="particle", desc="downsample", disable=not progress, dynamic_ncols=True) as bar:
+        for c, name in enumerate(names):
+            lo, hi = c * chunk, min(N, (c + 1) * chunk)
+            stack = np.empty((hi - lo, box, box), dtype=np.float32)
+            for s in range(lo, hi, batch):
+                idx = np.arange(s, min(hi, s + batch))
+                imgs = ds.images(idx)[:, 0]
+                ok = torch.isfinite(imgs).flatten(1).all(1)
+                if not ok.all():
+                    i = int(idx[int(torch.argmin(ok.int()))])
+                    m = ds.meta
+                    raise UserError(f"{m.source}: row {m.rows[i]}: image {m.image_idx[i] + 1} of "
+                                    f"{m.files[m.file_idx[i]]} contains NaN or inf")
+                stack[s - lo:s - lo + len(idx)] = fourier_crop(imgs, box).numpy()
+                bar.update(len(idx))
+            write_mrcs(out / name, stack, pixel_size)
+
+
+def downsample(particles: str | Path, out: str | Path, box: int, *, datadir: str | Path | None = None,
+               pixel_size: float | None = None, chunk: int = 10000, overwrite: bool = False,
+               progress: bool = True) -> Path:
+    """Fourier-crop a RELION .star or cryoSPARC .cs particle set to ``box`` px; returns ``out/particles.star``.
+
+    Every input is checked before anything is written; ``out`` must be new or empty unless ``overwrite``
+    (then only the files this command writes are replaced). On a failure part-way (an image holding NaN),
+    the stacks written so far are removed. See the module docstring for what is written.
+    """
+    particles, out = Path(particles), Path(out)
+    _check_inputs(particles, out, box, chunk, overwrite)
+    ds = _load_source(particles, datadir, pixel_size, box)
+    N, D, apix_in = len(ds), ds.box, ds.pixel_size
+    apix = apix_in * D / box  # same field of view, exactly
+    names = _stack_names(N, chunk)
+    _check_not_source(out, ds, particles, names)
+    if overwrite and out.is_dir():
+        remove_outputs(out, [STAR_NAME, RECORD, "config.json",
+                             *(p.name for p in out.iterdir() if _STACK.fullmatch(p.name))])
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        _write_stacks(ds, out, box, chunk, names, apix, progress)
+    except BaseException:
+        remove_outputs(out, names)
+        if created and not any(out.iterdir()):
+            out.rmdir()
+        raise
+    image_names = [f"{i - c * chunk + 1:06d}@{names[c]}" for c in range(len(names))
+                   for i in range(c * chunk, min(N, (c + 1) * chunk))]
+    optics, parts = star_tables(ds.meta, image_names, apix, box, ds.meta.rows - 1)
+    from cryoem.io import write_star
+
+    write_star(out / STAR_NAME, optics, parts)
+    source = os.path.abspath(particles)
+    record = {"kind": "plato-downsample", "version": 1, "star": STAR_NAME, "row_column": ROW_COLUMN,
+              "source": source, "source_relative": os.path.relpath(source, os.path.abspath(out)),
+              "source_format": particles.suffix.lower()[1:], "n_particles": N,
+              "box_in": D, "pixel_size_in": apix_in, "box_out": box, "pixel_size_out": apix, "stacks": names}
+    atomic_write(out / RECORD, json.dumps(record, indent=2))
+    write_config(out, {"particles": source, "datadir": None if datadir is None else os.path.abspath(datadir),
+                       "pixel_size": pixel_size, "box": box, "chunk": chunk, "overwrite": overwrite})
+    return out / STAR_NAME

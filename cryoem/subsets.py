@@ -1,0 +1,436 @@
+"""``cryoem select``: write the particles of a state back into the ORIGINAL RELION / cryoSPARC file.
+
+A run's particles (the order of ``RUN/analysis/latents.npy``) are the rows of the file it was trained on.
+When that file is a ``cryoem downsample`` output, its ``rlnPlatoSourceRow`` column and the
+``downsample.json`` beside it lead back to the file that was downsampled (and on, through a chain of
+downsamplings), so a subset is always written from the original:
+
+* STAR: the original text with only the selected rows of its particle block; every other line (the optics
+  table, comments, other blocks, every column of the kept rows) is copied byte for byte;
+* cryoSPARC .cs: the selected rows of the structured array, every field (``uid`` included), written with
+  ``np.save`` to an open file so that the name keeps its ``.cs`` suffix. A ``*_passthrough_*.cs`` beside the
+  original is not merged in (cryoSPARC re-attaches passthrough fields by ``uid``).
+
+The rows are written in source order, whatever the order of the selection.
+
+Selections (on the run's particles): k-means clusters of ``cryoem analyze`` (``--clusters 0,3``), indices
+into the run's particles (``--indices idx.npy``, 0-based, or a boolean mask), an interval of one principal
+component of the latents (``--pc 1:LO:HI``, the PCA of ``cryoem.analyze.pca`` as analyze plots it), or a
+polygon in the PC1/PC2 plane (``--polygon poly.json``: ``[[x, y], ...]``). ``--invert`` takes the
+complement; ``--per-cluster`` writes one file per k-means cluster (of the selection, if one is given).
+
+Half-set runs (``RUN/half1``, ``RUN/half2``): ``cryoem analyze RUN`` encodes every particle with half 1's
+model into ``RUN/analysis``; a selection therefore covers the particles of both halves, and the particle
+file is the one in ``RUN/half1/model.json``.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cryoem.downsample import RECORD, ROW_COLUMN
+from scene3d.runinfo import UserError, atomic_path
+
+__all__ = ["Original", "trace_original", "star_rows", "write_subset", "selection_mask", "select"]
+
+
+# ----------------------------------------------------------------------------- STAR text, row by row
+def _star_lines(path: Path):
+    """Yield ``(line, row)`` for every line of a STAR file, ``row`` the 0-based index of a row of the particle
+    block (the first loop with ``_rlnImageName`` outside ``data_optics``, as ``cryoem.particles`` reads it),
+    else None. Lines come back unchanged (line endings and undecodable bytes included)."""
+    block, labels, state, target, found, row = None, [], "none", False, False, 0
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        for lineno, line in enumerate(f, 1):
+            s = line.strip()
+            if s.startswith("data_"):
+                block, state, target = s[5:], "none", False
+            elif s.startswith("loop_"):
+                labels, state, target = [], "header", False
+            elif not s or s.startswith("#"):
+                pass
+            elif s.startswith("_"):
+                if state == "header":
+                    labels.append(s.split()[0])
+                else:
+                    state = "none"  # a key-value pair after a loop ends it
+            elif state in ("header", "rows"):
+                if state == "header":
+                    state, target = "rows", not found and block != "optics" and "_rlnImageName" in labels
+                    found = found or target
+                if target:
+                    _check_row(s, len(labels), path, lineno, row)
+                    yield line, row
+                    row += 1
+                    continue
+            yield line, None
+    if not found:
+        raise UserError(f"{path}: no particle block with rlnImageName")
+
+
+def _check_row(s: str, n_labels: int, path: Path, lineno: int, row: int) -> None:
+    try:
+        n = len(shlex.split(s)) if ('"' in s or "'" in s) else len(s.split())
+    except ValueError:
+        raise UserError(f"{path}: line {lineno} (particle row {row + 1}): unbalanced quotes") from None
+    if n != n_labels:
+        raise UserError(f"{path}: line {lineno} (particle row {row + 1}): {n} values for {n_labels} columns; "
+                        "cannot copy rows that span several lines")
+
+
+def star_rows(path: str | Path) -> int:
+    """Number of rows in a STAR file's particle block (checked: one row per line, one value per column)."""
+    return sum(r is not None for _, r in _star_lines(Path(path)))
+
+
+def _write_star_rows(src: Path, dst: Path, rows: np.ndarray) -> None:
+    keep = np.zeros(int(rows.max()) + 1, dtype=bool)
+    keep[rows] = True
+    with atomic_path(dst) as tmp:
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as out:
+            for line, r in _star_lines(src):
+                if r is None or (r < len(keep) and keep[r]):
+                    out.write(line)
+
+
+def write_subset(original: str | Path, rows: np.ndarray, out: str | Path) -> None:
+    """Write rows (0-based, any order) of ``original`` (.star or .cs) to ``out`` (same format), in source order.
+
+    STAR: every line other than the unselected particle rows is copied verbatim. .cs: every field of the
+    selected records, saved with ``np.save`` to an open file (the name keeps ``.cs``). Atomic.
+    """
+    from cryoem.io import read_cs
+
+    original, out = Path(original), Path(out)
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    if original.suffix.lower() == ".star":
+        _write_star_rows(original, out, rows)
+        return
+    sub = read_cs(original)[rows]
+    with atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, sub)
+
+
+# ----------------------------------------------------------------------------- from a run back to the original
+@dataclass
+class Original:
+    """Where a run's particles come from.
+
+    Attributes:
+        path: the original particle file (.star or .cs), before any downsampling.
+        rows: (N,) 0-based rows of ``path``, one per particle of the run (latents order).
+        chain: the files followed, the run's particle file first, ``path`` last.
+    """
+
+    path: Path
+    rows: np.ndarray
+    chain: list[Path] = field(default_factory=list)
+
+
+def _count(path: Path) -> int:
+    from cryoem.io import read_cs
+
+    if path.suffix.lower() == ".cs":
+        return len(read_cs(path))
+    if path.suffix.lower() == ".star":
+        return star_rows(path)
+    raise UserError(f"{path}: select writes subsets of RELION .star or cryoSPARC .cs files, not {path.suffix}")
+
+
+def _downsample_record(path: Path) -> dict | None:
+    """The ``downsample.json`` beside ``path`` when it describes ``path``, else None."""
+    f = path.parent / RECORD
+    if path.suffix.lower() != ".star" or not f.is_file():
+        return None
+    try:
+        rec = json.loads(f.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(rec, dict) or rec.get("kind") != "plato-downsample" or rec.get("star") != path.name:
+        return None
+    if not isinstance(rec.get("source"), str) or not isinstance(rec.get("n_particles"), int):
+        raise UserError(f"{f}: a downsample record without 'source' and 'n_particles'")
+    return rec
+
+
+def _source_rows(path: Path) -> np.ndarray:
+    """The ``rlnPlatoSourceRow`` column of a downsampled STAR's particle block, checked."""
+    from cryoem.io import read_star
+
+    blocks = read_star(path)
+    df = next((b for k, b in blocks.items() if k != "optics" and "rlnImageName" in b.columns), None)
+    if df is None or ROW_COLUMN not in df.columns:
+        raise UserError(f"{path}: no {ROW_COLUMN} column in its particle block, though {RECORD} is beside it")
+    v = np.asarray(df[ROW_COLUMN])
+    if v.dtype.kind not in "iu" or (len(v) and v.min() < 0):
+        raise UserError(f"{path}: {ROW_COLUMN} must hold row numbers >= 0")
+    return v.astype(np.int64)
+
+
+def _recorded_source(path: Path, rec: dict) -> Path:
+    """The source named by a downsample record: its absolute path, else relative to the record's folder."""
+    tried = [Path(rec["source"]), path.parent / rec.get("source_relative", rec["source"])]
+    for p in tried:
+        if p.is_file():
+            return p
+    raise UserError(f"{path.parent / RECORD}: the original {rec['source']} is not there any more (tried "
+                    f"{', '.join(map(str, dict.fromkeys(tried)))}); pass --source to say where it is")
+
+
+def trace_original(particles: str | Path, source: str | Path | None = None) -> Original:
+    """Follow a run's particle file back through ``cryoem downsample`` records to the original file.
+
+    ``source`` replaces the original recorded beside ``particles`` (when it has moved). Raises ``UserError`` when
+    the original changed (another row count) or a record is broken.
+    """
+    path = Path(particles)
+    if not path.is_file():
+        raise UserError(f"{path}: particle file not found; pass --particles to say where it is")
+    chain, rows = [path], None
+    if source is not None and _downsample_record(path) is None and not _has_row_column(path):
+        raise UserError(f"--source {source}: {path} is not a cryoem downsample output, so it is the original")
+    while (rec := _downsample_record(path)) is not None or (len(chain) == 1 and source is not None):
+        col = _source_rows(path)
+        src = Path(source) if source is not None and len(chain) == 1 else _recorded_source(path, rec)
+        if not src.is_file():
+            raise UserError(f"--source {src}: file not found")
+        n_src = _count(src)
+        if (rec is not None and n_src != rec["n_particles"]) or (len(col) and col.max() >= n_src):
+            was = rec["n_particles"] if rec is not None else f"at least {col.max() + 1}"
+            raise UserError(f"{src}: {n_src} particles, but {path} was downsampled from {was}; is this the "
+                            "original file?")
+        rows = col if rows is None else col[rows]
+        path = src
+        chain.append(path)
+        if len(chain) > 32:
+            raise UserError(f"{chain[0]}: more than 32 downsample records in a chain (a loop?)")
+    n = _count(path)
+    if len(chain) == 1 and path.suffix.lower() == ".star" and _has_row_column(path):
+        raise UserError(f"{path}: a cryoem downsample output ({ROW_COLUMN}) without its {RECORD}; put the "
+                        "record back beside it or pass --source ORIGINAL")
+    return Original(path, np.arange(n) if rows is None else rows, chain)
+
+
+def _has_row_column(path: Path) -> bool:
+    """Whether a STAR file's particle block has the ``rlnPlatoSourceRow`` column (reads only the headers)."""
+    if path.suffix.lower() != ".star":
+        return False
+    labels: set[str] = set()
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        for line in f:
+            s = line.strip()
+            if s.startswith("_"):
+                labels.add(s.split()[0])
+            elif s.startswith("loop_"):
+                labels = set()
+            elif s and not s.startswith(("#", "data_")) and "_rlnImageName" in labels:  # the particle block's row 1
+                return f"_{ROW_COLUMN}" in labels
+    return False
+
+
+# ----------------------------------------------------------------------------- selections on the run's particles
+def read_latents(analysis: Path) -> np.ndarray:
+    """``RUN/analysis/latents.npy``: (N, zdim) finite posterior means, in the run's particle order."""
+    f = analysis / "latents.npy"
+    if not f.is_file():
+        raise UserError(f"{analysis.parent}: no analysis/latents.npy; run `cryoem analyze {analysis.parent}` first")
+    try:
+        z = np.load(f, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"{f}: not a numpy .npy array ({' '.join(str(e).split())[:120]})") from None
+    if not isinstance(z, np.ndarray) or z.ndim != 2 or z.dtype.kind != "f" or not np.isfinite(z).all():
+        raise UserError(f"{f}: expected an (N, zdim) array of finite latents; re-run cryoem analyze")
+    return z
+
+
+def kmeans_labels(analysis: Path, z: np.ndarray) -> np.ndarray:
+    """(N,) k-means cluster of each particle: ``analysis/kmeans_labels.npy`` when analyze saved it, else
+    recomputed from the latents with analyze's own ``kmeans`` (same k, read from index.html, and seed)."""
+    f = analysis / "kmeans_labels.npy"
+    if f.is_file():
+        labels = np.load(f, allow_pickle=False)
+        if labels.shape != (len(z),) or labels.dtype.kind not in "iu":
+            raise UserError(f"{f}: expected {len(z)} integer cluster labels, got {labels.dtype} {labels.shape}")
+        return labels.astype(np.int64)
+    from cryoem.analyze import kmeans
+
+    index = analysis / "index.html"
+    try:
+        summary = json.loads(html.unescape(index.read_text().split("<pre>", 1)[1].split("</pre>", 1)[0]))
+        k = int(summary["k"])
+    except (OSError, IndexError, KeyError, ValueError, TypeError):
+        raise UserError(f"{analysis}: no kmeans_labels.npy and no k-means summary in index.html; re-run "
+                        "cryoem analyze") from None
+    return np.asarray(kmeans(z, k)[1], dtype=np.int64)
+
+
+def _pc_scores(z: np.ndarray, n: int) -> np.ndarray:
+    """(N, max(2, n)) principal-component scores as ``cryoem analyze`` computes them (zeros past zdim)."""
+    from cryoem.analyze import pca
+
+    scores, _ = pca(z, max(2, n))
+    pad = max(2, n) - scores.shape[1]
+    return np.concatenate([scores, np.zeros((len(z), pad))], 1) if pad > 0 else scores
+
+
+def parse_clusters(spec: str, labels: np.ndarray) -> np.ndarray:
+    """``"0,3"`` -> the cluster numbers, each checked against the run's k-means clusters."""
+    try:
+        ids = sorted({int(c) for c in spec.split(",") if c.strip()})
+    except ValueError:
+        raise UserError(f"--clusters {spec}: expected comma-separated cluster numbers, e.g. 0,3") from None
+    k = int(labels.max()) + 1
+    bad = [c for c in ids if not 0 <= c < k]
+    if not ids or bad:
+        raise UserError(f"--clusters {spec}: the run's k-means has clusters 0 to {k - 1}")
+    return np.asarray(ids)
+
+
+def read_indices(path: str | Path, n: int) -> np.ndarray:
+    """``--indices``: an .npy (or cryoDRGN index .pkl) of 0-based particle indices, or a boolean mask of N."""
+    from cryoem.io import load_pickle
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--indices {path}: file not found")
+    try:
+        idx = load_pickle(path) if path.suffix.lower() == ".pkl" else np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise UserError(f"--indices {path}: not a numpy .npy array ({' '.join(str(e).split())[:120]})") from None
+    idx = np.asarray(idx) if isinstance(idx, (np.ndarray, list, tuple)) else None
+    if idx is not None and idx.dtype == bool and idx.shape == (n,):
+        return np.flatnonzero(idx)
+    if idx is None or idx.ndim != 1 or idx.dtype.kind not in "iu":
+        raise UserError(f"--indices {path}: expected a 1-D array of integer indices or a boolean mask of {n}")
+    bad = np.flatnonzero((idx < 0) | (idx >= n))
+    if len(bad):
+        raise UserError(f"--indices {path}: entry {bad[0]} is {idx[bad[0]]}, outside 0..{n - 1} (the run's particles)")
+    return idx.astype(np.int64)
+
+
+def parse_pc(spec: str, zdim: int) -> tuple[int, float, float]:
+    """``"1:LO:HI"`` -> (pc, lo, hi); an empty bound is open (``"2::0"``: PC2 <= 0). PCs count from 1."""
+    parts = spec.split(":")
+    try:
+        pc = int(parts[0])
+        lo, hi = (float(v) if v.strip() else b for v, b in zip(parts[1:], (-np.inf, np.inf), strict=True))
+    except ValueError:
+        raise UserError(f"--pc {spec}: expected PC:LO:HI, e.g. 1:-0.5:2 (a bound may be empty)") from None
+    if not 1 <= pc <= zdim:
+        raise UserError(f"--pc {spec}: the run's latents have PCs 1 to {zdim}")
+    if np.isnan(lo) or np.isnan(hi) or not lo < hi:
+        raise UserError(f"--pc {spec}: expected LO < HI")
+    return pc, lo, hi
+
+
+def read_polygon(path: str | Path) -> np.ndarray:
+    """``--polygon``: a JSON list of at least 3 ``[x, y]`` vertices (PC1, PC2) -> (V, 2) float."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--polygon {path}: file not found")
+    try:
+        v = np.asarray(json.loads(path.read_text()), dtype=np.float64)
+    except (UnicodeDecodeError, json.JSONDecodeError, ValueError, TypeError) as e:
+        raise UserError(f"--polygon {path}: expected JSON [[x, y], ...] ({' '.join(str(e).split())[:120]})") from None
+    if v.ndim != 2 or v.shape[1] != 2 or len(v) < 3 or not np.isfinite(v).all():
+        raise UserError(f"--polygon {path}: expected a list of at least 3 [x, y] pairs of finite numbers in the "
+                        "PC1/PC2 plane")
+    return v
+
+
+def selection_mask(analysis: Path, z: np.ndarray, *, clusters: str | None = None, indices: str | None = None,
+                   pc: str | None = None, polygon: str | None = None) -> np.ndarray:
+    """(N,) bool over the run's particles from at most one selection (none: every particle)."""
+    from matplotlib.path import Path as Polygon
+
+    n = len(z)
+    if clusters is not None:
+        labels = kmeans_labels(analysis, z)
+        return np.isin(labels, parse_clusters(clusters, labels))
+    mask = np.zeros(n, dtype=bool)
+    if indices is not None:
+        mask[read_indices(indices, n)] = True
+    elif pc is not None:
+        k, lo, hi = parse_pc(pc, z.shape[1])
+        s = _pc_scores(z, k)[:, k - 1]
+        mask = (s >= lo) & (s <= hi)
+    elif polygon is not None:
+        mask = Polygon(read_polygon(polygon)).contains_points(_pc_scores(z, 2)[:, :2])
+    else:
+        mask[:] = True
+    return mask
+
+
+# ----------------------------------------------------------------------------- the command
+def run_particles(run: Path, particles: str | None = None, datadir: str | None = None) -> Path:
+    """The particle file a run was trained on (``RUN/model.json``, or ``RUN/half1/model.json`` for half
+    sets), or ``particles`` when the data have moved."""
+    from cryoem.train import read_record, run_spec
+
+    folder = run / "half1" if not (run / "model.json").is_file() and (run / "half1" / "model.json").is_file() else run
+    return Path(run_spec(folder, read_record(folder), particles, datadir).particles)
+
+
+def _outputs(out: Path, groups: dict, per_cluster: bool) -> list[tuple[Path, np.ndarray]]:
+    if not per_cluster:
+        return [(out, groups[None])]
+    return [(out.with_name(f"{out.stem}_cluster{c:02d}{out.suffix}"), idx) for c, idx in groups.items()]
+
+
+def _check_outputs(outs: list[Path], orig: Original, overwrite: bool) -> None:
+    chain = {os.path.realpath(p) for p in orig.chain}
+    for o in outs:
+        if os.path.realpath(o) in chain:
+            raise UserError(f"--out {o}: that is one of the run's particle files ({o}); choose another name")
+        if o.exists() and not overwrite:
+            raise UserError(f"--out {o}: exists; pass --overwrite to replace it")
+        if o.parent.exists() and not o.parent.is_dir():
+            raise UserError(f"--out {o}: {o.parent} is not a folder")
+
+
+def select(run: str | Path, out: str | Path, *, clusters: str | None = None, indices: str | None = None,
+           pc: str | None = None, polygon: str | None = None, invert: bool = False, per_cluster: bool = False,
+           particles: str | None = None, datadir: str | None = None, source: str | None = None,
+           overwrite: bool = False) -> list[tuple[Path, int]]:
+    """Write a selection of a run's particles as a subset of the original .star / .cs file.
+
+    Exactly one of ``clusters`` / ``indices`` / ``pc`` / ``polygon`` (or none with ``per_cluster``);
+    ``invert`` takes the complement; ``per_cluster`` writes ``OUT_clusterNN.EXT`` per k-means cluster.
+    Every input is checked before anything is written. Returns ``(file written, particles in it)``.
+    """
+    run, out = Path(run), Path(out)
+    given = [s for s in (clusters, indices, pc, polygon) if s is not None]
+    if len(given) > 1 or (not given and not per_cluster):
+        raise UserError("give one selection: --clusters, --indices, --pc or --polygon (or --per-cluster alone)")
+    analysis = run / "analysis"
+    z = read_latents(analysis)
+    orig = trace_original(run_particles(run, particles, datadir), source)
+    if len(orig.rows) != len(z):
+        raise UserError(f"{orig.chain[0]}: {len(orig.rows)} particles, but {analysis / 'latents.npy'} has {len(z)}; "
+                        "give the run's particles (--particles) or re-run cryoem analyze")
+    fmt = orig.path.suffix.lower()
+    if out.suffix.lower() != fmt:
+        raise UserError(f"--out {out}: the original particles are {orig.path} ({fmt}); the subset is written in "
+                        f"the same format, so --out must end in {fmt}")
+    mask = selection_mask(analysis, z, clusters=clusters, indices=indices, pc=pc, polygon=polygon)
+    mask = ~mask if invert else mask
+    if per_cluster:
+        labels = kmeans_labels(analysis, z)
+        groups = {int(c): np.flatnonzero(mask & (labels == c)) for c in np.unique(labels[mask])}
+    else:
+        groups = {None: np.flatnonzero(mask)}
+    writes = [(o, idx) for o, idx in _outputs(out, groups, per_cluster) if len(idx)]
+    if not writes:
+        raise UserError(f"the selection holds none of the run's {len(z)} particles; nothing written")
+    _check_outputs([o for o, _ in writes], orig, overwrite)
+    for o, idx in writes:
+        write_subset(orig.path, orig.rows[idx], o)
+    return [(o, len(idx)) for o, idx in writes]
