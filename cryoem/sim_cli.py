@@ -66,7 +66,9 @@ def add_subcommands(sub) -> None:
     c.add_argument("--poses", type=Path, help="cryoDRGN pose .pkl (with an .mrcs stack)")
     c.add_argument("--ctf", type=Path, help="cryoDRGN CTF .pkl (with an .mrcs stack)")
     c.add_argument("--apix", type=float, help="pixel size in Å, when the metadata lack it")
-    c.add_argument("--datadir", type=Path, help="folder that cryoSPARC blob paths are relative to")
+    c.add_argument("--datadir", type=Path, help="folder that the stack names in a .star or .cs file are relative to "
+                                                "(default: the metadata file's folder, then each folder above it)")
+    c.add_argument("--passthrough", type=Path, help="cryoSPARC passthrough .cs (default: found beside the .cs file)")
     c.set_defaults(func=cmd_check)
 
 
@@ -157,10 +159,12 @@ def write_preview(path: Path, conf, args, n: int = 8) -> None:
 def cmd_check(args: argparse.Namespace) -> int:
     from cryoem.particles import load_particles
 
-    ps = load_particles(args.particles, pixel_size=args.apix, poses=args.poses, ctf=args.ctf, datadir=args.datadir)
+    ps = load_particles(args.particles, pixel_size=args.apix, poses=args.poses, ctf=args.ctf, datadir=args.datadir,
+                        passthrough=args.passthrough)
     m = ps.meta
     print(f"{args.particles}: {len(ps)} particles in {len(m.files)} stack(s), {m.box} px, {m.pixel_size:.4f} Å/px, "
           f"poses: {'yes' if m.R is not None else 'no'}, CTF: {'yes' if m.ctf is not None else 'no'}")
+    print(f"read from: {m.provenance_line()}")
     return 0
 
 

@@ -30,7 +30,7 @@ from cryoem.vae import AtomVAE, AtomVAEConfig, estimate_noise_sigma, latent_diag
 from scene3d.runinfo import UserError, atomic_write, check_out_dir, remove_outputs, settings_diff
 from scene3d.trainer import CHECKPOINT, RUN_FILES, TrainConfig, Trainer, load_checkpoint
 
-PATH_FIELDS = ("particles", "structure", "poses", "ctf", "datadir")  # DataSpec fields that name files
+PATH_FIELDS = ("particles", "structure", "poses", "ctf", "datadir", "passthrough")  # DataSpec fields that name files
 # what a run writes into --out (with the trainer's files); --overwrite deletes these first
 RUN_OUTPUTS = ("model.json", "train_log.csv", "half1", "half2", "analysis", *RUN_FILES)
 # settings of runs written before they existed: the behaviour those runs had
@@ -52,6 +52,7 @@ class DataSpec:
     center: str = "centroid"  # centroid | map | none: how the model sits relative to the box centre
     chains: str | None = None  # comma-separated chain ids to model (default: all)
     lazy: bool = False
+    passthrough: str | None = None  # a cryoSPARC passthrough .cs (None: found beside the particle file)
 
 
 def absolute_spec(spec: DataSpec) -> DataSpec:
@@ -63,7 +64,8 @@ def absolute_spec(spec: DataSpec) -> DataSpec:
 def load_data(spec: DataSpec, check_pixels: bool = True, need_poses: bool = True) -> ParticleSet:
     """Read and validate the particles; require the CTF, and poses unless ``need_poses`` is False."""
     ds = load_particles(spec.particles, pixel_size=spec.pixel_size, poses=spec.poses, ctf=spec.ctf,
-                        datadir=spec.datadir, lazy=spec.lazy, check_pixels=check_pixels)
+                        datadir=spec.datadir, passthrough=spec.passthrough, lazy=spec.lazy,
+                        check_pixels=check_pixels)
     if ds.meta.R is None and need_poses:
         raise UserError(f"{spec.particles}: the metadata has no poses; run a consensus refinement first "
                         "(RELION / cryoSPARC), give --poses pose.pkl, or try the experimental --infer-poses")
@@ -146,6 +148,8 @@ def train(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, halves: bool = 
     spec = absolute_spec(spec)
     out = check_out_dir(tcfg.out, tcfg.resume, tcfg.overwrite, run_file="half1/model.json" if halves else "model.json")
     ds = load_data(spec, need_poses=not cfg.infer_poses)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"particles: {len(ds)} read from {ds.meta.provenance_line()}")
     parts = {"full": (out, None)} if not halves else {
         f"half{h}": (out / f"half{h}", idx) for h, idx in enumerate(_split_halves(ds, tcfg.seed), start=1)}
     for folder, idx in parts.values():

@@ -38,7 +38,10 @@ def _add_train(sub) -> None:
                         "(e.g. the gt_models.pdb of `cryoem simulate`)")
     p.add_argument("--chains", help="comma-separated chain ids of the starting model to model (default: all)")
     p.add_argument("--pixel-size", type=float, help="Å/px, when the metadata lacks it")
-    p.add_argument("--datadir", help="folder of the stacks named in a .cs file")
+    p.add_argument("--datadir", help="folder that the stack names in a .star or .cs file are relative to "
+                                     "(default: the metadata file's folder, then each folder above it)")
+    p.add_argument("--passthrough", help="cryoSPARC passthrough .cs with fields the particle file lacks "
+                                         "(default: found beside it under cryoSPARC's naming)")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--epochs", type=int)
     budget.add_argument("--minutes", type=float)
@@ -127,7 +130,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     print(f"{threads} CPU thread(s) for torch" + ("" if a.threads else " (cores minus the current load; --threads N "
                                                                        "to choose)"))
     spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.chains,
-                    a.lazy)
+                    a.lazy, a.passthrough)
     cfg = AtomVAEConfig(zdim=a.zdim, enc_width=a.enc_width, enc_downsample=a.enc_downsample,
                         dec_hidden=a.dec_hidden, beta=a.beta, enc_reference=a.enc_reference,
                         likelihood=a.likelihood, posterior=a.posterior, gn_steps=a.gn_steps, warm_start=a.warm_start,

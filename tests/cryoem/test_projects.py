@@ -264,3 +264,17 @@ def test_cryosparc_passthrough_must_hold_every_uid(tmp_path):
     assert str(e.value) == (f"{main}: row 1: uid {src['uid'][0]} is not in the passthrough file "
                             f"{tmp_path / 'proj/J3/J3_passthrough_particles.cs'}; the files describe different "
                             "particles")
+
+
+def test_check_command_takes_datadir_and_passthrough_and_says_where_fields_came_from(tmp_path, capsys):
+    from cryoem.cli import main
+
+    main_cs, src = cryosparc_project(tmp_path / "proj", main="exports/sel.cs", passthrough="exports/ctf_only.cs")
+    moved = tmp_path / "elsewhere/sel.cs"
+    moved.parent.mkdir()
+    moved.write_bytes(main_cs.read_bytes())
+    rc = main(["check", str(moved), "--datadir", str(tmp_path / "proj"),
+               "--passthrough", str(tmp_path / "proj/exports/ctf_only.cs")])
+    out = capsys.readouterr().out
+    assert rc == 0 and f"{len(src)} particles" in out and "CTF: yes" in out
+    assert "read from: images: sel.cs; poses: sel.cs; shifts: sel.cs; CTF: ctf_only.cs" in out
