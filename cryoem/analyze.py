@@ -247,6 +247,9 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
     if scores.shape[1] < 2:
         scores = np.concatenate([scores, np.zeros_like(scores)], 1)
     centres, labels = kmeans(z, min(k, len(z)))
+    np.save(out / "kmeans_labels.npy", labels.astype(np.int64))
+    items.append(("kmeans_labels.npy", f"k-means cluster (0-{len(centres) - 1}) of each particle, input order "
+                                       "(cryoem select --clusters)"))
     scatter_png(out / "pca.png", scores, "PC of the latents", cvals, clabel, p.transform(centres)
                 if p.n_components_ > 1 else None)
     ev = ", ".join(f"{v:.0%}" for v in p.explained_variance_ratio_)

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from scene3d.runinfo import UserError, atomic_write, check_out_dir, remove_outputs, write_config
 
-__all__ = ["fourier_crop", "downsample", "star_tables", "ROW_COLUMN", "RECORD", "STAR_NAME"]
+__all__ = ["fourier_crop", "downsample", "ROW_COLUMN", "RECORD", "STAR_NAME"]
 
 ROW_COLUMN = "rlnPlatoSourceRow"  # 0-based row of each particle in the source file
 RECORD = "downsample.json"  # beside the STAR: where the source file is
@@ -101,47 +101,6 @@ def fourier_crop(images: Tensor, box: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- the STAR of the output
-def star_tables(meta, image_names: list[str], pixel_size: float, box: int, source_rows: np.ndarray):
-    """RELION 3.1 optics and particle tables (pandas) for ``meta`` (``cryoem.particles.ParticleMeta``).
-
-    One optics group per distinct (voltage, Cs, amplitude contrast); angles in degrees from ``meta.R``;
-    ``rlnOriginX/YAngst = -shift_A`` (Å); defocus (Å), astigmatism angle and phase shift (degrees), B-factor
-    and scale from ``meta.ctf``; ``rlnPlatoSourceRow`` from ``source_rows`` (N,). Absent metadata (no poses,
-    no CTF) give no columns rather than invented values.
-    """
-    import pandas as pd
-
-    from cryoem.ctf import CTF_FIELDS
-    from renderers.cameras import matrix_to_euler_zyz
-
-    n = len(image_names)
-    optics = {"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"]}
-    cols: dict = {"rlnImageName": image_names, "rlnOpticsGroup": np.ones(n, dtype=int)}
-    if meta.ctf is not None:
-        col = {f: meta.ctf[:, i] for i, f in enumerate(CTF_FIELDS)}
-        groups, group_of = np.unique(np.stack([col["voltage"], col["cs"], col["amp_contrast"]], 1), axis=0,
-                                     return_inverse=True)
-        optics = {"rlnOpticsGroup": np.arange(1, len(groups) + 1),
-                  "rlnOpticsGroupName": [f"opticsGroup{g}" for g in range(1, len(groups) + 1)],
-                  "rlnAmplitudeContrast": groups[:, 2], "rlnSphericalAberration": groups[:, 1],
-                  "rlnVoltage": groups[:, 0]}
-        cols["rlnOpticsGroup"] = group_of.reshape(-1) + 1
-    g = len(optics["rlnOpticsGroup"])
-    optics.update(rlnImagePixelSize=[float(pixel_size)] * g, rlnImageSize=[int(box)] * g,
-                  rlnImageDimensionality=[2] * g)
-    if meta.R is not None:
-        rot, tilt, psi = (np.rad2deg(a.numpy()) for a in matrix_to_euler_zyz(torch.as_tensor(meta.R)))
-        cols.update(rlnAngleRot=rot, rlnAngleTilt=tilt, rlnAnglePsi=psi)
-    if meta.shift_A is not None:
-        cols.update(rlnOriginXAngst=-meta.shift_A[:, 0], rlnOriginYAngst=-meta.shift_A[:, 1])
-    if meta.ctf is not None:
-        cols.update(rlnDefocusU=col["defocus_u"], rlnDefocusV=col["defocus_v"],
-                    rlnDefocusAngle=np.rad2deg(col["angle"]), rlnPhaseShift=np.rad2deg(col["phase_shift"]),
-                    rlnCtfBfactor=col["bfactor"], rlnCtfScalefactor=col["scale"])
-    cols[ROW_COLUMN] = np.asarray(source_rows, dtype=np.int64)
-    return pd.DataFrame(optics), pd.DataFrame(cols)
-
-
 # ----------------------------------------------------------------------------- the command
 def _check_inputs(particles: Path, out: Path, box: int, chunk: int, overwrite: bool) -> None:
     """Argument checks that need no file reading (one ``UserError`` line each)."""
@@ -240,8 +199,12 @@ def downsample(particles: str | Path, out: str | Path, box: int, *, datadir: str
         raise
     image_names = [f"{i - c * chunk + 1:06d}@{names[c]}" for c in range(len(names))
                    for i in range(c * chunk, min(N, (c + 1) * chunk))]
-    optics, parts = star_tables(ds.meta, image_names, apix, box, ds.meta.rows - 1)
     from cryoem.io import write_star
+    from cryoem.particles import star_tables
+
+    m = ds.meta
+    optics, parts = star_tables(image_names, apix, box, m.R, m.shift_A, m.ctf,
+                                {ROW_COLUMN: np.asarray(m.rows - 1, dtype=np.int64)})
 
     write_star(out / STAR_NAME, optics, parts)
     source = os.path.abspath(particles)

@@ -52,7 +52,7 @@ from renderers.cameras import axis_angle_to_matrix, euler_zyz_to_matrix
 from scene3d.runinfo import UserError
 
 __all__ = ["ParticleMeta", "ParticleSet", "load_particles", "validate", "meta_from_star", "meta_from_cs",
-           "meta_from_stack", "find_passthrough", "write_particles"]
+           "meta_from_stack", "find_passthrough", "star_tables", "write_particles"]
 
 
 @dataclass
@@ -774,35 +774,55 @@ def load_particles(path: str | Path, *, pixel_size: float | None = None, poses=N
     return ParticleSet(validate(meta, check_pixels=check_pixels), lazy=lazy)
 
 
-def write_particles(out_dir: str | Path, images: np.ndarray, pixel_size: float, R: np.ndarray | None = None,
-                    shift_A: np.ndarray | None = None, ctf: CTFParams | None = None,
-                    stack_name: str = "particles.mrcs", star_name: str = "particles.star") -> tuple[Path, Path]:
-    """Write ``images`` (N, D, D) as an .mrcs and a RELION 3.1 STAR (optics + particles) beside it."""
+def star_tables(image_names: list[str], pixel_size: float, box: int, R=None, shift_A=None, ctf=None,
+                extra: dict | None = None):
+    """RELION 3.1 optics and particle tables (pandas DataFrames) for N particles.
+
+    ``R`` (N, 3, 3) rotations -> ZYZ angles in degrees; ``shift_A`` (N, 2) Å -> ``rlnOriginX/YAngst = -shift``;
+    ``ctf`` (N, 9) in ``CTF_FIELDS`` order -> defocus (Å), astigmatism angle and phase shift (degrees),
+    B-factor and scale, with one optics group per distinct (voltage kV, Cs mm, amplitude contrast);
+    ``extra``: more particle columns {name: (N,)}. Absent metadata give no columns, not invented values.
+    """
     import pandas as pd
 
     from renderers.cameras import matrix_to_euler_zyz
 
-    out = Path(out_dir)
-    N, D = images.shape[0], images.shape[-1]
-    cio.write_mrcs(out / stack_name, images, pixel_size)
-    c = ctf if ctf is not None else CTFParams.create(torch.zeros(N), amp_contrast=0.1)
-    optics = pd.DataFrame({
-        "rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"],
-        "rlnAmplitudeContrast": [float(c.amp_contrast[0])], "rlnSphericalAberration": [float(c.cs[0])],
-        "rlnVoltage": [float(c.voltage[0])], "rlnImagePixelSize": [float(pixel_size)], "rlnImageSize": [int(D)],
-        "rlnImageDimensionality": [2]})
-    for f in ("amp_contrast", "cs", "voltage"):
-        if not torch.allclose(getattr(c, f), getattr(c, f)[0]):
-            raise ValueError(f"write_particles: {f} varies between particles; one optics group holds one value")
-    cols = {"rlnImageName": [f"{i + 1:06d}@{stack_name}" for i in range(N)], "rlnOpticsGroup": np.ones(N, int)}
+    n = len(image_names)
+    optics = {"rlnOpticsGroup": [1], "rlnOpticsGroupName": ["opticsGroup1"]}
+    cols: dict = {"rlnImageName": list(image_names), "rlnOpticsGroup": np.ones(n, dtype=int)}
+    if ctf is not None:
+        col = {f: np.asarray(ctf, dtype=np.float64)[:, i] for i, f in enumerate(CTF_FIELDS)}
+        groups, group_of = np.unique(np.stack([col["voltage"], col["cs"], col["amp_contrast"]], 1), axis=0,
+                                     return_inverse=True)
+        optics = {"rlnOpticsGroup": np.arange(1, len(groups) + 1),
+                  "rlnOpticsGroupName": [f"opticsGroup{g}" for g in range(1, len(groups) + 1)],
+                  "rlnAmplitudeContrast": groups[:, 2], "rlnSphericalAberration": groups[:, 1],
+                  "rlnVoltage": groups[:, 0]}
+        cols["rlnOpticsGroup"] = group_of.reshape(-1) + 1
+    g = len(optics["rlnOpticsGroup"])
+    optics.update(rlnImagePixelSize=[float(pixel_size)] * g, rlnImageSize=[int(box)] * g,
+                  rlnImageDimensionality=[2] * g)
     if R is not None:
-        rot, tilt, psi = (np.rad2deg(a.numpy()) for a in matrix_to_euler_zyz(torch.as_tensor(R, dtype=torch.float64)))
-        cols.update(rlnAngleRot=rot, rlnAngleTilt=tilt, rlnAnglePsi=psi)
+        angles = matrix_to_euler_zyz(torch.as_tensor(np.asarray(R), dtype=torch.float64))
+        cols.update(zip(("rlnAngleRot", "rlnAngleTilt", "rlnAnglePsi"), (np.rad2deg(a.numpy()) for a in angles)))
     if shift_A is not None:
         cols.update(rlnOriginXAngst=-np.asarray(shift_A)[:, 0], rlnOriginYAngst=-np.asarray(shift_A)[:, 1])
     if ctf is not None:
-        cols.update(rlnDefocusU=c.defocus_u.numpy(), rlnDefocusV=c.defocus_v.numpy(),
-                    rlnDefocusAngle=np.rad2deg(c.angle.numpy()), rlnPhaseShift=np.rad2deg(c.phase_shift.numpy()),
-                    rlnCtfBfactor=c.bfactor.numpy(), rlnCtfScalefactor=c.scale.numpy())
-    cio.write_star(out / star_name, optics, pd.DataFrame(cols))
+        cols.update(rlnDefocusU=col["defocus_u"], rlnDefocusV=col["defocus_v"],
+                    rlnDefocusAngle=np.rad2deg(col["angle"]), rlnPhaseShift=np.rad2deg(col["phase_shift"]),
+                    rlnCtfBfactor=col["bfactor"], rlnCtfScalefactor=col["scale"])
+    cols.update(extra or {})
+    return pd.DataFrame(optics), pd.DataFrame(cols)
+
+
+def write_particles(out_dir: str | Path, images: np.ndarray, pixel_size: float, R: np.ndarray | None = None,
+                    shift_A: np.ndarray | None = None, ctf: CTFParams | None = None,
+                    stack_name: str = "particles.mrcs", star_name: str = "particles.star") -> tuple[Path, Path]:
+    """Write ``images`` (N, D, D) as an .mrcs and a RELION 3.1 STAR (optics + particles, :func:`star_tables`)."""
+    out = Path(out_dir)
+    N, D = images.shape[0], images.shape[-1]
+    cio.write_mrcs(out / stack_name, images, pixel_size)
+    names = [f"{i + 1:06d}@{stack_name}" for i in range(N)]
+    optics, parts = star_tables(names, pixel_size, D, R, shift_A, None if ctf is None else ctf.as_tensor().numpy())
+    cio.write_star(out / star_name, optics, parts)
     return out / stack_name, out / star_name

@@ -26,7 +26,6 @@ file is the one in ``RUN/half1/model.json``.
 
 from __future__ import annotations
 
-import html
 import json
 import os
 import shlex
@@ -252,24 +251,15 @@ def read_latents(analysis: Path) -> np.ndarray:
 
 
 def kmeans_labels(analysis: Path, z: np.ndarray) -> np.ndarray:
-    """(N,) k-means cluster of each particle: ``analysis/kmeans_labels.npy`` when analyze saved it, else
-    recomputed from the latents with analyze's own ``kmeans`` (same k, read from index.html, and seed)."""
+    """(N,) k-means cluster of each particle, from ``analysis/kmeans_labels.npy`` (written by analyze)."""
     f = analysis / "kmeans_labels.npy"
-    if f.is_file():
-        labels = np.load(f, allow_pickle=False)
-        if labels.shape != (len(z),) or labels.dtype.kind not in "iu":
-            raise UserError(f"{f}: expected {len(z)} integer cluster labels, got {labels.dtype} {labels.shape}")
-        return labels.astype(np.int64)
-    from cryoem.analyze import kmeans
-
-    index = analysis / "index.html"
-    try:
-        summary = json.loads(html.unescape(index.read_text().split("<pre>", 1)[1].split("</pre>", 1)[0]))
-        k = int(summary["k"])
-    except (OSError, IndexError, KeyError, ValueError, TypeError):
-        raise UserError(f"{analysis}: no kmeans_labels.npy and no k-means summary in index.html; re-run "
-                        "cryoem analyze") from None
-    return np.asarray(kmeans(z, k)[1], dtype=np.int64)
+    if not f.is_file():
+        raise UserError(f"{analysis}: no kmeans_labels.npy (analyses before this version did not write it); "
+                        "re-run cryoem analyze")
+    labels = np.load(f, allow_pickle=False)
+    if labels.shape != (len(z),) or labels.dtype.kind not in "iu":
+        raise UserError(f"{f}: expected {len(z)} integer cluster labels, got {labels.dtype} {labels.shape}")
+    return labels.astype(np.int64)
 
 
 def _pc_scores(z: np.ndarray, n: int) -> np.ndarray:

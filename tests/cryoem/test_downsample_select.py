@@ -375,8 +375,8 @@ def test_select_clusters_writes_the_original_rows(run, sim, tmp_path, capsys):
     from cryoem.analyze import kmeans
 
     z = np.load(run / "analysis" / "latents.npy")
-    labels = np.load(run / "analysis" / "kmeans_labels.npy") if (run / "analysis" / "kmeans_labels.npy").is_file() \
-        else kmeans(z, 2)[1]
+    labels = kmeans(z, 2)[1]  # analyze ran with --k 2
+    assert np.array_equal(np.load(run / "analysis" / "kmeans_labels.npy"), labels)
     rc, out, err = run_cli(capsys, "select", run, "--clusters", 1, "--out", tmp_path / "c1.star")
     assert rc == 0, err
     src, sub = starfile.read(sim / "particles.star"), starfile.read(tmp_path / "c1.star")
