@@ -18,15 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from scene3d.runinfo import UserError, atomic_path, atomic_write
+from scene3d.runinfo import UserError, atomic_path, atomic_write, one_line
 
 __all__ = ["RestrictedUnpickler", "load_pickle", "open_mrc", "read_mrc", "write_mrc", "write_mrcs", "read_star",
            "write_star", "read_cs"]
-
-
-def _one_line(e: Exception) -> str:
-    """``Type: message`` squeezed onto one line (third-party messages may span several)."""
-    return " ".join(f"{type(e).__name__}: {e}".split())[:300]
 
 
 # ----------------------------------------------------------------------------- pickles
@@ -64,7 +59,7 @@ def load_pickle(path: str | Path):
     except UserError:
         raise
     except Exception as e:  # truncated / garbage pickles raise many types
-        raise UserError(f"{path}: not a readable pickle of numpy arrays ({_one_line(e)})") from e
+        raise UserError(f"{path}: not a readable pickle of numpy arrays ({one_line(e)})") from e
     _check_object_arrays(obj, path)
     return obj
 
@@ -94,7 +89,7 @@ def open_mrc(path: str | Path):
             warnings.simplefilter("ignore")
             m = mrcfile.mmap(path, mode="r", permissive=True)
     except Exception as e:
-        raise UserError(f"{path}: not a readable MRC file ({_one_line(e)})") from e
+        raise UserError(f"{path}: not a readable MRC file ({one_line(e)})") from e
     data = m.data
     if data is None or data.ndim not in (2, 3) or data.size == 0:
         m.close()
@@ -173,7 +168,7 @@ def read_star(path: str | Path) -> dict:
             warnings.simplefilter("ignore")
             blocks = starfile.read(path, always_dict=True)
     except Exception as e:
-        raise UserError(f"{path}: cannot parse STAR file ({_one_line(e)})") from e
+        raise UserError(f"{path}: cannot parse STAR file ({one_line(e)})") from e
     if not isinstance(blocks, dict) or not blocks:
         raise UserError(f"{path}: no data blocks found")
     return {k: v if isinstance(v, pd.DataFrame) else pd.DataFrame([v]) for k, v in blocks.items()}
@@ -196,7 +191,7 @@ def read_cs(path: str | Path) -> np.ndarray:
     try:
         arr = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise UserError(f"{path}: not a cryoSPARC .cs file ({_one_line(e)})") from e
+        raise UserError(f"{path}: not a cryoSPARC .cs file ({one_line(e)})") from e
     if not isinstance(arr, np.ndarray) or arr.dtype.names is None or arr.ndim != 1:
         raise UserError(f"{path}: not a cryoSPARC .cs file (expected a 1-D numpy structured array)")
     return arr

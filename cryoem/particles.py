@@ -49,7 +49,7 @@ import torch
 from cryoem import io as cio
 from cryoem.ctf import CTF_FIELDS, CTFParams, unphysical_ctf
 from renderers.cameras import axis_angle_to_matrix, euler_zyz_to_matrix
-from scene3d.runinfo import UserError
+from scene3d.runinfo import UserError, one_line
 
 __all__ = ["ParticleMeta", "ParticleSet", "load_particles", "validate", "meta_from_star", "meta_from_cs",
            "meta_from_stack", "find_passthrough", "star_tables", "write_particles"]
@@ -389,7 +389,7 @@ class _CsFields:
         try:
             v = np.asarray(v, dtype=np.float64)
         except (ValueError, TypeError) as e:
-            raise UserError(f"{src}: field {key} is not numeric ({cio._one_line(e)})") from e
+            raise UserError(f"{src}: field {key} is not numeric ({one_line(e)})") from e
         bad = np.flatnonzero(~np.isfinite(v.reshape(len(v), -1)).all(1))
         if len(bad):
             raise UserError(f"{src}: row {self.rows[key][bad[0]]}: {key} is NaN or inf")

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from cryoem.downsample import RECORD, ROW_COLUMN
-from scene3d.runinfo import UserError, atomic_path
+from scene3d.runinfo import UserError, atomic_path, read_json
 
 __all__ = ["Original", "trace_original", "star_rows", "write_subset", "selection_mask", "select"]
 
@@ -149,10 +149,7 @@ def _downsample_record(path: Path) -> dict | None:
     f = path.parent / RECORD
     if path.suffix.lower() != ".star" or not f.is_file():
         return None
-    try:
-        rec = json.loads(f.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{f}: not valid JSON ({e})") from None
+    rec = read_json(f)
     if not isinstance(rec, dict) or rec.get("kind") != "plato-downsample" or rec.get("star") != path.name:
         return None
     if not isinstance(rec.get("source"), str) or not isinstance(rec.get("n_particles"), int):

@@ -27,7 +27,7 @@ import torch
 from cryoem.particles import ParticleSet, load_particles
 from cryoem.structure import Structure, bonded_pairs, read_structure, scattering_gaussians
 from cryoem.vae import AtomVAE, AtomVAEConfig, estimate_noise_sigma, latent_diagnostics
-from scene3d.runinfo import UserError, atomic_write, check_out_dir, remove_outputs, settings_diff
+from scene3d.runinfo import UserError, atomic_write, check_out_dir, read_json, remove_outputs, settings_diff
 from scene3d.trainer import CHECKPOINT, RUN_FILES, TrainConfig, Trainer, load_checkpoint
 
 PATH_FIELDS = ("particles", "structure", "poses", "ctf", "datadir", "passthrough")  # DataSpec fields that name files
@@ -236,10 +236,7 @@ def read_record(run: str | os.PathLike) -> dict:
     path = Path(run) / "model.json"
     if not path.is_file():
         raise UserError(f"{run}: not an atom-VAE run folder (no model.json)")
-    try:
-        rec = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}); the run record is damaged (truncated?)") from None
+    rec = read_json(path)
     problem = None
     if not isinstance(rec, dict) or not isinstance(rec.get("data"), dict) or not isinstance(rec.get("model"), dict):
         problem = "expected an object with 'data' and 'model' objects"

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from renderers.cameras import Camera
-from scene3d.runinfo import UserError, atomic_path, atomic_write
+from scene3d.runinfo import UserError, atomic_path, atomic_write, one_line, read_json
 
 FORMAT = "plato-multiview-1"
 CAMERA_KEYS = ("R", "t", "focal", "principal")
@@ -125,7 +125,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
             factors = {k[len("factor_"):]: v for k, v in arr.items() if k.startswith("factor_")}
             return cls(arr["images"], arr["R"], arr["t"], arr["focal"], arr["principal"], factors, meta, occ)
         except (KeyError, TypeError, ValueError) as e:
-            raise UserError(f"{root}: the shards do not form a dataset ({_one_line(e)})") from None
+            raise UserError(f"{root}: the shards do not form a dataset ({one_line(e)})") from None
 
     def save(self, root: str | Path, shard_size: int = 500) -> Path:
         """Write this dataset as a folder of shards (see the module docstring)."""
@@ -137,19 +137,12 @@ class MultiViewDataset(torch.utils.data.Dataset):
         return w.close(self.meta)
 
 
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:160] or e.__class__.__name__
-
-
 def _read_meta(root: Path) -> dict:
     """``root/meta.json`` checked: a JSON object of format :data:`FORMAT` listing its shards."""
     meta_path = root / "meta.json"
     if not meta_path.is_file():
         raise UserError(f"{root}: not a Plato multi-view dataset (no meta.json; make one with `scene3d data`)")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{meta_path}: not valid JSON ({_one_line(e)}); the file is damaged (truncated?)") from None
+    meta = read_json(meta_path)
     if not isinstance(meta, dict):
         raise UserError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format") != FORMAT:
@@ -178,14 +171,14 @@ def _read_shards(root: Path, meta: dict) -> dict[str, np.ndarray]:
                 for k in z.files:
                     parts.setdefault(k, []).append(z[k])
         except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
-            raise UserError(f"{path}: unreadable shard ({_one_line(e)}); the file is damaged (truncated?)") from None
+            raise UserError(f"{path}: unreadable shard ({one_line(e)}); the file is damaged (truncated?)") from None
     missing = [k for k in ("images", *CAMERA_KEYS) if len(parts.get(k, ())) != len(meta["shards"])]
     if missing:
         raise UserError(f"{root}: shards lack the arrays {', '.join(missing)}")
     try:
         return {k: np.concatenate(v) for k, v in parts.items()}
     except ValueError as e:
-        raise UserError(f"{root}: the shards' arrays differ in shape ({_one_line(e)})") from None
+        raise UserError(f"{root}: the shards' arrays differ in shape ({one_line(e)})") from None
 
 
 class ShardWriter:
@@ -327,11 +320,8 @@ def load_nerf_folder(root: str | Path, split: str = "train", background=(1.0, 1.
         tf = root / "transforms.json"
     if not tf.is_file():
         raise UserError(f"{root}: no transforms_{split}.json or transforms.json")
-    try:
-        meta = json.loads(tf.read_text())
-        frames = meta["frames"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{tf}: not a NeRF transforms file ({_one_line(e)})") from None
+    meta = read_json(tf)
+    frames = meta.get("frames") if isinstance(meta, dict) else None
     if not isinstance(frames, list) or not frames:
         raise UserError(f"{tf}: 'frames' is empty; expected one entry per image")
     images, c2w = _nerf_frames(root, tf, frames, background, image_size)
@@ -380,7 +370,7 @@ def _nerf_frames(root: Path, tf: Path, frames: list, background, image_size: int
                     im = im.resize((image_size, image_size), Image.BILINEAR)
                 rgba = np.asarray(im.convert("RGBA"))
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for corrupt or truncated files
-            raise UserError(f"{tf}: frame {k}: image {p} is unreadable ({_one_line(e)})") from None
+            raise UserError(f"{tf}: frame {k}: image {p} is unreadable ({one_line(e)})") from None
         if images and rgba.shape[:2] != images[0].shape[:2]:
             raise UserError(f"{tf}: frame {k}: image {p} is {rgba.shape[1]}x{rgba.shape[0]} px, frame 0 is "
                             f"{images[0].shape[1]}x{images[0].shape[0]}; every view must have one size")

@@ -71,6 +71,22 @@ def git_commit() -> str | None:
     return (sha + ("+dirty" if dirty else "")) or None
 
 
+def one_line(e: BaseException, limit: int = 200) -> str:
+    """An exception as ``Type: message`` on one line (third-party messages may span several), cut at ``limit``."""
+    return " ".join(f"{type(e).__name__}: {e}".split())[:limit]
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """The parsed JSON of ``path``; a missing, unreadable or damaged (e.g. truncated) file is one UserError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({one_line(e)}); the file is damaged (truncated?)") from None
+
+
 def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
     path = Path(path)
