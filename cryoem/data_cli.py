@@ -66,7 +66,7 @@ def cmd_downsample(a: argparse.Namespace) -> int:
 
     rec = json.loads((star.parent / "downsample.json").read_text())
     print(f"wrote {rec['n_particles']} particles: {rec['box_in']} px at {rec['pixel_size_in']:.4g} Å/px -> "
-          f"{rec['box_out']} px at {rec['pixel_size_out']:.6g} Å/px, in {len(rec['stacks'])} stack(s); {star}")
+          f"{rec['box_out']} px at {rec['pixel_size_out']:.5g} Å/px, in {len(rec['stacks'])} stack(s); {star}")
     return 0
 
 
