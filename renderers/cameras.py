@@ -45,6 +45,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from renderers._validate import check_tensor
+
 __all__ = [
     "Camera",
     "look_at",
@@ -57,19 +59,6 @@ __all__ = [
 
 _P3D_FLIP = (-1.0, -1.0, 1.0)  # PyTorch3D view axes = diag(-1, -1, 1) @ ours
 _GL_FLIP = (1.0, -1.0, -1.0)  # OpenGL camera axes = diag(1, -1, -1) @ ours
-
-
-def _check(name: str, x: Tensor, shape: tuple) -> None:
-    """Raise ValueError unless ``x`` is a finite tensor of ``shape`` (-1 = any)."""
-    if not isinstance(x, Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor of shape {shape}, got {type(x).__name__}")
-    if x.dim() != len(shape) or any(s != -1 and s != d for s, d in zip(shape, x.shape)):
-        want = "(" + ", ".join("*" if s == -1 else str(s) for s in shape) + ")"
-        raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name}: contains NaN or inf")
 
 
 @dataclass
@@ -94,11 +83,9 @@ class Camera:
     orthographic: bool = False
 
     def __post_init__(self) -> None:
-        _check("R", self.R, (-1, 3, 3))
-        B = self.R.shape[0]
-        _check("t", self.t, (B, 3))
-        _check("focal", self.focal, (B, 2))
-        _check("principal", self.principal, (B, 2))
+        sizes = check_tensor("R", self.R, ("B", 3, 3))
+        for name, n in (("t", 3), ("focal", 2), ("principal", 2)):
+            check_tensor(name, getattr(self, name), ("B", n), sizes)
         H, W = self.image_size
         if int(H) <= 0 or int(W) <= 0:
             raise ValueError(f"image_size: expected positive (H, W), got {self.image_size}")
@@ -126,8 +113,7 @@ class Camera:
         pixel) for an orthographic one. ``principal`` defaults to the image centre
         ``(W / 2, H / 2)``.
         """
-        _check("R", R, (-1, 3, 3))
-        B = R.shape[0]
+        B = check_tensor("R", R, ("B", 3, 3))["B"]
         H, W = image_size
         if sum(v is not None for v in (fov, focal, pixel_size)) != 1:
             raise ValueError("Camera.create: give exactly one of fov, focal or pixel_size")
@@ -150,6 +136,8 @@ class Camera:
         return self.R.shape[0]
 
     def __getitem__(self, idx) -> "Camera":
+        """The one way to take a subset: ``idx`` is an int, a slice, a (B,) bool mask or an index tensor
+        over the B cameras (repeats allowed); an int keeps the batch dimension (one camera)."""
         if isinstance(idx, int):
             idx = slice(idx, idx + 1)
         return Camera(self.R[idx], self.t[idx], self.focal[idx], self.principal[idx],
@@ -196,7 +184,7 @@ class Camera:
                 centres at +0.5.
             depth: (B, N) view-space z.
         """
-        _check("points", points, (len(self), -1, 3))
+        check_tensor("points", points, ("B", "N", 3), {"B": len(self)})
         x = self.world_to_view(points)
         z = x[..., 2]
         xy = x[..., :2] if self.orthographic else x[..., :2] / z[..., None]
@@ -296,7 +284,7 @@ class Camera:
 
         ``principal`` is in Plato pixels; nerfstudio's ``cx, cy`` already use +0.5 centres.
         """
-        _check("c2w", c2w, (-1, 4, 4))
+        check_tensor("c2w", c2w, ("B", 4, 4))
         F = c2w.new_tensor(_GL_FLIP)
         R = F[:, None] * c2w[:, :3, :3].transpose(1, 2)
         t = -(R @ c2w[:, :3, 3:])[..., 0]
@@ -314,7 +302,7 @@ class Camera:
     @classmethod
     def from_opencv(cls, R: Tensor, t: Tensor, K: Tensor, image_size: tuple[int, int]) -> "Camera":
         """From OpenCV world-to-camera ``R (B,3,3)``, ``t (B,3)`` and intrinsics ``K (B,3,3)``."""
-        _check("K", K, (-1, 3, 3))
+        check_tensor("K", K, ("B", 3, 3))
         if (K[:, 0, 1].abs() > 1e-9).any():
             raise ValueError("K: skewed intrinsics (K[0,1] != 0) are not supported")
         focal = torch.stack([K[:, 0, 0], K[:, 1, 1]], -1)
@@ -360,7 +348,7 @@ class Camera:
             pixel_size: Å / px, scalar or (B,).
             box: image side in pixels; the rotation centre is pixel ``box // 2``.
         """
-        _check("origin_A", origin_A, (-1, 2))
+        check_tensor("origin_A", origin_A, ("B", 2))
         R = euler_zyz_to_matrix(*(torch.deg2rad(torch.as_tensor(a, dtype=origin_A.dtype)) for a in (rot, tilt, psi)))
         return cls.from_pose(R, -origin_A, pixel_size, box)
 
@@ -371,7 +359,7 @@ class Camera:
         The particle centre appears at pixel ``box // 2 + shift_A / pixel_size`` (``shift_A``
         is ``-origin`` in RELION's terms).
         """
-        _check("shift_A", shift_A, (-1, 2))
+        check_tensor("shift_A", shift_A, ("B", 2))
         t = torch.cat([shift_A, torch.zeros_like(shift_A[:, :1])], -1)
         c = box // 2 + 0.5
         principal = shift_A.new_tensor([c, c]).expand(len(shift_A), 2)

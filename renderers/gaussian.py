@@ -35,6 +35,7 @@ import math
 import torch
 from torch import Tensor
 
+from renderers._validate import check_tensor
 from renderers.cameras import Camera
 
 __all__ = ["GaussianProjector", "gaussian_projection", "gaussian_density_map", "pixel_integrals"]
@@ -96,34 +97,21 @@ def _cdf_steps(coord: Tensor, width: Tensor, n: int, tail: float | None = None, 
 def _as_batched(name: str, x, B: int, N: int, like: Tensor) -> Tensor:
     """Broadcast a scalar, (N,) or (B, N) per-Gaussian quantity to (B, N)."""
     x = torch.as_tensor(x, dtype=like.dtype, device=like.device)
-    if x.dim() == 0:
-        x = x.expand(N)
-    if x.dim() == 1:
-        if x.shape[0] != N:
-            raise ValueError(f"{name}: expected shape ({N},) or ({B}, {N}), got {tuple(x.shape)}")
-        x = x.expand(B, N)
-    if x.shape != (B, N):
-        raise ValueError(f"{name}: expected shape ({N},) or ({B}, {N}), got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name}: contains NaN or inf")
-    return x
+    x = x.expand(N) if x.dim() == 0 else x
+    check_tensor(name, x, [("N",), ("B", "N")], {"B": B, "N": N})
+    return x.expand(B, N)
 
 
-def _check_centers(centers: Tensor) -> None:
-    if not isinstance(centers, Tensor) or centers.dim() not in (2, 3) or centers.shape[-1] != 3:
-        shape = tuple(centers.shape) if isinstance(centers, Tensor) else type(centers).__name__
-        raise ValueError(f"centers: expected a tensor of shape (N, 3) or (B, N, 3), got {shape}")
-    if not centers.is_floating_point():
-        raise ValueError(f"centers: expected a floating-point tensor, got {centers.dtype}")
-    if not torch.isfinite(centers).all():
-        raise ValueError("centers: contains NaN or inf")
+_CENTERS = [("N", 3), ("B", "N", 3)]  # one set shared by every view, or one per view
 
 
-def _prepare(centers: Tensor, amplitudes, sigmas, B: int) -> tuple[Tensor, Tensor, Tensor]:
-    _check_centers(centers)
+def _prepare(centers: Tensor, amplitudes, sigmas, B: int, like: Tensor | None = None
+             ) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate the Gaussians of B views (``centers`` (N, 3) or (1 or B, N, 3), of ``like``'s dtype and device
+    if given); return centres (B, N, 3), amplitudes (B, N) and sigmas (B, N)."""
+    N = check_tensor("centers", centers, _CENTERS, like=like)["N"]
     if centers.dim() == 3 and centers.shape[0] not in (1, B):
         raise ValueError(f"centers: batch size {centers.shape[0]} does not match the {B} cameras/poses")
-    N = centers.shape[-2]
     a = _as_batched("amplitudes", amplitudes, B, N, centers)
     s = _as_batched("sigmas", sigmas, B, N, centers)
     if (s <= 0).any():
@@ -147,10 +135,7 @@ def gaussian_projection(centers: Tensor, amplitudes: Tensor | float, sigmas: Ten
     if not isinstance(camera, Camera) or not camera.orthographic:
         raise ValueError("camera: expected an orthographic renderers.cameras.Camera")
     B = len(camera)
-    if camera.dtype != centers.dtype or camera.device != centers.device:
-        raise ValueError(f"camera: dtype/device {camera.dtype}/{camera.device} differ from centers "
-                         f"{centers.dtype}/{centers.device}")
-    c, a, s = _prepare(centers, amplitudes, sigmas, B)
+    c, a, s = _prepare(centers, amplitudes, sigmas, B, like=camera.R)
     H, W = camera.image_size
     step = max(1, _CHUNK_FLOATS // (c.shape[1] * max(H, W)))
     img = torch.cat([_project_chunk(c[i:i + step], a[i:i + step], s[i:i + step], camera[i:i + step])
@@ -187,7 +172,7 @@ def gaussian_density_map(centers: Tensor, amplitudes: Tensor | float, sigmas: Te
     Returns:
         (D, H, W) for (N, 3) centres, else (B, D, H, W); mass / world-unit^3.
     """
-    _check_centers(centers)
+    check_tensor("centers", centers, _CENTERS)
     D, H, W = (shape,) * 3 if isinstance(shape, int) else tuple(shape)
     if min(D, H, W) <= 0 or not voxel_size > 0:
         raise ValueError(f"shape/voxel_size: expected positive sizes, got {(D, H, W)} and {voxel_size}")

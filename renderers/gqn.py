@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributions import Normal, kl_divergence
 
+from renderers._validate import check_tensor
+
 
 class ConvLSTMCell(nn.Module):
     """A convolutional LSTM cell: all four gates from one conv over ``cat(input, h)``."""
@@ -83,17 +85,10 @@ class ConvDRAW(nn.Module):
     def _prepare(self, v: Tensor, r: Tensor, x: Tensor | None) -> tuple[Tensor, Tensor]:
         """Validate inputs; return v and r broadcast to the state grid (B, *, h, w)."""
         g = self.size // self.scale
-        if v.dim() != 2 or v.shape[1] != self.v_dim:
-            raise ValueError(f"v: expected shape (B, {self.v_dim}), got {tuple(v.shape)}")
-        B = v.shape[0]
-        if r.dim() != 4 or r.shape[0] != B or r.shape[1] != self.r_channels or r.shape[2:] not in ((1, 1), (g, g)):
-            raise ValueError(f"r: expected shape ({B}, {self.r_channels}, {g}, {g}) or ({B}, {self.r_channels}, 1, 1),"
-                             f" got {tuple(r.shape)}")
-        if x is not None and tuple(x.shape) != (B, self.C, self.size, self.size):
-            raise ValueError(f"x: expected shape ({B}, {self.C}, {self.size}, {self.size}), got {tuple(x.shape)}")
-        for name, t in (("v", v), ("r", r), ("x", x)):
-            if t is not None and not torch.isfinite(t).all():
-                raise ValueError(f"{name}: contains NaN or inf")
+        B = check_tensor("v", v, ("B", self.v_dim))["B"]
+        check_tensor("r", r, [("B", self.r_channels, g, g), ("B", self.r_channels, 1, 1)], {"B": B})
+        if x is not None:
+            check_tensor("x", x, ("B", self.C, self.size, self.size), {"B": B})
         return v[:, :, None, None].expand(B, self.v_dim, g, g), r.expand(B, self.r_channels, g, g)
 
     def _init_state(self, B: int, ref: Tensor):

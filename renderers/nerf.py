@@ -113,7 +113,7 @@ class GridField(nn.Module):
                  size: float | Sequence[float] = 2.0):
         super().__init__()
         sizes = check_tensor("density", density, ("B", 1, "D", "H", "W"))
-        check_tensor("rgb", rgb, ("B", 3, "D", "H", "W"), sizes, like=density)
+        check_tensor("rgb", rgb, ("B", 3, "D", "H", "W"), sizes, like=density, like_name="density")
         self.density, self.rgb, self.center, self.size = density, rgb, center, size
 
     def forward(self, points: Tensor, directions: Tensor, latent: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -210,14 +210,14 @@ class NeRFRenderer(nn.Module):
             ``NeRFOutput`` with rgb (B, R, 3), depth (B, R), opacity (B, R), rgb_coarse (B, R, 3).
         """
         sizes = check_tensor("origins", origins, ("B", "R", 3))
-        check_tensor("directions", directions, ("B", "R", 3), sizes, like=origins)
+        check_tensor("directions", directions, ("B", "R", 3), sizes, like=origins, like_name="origins")
         if latent is not None:
-            check_tensor("latent", latent, ("B", "Z"), sizes, like=origins)
+            check_tensor("latent", latent, ("B", "Z"), sizes, like=origins, like_name="origins")
         B, R = sizes["B"], sizes["R"]
         near = origins.new_full((B, R), self.near) if near is None else near
         far = origins.new_full((B, R), self.far) if far is None else far
-        check_tensor("near", near, ("B", "R"), sizes, like=origins)
-        check_tensor("far", far, ("B", "R"), sizes, like=origins)
+        check_tensor("near", near, ("B", "R"), sizes, like=origins, like_name="origins")
+        check_tensor("far", far, ("B", "R"), sizes, like=origins, like_name="origins")
         if bool((far < near).any()):
             raise ValueError("near, far: expected far >= near for every ray")
         directions = F.normalize(directions, dim=-1)
@@ -255,8 +255,8 @@ class NeRFRenderer(nn.Module):
             raise ValueError("field: expected to return a tuple (density (B, N), rgb (B, N, 3))")
         density, rgb = out
         sizes = {"B": B, "N": r * S}
-        check_tensor("field density", density, ("B", "N"), sizes, like=points)
-        check_tensor("field rgb", rgb, ("B", "N", 3), sizes, like=points)
+        check_tensor("field density", density, ("B", "N"), sizes, like=points, like_name="the sample points")
+        check_tensor("field rgb", rgb, ("B", "N", 3), sizes, like=points, like_name="the sample points")
         return density.reshape(B, r, S), rgb.reshape(B, r, S, 3)
 
     def _over_background(self, rgb: Tensor, opacity: Tensor) -> Tensor:

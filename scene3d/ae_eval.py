@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from renderers.cameras import Camera, look_at
-from scene3d.autoencoders import AEConfig, SceneAE, occupancy_level, pick, predicted_occupancy, resize_views
-from scene3d.data import CAMERA_KEYS, MultiViewDataset
+from scene3d.autoencoders import AEConfig, SceneAE, occupancy_level, predicted_occupancy, resize_views
+from scene3d.data import MultiViewDataset, batch_cameras
 from scene3d.geometry_metrics import (
     chamfer,
     sample_surface,
@@ -73,7 +73,7 @@ def scene_views(dataset: MultiViewDataset, i: int, size: int) -> tuple[Tensor, C
     if not 0 <= i < len(dataset):
         raise UserError(f"--scene {i}: the data has scenes 0 .. {len(dataset) - 1}")
     item = dataset[i]
-    cams = Camera(*(item[k] for k in CAMERA_KEYS), dataset.image_size)
+    cams = batch_cameras(item, dataset.image_size)
     imgs, cams = resize_views(item["images"], cams, size)
     return imgs[None], cams
 
@@ -89,7 +89,7 @@ def decode_scene(model: SceneAE, dataset: MultiViewDataset | None, i: int, k: in
     if imgs.shape[1] < k:
         raise UserError(f"--contexts {k}: scene {i} has only {imgs.shape[1]} views")
     idx = torch.arange(k)
-    return model.infer(imgs[:, idx], pick(cams, 1, imgs.shape[1], idx))
+    return model.infer(imgs[:, idx], cams[idx])
 
 
 def surface(model: SceneAE, state: dict, level: float | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -133,7 +133,7 @@ def carved_hull(dataset: MultiViewDataset, i: int, views=None, res: int = 32) ->
     """(res, res, res) visual hull of scene ``i`` carved from the silhouettes of ``views`` (default: all)."""
     item = dataset[i]
     idx = list(range(dataset.views) if views is None else views)
-    cams = Camera(*(item[k][idx] for k in CAMERA_KEYS), dataset.image_size)
+    cams = batch_cameras(item, dataset.image_size)[idx]
     masks = foreground_mask(item["images"][idx], dataset.background or (0.0, 0.0, 0.0))[:, 0]
     lo, hi = data_box(dataset)
     return visual_hull(masks, cams, res, lo, hi)
@@ -194,7 +194,7 @@ def evaluate(model: SceneAE, dataset: MultiViewDataset, root: str | Path, contex
         for i in tqdm(range(n), desc=f"eval {model.kind} k={k}", disable=not progress):
             state = decode_scene(model, dataset, i, k)
             imgs, cams = scene_views(dataset, i, model.cfg.image_size)
-            pred = model.render(state, pick(cams, 1, V, q_idx), queries).clamp(0, 1)
+            pred = model.render(state, cams[q_idx], queries).clamp(0, 1)
             row = image_metrics(pred, imgs[0, q_idx], bg)
             if dataset.occupancy is not None:
                 row["iou"] = float(voxel_iou(predicted_occupancy(model, state, gt_occupancy(dataset, i).shape[-1])[0],

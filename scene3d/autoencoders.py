@@ -41,7 +41,7 @@ from renderers.cameras import Camera
 from renderers.mesh import MeshRenderer, ico_sphere
 from renderers.nerf import NeRFRenderer, RadianceMLP
 from renderers.voxel import VoxelRenderer, ray_box, sample_grid
-from scene3d.data import CAMERA_KEYS
+from scene3d.data import CAMERA_KEYS, batch_cameras
 from scene3d.encoders import ConvEncoder
 from scene3d.export import density_to_mesh, marching_cubes
 from scene3d.geometry_metrics import mesh_occupancy, voxel_centers
@@ -75,16 +75,15 @@ def batch_views(batch: dict, size: int | None) -> tuple[Tensor, Camera]:
     images = batch["images"]
     B, V = images.shape[:2]
     H, W = images.shape[-2:]
-    cams = Camera(*(batch[k].reshape(B * V, *batch[k].shape[2:]) for k in CAMERA_KEYS), (H, W))
+    cams = batch_cameras(batch, (H, W))
     imgs, cams = resize_views(images.reshape(B * V, 3, H, W), cams, size or H)
     return imgs.reshape(B, V, 3, *imgs.shape[-2:]), cams
 
 
-def pick(cameras: Camera, B: int, V: int, views: Tensor) -> Camera:
-    """The cameras of ``views`` (index tensor of length n) of every one of B scenes: B * n, scene-major."""
-    idx = (torch.arange(B, device=views.device)[:, None] * V + views[None]).reshape(-1)
-    return Camera(cameras.R[idx], cameras.t[idx], cameras.focal[idx], cameras.principal[idx],
-                  cameras.image_size, cameras.orthographic)
+def view_index(B: int, V: int, views: Tensor) -> Tensor:
+    """(B * n,) indices of ``views`` (n,) in each of B scenes of V views, scene-major, for ``Camera.__getitem__``
+    on the B * V cameras of :func:`batch_views`."""
+    return (torch.arange(B, device=views.device)[:, None] * V + views[None]).reshape(-1)
 
 
 # ------------------------------------------------------------------------- encoder
@@ -465,12 +464,12 @@ class SceneAE(nn.Module):
             k = self.cfg.contexts[int(torch.randint(len(self.cfg.contexts), ()))]
             perm = torch.randperm(V, device=images.device)
             c_idx, q_idx = perm[:k], perm[k:k + self.cfg.queries]
-            c_imgs, c_cams = images[:, c_idx], pick(cams, B, V, c_idx)
+            c_imgs, c_cams = images[:, c_idx], cams[view_index(B, V, c_idx)]
             mu, logvar = self.encode(c_imgs, c_cams)
             state = self._decode(reparameterize(mu, logvar), c_imgs, c_cams)
             kl = gaussian_kl(mu, logvar)
         target = images[:, q_idx]
-        q_cams = pick(cams, B, V, q_idx)
+        q_cams = cams[view_index(B, V, q_idx)]
         terms = self._reconstruction(state, target, q_cams)
         n = target[0].numel()  # per-scene terms are in nats per scene; report per pixel channel
         total = (terms.pop("nll") + self.cfg.beta * kl).mean() / n

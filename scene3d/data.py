@@ -97,7 +97,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
     def scene(self, i: int) -> MultiViewScene:
         item = self[i]
-        cams = Camera(item["R"], item["t"], item["focal"], item["principal"], self.image_size)
+        cams = batch_cameras(item, self.image_size)
         return MultiViewScene(item["images"], cams, {k: v[i] for k, v in self.factors.items()})
 
     def subset(self, idx) -> "MultiViewDataset":
@@ -223,8 +223,13 @@ class ShardWriter:
 
 
 def batch_cameras(batch: dict, image_size: tuple[int, int]) -> Camera:
-    """Cameras of a collated batch (B, V, ...) flattened to B * V, view-major within each scene."""
-    return Camera(*(batch[k].reshape(-1, *batch[k].shape[2:]) for k in CAMERA_KEYS), image_size)
+    """The one way to build a ``Camera`` from dataset arrays: the camera keys of an item (V, ...) or of a
+    collated batch (B, V, ...) -> V or B * V cameras, scene-major (scene b's views are ``b * V .. b * V + V - 1``).
+
+    ``image_size`` is the images' ``(H, W)`` in pixels. Take a subset of the result with ``Camera.__getitem__``.
+    """
+    lead = batch["R"].dim() - 2  # the (B, V) or (V,) dims before each key's own shape
+    return Camera(*(batch[k].reshape(-1, *batch[k].shape[lead:]) for k in CAMERA_KEYS), image_size)
 
 
 def camera_arrays(cameras: Camera) -> dict[str, np.ndarray]:

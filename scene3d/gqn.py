@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from renderers.cameras import Camera
 from renderers.gqn import ConvDRAW
-from scene3d.data import CAMERA_KEYS
+from scene3d.data import CAMERA_KEYS, batch_cameras
 from scene3d.objective import bits_per_dim, gaussian_log_likelihood
 from scene3d.runinfo import UserError
 
@@ -211,7 +211,7 @@ def viewpoints(batch: dict, position_scale: float = 1.0) -> Tensor:
     """(B, V, 7) GQN viewpoint vectors of a collated multi-view batch, positions times ``position_scale``."""
     B, V = batch["R"].shape[:2]
     H, W = batch["images"].shape[-2:]
-    cams = Camera(*(batch[k].reshape(B * V, *batch[k].shape[2:]) for k in CAMERA_KEYS), (H, W))
+    cams = batch_cameras(batch, (H, W))
     v = cams.to_gqn(order="deepmind").reshape(B, V, 7).to(batch["images"].dtype)
     return torch.cat([v[..., :3] * position_scale, v[..., 3:]], -1)
 

@@ -23,6 +23,7 @@ from scene3d.autoencoders import (
     occupancy_level,
     predicted_occupancy,
     resize_views,
+    view_index,
 )
 from scene3d.data import MultiViewDataset, camera_arrays
 from scene3d.geometry_metrics import voxel_centers, voxel_iou
@@ -67,6 +68,13 @@ def test_resize_views_keeps_projection():
     assert torch.allclose(small[0, 0, 0, 0], imgs[0, 0, :2, :2].mean())
     p = torch.tensor([[[0.7, -0.4, 1.1]]]).expand(3, 1, 3)
     assert torch.allclose(c2.project(p)[0], cams.project(p)[0] / 2, atol=1e-5)
+
+
+def test_view_index_takes_the_same_views_of_every_scene():
+    cams = ring_cameras(6, 8)  # 2 scenes of 3 views, scene-major
+    sub = cams[view_index(2, 3, torch.tensor([2, 0]))]
+    torch.testing.assert_close(sub.R, cams.R[[2, 0, 5, 3]])
+    torch.testing.assert_close(sub.t, cams.t[[2, 0, 5, 3]])
 
 
 def test_encoder_product_of_experts_sharpens_with_views():

@@ -40,6 +40,10 @@ def test_shards_round_trip(tmp_path):
     cams = batch_cameras(batch, (8, 8))
     assert len(cams) == 8
     torch.testing.assert_close(cams.R[4:8], torch.from_numpy(d.R[1]))
+    one = batch_cameras(e[1], (8, 8))  # an item (V, ...) gives the same V cameras as its row of the batch
+    assert len(one) == 4
+    for k in ("R", "t", "focal", "principal"):
+        torch.testing.assert_close(getattr(one, k), getattr(cams, k)[4:8])
     with pytest.raises(UserError, match="meta.json"):
         MultiViewDataset.load(tmp_path)
 
