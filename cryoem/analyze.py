@@ -146,7 +146,7 @@ def write_maps(model, coords: np.ndarray, offset, folder: Path, stem: str) -> li
     """Density maps (box³ at the particle pixel size) of each model in ``coords`` (M, N, 3) -> ``stem_XX.mrc``."""
     import torch
 
-    from cryoem.io import write_mrc
+    from cryoem.formats.mrc import write_mrc
     from renderers.gaussian import gaussian_density_map
 
     names = []

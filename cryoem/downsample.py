@@ -147,7 +147,7 @@ def _write_stacks(ds, out: Path, box: int, chunk: int, names: list[str], pixel_s
     """Crop every particle in source order into ``names`` (``chunk`` particles each); NaN/inf -> UserError."""
     from tqdm import tqdm
 
-    from cryoem.io import write_mrcs
+    from cryoem.formats.mrc import write_mrcs
 
     N, D = len(ds), ds.box
     batch = max(1, min(chunk, _BATCH_FLOATS // (D * D)))
@@ -199,14 +199,13 @@ def downsample(particles: str | Path, out: str | Path, box: int, *, datadir: str
         raise
     image_names = [f"{i - c * chunk + 1:06d}@{names[c]}" for c in range(len(names))
                    for i in range(c * chunk, min(N, (c + 1) * chunk))]
-    from cryoem.io import write_star
-    from cryoem.particles import star_tables
+    from cryoem.formats.star import star_tables, write_star
 
     m = ds.meta
     optics, parts = star_tables(image_names, apix, box, m.R, m.shift_A, m.ctf,
                                 {ROW_COLUMN: np.asarray(m.rows - 1, dtype=np.int64)})
 
-    write_star(out / STAR_NAME, optics, parts)
+    write_star(out / STAR_NAME, optics, parts, decimals=6)  # RELION's precision
     source = os.path.abspath(particles)
     record = {"kind": "plato-downsample", "version": 1, "star": STAR_NAME, "row_column": ROW_COLUMN,
               "source": source, "source_relative": os.path.relpath(source, os.path.abspath(out)),

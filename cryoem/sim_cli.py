@@ -101,7 +101,7 @@ def _conformations(args):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from cryoem.particles import write_particles
+    from cryoem.formats.star import write_particles
     from cryoem.simulate import ground_truth_arrays, simulate
     from cryoem.structure import write_pdb
 
@@ -169,7 +169,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_fsc(args: argparse.Namespace) -> int:
-    from cryoem.io import read_mrc
+    from cryoem.formats.mrc import read_mrc
     from cryoem.metrics import fsc_report
 
     a, apix_a, _ = read_mrc(args.map_a)

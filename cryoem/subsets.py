@@ -28,94 +28,33 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from cryoem.downsample import RECORD, ROW_COLUMN
-from scene3d.runinfo import UserError, atomic_path, read_json
+from cryoem.formats.cryodrgn import load_pickle
+from cryoem.formats.cryosparc import read_cs, write_cs
+from cryoem.formats.star import read_star, star_rows, write_star_rows
+from scene3d.runinfo import UserError, read_json
 
-__all__ = ["Original", "trace_original", "star_rows", "write_subset", "selection_mask", "select"]
-
-
-# ----------------------------------------------------------------------------- STAR text, row by row
-def _star_lines(path: Path):
-    """Yield ``(line, row)`` for every line of a STAR file, ``row`` the 0-based index of a row of the particle
-    block (the first loop with ``_rlnImageName`` outside ``data_optics``, as ``cryoem.particles`` reads it),
-    else None. Lines come back unchanged (line endings and undecodable bytes included)."""
-    block, labels, state, target, found, row = None, [], "none", False, False, 0
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        for lineno, line in enumerate(f, 1):
-            s = line.strip()
-            if s.startswith("data_"):
-                block, state, target = s[5:], "none", False
-            elif s.startswith("loop_"):
-                labels, state, target = [], "header", False
-            elif not s or s.startswith("#"):
-                pass
-            elif s.startswith("_"):
-                if state == "header":
-                    labels.append(s.split()[0])
-                else:
-                    state = "none"  # a key-value pair after a loop ends it
-            elif state in ("header", "rows"):
-                if state == "header":
-                    state, target = "rows", not found and block != "optics" and "_rlnImageName" in labels
-                    found = found or target
-                if target:
-                    _check_row(s, len(labels), path, lineno, row)
-                    yield line, row
-                    row += 1
-                    continue
-            yield line, None
-    if not found:
-        raise UserError(f"{path}: no particle block with rlnImageName")
+__all__ = ["Original", "trace_original", "write_subset", "selection_mask", "select"]
 
 
-def _check_row(s: str, n_labels: int, path: Path, lineno: int, row: int) -> None:
-    try:
-        n = len(shlex.split(s)) if ('"' in s or "'" in s) else len(s.split())
-    except ValueError:
-        raise UserError(f"{path}: line {lineno} (particle row {row + 1}): unbalanced quotes") from None
-    if n != n_labels:
-        raise UserError(f"{path}: line {lineno} (particle row {row + 1}): {n} values for {n_labels} columns; "
-                        "cannot copy rows that span several lines")
-
-
-def star_rows(path: str | Path) -> int:
-    """Number of rows in a STAR file's particle block (checked: one row per line, one value per column)."""
-    return sum(r is not None for _, r in _star_lines(Path(path)))
-
-
-def _write_star_rows(src: Path, dst: Path, rows: np.ndarray) -> None:
-    keep = np.zeros(int(rows.max()) + 1, dtype=bool)
-    keep[rows] = True
-    with atomic_path(dst) as tmp:
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as out:
-            for line, r in _star_lines(src):
-                if r is None or (r < len(keep) and keep[r]):
-                    out.write(line)
-
-
+# ----------------------------------------------------------------------------- the subset
 def write_subset(original: str | Path, rows: np.ndarray, out: str | Path) -> None:
     """Write rows (0-based, any order) of ``original`` (.star or .cs) to ``out`` (same format), in source order.
 
     STAR: every line other than the unselected particle rows is copied verbatim. .cs: every field of the
     selected records, saved with ``np.save`` to an open file (the name keeps ``.cs``). Atomic.
     """
-    from cryoem.io import read_cs
-
     original, out = Path(original), Path(out)
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     if original.suffix.lower() == ".star":
-        _write_star_rows(original, out, rows)
-        return
-    sub = read_cs(original)[rows]
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, sub)
+        write_star_rows(original, out, rows)
+    else:
+        write_cs(out, read_cs(original)[rows])
 
 
 # ----------------------------------------------------------------------------- from a run back to the original
@@ -135,8 +74,6 @@ class Original:
 
 
 def _count(path: Path) -> int:
-    from cryoem.io import read_cs
-
     if path.suffix.lower() == ".cs":
         return len(read_cs(path))
     if path.suffix.lower() == ".star":
@@ -159,8 +96,6 @@ def _downsample_record(path: Path) -> dict | None:
 
 def _source_rows(path: Path) -> np.ndarray:
     """The ``rlnPlatoSourceRow`` column of a downsampled STAR's particle block, checked."""
-    from cryoem.io import read_star
-
     blocks = read_star(path)
     df = next((b for k, b in blocks.items() if k != "optics" and "rlnImageName" in b.columns), None)
     if df is None or ROW_COLUMN not in df.columns:
@@ -283,8 +218,6 @@ def parse_clusters(spec: str, labels: np.ndarray) -> np.ndarray:
 
 def read_indices(path: str | Path, n: int) -> np.ndarray:
     """``--indices``: an .npy (or cryoDRGN index .pkl) of 0-based particle indices, or a boolean mask of N."""
-    from cryoem.io import load_pickle
-
     path = Path(path)
     if not path.is_file():
         raise UserError(f"--indices {path}: file not found")

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryoem.io import read_mrc
+from cryoem.formats.mrc import read_mrc
 from cryoem.particles import load_particles
 from cryoem.structure import read_structure, scattering_gaussians
 from renderers.cameras import Camera, euler_zyz_to_matrix

@@ -113,8 +113,8 @@ def test_image_formation_composes_the_parts_and_is_differentiable():
 
 
 def test_structure_map_is_centred_and_carries_the_mrc_origin(tmp_path):
+    from cryoem.formats.mrc import read_mrc, write_mrc
     from cryoem.imaging import structure_map
-    from cryoem.io import read_mrc, write_mrc
     from cryoem.structure import read_structure, scattering_gaussians
 
     from .test_conventions import DATA

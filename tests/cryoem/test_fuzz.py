@@ -7,8 +7,9 @@ import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cryoem.io import open_mrc, read_mrc
-from cryoem.particles import meta_from_cs, meta_from_star
+from cryoem.formats.cryosparc import meta_from_cs
+from cryoem.formats.mrc import open_mrc, read_mrc
+from cryoem.formats.star import meta_from_star
 from scene3d.runinfo import UserError
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from cryoem.cli import main
-from cryoem.io import write_mrc
+from cryoem.formats.mrc import write_mrc
 from cryoem.metrics import au_fsc, fsc, fsc_report, map_correlation, resolution_at
 from cryoem.structure import read_structure, scattering_gaussians
 from renderers.gaussian import gaussian_density_map

@@ -14,8 +14,11 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from cryoem.ctf import CTF_FIELDS, CTFParams
-from cryoem.io import load_pickle, read_mrc, write_mrc, write_mrcs, write_star
-from cryoem.particles import load_particles, meta_from_cs, meta_from_stack, meta_from_star, write_particles
+from cryoem.formats.cryodrgn import load_pickle, meta_from_stack
+from cryoem.formats.cryosparc import meta_from_cs
+from cryoem.formats.mrc import read_mrc, write_mrc, write_mrcs
+from cryoem.formats.star import meta_from_star, write_particles, write_star
+from cryoem.particles import load_particles
 from renderers.cameras import euler_zyz_to_matrix
 from scene3d.runinfo import UserError
 

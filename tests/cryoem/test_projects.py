@@ -15,7 +15,9 @@ from numpy.lib import recfunctions
 from scipy.spatial.transform import Rotation
 
 from cryoem.ctf import CTF_FIELDS
-from cryoem.particles import find_passthrough, load_particles, meta_from_cs, meta_from_star
+from cryoem.formats.cryosparc import find_passthrough, meta_from_cs
+from cryoem.formats.star import meta_from_star
+from cryoem.particles import load_particles
 from scene3d.runinfo import UserError
 
 DATA = Path(__file__).resolve().parents[1] / "data"

@@ -1,0 +1,99 @@
+"""MRC / MRCS files: particle image stacks, and maps.
+
+The MRC2014 header holds the voxel size (Å, ``voxel_size.x``) and the origin (x, y, z) Å, the position of
+voxel (0, 0, 0). An image stack is (N, D, D) (a 2D file counts as one image); Plato reads stacks through a
+read-only memory map (:func:`open_mrc`) and writes float32, atomically. Every reader turns a bad file into
+a ``UserError`` with one line naming it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from scene3d.runinfo import UserError, atomic_path, one_line
+
+__all__ = ["open_mrc", "stack_shape", "read_mrc", "write_mrc", "write_mrcs"]
+
+
+def open_mrc(path: str | Path):
+    """Memory-map an MRC file read-only after checking its header; returns the ``mrcfile`` object.
+
+    Raises ``UserError`` for a missing file, an unreadable header or data, or non-square images.
+    """
+    import mrcfile
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: image stack not found")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            m = mrcfile.mmap(path, mode="r", permissive=True)
+    except Exception as e:
+        raise UserError(f"{path}: not a readable MRC file ({one_line(e)})") from e
+    data = m.data
+    if data is None or data.ndim not in (2, 3) or data.size == 0:
+        m.close()
+        raise UserError(f"{path}: not a readable MRC file (header and data size disagree)")
+    if data.shape[-1] != data.shape[-2]:
+        m.close()
+        raise UserError(f"{path}: images are not square ({data.shape[-2]} x {data.shape[-1]} pixels)")
+    if data.dtype.kind not in "fiu":
+        m.close()
+        raise UserError(f"{path}: unsupported MRC data type {data.dtype}")
+    return m
+
+
+def stack_shape(path: str | Path) -> tuple[int, int]:
+    """(number of images, box) of an MRC stack (a 2D file counts as one image)."""
+    m = open_mrc(path)
+    try:
+        shape = m.data.shape
+        return (1 if len(shape) == 2 else shape[0]), shape[-1]
+    finally:
+        m.close()
+
+
+def read_mrc(path: str | Path) -> tuple[np.ndarray, float, np.ndarray]:
+    """Read a whole MRC map or stack: (data float32, voxel size Å (x), origin (x, y, z) Å)."""
+    m = open_mrc(path)
+    try:
+        data = np.array(m.data, dtype=np.float32)
+        vs = float(m.voxel_size.x)
+        origin = np.array([float(m.header.origin.x), float(m.header.origin.y), float(m.header.origin.z)])
+    finally:
+        m.close()
+    return data, vs, origin
+
+
+def write_mrc(path: str | Path, data: np.ndarray, voxel_size: float, origin=(0.0, 0.0, 0.0),
+              stack: bool = False) -> None:
+    """Write a map (D, H, W) (or an image stack with ``stack=True``) as float32 MRC, atomically.
+
+    ``origin`` (x, y, z) Å is the position of voxel (0, 0, 0), as in the MRC2014 header.
+    """
+    import mrcfile
+
+    data = np.ascontiguousarray(np.asarray(data, dtype=np.float32))
+    if not np.isfinite(data).all():
+        raise ValueError("write_mrc: data contains NaN or inf")
+    with atomic_path(path) as tmp:
+        with mrcfile.new(tmp, overwrite=True) as m:
+            m.set_data(data)
+            if stack:
+                m.set_image_stack()
+            m.voxel_size = float(voxel_size)
+            m.header.origin = tuple(float(o) for o in origin)
+            m.update_header_stats()
+
+
+def write_mrcs(path: str | Path, images: np.ndarray, pixel_size: float) -> None:
+    """Write an image stack (N, D, D) as an ``.mrcs`` (float32), atomically."""
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[1] != images.shape[2]:
+        raise ValueError(f"write_mrcs: expected (N, D, D) images, got {images.shape}")
+    write_mrc(path, images, pixel_size, stack=True)
+
