@@ -57,40 +57,57 @@ from renderers.cameras import axis_angle_to_matrix, rotation_6d_to_matrix
 from scene3d.encoders import ConvEncoder
 from scene3d.objective import active_units, gaussian_kl, gaussian_log_likelihood, reparameterize
 from scene3d.runinfo import UserError
+from scene3d.settings import setting
 
 
 @dataclass
 class AtomVAEConfig:
-    """Model settings (written to config.json). Lengths in Å."""
+    """Model settings (written to config.json; each field with a flag is a ``cryoem train`` option). Lengths in Å."""
 
-    zdim: int = 8
-    enc_width: int = 32
-    enc_downsample: int = 0  # the encoder sees images average-pooled by this factor (0: auto, see enc_pooling)
-    dec_hidden: int = 256
-    dec_layers: int = 3
-    dec_scale: float = 10.0  # Å per unit of the decoder's last layer (see AtomDecoder); 1 before this setting
-    beta: float | None = None  # KL weight (beta-VAE); None = 1 / zdim, cryoDRGN's default
-    kl_warmup: int = 500  # steps over which the KL weight ramps up from 0 (avoids early posterior collapse)
-    posterior: str = "laplace"  # laplace: Gauss-Newton from the encoder's guess (see AtomVAE.laplace); amortized
-    gn_steps: int = 1  # laplace: Gauss-Newton steps per batch
-    warm_start: bool = True  # laplace: start each particle's Gauss-Newton step from its last posterior mean
-    whiten_every: int = 100  # laplace: steps between latent re-standardisations (PX-EM, see AtomVAE.whiten); 0: off
-    enc_reference: bool = False  # the encoder also sees the starting model rendered at the particle's pose + CTF
-    likelihood: str = "gaussian"  # gaussian | correlation
-    w_bond: float = 1.0  # per Å² of bond-length change, times the number of pixels / 1000
-    w_local: float = 1.0
-    w_clash: float = 1.0
-    prior_samples: int = 16  # decoded models of a batch the priors are evaluated on (unbiased, cheaper)
-    local_radius: float = 10.0
-    clash_threshold: float = 3.0
-    lowpass_start: float | None = None  # Å; resolution curriculum start (None = off)
-    curriculum_steps: int = 2000  # steps to reach Nyquist
-    refine_poses: bool = False  # learned per-particle rotation / shift corrections
-    infer_poses: bool = False  # experimental: amortised poses from a pose encoder (see the module docstring)
-    pose_heads: int = 4  # --infer-poses: pose hypotheses per image
-    pose_shift_px: float = 1.0  # --infer-poses: std of the simulated shifts, px
-    pose_weight: float = 1.0  # --infer-poses: weight of the pose loss (per image), relative to 1 nat
-    pose_warmup: int = 1000  # --infer-poses: steps that train only the pose encoder, on the starting model
+    zdim: int = setting(8, "latent dimensions")
+    enc_width: int = setting(32, "channels of the encoder's first stage")
+    enc_downsample: int = setting(0, "the encoder sees images pooled by this factor (0: from the box, to about "
+                                     "32 px; see enc_pooling)")
+    dec_hidden: int = setting(256, "width of the decoder MLP")
+    dec_layers: int = setting(3, "layers of the decoder MLP", cli=False)
+    dec_scale: float = setting(10.0, "Å per unit of the decoder's last layer (see AtomDecoder); 1 before this "
+                                     "setting existed", cli=False)
+    beta: float | None = setting(None, "KL weight (default 1 / zdim, as cryoDRGN)")
+    kl_warmup: int = setting(500, "steps over which the KL weight ramps up from 0", cli=False)
+    posterior: str = setting("laplace", "laplace: each particle's latent posterior by a Gauss-Newton step of the "
+                                        "decoder and renderer from the encoder's guess; amortized: the encoder alone, "
+                                        "as cryoDRGN (its latent can take thousands of steps to carry information)",
+                             choices=("laplace", "amortized"))
+    gn_steps: int = setting(1, "laplace: Gauss-Newton steps per particle and training step")
+    warm_start: bool = setting(True, "laplace: start each particle's Gauss-Newton step from its posterior mean at "
+                                     "its last visit")
+    whiten_every: int = setting(100, "laplace: steps between re-expressions of the latent (PX-EM, see "
+                                     "AtomVAE.whiten): axes along the decoder's directions of structural change, "
+                                     "largest first, prior = aggregate posterior; 0: off")
+    enc_reference: bool = setting(False, "the encoder also sees the starting model rendered at each particle's "
+                                         "pose and CTF (with the Laplace posterior it did not help and cost 5% of "
+                                         "the speed)")
+    likelihood: str = setting("gaussian", "gaussian: the images' noise model; correlation: 1 - correlation, "
+                                          "scaled by the pixel count", choices=("gaussian", "correlation"))
+    w_bond: float = setting(1.0, "weight of the bond-length prior, per Å² of change, times the pixel count / 1000")
+    w_local: float = setting(1.0, "weight of the local-distance prior (pairs within 10 Å), as --w-bond")
+    w_clash: float = setting(1.0, "weight of the clash prior (non-bonded pairs closer than 3 Å), as --w-bond")
+    prior_samples: int = setting(16, "decoded models of a batch the priors are evaluated on (unbiased, cheaper)",
+                                 cli=False)
+    local_radius: float = setting(10.0, "Å: pairs closer than this in the starting model keep their distance",
+                                  cli=False)
+    clash_threshold: float = setting(3.0, "Å: non-bonded pairs closer than this clash", cli=False)
+    lowpass_start: float | None = setting(None, "resolution curriculum: start with a low-pass at this many Å, "
+                                                "reaching Nyquist after curriculum_steps (default: off)")
+    curriculum_steps: int = setting(2000, "steps of the resolution curriculum", cli=False)
+    refine_poses: bool = setting(False, "learn small per-particle pose corrections")
+    infer_poses: bool = setting(False, "experimental: infer poses with a pose encoder trained on the model's own "
+                                       "simulated views (for particles without consensus poses)")
+    pose_heads: int = setting(4, "--infer-poses: pose hypotheses per image")
+    pose_shift_px: float = setting(1.0, "--infer-poses: std of the simulated shifts, px", cli=False)
+    pose_weight: float = setting(1.0, "--infer-poses: weight of the pose loss (per image), relative to 1 nat",
+                                 cli=False)
+    pose_warmup: int = setting(1000, "--infer-poses: steps that train only the pose encoder, on the starting model")
 
 
 def enc_pooling(box: int, target: int = 32) -> int:

@@ -15,6 +15,9 @@ def add_subcommands(sub) -> None:
 
 
 def _add_train(sub) -> None:
+    from cryoem.vae import AtomVAEConfig
+    from scene3d.settings import add_settings
+
     p = sub.add_parser("train", help="train the atom VAE on particles + a starting model",
                        description="Learn a latent per particle and a decoder from latent to atom coordinates.")
     p.add_argument("--particles", required=True,
@@ -23,11 +26,6 @@ def _add_train(sub) -> None:
     p.add_argument("--ctf", help="cryoDRGN CTF .pkl (with an .mrcs stack)")
     p.add_argument("--structure", required=True, help="starting model .pdb / .cif")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--zdim", type=int, default=8)
-    p.add_argument("--enc-width", type=int, default=32, help="channels of the encoder's first stage")
-    p.add_argument("--dec-hidden", type=int, default=256, help="width of the decoder MLP")
-    p.add_argument("--enc-downsample", type=int, default=0,
-                   help="the encoder sees images pooled by this factor (default 0: from the box, to about 32 px)")
     p.add_argument("--atoms", choices=["auto", "heavy", "backbone", "ca"], default="auto",
                    help="atoms the decoder moves (default auto: heavy, i.e. every non-hydrogen atom, or ca for a "
                         "C-alpha-only model; a backbone model of a full protein leaves half its density "
@@ -48,33 +46,7 @@ def _add_train(sub) -> None:
     p.add_argument("--steps", type=int, help="budget in optimisation steps")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--beta", type=float, help="KL weight (default 1 / zdim, as cryoDRGN)")
-    p.add_argument("--enc-reference", action=argparse.BooleanOptionalAction, default=False,
-                   help="the encoder also sees the starting model rendered at each particle's pose and CTF "
-                        "(default: off; with the Laplace posterior it did not help and cost 5%% of the speed)")
-    p.add_argument("--likelihood", choices=["gaussian", "correlation"], default="gaussian")
-    p.add_argument("--posterior", choices=["laplace", "amortized"], default="laplace",
-                   help="laplace (default): each particle's latent posterior by a Gauss-Newton step of the decoder "
-                        "and renderer from the encoder's guess; amortized: the encoder alone, as cryoDRGN (its "
-                        "latent can take thousands of steps to start carrying information)")
-    p.add_argument("--gn-steps", type=int, default=1,
-                   help="laplace: Gauss-Newton steps per particle and training step")
-    p.add_argument("--warm-start", action=argparse.BooleanOptionalAction, default=True,
-                   help="laplace: start each particle's Gauss-Newton step from its posterior mean at its last visit")
-    p.add_argument("--whiten-every", type=int, default=100,
-                   help="laplace: steps between re-expressions of the latent (PX-EM): axes along the decoder's "
-                        "directions of structural change, largest first, prior = aggregate posterior; 0: off")
-    p.add_argument("--w-bond", type=float, default=1.0)
-    p.add_argument("--w-local", type=float, default=1.0)
-    p.add_argument("--w-clash", type=float, default=1.0)
-    p.add_argument("--lowpass-start", type=float, help="resolution curriculum: start low-pass at this many Å")
-    p.add_argument("--refine-poses", action="store_true", help="learn small per-particle pose corrections")
-    p.add_argument("--infer-poses", action="store_true",
-                   help="experimental: infer poses with a pose encoder trained on the model's own simulated views "
-                        "(for particles without consensus poses)")
-    p.add_argument("--pose-heads", type=int, default=4, help="--infer-poses: pose hypotheses per image")
-    p.add_argument("--pose-warmup", type=int, default=1000,
-                   help="--infer-poses: steps that train only the pose encoder before the model moves")
+    add_settings(p.add_argument_group("model (AtomVAEConfig)"), AtomVAEConfig)
     p.add_argument("--half-sets", action="store_true", help="train two models on independent halves")
     p.add_argument("--lazy", action="store_true", help="memory-map the stacks instead of loading them")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -115,6 +87,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     from cryoem.train import DataSpec, train
     from cryoem.vae import AtomVAEConfig
     from scene3d.runinfo import UserError
+    from scene3d.settings import settings_from_args
     from scene3d.trainer import TrainConfig
 
     if a.epochs is None and a.minutes is None and a.steps is None:
@@ -131,12 +104,7 @@ def cmd_train(a: argparse.Namespace) -> int:
                                                                        "to choose)"))
     spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.chains,
                     a.lazy, a.passthrough)
-    cfg = AtomVAEConfig(zdim=a.zdim, enc_width=a.enc_width, enc_downsample=a.enc_downsample,
-                        dec_hidden=a.dec_hidden, beta=a.beta, enc_reference=a.enc_reference,
-                        likelihood=a.likelihood, posterior=a.posterior, gn_steps=a.gn_steps, warm_start=a.warm_start,
-                        whiten_every=a.whiten_every, w_bond=a.w_bond, w_local=a.w_local,
-                        w_clash=a.w_clash, lowpass_start=a.lowpass_start, refine_poses=a.refine_poses,
-                        infer_poses=a.infer_poses, pose_heads=a.pose_heads, pose_warmup=a.pose_warmup)
+    cfg = settings_from_args(AtomVAEConfig, a)
     tcfg = TrainConfig(out=a.out, epochs=a.epochs, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size,
                        lr=a.lr, seed=a.seed, resume=a.resume, overwrite=a.overwrite, device=a.device, ckpt_every=200,
                        find_unused_parameters=a.infer_poses)  # the pose warm-up leaves the model unused

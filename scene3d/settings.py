@@ -1,0 +1,88 @@
+"""Settings dataclasses <-> command-line flags: the one way every Plato command exposes a model's settings.
+
+A setting is one dataclass field. Its flag is ``--field-name`` with the field's type and default; the help,
+the choices and any other flag name come from the field's metadata, written with :func:`setting`::
+
+    @dataclass
+    class MyConfig:
+        width: int = setting(32, "channels of the first stage")
+        mode: str = setting("fast", "how to run", choices=("fast", "exact"))
+        internal: float = setting(0.5, "not on the command line", cli=False)
+
+    add_settings(parser, MyConfig)          # --width, --mode
+    cfg = settings_from_args(MyConfig, args)
+
+So adding a setting to a model takes one field: the flag, its help and its default follow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from typing import Any
+
+__all__ = ["setting", "add_settings", "settings_from_args"]
+
+_SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def setting(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,
+            aliases: tuple[str, ...] = (), cli: bool = True) -> Any:
+    """A dataclass field with its command-line description.
+
+    Args:
+        default: the default value (an immutable value; tuples, not lists).
+        help: one line for ``--help``; the default is appended.
+        choices: the allowed values, if limited.
+        flag: the flag's name when it is not ``--field-name``.
+        aliases: older flag names that still work (hidden from ``--help``'s usage line only by convention).
+        cli: False keeps the field off the command line (an internal setting recorded in config.json).
+    """
+    meta = {"help": help, "choices": choices, "flag": flag, "aliases": tuple(aliases), "cli": cli}
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _flag_type(annotation: str | type) -> tuple[type, bool]:
+    """A field's annotation (a string under ``from __future__ import annotations``) -> (scalar type, optional)."""
+    text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    parts = [p.strip() for p in text.split("|")]
+    optional = "None" in parts
+    names = [p for p in parts if p != "None"]
+    if len(names) != 1 or names[0] not in _SCALARS:
+        raise TypeError(f"settings: cannot make a flag for a field of type {text!r}")
+    return _SCALARS[names[0]], optional
+
+
+def add_settings(parser, cls: type,
+                 skip: typing.Iterable[str] = ()) -> None:
+    """Add one flag per command-line field of the settings dataclass ``cls`` to ``parser`` (an argparse parser
+    or argument group).
+
+    Booleans become ``--name / --no-name``. ``dest`` is the field name, so :func:`settings_from_args` finds it.
+    """
+    skip = set(skip)
+    for f in dataclasses.fields(cls):
+        meta = f.metadata
+        if f.name in skip or not meta.get("cli", True):
+            continue
+        kind, optional = _flag_type(f.type)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        names = [meta.get("flag") or "--" + f.name.replace("_", "-"), *meta.get("aliases", ())]
+        text = meta.get("help", "")
+        text = f"{text} (default: {default})" if default is not None else text
+        kw: dict[str, Any] = {"dest": f.name, "default": default, "help": text.replace("%", "%%")}
+        if kind is bool and not optional:
+            kw["action"] = argparse.BooleanOptionalAction
+        else:
+            kw["type"] = kind
+            if meta.get("choices"):
+                kw["choices"] = meta["choices"]
+        parser.add_argument(*names, **kw)
+
+
+def settings_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
+    """An instance of the settings dataclass ``cls`` from parsed ``args`` (fields without a flag keep their
+    defaults), with ``overrides`` applied last."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**{**given, **overrides})

@@ -1,0 +1,69 @@
+"""Settings dataclasses <-> flags (scene3d.settings): one field is one flag, with its type, default and help."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict, dataclass
+
+import pytest
+
+from scene3d.settings import add_settings, setting, settings_from_args
+
+
+@dataclass
+class Example:
+    width: int = setting(32, "channels")
+    rate: float | None = setting(None, "a rate")
+    mode: str = setting("fast", "how", choices=("fast", "exact"))
+    on: bool = setting(True, "a switch")
+    hidden: float = setting(0.5, "internal", cli=False)
+    renamed: int = setting(3, "has another flag", flag="--count", aliases=("--old-count",))
+
+
+def parse(argv):
+    p = argparse.ArgumentParser()
+    add_settings(p, Example)
+    return settings_from_args(Example, p.parse_args(argv))
+
+
+def test_defaults_types_and_overrides():
+    assert parse([]) == Example()
+    got = parse(["--width", "7", "--rate", "0.25", "--mode", "exact", "--no-on", "--count", "9"])
+    assert asdict(got) == {"width": 7, "rate": 0.25, "mode": "exact", "on": False, "hidden": 0.5, "renamed": 9}
+    assert parse(["--old-count", "4"]).renamed == 4
+
+
+def test_bad_values_and_internal_fields_are_refused_by_argparse():
+    for argv in (["--mode", "slow"], ["--width", "x"], ["--hidden", "1"]):
+        with pytest.raises(SystemExit):
+            parse(argv)
+
+
+def test_help_carries_the_text_and_default():
+    p = argparse.ArgumentParser()
+    add_settings(p, Example)
+    text = p.format_help()
+    assert "channels (default: 32)" in text and "--hidden" not in text and "{fast,exact}" in text
+
+
+def test_a_new_setting_is_one_field():
+    @dataclass
+    class Grown(Example):
+        depth: int = setting(2, "a new setting")
+
+    p = argparse.ArgumentParser()
+    add_settings(p, Grown)
+    assert settings_from_args(Grown, p.parse_args(["--depth", "5"])).depth == 5
+
+
+def test_the_atom_vae_flags_are_its_config():
+    """Every command-line field of AtomVAEConfig is a `cryoem train` flag with the field's default."""
+    from dataclasses import fields
+
+    from cryoem.cli import build_parser
+    from cryoem.vae import AtomVAEConfig
+
+    args = build_parser().parse_args(["train", "--particles", "p.star", "--structure", "s.pdb", "--out", "o"])
+    assert settings_from_args(AtomVAEConfig, args) == AtomVAEConfig()
+    on_cli = [f.name for f in fields(AtomVAEConfig) if f.metadata.get("cli", True)]
+    assert len(on_cli) >= 15 and all(hasattr(args, n) for n in on_cli)
