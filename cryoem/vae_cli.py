@@ -53,6 +53,8 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: the free cores, from the load)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out (same model settings)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (into a log file rather than a terminal, the bar updates every 30 s)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run in a non-empty --out (its files only; without this, a non-empty --out "
                         "is refused)")
@@ -107,6 +109,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     cfg = settings_from_args(AtomVAEConfig, a)
     tcfg = TrainConfig(out=a.out, epochs=a.epochs, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size,
                        lr=a.lr, seed=a.seed, resume=a.resume, overwrite=a.overwrite, device=a.device, ckpt_every=200,
+                       progress=not a.quiet,
                        find_unused_parameters=a.infer_poses)  # the pose warm-up leaves the model unused
     for name, s in train(spec, cfg, tcfg, halves=a.half_sets).items():
         print(f"{name}: {s['step']} steps, {s['epoch']} epochs, {s['elapsed_s'] / 60:.1f} min, "

@@ -476,14 +476,17 @@ class _Log:
 
     def __init__(self, out: Path, cfg: TrainConfig, enabled: bool, start_step: int):
         self.enabled, self.every = enabled, cfg.log_every
-        self.bar = self.tb = self.csv = self.writer = None
+        self.bar = self.tb = None
         self.fields: list[str] | None = None
         if not enabled:
             return
         from tqdm import tqdm
 
         total = cfg.steps
-        self.bar = tqdm(total=total, initial=start_step, disable=not cfg.progress, unit="step", dynamic_ncols=True)
+        # into a log file (not a terminal) tqdm would write a line per step: there, one every 30 s
+        interval = 0.1 if sys.stderr.isatty() else 30.0
+        self.bar = tqdm(total=total, initial=start_step, disable=not cfg.progress, unit="step", dynamic_ncols=True,
+                        mininterval=interval)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -309,3 +309,15 @@ def test_damaged_model_json_is_one_line(run, tmp_path, capsys):
         assert main(["analyze", str(r), "--no-snapshots"]) == 2
         one_error_line(capsys, "model.json", message)
     assert not (tmp_path / "m.pdb").exists() and not (r / "analysis").exists()
+
+
+def test_progress_into_a_log_file_is_not_a_line_per_step(sim, tmp_path):
+    """Into a pipe (not a terminal) the bar updates at most every 30 s: 40 quick steps give the first and last
+    updates only, not one per step; --quiet gives none."""
+    for quiet, most in ((False, 3), (True, 0)):
+        r = cryoem("train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms",
+                   "ca", "--center", "none", "--zdim", 1, "--steps", 40, "--batch-size", 8, *(["--quiet"] * quiet),
+                   "--out", tmp_path / f"q{quiet}")
+        assert r.returncode == 0, r.stderr
+        updates = [u for u in r.stderr.replace("\r", "\n").splitlines() if "step" in u and "/40" in u]
+        assert len(updates) <= most, updates
