@@ -22,9 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
+from cryoem.formats import read_file
 from cryoem.formats.mrc import open_mrc, stack_shape
 from cryoem.particles import ParticleMeta, check_ctf, choose_pixel_size
-from scene3d.runinfo import UserError, atomic_path, one_line
+from scene3d.runinfo import UserError, atomic_path
 
 __all__ = ["RestrictedUnpickler", "load_pickle", "write_pickle", "meta_from_stack"]
 
@@ -56,14 +57,8 @@ class RestrictedUnpickler(pickle.Unpickler):
 def load_pickle(path: str | Path):
     """Load a cryoDRGN ``.pkl`` (arrays / tuples / lists only) with :class:`RestrictedUnpickler`."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    try:
-        obj = RestrictedUnpickler(io.BytesIO(path.read_bytes()), str(path)).load()
-    except UserError:
-        raise
-    except Exception as e:  # truncated / garbage pickles raise many types
-        raise UserError(f"{path}: not a readable pickle of numpy arrays ({one_line(e)})") from e
+    obj = read_file(path, lambda p: RestrictedUnpickler(io.BytesIO(p.read_bytes()), str(p)).load(), "file",
+                    "not a readable pickle of numpy arrays")
     _check_object_arrays(obj, path)
     return obj
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from cryoem.ctf import CTF_FIELDS
+from cryoem.formats import read_file
 from cryoem.particles import ParticleMeta, check_ctf, choose_pixel_size, resolve_stacks, search_roots
 from renderers.cameras import axis_angle_to_matrix
 from scene3d.runinfo import UserError, atomic_path, one_line
@@ -38,12 +39,7 @@ __all__ = ["read_cs", "write_cs", "find_passthrough", "meta_from_cs"]
 def read_cs(path: str | Path) -> np.ndarray:
     """Load a cryoSPARC ``.cs`` structured array without pickles (``allow_pickle=False``)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: cryoSPARC file not found")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise UserError(f"{path}: not a cryoSPARC .cs file ({one_line(e)})") from e
+    arr = read_file(path, lambda p: np.load(p, allow_pickle=False), "cryoSPARC file", "not a cryoSPARC .cs file")
     if not isinstance(arr, np.ndarray) or arr.dtype.names is None or arr.ndim != 1:
         raise UserError(f"{path}: not a cryoSPARC .cs file (expected a 1-D numpy structured array)")
     return arr

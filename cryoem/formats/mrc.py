@@ -8,12 +8,12 @@ a ``UserError`` with one line naming it.
 
 from __future__ import annotations
 
-import warnings
 from pathlib import Path
 
 import numpy as np
 
-from scene3d.runinfo import UserError, atomic_path, one_line
+from cryoem.formats import read_file
+from scene3d.runinfo import UserError, atomic_path
 
 __all__ = ["open_mrc", "stack_shape", "read_mrc", "write_mrc", "write_mrcs"]
 
@@ -26,14 +26,8 @@ def open_mrc(path: str | Path):
     import mrcfile
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: image stack not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            m = mrcfile.mmap(path, mode="r", permissive=True)
-    except Exception as e:
-        raise UserError(f"{path}: not a readable MRC file ({one_line(e)})") from e
+    m = read_file(path, lambda p: mrcfile.mmap(p, mode="r", permissive=True), "image stack",
+                  "not a readable MRC file")
     data = m.data
     if data is None or data.ndim not in (2, 3) or data.size == 0:
         m.close()

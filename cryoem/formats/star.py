@@ -23,17 +23,17 @@ particle rows, every other line byte for byte (``cryoem select``).
 from __future__ import annotations
 
 import shlex
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cryoem.ctf import CTF_FIELDS, CTFParams
+from cryoem.formats import read_file
 from cryoem.formats.mrc import write_mrcs
 from cryoem.particles import ParticleMeta, check_ctf, choose_pixel_size, resolve_stacks, search_roots
 from renderers.cameras import euler_zyz_to_matrix
-from scene3d.runinfo import UserError, atomic_path, one_line
+from scene3d.runinfo import UserError, atomic_path
 
 __all__ = ["read_star", "write_star", "particle_block", "meta_from_star", "star_tables", "write_particles",
            "star_rows", "write_star_rows"]
@@ -46,14 +46,7 @@ def read_star(path: str | Path) -> dict:
     import starfile
 
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: STAR file not found")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            blocks = starfile.read(path, always_dict=True)
-    except Exception as e:
-        raise UserError(f"{path}: cannot parse STAR file ({one_line(e)})") from e
+    blocks = read_file(path, lambda p: starfile.read(p, always_dict=True), "STAR file", "cannot parse STAR file")
     if not isinstance(blocks, dict) or not blocks:
         raise UserError(f"{path}: no data blocks found")
     return {k: v if isinstance(v, pd.DataFrame) else pd.DataFrame([v]) for k, v in blocks.items()}
