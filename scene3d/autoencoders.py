@@ -14,7 +14,7 @@ One training step (``SceneAE.loss``, driven by the shared :class:`scene3d.traine
 Decoders (one interface: ``forward(z) -> state``, ``render``, ``occupancy``, ``surface``, ``regularisers``):
 
 * :class:`VoxelDecoder`: z -> 3D transposed convolutions -> density + colour at ``res^3``
-  -> ``renderers.voxel.VoxelRenderer`` (emission-absorption; absorption for silhouettes)
+  -> ``renderers.voxel.VoxelRenderer`` (emission-absorption, with the opacity as a 4th, silhouette channel)
   (Rezende et al. 2016). With ``lift`` (the default), a :class:`PixelLifter` also gives every cell the
   context images' features at its projection, so the grid starts from the views' silhouettes and the
   global latent only has to add what the views do not show (the cell-wise view of pixelNeRF, in voxels).
@@ -165,14 +165,13 @@ class VoxelDecoder(nn.Module):
     kind = "voxel"
 
     def __init__(self, latent_dim: int, lo: float, hi: float, res: int = 32, width: int = 64, n_samples: int = 64,
-                 background=(0.0, 0.0, 0.0), silhouette: bool = False, density_scale: float = 2.0,
-                 lift: int = 0):
+                 background=(0.0, 0.0, 0.0), density_scale: float = 2.0, lift: int = 0):
         super().__init__()
         if res % 8:
             raise ValueError(f"res: expected a multiple of 8, got {res}")
         self.latent_dim, self.lo, self.hi, self.res = latent_dim, lo, hi, res
         self.cell = (hi - lo) / res
-        self.density_scale, self.silhouette = density_scale, silhouette
+        self.density_scale = density_scale
         if latent_dim:
             c = [width, width // 2, width // 4]
             self.fc = nn.Linear(latent_dim, c[0] * (res // 8) ** 3)
@@ -186,9 +185,8 @@ class VoxelDecoder(nn.Module):
         else:
             self.grid = nn.Parameter(torch.cat([torch.zeros(1, 1, res, res, res),
                                                 torch.zeros(1, 3, res, res, res)], 1))
-        mode = "absorption" if silhouette else "emission_absorption"
-        self.renderer = VoxelRenderer(mode, n_samples, center=(lo + hi) / 2, size=hi - lo, background=background,
-                                      alpha=not silhouette)  # alpha: the silhouette that the loss also fits
+        self.renderer = VoxelRenderer("emission_absorption", n_samples, center=(lo + hi) / 2, size=hi - lo,
+                                      background=background, alpha=True)  # alpha: the silhouette the loss also fits
 
     def forward(self, z: Tensor | None, lifted: Tensor | None = None) -> dict:
         if self.latent_dim:
@@ -203,10 +201,9 @@ class VoxelDecoder(nn.Module):
         return {"density": density, "rgb": torch.sigmoid(raw[:, 1:])}
 
     def render(self, state: dict, cameras: Camera, per_scene: int) -> Tensor:
-        """Render ``per_scene`` cameras of each scene in ``state`` -> (B * per_scene, C, H, W)."""
+        """Render ``per_scene`` cameras of each scene in ``state`` -> (B * per_scene, 4, H, W): colour over the
+        background and the opacity (the soft silhouette) as a 4th channel."""
         rep = lambda x: x if x.shape[0] == 1 else x.repeat_interleave(per_scene, 0)  # noqa: E731
-        if self.silhouette:
-            return self.renderer(rep(state["density"]), cameras)
         return self.renderer(rep(state["density"]), cameras, rep(state["rgb"]))
 
     def occupancy(self, state: dict, points: Tensor, level: float) -> Tensor:

@@ -111,3 +111,21 @@ def test_cli_help_lists_subcommands():
     out = subprocess.run([sys.executable, "-m", "scene3d.cli", "train", "gqn", "--help"], capture_output=True,
                          text=True)
     assert out.returncode == 0 and "--minutes" in out.stdout and "--representation" in out.stdout
+
+
+def test_cli_grad_clip_bounds_the_gradient_norm_the_optimizer_sees(tmp_path):
+    """`--grad-clip C`: every step's gradient reaches the optimizer with norm <= C; `--grad-clip 0` is off."""
+    from tests.scene3d.test_trainer import grad_norms_seen_by_optimizers
+
+    d = tmp_path / "sm"
+    assert main(["data", "shepard-metzler", "--scenes", "4", "--views", "4", "--size", "16", "--out", str(d),
+                 "--renderer", "pytorch3d", "--quiet"]) == 0
+    seen = {}
+    for clip in ("1e-4", "0"):
+        with grad_norms_seen_by_optimizers() as norms:
+            assert main(["train", "gqn", "--data", str(d), "--out", str(tmp_path / clip), "--steps", "2",
+                         "--batch-size", "2", "--quiet", "--image-size", "16", "--r-channels", "8", "--hidden", "8",
+                         "--canvas-channels", "8", "--gen-steps", "2", "--grad-clip", clip]) == 0
+        seen[clip] = norms
+    assert len(seen["1e-4"]) == 2 and max(seen["1e-4"]) <= 1e-4 * (1 + 1e-4)
+    assert len(seen["0"]) == 2 and min(seen["0"]) > 1e-2  # unclipped, the same steps have far larger gradients

@@ -6,11 +6,13 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from scene3d.runinfo import UserError
 from scene3d.trainer import TrainConfig, Trainer, load_checkpoint, lr_factor
@@ -222,3 +224,42 @@ def test_a_batch_the_model_refuses_writes_nothing(tmp_path):
     assert not (tmp_path / "p").exists()
     Trainer(Toy(), ToyData(), cfg, files={"model.json": "{}"}).fit()
     assert (tmp_path / "p" / "model.json").read_text() == "{}" and (tmp_path / "p" / "config.json").is_file()
+
+
+class Tilted(nn.Module):
+    """loss = w . (3, 4): the gradient is (3, 4) at every step, of norm 5."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(2))
+
+    def loss(self, batch, step):
+        return {"loss": (self.w * torch.tensor([3.0, 4.0])).sum() + 0 * batch["x"].sum()}
+
+
+@contextmanager
+def grad_norms_seen_by_optimizers():
+    """Yields a list that gets the global gradient norm of every optimizer step taken while it is open."""
+    norms = []
+
+    def hook(opt, args, kwargs):
+        grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        norms.append(float(torch.stack([g.norm() for g in grads]).norm()))
+
+    handle = register_optimizer_step_pre_hook(hook)
+    try:
+        yield norms
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("clip,expected", [(None, 5.0), (0.05, 0.05), (10.0, 5.0)])
+def test_grad_clip_bounds_the_gradient_norm_the_optimizer_sees(tmp_path, clip, expected):
+    """TrainConfig.grad_clip (``--grad-clip``): each step's gradient reaches the optimizer with norm
+    min(norm, clip); None leaves it alone."""
+    cfg = TrainConfig(out=str(tmp_path / "r"), steps=3, batch_size=8, lr=0.01, grad_clip=clip, progress=False,
+                      tensorboard=False)
+    with grad_norms_seen_by_optimizers() as norms:
+        Trainer(Tilted(), ToyData(), cfg).fit()
+    assert len(norms) == 3
+    assert norms == pytest.approx([expected] * 3, rel=1e-5)
