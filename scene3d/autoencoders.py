@@ -11,7 +11,8 @@ One training step (``SceneAE.loss``, driven by the shared :class:`scene3d.traine
   3D representation (a free voxel grid, free vertex offsets, or an unconditioned NeRF MLP); items are
   single views of that scene and every view in the batch is a query.
 
-Decoders (one interface: ``forward(z) -> state``, ``render``, ``occupancy``, ``surface``, ``regularisers``):
+Decoders (one interface, :class:`SceneDecoder`: ``forward(z) -> state``, ``render``, ``occupancy``, ``surface``,
+``regularisers``):
 
 * :class:`VoxelDecoder`: z -> 3D transposed convolutions -> density + colour at ``res^3``
   -> ``renderers.voxel.VoxelRenderer`` (emission-absorption, with the opacity as a 4th, silhouette channel)
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +151,40 @@ class PixelLifter(nn.Module):
 
 
 # ------------------------------------------------------------------------ decoders
+@runtime_checkable
+class SceneDecoder(Protocol):
+    """What :class:`SceneAE`, :mod:`scene3d.ae_eval` and the CLI need of a decoder; :class:`VoxelDecoder`,
+    :class:`MeshDecoder` and :class:`FieldDecoder` (``torch.nn.Module`` s) all have it.
+
+    A decoder turns latents into a 3D *state*, a dict of tensors with one row per scene, and answers
+    questions about that state in world units over the box ``[lo, hi]^3``.
+    """
+
+    kind: str  # "voxel" | "mesh" | "nerf", the AEConfig.kind that builds it
+    latent_dim: int  # L; 0 makes a free per-scene representation, decoded by forward(None)
+    lo: float  # the world box [lo, hi]^3, world units
+    hi: float
+
+    def forward(self, z: Tensor | None) -> dict:
+        """z (B, L), or None when ``latent_dim == 0`` -> the state of B scenes (one scene for None)."""
+
+    def render(self, state: dict, cameras: Camera, per_scene: int) -> Tensor:
+        """``per_scene`` cameras of each scene, scene-major (B * per_scene cameras) -> (B * per_scene, C, H, W):
+        colour in [0, 1] over the background (C = 3), then the opacity, the soft silhouette, where the decoder
+        renders one (C = 4: voxel, mesh)."""
+
+    def occupancy(self, state: dict, points: Tensor, level: float) -> Tensor:
+        """(B, N) bool: which world ``points`` (N, 3) are inside each scene; ``level`` is the density threshold
+        in 1 / world units (a mesh ignores it and tests the inside of its closed surface)."""
+
+    def surface(self, state: dict, i: int, level: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Scene ``i`` as a coloured mesh at ``level`` (as in :meth:`occupancy`): verts (V, 3) in world units,
+        faces (F, 3) long, vertex colours (V, 3) in [0, 1]."""
+
+    def regularisers(self, state: dict) -> dict[str, Tensor]:
+        """Name -> scalar shape prior; :meth:`SceneAE.loss` adds ``AEConfig.<name>_weight`` times each."""
+
+
 class VoxelDecoder(nn.Module):
     """z (B, L) -> density (B, 1, G, G, G) in 1 / world units and colour (B, 3, G, G, G) over ``[lo, hi]^3``.
 
@@ -389,6 +425,7 @@ class AEConfig:
 
 
 def make_decoder(cfg: AEConfig, per_scene: bool = False) -> nn.Module:
+    """The :class:`SceneDecoder` of ``cfg.kind`` (an ``nn.Module``); ``per_scene``: a free one, ``latent_dim=0``."""
     L = 0 if per_scene else cfg.latent_dim
     if cfg.kind == "voxel":
         return VoxelDecoder(L, cfg.lo, cfg.hi, background=cfg.background, lift=cfg.lift if L else 0)

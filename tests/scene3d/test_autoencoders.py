@@ -1,6 +1,7 @@
 """Voxel / mesh / NeRF autoencoders: shapes, the product-of-experts encoder, a per-scene fit that recovers
 a known cube, and the CLI end to end (fit -> export -> view -> render) on a tiny NeRF-Blender folder."""
 
+import inspect
 import json
 import math
 import subprocess
@@ -16,10 +17,13 @@ from renderers.cameras import Camera, look_at
 from renderers.voxel import VoxelRenderer
 from scene3d.ae_eval import calibrate_level, carved_hull, turntable_cameras
 from scene3d.autoencoders import (
+    KINDS,
     AEConfig,
     ContextEncoder,
     SceneAE,
+    SceneDecoder,
     SceneViews,
+    make_decoder,
     occupancy_level,
     predicted_occupancy,
     resize_views,
@@ -75,6 +79,29 @@ def test_view_index_takes_the_same_views_of_every_scene():
     sub = cams[view_index(2, 3, torch.tensor([2, 0]))]
     torch.testing.assert_close(sub.R, cams.R[[2, 0, 5, 3]])
     torch.testing.assert_close(sub.t, cams.t[[2, 0, 5, 3]])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_every_decoder_satisfies_the_scene_decoder_protocol(kind):
+    """Each decoder has SceneDecoder's attributes and methods, takes their arguments in their order (extras only
+    with defaults), and returns what the Protocol's docstrings promise."""
+    torch.manual_seed(0)
+    dec = make_decoder(AEConfig(kind=kind), per_scene=True)
+    assert isinstance(dec, SceneDecoder) and dec.kind == kind and dec.latent_dim == 0
+    for name in ("forward", "render", "occupancy", "surface", "regularisers"):
+        want = list(inspect.signature(getattr(SceneDecoder, name)).parameters)[1:]  # without self
+        have = list(inspect.signature(getattr(dec, name)).parameters.values())
+        assert [p.name for p in have[:len(want)]] == want, (kind, name)
+        assert all(p.default is not inspect.Parameter.empty for p in have[len(want):]), (kind, name)
+    with torch.no_grad():
+        state = dec(None)
+        images = dec.render(state, ring_cameras(2, 8), per_scene=2)
+        occ = dec.occupancy(state, torch.zeros(5, 3), occupancy_level(AEConfig(kind=kind)))
+        verts, faces, colors = dec.surface(state, 0, 0.0)
+    assert images.shape[0] == 2 and images.shape[1] in (3, 4) and images.shape[2:] == (8, 8)
+    assert occ.shape == (1, 5) and occ.dtype == torch.bool
+    assert verts.shape[-1] == faces.shape[-1] == colors.shape[-1] == 3 and len(colors) == len(verts)
+    assert all(v.dim() == 0 for v in dec.regularisers(state).values())
 
 
 def test_encoder_product_of_experts_sharpens_with_views():
