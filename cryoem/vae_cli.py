@@ -16,7 +16,7 @@ def add_subcommands(sub) -> None:
 
 def _add_train(sub) -> None:
     from cryoem.vae import AtomVAEConfig
-    from scene3d.settings import add_settings
+    from scene3d.settings import add_run_args, add_settings
 
     p = sub.add_parser("train", help="train the atom VAE on particles + a starting model",
                        description="Learn a latent per particle and a decoder from latent to atom coordinates.")
@@ -40,24 +40,10 @@ def _add_train(sub) -> None:
                                      "(default: the metadata file's folder, then each folder above it)")
     p.add_argument("--passthrough", help="cryoSPARC passthrough .cs with fields the particle file lacks "
                                          "(default: found beside it under cryoSPARC's naming)")
-    budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--epochs", type=int)
-    budget.add_argument("--minutes", type=float)
-    p.add_argument("--steps", type=int, help="budget in optimisation steps")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
+    add_run_args(p, batch_size=64, lr=1e-3)
     add_settings(p.add_argument_group("model (AtomVAEConfig)"), AtomVAEConfig)
     p.add_argument("--half-sets", action="store_true", help="train two models on independent halves")
     p.add_argument("--lazy", action="store_true", help="memory-map the stacks instead of loading them")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: the free cores, from the load)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out (same model settings)")
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress bar (into a log file rather than a terminal, the bar updates every 30 s)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in a non-empty --out (its files only; without this, a non-empty --out "
-                        "is refused)")
     p.set_defaults(func=cmd_train)
 
 
@@ -88,29 +74,13 @@ def _add_analysis(sub) -> None:
 def cmd_train(a: argparse.Namespace) -> int:
     from cryoem.train import DataSpec, train
     from cryoem.vae import AtomVAEConfig
-    from scene3d.runinfo import UserError
-    from scene3d.settings import settings_from_args
-    from scene3d.trainer import TrainConfig
+    from scene3d.settings import run_config, settings_from_args
 
-    if a.epochs is None and a.minutes is None and a.steps is None:
-        raise UserError("give a training budget: --epochs N, --minutes M or --steps S")
-    import torch
-
-    from scene3d.runinfo import auto_threads
-
-    if a.threads is not None and a.threads < 1:
-        raise UserError(f"--threads: expected a positive number, got {a.threads}")
-    threads = a.threads or auto_threads()
-    torch.set_num_threads(threads)
-    print(f"{threads} CPU thread(s) for torch" + ("" if a.threads else " (cores minus the current load; --threads N "
-                                                                       "to choose)"))
     spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.chains,
                     a.lazy, a.passthrough)
     cfg = settings_from_args(AtomVAEConfig, a)
-    tcfg = TrainConfig(out=a.out, epochs=a.epochs, minutes=a.minutes, steps=a.steps, batch_size=a.batch_size,
-                       lr=a.lr, seed=a.seed, resume=a.resume, overwrite=a.overwrite, device=a.device, ckpt_every=200,
-                       progress=not a.quiet,
-                       find_unused_parameters=a.infer_poses)  # the pose warm-up leaves the model unused
+    # the pose warm-up leaves the model unused
+    tcfg = run_config(a, ckpt_every=200, find_unused_parameters=cfg.infer_poses)
     for name, s in train(spec, cfg, tcfg, halves=a.half_sets).items():
         print(f"{name}: {s['step']} steps, {s['epoch']} epochs, {s['elapsed_s'] / 60:.1f} min, "
               f"stopped by {s['stopped_by']}")

@@ -22,7 +22,7 @@ import dataclasses
 import typing
 from typing import Any
 
-__all__ = ["setting", "add_settings", "settings_from_args"]
+__all__ = ["setting", "add_settings", "settings_from_args", "add_run_args", "run_config"]
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
 
@@ -86,3 +86,51 @@ def settings_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
     defaults), with ``overrides`` applied last."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     return cls(**{**given, **overrides})
+
+
+def add_run_args(parser, *, batch_size: int, lr: float | None, lr_help: str = "learning rate") -> None:
+    """The flags every training command shares, in one group: the budget (``--minutes``, ``--steps``,
+    ``--epochs``; whichever is reached first stops the run), ``--batch-size``, ``--lr``, ``--seed``,
+    ``--device``, ``--threads``, ``--quiet``, ``--resume`` and ``--overwrite``. Read them with :func:`run_config`.
+    """
+    g = parser.add_argument_group("run (budget: the first of --minutes / --steps / --epochs reached stops)")
+    g.add_argument("--minutes", type=float, help="wall-clock budget, summed over resumes")
+    g.add_argument("--steps", dest="train_steps", type=int, help="budget in optimisation steps")
+    g.add_argument("--epochs", type=int, help="budget in passes over the data")
+    g.add_argument("--batch-size", type=int, default=batch_size, help=f"(default: {batch_size})")
+    g.add_argument("--lr", type=float, default=lr, help=lr_help + (f" (default: {lr:g})" if lr is not None else ""))
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto, CUDA if any)")
+    g.add_argument("--threads", type=int, help="torch CPU threads (default: the free cores, from the load)")
+    g.add_argument("--quiet", action="store_true",
+                   help="no progress bar (into a log file rather than a terminal, the bar updates every 30 s)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out (same settings)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the run in a non-empty --out (its files only; without this, a non-empty --out "
+                        "is refused)")
+
+
+def run_config(args: argparse.Namespace, require_budget: bool = True, **fixed: Any):
+    """The ``scene3d.trainer.TrainConfig`` of :func:`add_run_args`' flags (and ``args.out``), with ``fixed``
+    settings applied; sets torch's CPU threads and says how many. A missing budget or a bad value is a UserError."""
+    import torch
+
+    from scene3d.runinfo import UserError, auto_threads
+    from scene3d.trainer import TrainConfig
+
+    if require_budget and args.minutes is None and args.train_steps is None and args.epochs is None:
+        raise UserError("give a training budget: --minutes M, --steps S or --epochs N (the first reached stops)")
+    for name in ("minutes", "train_steps", "epochs", "batch_size", "threads"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            flag = "--" + name.replace("train_", "").replace("_", "-")
+            raise UserError(f"{flag}: expected a positive number, got {value}")
+    threads = args.threads or auto_threads()
+    torch.set_num_threads(threads)
+    if not args.quiet:
+        print(f"{threads} CPU thread(s) for torch" + ("" if args.threads else " (the free cores; --threads N to "
+                                                                              "choose)"))
+    given = dict(out=args.out, minutes=args.minutes, steps=args.train_steps, epochs=args.epochs,
+                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, device=args.device, resume=args.resume,
+                 overwrite=args.overwrite, progress=not args.quiet)
+    return TrainConfig(**{**given, **fixed})
