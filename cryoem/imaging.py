@@ -116,7 +116,7 @@ def structure_map(structure, box: int, voxel_size: float, bfactor: float = 0.0, 
 
     The map is centred on ``center`` (x, y, z) Å (default: the model's centroid), placed at voxel
     ``box // 2``. Returns the map (arrays indexed [z, y, x]) and the MRC origin (x, y, z) Å of voxel 0,
-    so ``cryoem.io.write_mrc(path, vol, voxel_size, origin)`` overlays the map on the model.
+    so ``cryoem.formats.mrc.write_mrc(path, vol, voxel_size, origin)`` overlays the map on the model.
     """
     from cryoem.structure import scattering_gaussians
 

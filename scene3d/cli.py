@@ -21,26 +21,22 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace):
-    from scene3d.trainer import TrainConfig
+    from scene3d.settings import run_config
 
-    return TrainConfig(out=args.out, epochs=args.epochs, steps=args.train_steps, minutes=args.minutes,
-                       batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, lr_final=args.lr_final,
-                       lr_anneal_steps=args.lr_anneal_steps, grad_clip=args.grad_clip or None, seed=args.seed,
-                       ckpt_every=args.ckpt_every, resume=args.resume, overwrite=args.overwrite, device=args.device,
-                       progress=not args.quiet)
+    return run_config(args, lr_schedule=args.lr_schedule, lr_final=args.lr_final,
+                      lr_anneal_steps=args.lr_anneal_steps, grad_clip=args.grad_clip or None,
+                      ckpt_every=args.ckpt_every)
 
 
 def cmd_train_gqn(args: argparse.Namespace) -> int:
     """Train a GQN on a multi-view dataset folder."""
     import numpy as np
-    import torch
 
     from scene3d.data import MultiViewDataset
     from scene3d.gqn import GQN, GQNConfig
     from scene3d.trainer import Trainer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    tcfg = _train_config(args)  # checks the budget, sets the threads
     data = MultiViewDataset.load(args.data)
     if data.views < 2:
         raise UserError(f"{args.data}: scenes have {data.views} view(s); GQN needs at least 2")
@@ -53,15 +49,12 @@ def cmd_train_gqn(args: argparse.Namespace) -> int:
         from scene3d.trainer import load_checkpoint
 
         gcfg = GQNConfig(**load_checkpoint(args.out)["settings"]["gqn"])
-    if args.train_steps is None and args.epochs is None and args.minutes is None:
-        raise UserError("give a training budget: --minutes, --steps or --epochs")
     if gcfg.image_size != data.image_size[0] or data.image_size[0] != data.image_size[1]:
         raise UserError(f"--image-size {gcfg.image_size}: the data in {args.data} has images of "
                         f"{data.image_size[0]}x{data.image_size[1]} (pass --image-size {data.image_size[0]})")
-    torch.manual_seed(args.seed)
     model = GQN(gcfg)
     settings = {"gqn": model.settings(), "data": os.path.abspath(args.data)}  # loads from any folder
-    summary = Trainer(model, data, _train_config(args), settings=settings).fit()
+    summary = Trainer(model, data, tcfg, settings=settings).fit()
     print(f"stopped at step {summary['step']} (epoch {summary['epoch']}, {summary['elapsed_s'] / 60:.1f} min, "
           f"{summary['stopped_by']}); checkpoint in {args.out}")
     return 0
@@ -130,33 +123,21 @@ def _add_data(sub) -> None:
 
 def _add_train(sub) -> None:
     from scene3d.gqn import GQNConfig
+    from scene3d.settings import add_run_args
 
     s = sub.add_parser("train", help="train a model").add_subparsers(dest="model", required=True, metavar="MODEL")
     g = s.add_parser("gqn", help="train a Generative Query Network",
                      description="Train GQN (representation network + ConvDRAW) with the shared trainer.")
     g.add_argument("--data", required=True, help="multi-view dataset folder (scene3d data ...)")
     g.add_argument("--out", required=True, help="run folder")
-    budget = g.add_argument_group("budget (first reached stops)")
-    budget.add_argument("--minutes", type=float, default=None)
-    budget.add_argument("--steps", dest="train_steps", type=int, default=None, help="optimisation steps")
-    budget.add_argument("--epochs", type=int, default=None)
+    add_run_args(g, batch_size=16, lr=1e-3, lr_help="initial learning rate [5e-4]")
     opt = g.add_argument_group("optimisation (CPU defaults; the paper's values in brackets)")
-    opt.add_argument("--batch-size", type=int, default=16, help="[36]")
-    opt.add_argument("--lr", type=float, default=1e-3, help="initial learning rate [5e-4]")
     opt.add_argument("--lr-final", type=float, default=1e-4, help="final learning rate [5e-5]")
     opt.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default="linear",
                      help="linear = the paper's annealing form")
     opt.add_argument("--lr-anneal-steps", type=int, default=4500, help="[1.6e6]")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
-    opt.add_argument("--seed", type=int, default=0)
     opt.add_argument("--ckpt-every", type=int, default=200, help="checkpoint interval in steps")
-    opt.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
-    opt.add_argument("--overwrite", action="store_true",
-                     help="replace the run in a non-empty --out (without it, a non-empty --out is refused)")
-    opt.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    opt.add_argument("--threads", type=int, default=0,
-                     help="torch CPU threads (0 = torch's default; 1 is much faster on a CPU shared with other jobs)")
-    opt.add_argument("--quiet", action="store_true", help="no progress bar")
     d = GQNConfig()
     m = g.add_argument_group("model (CPU defaults; the paper's values in brackets)")
     m.add_argument("--image-size", dest="image_size", type=int, default=d.image_size, help="[64]")
@@ -213,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub)
     _add_eval(sub)
     _add_probe(sub)
-    from scene3d.cli_ae import add_subcommands  # train voxel|mesh|nerf, fit, export, view, render (issue 7)
+    from scene3d.cli_ae import add_subcommands  # train voxel|mesh|nerf, fit, export, view, render
 
     add_subcommands(sub)
     return p

@@ -1,4 +1,4 @@
-"""``scene3d`` subcommands of the voxel, mesh and NeRF autoencoders (issue 7).
+"""``scene3d`` subcommands of the voxel, mesh and NeRF autoencoders.
 
 ``add_subcommands(sub)`` adds, to the ``scene3d`` subparsers ``sub``:
 
@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from scene3d.runinfo import UserError, atomic_path, atomic_write, remove_outputs
+from scene3d.settings import add_run_args, run_config
 
 MODELS = ("voxel", "mesh", "nerf")
-OVERWRITE_HELP = "replace the run in a non-empty --out (without it, a non-empty --out is refused)"
 
 
 def add_subcommands(sub) -> None:
@@ -41,20 +41,13 @@ def add_subcommands(sub) -> None:
     s.add_argument("kind", choices=MODELS)
     s.add_argument("--data", required=True, help="transforms_train.json or its folder (NeRF-Blender / nerfstudio)")
     s.add_argument("--out", required=True, help="run folder")
-    s.add_argument("--minutes", type=float, default=None, help="wall-clock budget (summed over resumes)")
-    s.add_argument("--steps", type=int, default=None)
     s.add_argument("--eval-at", type=float, nargs="+", default=None, metavar="MIN",
                    help="score the test views after each of these many minutes (e.g. 5 10 20)")
-    s.add_argument("--batch-size", type=int, default=4, help="views per step")
+    add_run_args(s, batch_size=4, lr=None, lr_help="learning rate (default: 5e-4 nerf, 5e-2 voxel, 1e-3 mesh)")
     s.add_argument("--rays", type=int, default=1024, help="NeRF: random rays per step")
-    s.add_argument("--lr", type=float, default=None)
     s.add_argument("--box", type=float, nargs=2, default=(-4.0, 4.0), metavar=("LO", "HI"),
                    help="world box [LO, HI]^3 holding the scene")
     s.add_argument("--background", type=float, nargs=3, default=(1.0, 1.0, 1.0))
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--resume", action="store_true")
-    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    s.add_argument("--device", default="auto")
     s.set_defaults(func=cmd_fit)
     s = sub.add_parser("export", help="a run's 3D scene as a mesh or point cloud file")
     s.add_argument("run")
@@ -135,11 +128,7 @@ def _train_args(p, kind: str) -> None:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--contexts", type=int, nargs="+", default=[1, 2, 3], help="k drawn from these per step")
     p.add_argument("--queries", type=int, default=2)
-    p.add_argument("--minutes", type=float, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default={"voxel": 16, "mesh": 8, "nerf": 8}[kind])
-    p.add_argument("--lr", type=float, default=5e-4)
+    add_run_args(p, batch_size={"voxel": 16, "mesh": 8, "nerf": 8}[kind], lr=5e-4)
     p.add_argument("--image-size", type=int, default=32, help="views are box-filtered to this size")
     p.add_argument("--latent", type=int, default=128)
     p.add_argument("--beta", type=float, default=1.0)
@@ -149,10 +138,6 @@ def _train_args(p, kind: str) -> None:
     p.add_argument("--lift", type=int, default=16,
                    help="voxel: channels of the pixel-aligned context features per cell (0: the latent alone)")
     p.add_argument("--rays", type=int, default=512, help="NeRF: rays per scene per step")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--resume", action="store_true")
-    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    p.add_argument("--device", default="auto")
 
 
 # ----------------------------------------------------------------------- train
@@ -160,8 +145,9 @@ def cmd_train(a) -> int:
     from scene3d.ae_eval import data_box
     from scene3d.autoencoders import AEConfig, SceneAE
     from scene3d.data import MultiViewDataset
-    from scene3d.trainer import TrainConfig, Trainer
+    from scene3d.trainer import Trainer
 
+    tc = run_config(a, ckpt_every=200)  # checks the budget; seeds torch before the model is built
     data = MultiViewDataset.load(a.data)
     lo, hi = data_box(data)
     cfg = AEConfig(kind=a.kind, latent_dim=a.latent, image_size=a.image_size, contexts=tuple(a.contexts),
@@ -171,8 +157,6 @@ def cmd_train(a) -> int:
     if max(cfg.contexts) + cfg.queries > data.views:
         raise UserError(f"--contexts/--queries: {max(cfg.contexts)} + {cfg.queries} views exceed the "
                         f"data's {data.views}")
-    tc = TrainConfig(out=a.out, minutes=a.minutes, steps=a.steps, epochs=a.epochs, batch_size=a.batch_size,
-                     lr=a.lr, seed=a.seed, resume=a.resume, overwrite=a.overwrite, device=a.device, ckpt_every=200)
     settings = {"ae": asdict(cfg), "per_scene": False, "data": str(Path(a.data).resolve())}
     trainer = Trainer(SceneAE(cfg), data, tc, settings=settings)
     if a.overwrite and trainer.is_main:  # the checks passed: drop the previous run's records besides the trainer's
@@ -218,8 +202,12 @@ def _nerf_root(path: str) -> Path:
 def cmd_fit(a) -> int:
     from scene3d.autoencoders import AEConfig, SceneAE, SceneViews
     from scene3d.data import load_nerf_folder
-    from scene3d.trainer import TrainConfig, Trainer
+    from scene3d.trainer import Trainer
 
+    budgets = a.eval_at or [a.minutes]
+    if budgets == [None] and a.train_steps is None and a.epochs is None:
+        raise UserError("give a budget: --minutes, --steps, --epochs or --eval-at")
+    base = run_config(a, require_budget=False, ckpt_every=100, log_every=5)  # seeds torch before the model
     root = _nerf_root(a.data)
     train = load_nerf_folder(root, "train", background=tuple(a.background))
     test = load_nerf_folder(root, "test", background=tuple(a.background))
@@ -230,14 +218,10 @@ def cmd_fit(a) -> int:
     model = SceneAE(cfg, per_scene=True)
     views = SceneViews(train, 0)
     settings = {"ae": asdict(cfg), "per_scene": True, "data": str(root.resolve())}
-    budgets = a.eval_at or [a.minutes]
-    if budgets == [None] and a.steps is None:
-        raise UserError("give a budget: --minutes, --steps or --eval-at")
     results, resume, overwrite = [], a.resume, a.overwrite
     for minutes in budgets:
-        tc = TrainConfig(out=a.out, minutes=minutes, steps=a.steps, batch_size=min(a.batch_size, len(views)), lr=lr,
-                         seed=a.seed, resume=resume, overwrite=overwrite, device=a.device, ckpt_every=100,
-                         log_every=5)
+        tc = replace(base, minutes=minutes, batch_size=min(a.batch_size, len(views)), lr=lr, resume=resume,
+                     overwrite=overwrite)
         trainer = Trainer(model, views, tc, settings=settings)
         if overwrite:  # the checks passed: drop the previous fit's scores besides the trainer's records
             remove_outputs(a.out, ["metrics.json", *(p.name for p in Path(a.out).glob("test_*.png"))])

@@ -112,7 +112,8 @@ def add_run_args(parser, *, batch_size: int, lr: float | None, lr_help: str = "l
 
 def run_config(args: argparse.Namespace, require_budget: bool = True, **fixed: Any):
     """The ``scene3d.trainer.TrainConfig`` of :func:`add_run_args`' flags (and ``args.out``), with ``fixed``
-    settings applied; sets torch's CPU threads and says how many. A missing budget or a bad value is a UserError."""
+    settings applied. Sets torch's CPU threads (and says how many) and seeds torch with ``--seed``, so call it
+    before building the model. A missing budget or a bad value is a UserError."""
     import torch
 
     from scene3d.runinfo import UserError, auto_threads
@@ -127,6 +128,7 @@ def run_config(args: argparse.Namespace, require_budget: bool = True, **fixed: A
             raise UserError(f"{flag}: expected a positive number, got {value}")
     threads = args.threads or auto_threads()
     torch.set_num_threads(threads)
+    torch.manual_seed(args.seed)  # the model built next starts from the same weights for the same --seed
     if not args.quiet:
         print(f"{threads} CPU thread(s) for torch" + ("" if args.threads else " (the free cores; --threads N to "
                                                                               "choose)"))
