@@ -49,6 +49,7 @@ from scene3d.export import density_to_mesh, marching_cubes
 from scene3d.geometry_metrics import mesh_occupancy, voxel_centers
 from scene3d.metrics import foreground_mask
 from scene3d.objective import gaussian_kl, gaussian_log_likelihood, reparameterize
+from scene3d.settings import setting
 
 KINDS = ("voxel", "mesh", "nerf")
 CAMERA_CODE = 12  # rotation (9) + centre / box half-size (3)
@@ -401,27 +402,30 @@ class FieldDecoder(nn.Module):
 # ---------------------------------------------------------------------------- model
 @dataclass
 class AEConfig:
-    """Settings of a scene autoencoder (written to config.json by the CLI)."""
+    """Settings of a scene autoencoder (written to config.json; fields with a flag are ``scene3d train`` options)."""
 
-    kind: str = "voxel"  # voxel | mesh | nerf
-    latent_dim: int = 128
-    image_size: int = 32  # views are box-filtered to this size for the encoder and the losses
-    contexts: tuple[int, ...] = (1, 2, 3)  # k drawn uniformly from these per step
-    queries: int = 2
-    sigma: float = 0.1  # pixel noise std of the likelihood
-    beta: float = 1.0
-    rays: int = 512  # per scene per step (nerf)
-    lo: float = -4.0
-    hi: float = 4.0
-    background: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    silhouette_weight: float = 1.0  # mesh
-    laplacian_weight: float = 0.1  # mesh regularisers, in units of the per-pixel loss
-    edge_weight: float = 0.1
-    normal_weight: float = 0.01
-    encoder_width: int = 32
-    binary_weight: float = 0.0  # voxel: weight of the empty-or-opaque cell regulariser
-    lift: int = 16  # voxel: channels of the pixel-aligned feature volume (0: the global latent alone)
-    level_scale: float = 1.0  # occupancy threshold as a multiple of the half-opaque level (see calibrate_level)
+    kind: str = setting("voxel", "voxel | mesh | nerf (the subcommand)", cli=False)
+    latent_dim: int = setting(128, "latent dimensions", flag="--latent")
+    image_size: int = setting(32, "views are box-filtered to this size for the encoder and the losses")
+    contexts: tuple[int, ...] = setting((1, 2, 3), "context views k, drawn uniformly from these per step")
+    queries: int = setting(2, "query views per scene and step")
+    sigma: float = setting(0.1, "pixel noise std of the likelihood")
+    beta: float = setting(1.0, "KL weight")
+    rays: int = setting(512, "NeRF: rays per scene per step")
+    lo: float = setting(-4.0, "world box [lo, hi]^3 (from the data)", cli=False)
+    hi: float = setting(4.0, "world box [lo, hi]^3 (from the data)", cli=False)
+    background: tuple[float, float, float] = setting((0.0, 0.0, 0.0), "background colour (from the data)",
+                                                     cli=False)
+    silhouette_weight: float = setting(1.0, "mesh: silhouette loss weight", cli=False)
+    laplacian_weight: float = setting(0.1, "mesh regulariser, in units of the per-pixel loss", cli=False)
+    edge_weight: float = setting(0.1, "mesh regulariser, in units of the per-pixel loss", cli=False)
+    normal_weight: float = setting(0.01, "mesh regulariser, in units of the per-pixel loss", cli=False)
+    encoder_width: int = setting(32, "channels of the encoder's first stage", cli=False)
+    binary_weight: float = setting(0.0, "voxel: push cells to be empty or opaque (weight, in units of the "
+                                        "per-pixel loss)")
+    lift: int = setting(16, "voxel: channels of the pixel-aligned context features per cell (0: the latent alone)")
+    level_scale: float = setting(1.0, "occupancy threshold as a multiple of the half-opaque level (see "
+                                      "calibrate_level)", cli=False)
 
 
 def make_decoder(cfg: AEConfig, per_scene: bool = False) -> nn.Module:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import fields
 
 from scene3d.runinfo import UserError, cli_main, cmd_info, version_string
 
@@ -34,13 +33,14 @@ def cmd_train_gqn(args: argparse.Namespace) -> int:
 
     from scene3d.data import MultiViewDataset
     from scene3d.gqn import GQN, GQNConfig
+    from scene3d.settings import settings_from_args
     from scene3d.trainer import Trainer
 
     tcfg = _train_config(args)  # checks the budget, sets the threads
     data = MultiViewDataset.load(args.data)
     if data.views < 2:
         raise UserError(f"{args.data}: scenes have {data.views} view(s); GQN needs at least 2")
-    gcfg = GQNConfig(**{f.name: getattr(args, f.name) for f in fields(GQNConfig) if hasattr(args, f.name)})
+    gcfg = settings_from_args(GQNConfig, args)
     centres = -np.einsum("nvji,nvj->nvi", data.R, data.t)  # camera centres -R^T t
     gcfg.position_scale = float(1 / max(np.linalg.norm(centres, axis=-1).mean(), 1e-6))
     bounds = data.meta.get("occupancy", {}).get("bounds")
@@ -123,7 +123,7 @@ def _add_data(sub) -> None:
 
 def _add_train(sub) -> None:
     from scene3d.gqn import GQNConfig
-    from scene3d.settings import add_run_args
+    from scene3d.settings import add_run_args, add_settings
 
     s = sub.add_parser("train", help="train a model").add_subparsers(dest="model", required=True, metavar="MODEL")
     g = s.add_parser("gqn", help="train a Generative Query Network",
@@ -138,25 +138,8 @@ def _add_train(sub) -> None:
     opt.add_argument("--lr-anneal-steps", type=int, default=4500, help="[1.6e6]")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     opt.add_argument("--ckpt-every", type=int, default=200, help="checkpoint interval in steps")
-    d = GQNConfig()
-    m = g.add_argument_group("model (CPU defaults; the paper's values in brackets)")
-    m.add_argument("--image-size", dest="image_size", type=int, default=d.image_size, help="[64]")
-    m.add_argument("--representation", choices=["pool", "tower", "pyramid", "epipolar"], default=d.representation,
-                   help="epipolar: features gathered along each query ray (E-GQN-style, query-dependent r)")
-    m.add_argument("--depth-samples", dest="depth_samples", type=int, default=d.depth_samples,
-                   help="epipolar: points per query ray")
-    m.add_argument("--r-channels", dest="r_channels", type=int, default=d.r_channels, help="[256]")
-    m.add_argument("--hidden", type=int, default=d.hidden, help="ConvLSTM channels [256]")
-    m.add_argument("--z-channels", dest="z_channels", type=int, default=d.z_channels, help="[3]")
-    m.add_argument("--canvas-channels", dest="canvas_channels", type=int, default=d.canvas_channels, help="[256]")
-    m.add_argument("--gen-steps", dest="steps", type=int, default=d.steps, help="ConvDRAW steps L [12]")
-    m.add_argument("--kernel", type=int, default=d.kernel, help="[5]")
-    m.add_argument("--unshared-cores", dest="share_cores", action="store_false")
-    m.add_argument("--sigma-start", dest="sigma_start", type=float, default=d.sigma_start)
-    m.add_argument("--sigma-end", dest="sigma_end", type=float, default=d.sigma_end)
-    m.add_argument("--sigma-anneal-steps", dest="sigma_anneal_steps", type=int, default=d.sigma_anneal_steps,
-                   help="[2e5]")
-    m.add_argument("--max-contexts", dest="max_contexts", type=int, default=d.max_contexts)
+    add_settings(g.add_argument_group("model (GQNConfig; CPU defaults, the paper's values in brackets)"), GQNConfig)
+    g.add_argument("--unshared-cores", dest="share_cores", action="store_false", help=argparse.SUPPRESS)  # old name
     g.set_defaults(func=cmd_train_gqn)
 
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from scene3d.runinfo import UserError, atomic_path, atomic_write, remove_outputs
-from scene3d.settings import add_run_args, run_config
+from scene3d.settings import add_run_args, add_settings, run_config, settings_from_args
 
 MODELS = ("voxel", "mesh", "nerf")
 
@@ -126,18 +126,10 @@ def _is_ae(run) -> bool:
 def _train_args(p, kind: str) -> None:
     p.add_argument("--data", required=True, help="dataset folder (scene3d data)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--contexts", type=int, nargs="+", default=[1, 2, 3], help="k drawn from these per step")
-    p.add_argument("--queries", type=int, default=2)
+    from scene3d.autoencoders import AEConfig
+
     add_run_args(p, batch_size={"voxel": 16, "mesh": 8, "nerf": 8}[kind], lr=5e-4)
-    p.add_argument("--image-size", type=int, default=32, help="views are box-filtered to this size")
-    p.add_argument("--latent", type=int, default=128)
-    p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--sigma", type=float, default=0.1, help="pixel noise std")
-    p.add_argument("--binary-weight", type=float, default=0.0,
-                   help="voxel: push cells to be empty or opaque (weight, in units of the per-pixel loss)")
-    p.add_argument("--lift", type=int, default=16,
-                   help="voxel: channels of the pixel-aligned context features per cell (0: the latent alone)")
-    p.add_argument("--rays", type=int, default=512, help="NeRF: rays per scene per step")
+    add_settings(p.add_argument_group("model (AEConfig)"), AEConfig)
 
 
 # ----------------------------------------------------------------------- train
@@ -150,10 +142,7 @@ def cmd_train(a) -> int:
     tc = run_config(a, ckpt_every=200)  # checks the budget; seeds torch before the model is built
     data = MultiViewDataset.load(a.data)
     lo, hi = data_box(data)
-    cfg = AEConfig(kind=a.kind, latent_dim=a.latent, image_size=a.image_size, contexts=tuple(a.contexts),
-                   queries=a.queries, sigma=a.sigma, beta=a.beta, rays=a.rays, lo=lo, hi=hi, lift=a.lift,
-                   binary_weight=a.binary_weight,
-                   background=tuple(data.background or (0.0, 0.0, 0.0)))
+    cfg = settings_from_args(AEConfig, a, kind=a.kind, lo=lo, hi=hi, background=tuple(data.background or (0.0,) * 3))
     if max(cfg.contexts) + cfg.queries > data.views:
         raise UserError(f"--contexts/--queries: {max(cfg.contexts)} + {cfg.queries} views exceed the "
                         f"data's {data.views}")

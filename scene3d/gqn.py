@@ -39,30 +39,36 @@ from renderers.gqn import ConvDRAW
 from scene3d.data import CAMERA_KEYS, batch_cameras
 from scene3d.objective import bits_per_dim, gaussian_log_likelihood
 from scene3d.runinfo import UserError
+from scene3d.settings import setting
 
 
 @dataclass
 class GQNConfig:
-    """Hyper-parameters of a GQN (written to config.json and checkpoints)."""
+    """Hyper-parameters of a GQN (written to config.json and checkpoints; fields with a flag are ``scene3d train
+    gqn`` options). CPU defaults; the paper's values (Eslami et al. 2018) in brackets."""
 
-    image_size: int = 32
-    channels: int = 3
-    representation: str = "tower"  # pool | tower | pyramid | epipolar
-    r_channels: int = 32
-    hidden: int = 32
-    z_channels: int = 2
-    canvas_channels: int = 16
-    steps: int = 4  # L
-    kernel: int = 3
-    share_cores: bool = True
-    sigma_start: float = 2.0
-    sigma_end: float = 0.7
-    sigma_anneal_steps: int = 2000
-    max_contexts: int = 5
-    v_dim: int = 7
-    position_scale: float = 1.0  # camera positions are multiplied by this (the CLI sets 1 / mean camera distance)
-    depth_samples: int = 32  # epipolar: points per query ray
-    scene_radius: float = 4.0  # epipolar: rays are sampled within this distance (world units) of the origin
+    image_size: int = setting(32, "image side in pixels [64]")
+    channels: int = setting(3, "image channels", cli=False)
+    representation: str = setting("tower", "pool | tower | pyramid; epipolar: features gathered along each query "
+                                           "ray (E-GQN-style, query-dependent r)",
+                                  choices=("pool", "tower", "pyramid", "epipolar"))
+    r_channels: int = setting(32, "channels of the representation r [256]")
+    hidden: int = setting(32, "ConvLSTM channels [256]")
+    z_channels: int = setting(2, "latent channels per ConvDRAW step [3]")
+    canvas_channels: int = setting(16, "canvas channels [256]")
+    steps: int = setting(4, "ConvDRAW steps L [12]", flag="--gen-steps")
+    kernel: int = setting(3, "ConvLSTM kernel [5]")
+    share_cores: bool = setting(True, "one ConvLSTM core shared by all ConvDRAW steps (--no-share-cores: one each)")
+    sigma_start: float = setting(2.0, "pixel std at the start of annealing [2.0]")
+    sigma_end: float = setting(0.7, "pixel std after annealing [0.7]")
+    sigma_anneal_steps: int = setting(2000, "steps of the pixel-std annealing [2e5]")
+    max_contexts: int = setting(5, "most context views per scene")
+    v_dim: int = setting(7, "viewpoint vector length", cli=False)
+    position_scale: float = setting(1.0, "camera positions are multiplied by this (training sets 1 / mean camera "
+                                         "distance)", cli=False)
+    depth_samples: int = setting(32, "epipolar: points per query ray")
+    scene_radius: float = setting(4.0, "epipolar: rays are sampled within this distance (world units) of the origin",
+                                  cli=False)
 
 
 # ------------------------------------------------------------ representations

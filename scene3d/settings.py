@@ -44,8 +44,12 @@ def setting(default: Any, help: str, *, choices: tuple | None = None, flag: str 
 
 
 def _flag_type(annotation: str | type) -> tuple[type, bool]:
-    """A field's annotation (a string under ``from __future__ import annotations``) -> (scalar type, optional)."""
+    """A field's annotation (a string under ``from __future__ import annotations``) -> (type, optional): a scalar
+    type, or ``tuple[scalar, ...]`` for a variable-length tuple."""
     text = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", str(annotation))
+    if text.startswith("tuple[") and text.endswith(", ...]"):  # a variable-length tuple: nargs="+"
+        kind, optional = _flag_type(text[len("tuple["):-len(", ...]")])
+        return tuple[kind, ...], optional
     parts = [p.strip() for p in text.split("|")]
     optional = "None" in parts
     names = [p for p in parts if p != "None"]
@@ -74,6 +78,8 @@ def add_settings(parser, cls: type,
         kw: dict[str, Any] = {"dest": f.name, "default": default, "help": text.replace("%", "%%")}
         if kind is bool and not optional:
             kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) is tuple:
+            kw.update(type=typing.get_args(kind)[0], nargs="+")
         else:
             kw["type"] = kind
             if meta.get("choices"):
@@ -85,6 +91,7 @@ def settings_from_args(cls: type, args: argparse.Namespace, **overrides: Any):
     """An instance of the settings dataclass ``cls`` from parsed ``args`` (fields without a flag keep their
     defaults), with ``overrides`` applied last."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}  # nargs="+" gives lists
     return cls(**{**given, **overrides})
 
 

@@ -67,3 +67,22 @@ def test_the_atom_vae_flags_are_its_config():
     assert settings_from_args(AtomVAEConfig, args) == AtomVAEConfig()
     on_cli = [f.name for f in fields(AtomVAEConfig) if f.metadata.get("cli", True)]
     assert len(on_cli) >= 15 and all(hasattr(args, n) for n in on_cli)
+
+
+@pytest.mark.parametrize("argv,cls,fixed", [
+    (["train", "gqn", "--data", "d", "--out", "o"], "scene3d.gqn:GQNConfig", {}),
+    (["train", "voxel", "--data", "d", "--out", "o"], "scene3d.autoencoders:AEConfig", {"kind": "voxel"}),
+])
+def test_the_scene_model_flags_are_their_configs(argv, cls, fixed):
+    """With no model flags, the parsed settings are the config's defaults; a tuple field takes several values."""
+    import importlib
+
+    from scene3d.cli import build_parser
+
+    module, name = cls.split(":")
+    Config = getattr(importlib.import_module(module), name)
+    assert settings_from_args(Config, build_parser().parse_args(argv), **fixed) == Config(**fixed)
+    if name == "AEConfig":
+        args = build_parser().parse_args([*argv, "--contexts", "1", "3", "--latent", "7"])
+        cfg = settings_from_args(Config, args)
+        assert cfg.contexts == (1, 3) and cfg.latent_dim == 7
