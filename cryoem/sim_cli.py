@@ -36,18 +36,20 @@ def add_subcommands(sub) -> None:
                    help="extra B-factor per particle, uniform in [MIN, MAX] Å^2 (default: 0 0)")
     s.add_argument("--shift-dist", choices=["gaussian", "uniform"], default="gaussian",
                    help="in-plane shifts: Gaussian clipped at 3 std, or uniform with the same std (default: gaussian)")
-    s.add_argument("--select", choices=["all", "heavy", "backbone", "ca"], default="heavy",
+    s.add_argument("--atoms", "--select", dest="select", choices=["all", "heavy", "backbone", "ca"], default="heavy",
                    help="atoms to image (default: heavy; C-alpha-only files use residue pseudo-atoms)")
     s.add_argument("--n", type=int, default=1000, help="number of particles (default: 1000)")
     s.add_argument("--box", type=int, default=64, help="box size in pixels (default: 64)")
-    s.add_argument("--apix", type=float, default=2.0, help="pixel size in Å (default: 2.0)")
+    s.add_argument("--pixel-size", "--apix", dest="apix", type=float, default=2.0,
+                   help="pixel size in Å (default: 2.0)")
     s.add_argument("--snr", type=float, default=0.1, help="signal variance / noise variance (default: 0.1)")
     s.add_argument("--defocus", type=float, nargs=2, default=(1.0, 2.5), metavar=("MIN", "MAX"),
                    help="defocus range in µm (default: 1.0 2.5)")
     s.add_argument("--bfactor", type=float, default=30.0, help="B-factor blur of the atoms in Å^2 (default: 30)")
     s.add_argument("--shift-std", type=float, default=1.0, help="in-plane shift std in pixels (default: 1)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    s.add_argument("--batch", type=int, default=256, help="particles per batch (default: 256)")
+    s.add_argument("--batch-size", "--batch", dest="batch", type=int, default=256,
+                   help="particles per batch (default: 256)")
     s.add_argument("--preview", action="store_true", help="also write preview.png: clean, SNR 1 and SNR 0.1")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--out", type=Path, required=True, help="output folder (new or empty, unless --overwrite)")
@@ -57,7 +59,8 @@ def add_subcommands(sub) -> None:
     f = sub.add_parser("fsc", help="FSC, resolution at 0.5/0.143, AU-FSC and correlation of two maps")
     f.add_argument("map_a", type=Path)
     f.add_argument("map_b", type=Path)
-    f.add_argument("--apix", type=float, help="pixel size in Å (default: from the first map's header)")
+    f.add_argument("--pixel-size", "--apix", dest="apix", type=float,
+                   help="pixel size in Å (default: from the first map's header)")
     f.add_argument("--plot", type=Path, help="write the FSC curve to this PNG")
     f.set_defaults(func=cmd_fsc)
 
@@ -65,7 +68,7 @@ def add_subcommands(sub) -> None:
     c.add_argument("particles", type=Path)
     c.add_argument("--poses", type=Path, help="cryoDRGN pose .pkl (with an .mrcs stack)")
     c.add_argument("--ctf", type=Path, help="cryoDRGN CTF .pkl (with an .mrcs stack)")
-    c.add_argument("--apix", type=float, help="pixel size in Å, when the metadata lack it")
+    c.add_argument("--pixel-size", "--apix", dest="apix", type=float, help="pixel size in Å, when the metadata lack it")
     c.add_argument("--datadir", type=Path, help="folder that the stack names in a .star or .cs file are relative to "
                                                 "(default: the metadata file's folder, then each folder above it)")
     c.add_argument("--passthrough", type=Path, help="cryoSPARC passthrough .cs (default: found beside the .cs file)")
@@ -86,7 +89,7 @@ def _conformations(args):
         return morph_conformations(a, b, args.morph_dist, args.bfactor, potential)
     s = read_structure(args.structure).select(args.select)
     if s.n_atoms == 0:
-        raise UserError(f"{args.structure}: no atoms left after --select {args.select}")
+        raise UserError(f"{args.structure}: no atoms left after --atoms {args.select}")
     if getattr(args, "hinge", None):
         if args.weights is not None:
             raise UserError("--weights applies to ensembles, not to --hinge")
@@ -184,7 +187,7 @@ def cmd_fsc(args: argparse.Namespace) -> int:
         raise UserError(f"{args.map_b}: shape {b.shape} differs from {args.map_a} {a.shape} (need equal cubic maps)")
     apix = args.apix or apix_a
     if not apix or apix <= 0:
-        raise UserError(f"{args.map_a}: no voxel size in the header; pass --apix")
+        raise UserError(f"{args.map_a}: no voxel size in the header; pass --pixel-size")
     r = fsc_report(a, b, apix)
     print(f"resolution (FSC=0.5)   {r['res_0.5']:.2f} Å")
     print(f"resolution (FSC=0.143) {r['res_0.143']:.2f} Å")

@@ -239,7 +239,7 @@ def simulate(conf: Conformations, n: int, box: int = 64, pixel_size: float = 2.0
     which blurs its Gaussians: sigma² + B / (8 pi²).
     """
     if n <= 0 or box <= 0 or pixel_size <= 0:
-        raise UserError(f"--n, --box and --apix must be positive (got {n}, {box}, {pixel_size})")
+        raise UserError(f"--n, --box and --pixel-size must be positive (got {n}, {box}, {pixel_size})")
     lo, hi = defocus_um
     if not 0 <= lo <= hi:
         raise UserError(f"--defocus: expected 0 <= MIN <= MAX µm, got {lo} {hi}")

@@ -9,8 +9,8 @@ MINUTES=${MINUTES:-4}
 rm -rf "$OUT" && mkdir -p "$OUT"
 
 echo "== 1/5 simulate 2,000 particles (64 px, 2 Å/px, SNR 0.1) of a morph between two real states"
-cryoem simulate --morph cryoem/data/3o21.pdb.gz cryoem/data/6flr.pdb.gz --select ca --n 2000 --box 64 \
-  --apix 2.0 --snr 0.1 --defocus 1.0 2.5 --seed 0 --preview --out "$OUT/sim"
+cryoem simulate --morph cryoem/data/3o21.pdb.gz cryoem/data/6flr.pdb.gz --atoms ca --n 2000 --box 64 \
+  --pixel-size 2.0 --snr 0.1 --defocus 1.0 2.5 --seed 0 --preview --out "$OUT/sim"
 
 echo "== 2/5 train the atom VAE for $MINUTES minutes from the compact state (first model of gt_models.pdb)"
 cryoem train --particles "$OUT/sim/particles.star" --structure "$OUT/sim/gt_models.pdb" --atoms ca \

@@ -31,7 +31,7 @@ simulate() {  # case -> simulation folder
               --particle-bfactor 0 60 --shift-dist uniform --shift-std 1.5 --n 8000 --quiet --out "$s" ;;
     hinge2) cryoem simulate --structure $D/6flr.pdb.gz --hinge A:290-381:40 --hinge B:290-380:50 --n 8000 --quiet \
               --out "$s" ;;
-    ubq) cryoem simulate --structure $D/2k39_ca_ensemble.pdb.gz --select ca --n 8000 --quiet --out "$s" ;;
+    ubq) cryoem simulate --structure $D/2k39_ca_ensemble.pdb.gz --atoms ca --n 8000 --quiet --out "$s" ;;
     *) echo "unknown case $c" >&2; exit 2 ;;
   esac
 }

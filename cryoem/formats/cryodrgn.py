@@ -124,7 +124,7 @@ def meta_from_stack(stack: str | Path, pixel_size: float | None = None, poses: s
         pixel_size = float(m.voxel_size.x)
         m.close()
         if not pixel_size > 0:
-            raise UserError(f"{stack}: no pixel size in the header; pass --apix")
+            raise UserError(f"{stack}: no pixel size in the header; pass --pixel-size")
     R = shift = None
     if poses is not None:
         obj = load_pickle(poses)

@@ -191,7 +191,7 @@ def meta_from_star(path: str | Path, pixel_size: float | None = None, datadir: s
     apix = choose_pixel_size(pixel_size, found, path, "the STAR file")
     if apix is None:
         raise UserError(f"{path}: no pixel size (rlnImagePixelSize or rlnDetectorPixelSize + rlnMagnification); "
-                        "pass --apix")
+                        "pass --pixel-size")
     files, fidx, iidx, missing = _parse_image_names(df["rlnImageName"], path, datadir)
     box = int(_float_col(df, "rlnImageSize", path)[0]) if "rlnImageSize" in df.columns else 0
     R = shift = None

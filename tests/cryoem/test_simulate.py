@@ -196,3 +196,16 @@ def test_cli_simulate_refuses_an_existing_set_unless_overwrite(tmp_path, capsys)
     assert main([*args, "--n", "4", "--overwrite"]) == 0
     assert len(load_particles(out / "particles.star")) == 4
     assert json.loads((out / "config.json").read_text())["settings"]["n"] == 4
+
+
+def test_one_word_per_concept_with_the_old_flags_kept():
+    """simulate/check/fsc say --pixel-size, --atoms and --batch-size as train does; --apix, --select and --batch
+    (older scripts) still parse to the same settings."""
+    from cryoem.cli import build_parser
+
+    p = build_parser()
+    new = p.parse_args(["simulate", "--out", "o", "--pixel-size", "3", "--atoms", "ca", "--batch-size", "8"])
+    old = p.parse_args(["simulate", "--out", "o", "--apix", "3", "--select", "ca", "--batch", "8"])
+    assert vars(new) == vars(old) and (new.apix, new.select, new.batch) == (3.0, "ca", 8)
+    for verb in (["check", "x.star"], ["fsc", "a.mrc", "b.mrc"]):
+        assert p.parse_args([*verb, "--pixel-size", "1.5"]).apix == 1.5
