@@ -334,25 +334,15 @@ def _view(pdb: Path, out: Path, color: str, timeout: float = 120) -> bool:
 def halfset_disagreement(run: Path, ds, groups: np.ndarray, n: int = 1000, particles: str | None = None,
                          datadir: str | None = None) -> np.ndarray:
     """Per-residue RMS distance (Å) between the two half-set models' decodings of the same particles."""
+    from cryoem.particles import ParticleSubset
     from cryoem.train import load_run
 
     idx = np.random.default_rng(2).choice(len(ds), min(len(ds), n), replace=False)
     decs = []
     for h in ("half1", "half2"):
         model, rec, _, _ = load_run(run / h, particles=particles, datadir=datadir)
-        decs.append(decode(model, encode_all(model, _Take(ds, idx), progress=False), rec["offset"]))
+        decs.append(decode(model, encode_all(model, ParticleSubset(ds, idx), progress=False), rec["offset"]))
     d2 = ((decs[0] - decs[1]) ** 2).sum(-1).mean(0)
     return np.sqrt(per_residue(d2, groups))
 
 
-class _Take:
-    """A view of some particles of a ParticleSet, with ``batch`` and ``len``."""
-
-    def __init__(self, ds, idx):
-        self.ds, self.idx = ds, np.asarray(idx)
-
-    def __len__(self):
-        return len(self.idx)
-
-    def batch(self, i):
-        return self.ds.batch(self.idx[i])

@@ -58,6 +58,8 @@ class ParticleMeta:
             :meth:`provenance_line`.
         searched: ``{index into files: (name as written, [places tried])}`` for stacks found
             nowhere (their ``files`` entry is the first place tried); :func:`validate` reports them.
+        random_subset: (N,) int, RELION's ``rlnRandomSubset`` (1 or 2: the gold-standard half of each
+            particle), or None; ``cryoem train --half-sets`` follows it.
     """
 
     files: list[Path]
@@ -72,6 +74,7 @@ class ParticleMeta:
     rows: np.ndarray = field(default=None)
     provenance: dict[str, str] = field(default_factory=dict)
     searched: dict[int, tuple[str, list[Path]]] = field(default_factory=dict)
+    random_subset: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.rows is None:
@@ -288,6 +291,23 @@ class ParticleSet(torch.utils.data.Dataset):
         state = self.__dict__.copy()
         state["_maps"] = {}
         return state
+
+
+class ParticleSubset(torch.utils.data.Dataset):
+    """The particles ``idx`` (M,) of a :class:`ParticleSet`, with its ``__getitem__`` (whose ``index`` stays the
+    index in the full set) and ``batch``."""
+
+    def __init__(self, ds: ParticleSet, idx):
+        self.ds, self.idx = ds, np.asarray(idx)
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.ds[int(self.idx[i])]
+
+    def batch(self, i) -> dict:
+        return self.ds.batch(self.idx[i])
 
 
 def load_particles(path: str | Path, *, pixel_size: float | None = None, poses=None, ctf=None, datadir=None,

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cryoem.particles import ParticleSet, load_particles
+from cryoem.particles import ParticleSet, ParticleSubset, load_particles
 from cryoem.structure import Structure, bonded_pairs, read_structure, scattering_gaussians
 from cryoem.vae import AtomVAE, AtomVAEConfig, estimate_noise_sigma, latent_diagnostics
 from scene3d.runinfo import UserError, atomic_write, check_out_dir, read_json, remove_outputs, settings_diff
@@ -132,7 +132,7 @@ def build_model(spec: DataSpec, cfg: AtomVAEConfig, ds: ParticleSet, noise_sigma
 
 def _split_halves(ds: ParticleSet, seed: int) -> list[np.ndarray]:
     """Indices of two independent halves: RELION's rlnRandomSubset when present, else a random split."""
-    subset = getattr(ds.meta, "random_subset", None)
+    subset = ds.meta.random_subset
     if subset is not None and set(np.unique(subset)) == {1, 2}:
         return [np.flatnonzero(subset == 1), np.flatnonzero(subset == 2)]
     perm = np.random.default_rng(seed).permutation(len(ds))
@@ -189,22 +189,11 @@ def check_same_run(run: Path, spec: DataSpec, cfg: AtomVAEConfig, ds: ParticleSe
                         "run's settings, or start a new --out)")
 
 
-class _Subset(torch.utils.data.Dataset):
-    def __init__(self, ds, idx):
-        self.ds, self.idx = ds, np.asarray(idx)
-
-    def __len__(self):
-        return len(self.idx)
-
-    def __getitem__(self, i):
-        return self.ds[int(self.idx[i])]
-
-
 def _train_one(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, ds: ParticleSet, idx,
                before_fit=None) -> dict:
     """One run in ``tcfg.out``; ``before_fit`` (rank 0) runs after the trainer's checks, before any write."""
     model, s, offset = build_model(spec, cfg, ds)
-    data = ds if idx is None else _Subset(ds, idx)
+    data = ds if idx is None else ParticleSubset(ds, idx)
     out = Path(tcfg.out)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     if not tcfg.resume:

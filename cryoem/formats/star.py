@@ -209,7 +209,9 @@ def meta_from_star(path: str | Path, pixel_size: float | None = None, datadir: s
     name = path.name
     prov = {"images": name, **({"poses": name} if R is not None else {}),
             **({"shifts": name} if shift is not None else {}), **({"ctf": name} if ctf is not None else {})}
-    return ParticleMeta(files, fidx, iidx, apix, box, R, shift, ctf, str(path), provenance=prov, searched=missing)
+    halves = np.rint(_float_col(df, "rlnRandomSubset", path)).astype(int) if _col(df, "rlnRandomSubset") else None
+    return ParticleMeta(files, fidx, iidx, apix, box, R, shift, ctf, str(path), provenance=prov, searched=missing,
+                        random_subset=halves)
 
 
 def _ctf_from_star(df, path: Path) -> np.ndarray | None:

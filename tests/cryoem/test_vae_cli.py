@@ -321,3 +321,23 @@ def test_progress_into_a_log_file_is_not_a_line_per_step(sim, tmp_path):
         assert r.returncode == 0, r.stderr
         updates = [u for u in r.stderr.replace("\r", "\n").splitlines() if "step" in u and "/40" in u]
         assert len(updates) <= most, updates
+
+
+def test_half_sets_follow_relions_random_subset(sim, tmp_path):
+    """A STAR file with rlnRandomSubset: --half-sets trains half1 on the particles RELION put in subset 1."""
+    import starfile
+
+    star = starfile.read(sim / "particles.star")
+    halves = np.where(np.arange(len(star["particles"])) % 3 == 0, 1, 2)
+    star["particles"]["rlnRandomSubset"] = halves
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "particles.mrcs").symlink_to(sim / "particles.mrcs")
+    starfile.write(star, tmp_path / "data" / "particles.star")
+    out = tmp_path / "halves"
+    r = cryoem("train", "--particles", tmp_path / "data" / "particles.star", "--structure", sim / "gt_models.pdb",
+               "--atoms", "ca", "--center", "none", "--zdim", 1, "--steps", 1, "--batch-size", 16, "--half-sets",
+               "--out", out)
+    assert r.returncode == 0, r.stderr
+    for h in (1, 2):
+        subset = json.loads((out / f"half{h}" / "model.json").read_text())["subset"]
+        assert subset == np.flatnonzero(halves == h).tolist()
