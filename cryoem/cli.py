@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cryoem import data_cli, sim_cli, vae_cli
+from cryoem import cli_data, cli_sim, cli_vae
 from scene3d.runinfo import cli_main, cmd_info, version_string
 
 
@@ -15,9 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     s = sub.add_parser("info", help="versions and environment check")
     s.set_defaults(func=cmd_info)
-    sim_cli.add_subcommands(sub)
-    vae_cli.add_subcommands(sub)
-    data_cli.add_subcommands(sub)
+    cli_sim.add_subcommands(sub)
+    cli_vae.add_subcommands(sub)
+    cli_data.add_subcommands(sub)
     return p
 
 
