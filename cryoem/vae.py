@@ -57,7 +57,7 @@ from renderers.cameras import axis_angle_to_matrix, rotation_6d_to_matrix
 from scene3d.encoders import ConvEncoder
 from scene3d.objective import active_units, gaussian_kl, gaussian_log_likelihood, reparameterize
 from scene3d.runinfo import UserError
-from scene3d.settings import setting
+from scene3d.settings import SettingError, setting
 
 
 @dataclass
@@ -188,16 +188,16 @@ class AtomVAE(nn.Module):
                  box: int, apix: float, n_particles: int, noise_sigma: float):
         super().__init__()
         if cfg.likelihood not in ("gaussian", "correlation"):
-            raise UserError(f"--likelihood: expected gaussian or correlation, got {cfg.likelihood!r}")
+            raise SettingError("likelihood", f"expected gaussian or correlation, got {cfg.likelihood!r}")
         if cfg.posterior not in ("laplace", "amortized"):
-            raise UserError(f"--posterior: expected laplace or amortized, got {cfg.posterior!r}")
+            raise SettingError("posterior", f"expected laplace or amortized, got {cfg.posterior!r}")
         if cfg.posterior == "laplace" and cfg.likelihood != "gaussian":
-            raise UserError("--likelihood correlation has no Laplace posterior; use it with --posterior amortized")
+            raise SettingError("likelihood", "correlation has no Laplace posterior; use it with posterior amortized")
         self.cfg, self.box, self.apix = cfg, int(box), float(apix)
         x0 = x0.float()
         self.enc_pool = cfg.enc_downsample or enc_pooling(self.box)
         if cfg.enc_downsample < 0 or self.box % self.enc_pool:
-            raise UserError(f"--enc-downsample {cfg.enc_downsample}: must divide the box size {self.box}")
+            raise SettingError("enc_downsample", f"{cfg.enc_downsample} must divide the box size {self.box}")
         channels = 2 if cfg.enc_reference else 1
         self.encoder = ConvEncoder(channels, self.box // self.enc_pool, cfg.zdim, width=cfg.enc_width)
         self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers, cfg.dec_scale)
@@ -219,7 +219,7 @@ class AtomVAE(nn.Module):
         self.pose_encoder = None
         if cfg.infer_poses:
             if cfg.pose_heads < 1:
-                raise UserError(f"--pose-heads: expected at least 1, got {cfg.pose_heads}")
+                raise SettingError("pose_heads", f"expected at least 1, got {cfg.pose_heads}")
             self.pose_encoder = PoseEncoder(self.box // self.enc_pool, cfg.pose_heads, cfg.enc_width,
                                             self.apix)
 

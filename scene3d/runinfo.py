@@ -212,11 +212,17 @@ def cli_main(build_parser, argv=None) -> int:
 
 
 def run_cli(main_fn, argv=None) -> int:
-    """Run a CLI entry point; a ``UserError`` becomes one line on stderr and exit code 2."""
+    """Run a CLI entry point; a ``UserError`` (or a ``settings.SettingError``) becomes one line on stderr and exit
+    code 2."""
+    from scene3d.settings import SettingError
+
     try:
         return main_fn(argv) or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except SettingError as e:  # a model setting's bad value, named by its flag
+        print(f"error: {e.flag_message()}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -22,9 +22,24 @@ import dataclasses
 import typing
 from typing import Any
 
-__all__ = ["setting", "add_settings", "settings_from_args", "add_run_args", "run_config"]
+__all__ = ["setting", "SettingError", "add_settings", "settings_from_args", "add_run_args", "run_config"]
 
 _SCALARS = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+class SettingError(ValueError):
+    """A bad value of a settings-dataclass field, raised by model code (a ``ValueError`` for library users).
+
+    The command line (``runinfo.run_cli``) reports it under the field's flag, ``--field-name: problem``, on one
+    line with exit code 2, so model code never has to know flag names.
+    """
+
+    def __init__(self, setting: str, problem: str):
+        super().__init__(f"{setting}: {problem}")
+        self.setting, self.problem = setting, problem
+
+    def flag_message(self) -> str:
+        return f"--{self.setting.replace('_', '-')}: {self.problem}"
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,

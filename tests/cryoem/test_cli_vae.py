@@ -341,3 +341,18 @@ def test_half_sets_follow_relions_random_subset(sim, tmp_path):
     for h in (1, 2):
         subset = json.loads((out / f"half{h}" / "model.json").read_text())["subset"]
         assert subset == np.flatnonzero(halves == h).tolist()
+
+
+def test_model_setting_errors_are_value_errors_named_by_their_flag_on_the_command_line(sim, tmp_path):
+    """The model raises a ValueError naming the setting; the command line names the flag, one line, exit 2."""
+    from cryoem.train import DataSpec, build_model, load_data
+    from cryoem.vae import AtomVAEConfig
+
+    spec = DataSpec(str(sim / "particles.star"), str(sim / "gt_models.pdb"), atoms="ca", center="none")
+    with pytest.raises(ValueError, match="^enc_downsample: 5 must divide the box size 32$"):
+        build_model(spec, AtomVAEConfig(enc_downsample=5), load_data(spec))
+    r = cryoem("train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms", "ca",
+               "--center", "none", "--steps", 1, "--likelihood", "correlation", "--out", tmp_path / "r")
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: --likelihood: correlation has no Laplace posterior; use it with posterior amortized")
+    assert not (tmp_path / "r").exists()
