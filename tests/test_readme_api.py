@@ -23,12 +23,12 @@ def test_readme_library_examples_run(tmp_path):
     for cmd in (["cryoem", "simulate", "--structure", str(DATA / "1ubi.pdb"), "--atoms", "ca", "--n", "128",
                  "--box", "32", "--pixel-size", "2.5", "--snr", "1", "--quiet", "--out", "sim"],
                 ["scene3d", "data", "shepard-metzler", "--scenes", "8", "--views", "5", "--size", "32", "--quiet",
-                 "--out", "sm"]):
+                 "--renderer", "pytorch3d", "--no-meshes", "--out", "sm"]):
         exe = Path(sys.executable).parent / cmd[0]
-        r = subprocess.run([str(exe), *cmd[1:]], cwd=tmp_path, capture_output=True, text=True)
+        r = subprocess.run([str(exe), *cmd[1:]], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr
     for block in blocks:
-        r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
     from cryoem.structure import read_structure
     from scene3d.export import read_geometry
