@@ -280,3 +280,59 @@ def test_warm_starts_converge_to_the_posterior_mode():
     assert (one_step[:, 0] - mode).abs().max() > 0.1  # one step from 0 falls short ...
     assert (model.z_last[:6, 0] - mode).abs().max() < 0.02, (model.z_last[:6, 0], mode)  # ... visits converge
     torch.testing.assert_close(model.encode(batch)[0][:, 0], model.laplace(batch, model.z_last[:6])[0][:, 0])
+
+
+def test_lowpass_start_halves_the_amplitude_at_its_resolution_then_opens():
+    """--lowpass-start R: at step 0 the filter is 1/2 at frequency 1/R Å⁻¹, and it is off after curriculum_steps."""
+    x0, bonds = toy_model()
+    model = make_model(x0, bonds, 1.0, lowpass_start=16.0, curriculum_steps=100)
+    lp = model.lowpass(0)
+    fy = torch.fft.fftfreq(BOX, d=APIX)
+    k = int(torch.argmin((fy[: BOX // 2] - 1 / 16.0).abs()))  # the row whose frequency is nearest 1/16 Å⁻¹
+    torch.testing.assert_close(lp[k, 0], (2.0 ** -((fy[k] * 16.0) ** 2)).to(lp.dtype))
+    assert abs(float(lp[int(torch.argmin((fy - 1 / 16.0).abs())), 0]) - 0.5) < 0.02
+    assert model.lowpass(100) == 1.0 and model.lowpass(None) == 1.0
+
+
+def test_correlation_likelihood_is_pixels_times_one_minus_the_correlation():
+    batch, u, x0, bonds = toy_data(n=4)
+    model = make_model(x0, bonds, 1.0, likelihood="correlation", posterior="amortized")
+    other = torch.randn_like(batch["image"])
+    got = model.reconstruction(batch["image"], other, None)
+    a, b = batch["image"].flatten(1).double(), other.flatten(1).double()
+    corr = torch.stack([torch.corrcoef(torch.stack([a[i], b[i]]))[0, 1] for i in range(4)])
+    torch.testing.assert_close(got.double(), BOX * BOX * (1 - corr), rtol=1e-4, atol=1e-3)
+
+
+def test_prior_weights_scale_their_terms_in_the_loss():
+    """--w-bond / --w-local / --w-clash: the loss grows by w x (pixels / 1000) x the term, from the same start."""
+    batch, u, x0, bonds = toy_data(n=8)
+    x0 = x0 * 1.05  # a stretched start, so that the starting model's bonds differ from the priors' references
+    losses = {}
+    for w in (0.0, 3.0):
+        torch.manual_seed(0)
+        model = make_model(x0 / 1.05, bonds, 1.0, w_bond=w, w_local=0.0, w_clash=0.0, posterior="amortized",
+                           prior_samples=8)
+        with torch.no_grad():
+            model.decoder.x0.copy_(x0)  # decode to the stretched model: a bond term > 0
+        torch.manual_seed(1)
+        losses[w] = model.loss(batch, 1000)
+    bond = losses[3.0]["bond"]
+    assert bond.item() > 0.01
+    torch.testing.assert_close(losses[3.0]["loss"] - losses[0.0]["loss"], 3.0 * BOX * BOX / 1000 * bond,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_refine_poses_applies_learned_rotation_and_shift_corrections():
+    """--refine-poses: particle i's pose becomes exp(0.1 d_i[:3]) R_i and shift_i + d_i[3:5] (Å)."""
+    x0, bonds = toy_model()
+    model = make_model(x0, bonds, 1.0, refine_poses=True)
+    R, shift = axis_angle_to_matrix(torch.randn(3, 3)), torch.randn(3, 2)
+    idx = torch.tensor([0, 5, 7])
+    assert all(torch.allclose(a, b) for a, b in zip(model.pose(R, shift, idx), (R, shift)))  # starts at zero
+    d = torch.randn(256, 5)
+    with torch.no_grad():
+        model.pose_delta.weight.copy_(d)
+    R2, s2 = model.pose(R, shift, idx)
+    torch.testing.assert_close(R2, axis_angle_to_matrix(0.1 * d[idx, :3]) @ R)
+    torch.testing.assert_close(s2, shift + d[idx, 3:5])
