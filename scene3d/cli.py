@@ -29,10 +29,8 @@ def _train_config(args: argparse.Namespace):
 
 def cmd_train_gqn(args: argparse.Namespace) -> int:
     """Train a GQN on a multi-view dataset folder."""
-    import numpy as np
-
     from scene3d.data import MultiViewDataset
-    from scene3d.gqn import GQN, GQNConfig
+    from scene3d.gqn import GQN, GQNConfig, data_scales
     from scene3d.settings import settings_from_args
     from scene3d.trainer import Trainer
 
@@ -40,11 +38,7 @@ def cmd_train_gqn(args: argparse.Namespace) -> int:
     data = MultiViewDataset.load(args.data)
     if data.views < 2:
         raise UserError(f"{args.data}: scenes have {data.views} view(s); GQN needs at least 2")
-    gcfg = settings_from_args(GQNConfig, args)
-    centres = -np.einsum("nvji,nvj->nvi", data.R, data.t)  # camera centres -R^T t
-    gcfg.position_scale = float(1 / max(np.linalg.norm(centres, axis=-1).mean(), 1e-6))
-    bounds = data.meta.get("occupancy", {}).get("bounds")
-    gcfg.scene_radius = float(np.abs(bounds).max()) if bounds else float(np.linalg.norm(centres, axis=-1).mean())
+    gcfg = settings_from_args(GQNConfig, args, **data_scales(data))
     if args.resume:  # the model is the one in the checkpoint, whatever the model flags say
         from scene3d.trainer import load_checkpoint
 

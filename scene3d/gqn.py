@@ -213,6 +213,18 @@ def representation_net(cfg: GQNConfig) -> nn.Module:
 
 
 # ----------------------------------------------------------------------- GQN
+def data_scales(data) -> dict[str, float]:
+    """``position_scale`` and ``scene_radius`` for a multi-view dataset (``scene3d.data.MultiViewDataset``):
+    1 / the mean camera distance from the origin, and the occupancy bounds' half-size (world units) when the
+    data record them, else the mean camera distance."""
+    import numpy as np
+
+    centres = -np.einsum("nvji,nvj->nvi", data.R, data.t)  # camera centres -R^T t
+    dist = float(np.linalg.norm(centres, axis=-1).mean())
+    bounds = data.meta.get("occupancy", {}).get("bounds")
+    return {"position_scale": 1 / max(dist, 1e-6), "scene_radius": float(np.abs(bounds).max()) if bounds else dist}
+
+
 def viewpoints(batch: dict, position_scale: float = 1.0) -> Tensor:
     """(B, V, 7) GQN viewpoint vectors of a collated multi-view batch, positions times ``position_scale``."""
     B, V = batch["R"].shape[:2]

@@ -129,3 +129,19 @@ def test_cli_grad_clip_bounds_the_gradient_norm_the_optimizer_sees(tmp_path):
         seen[clip] = norms
     assert len(seen["1e-4"]) == 2 and max(seen["1e-4"]) <= 1e-4 * (1 + 1e-4)
     assert len(seen["0"]) == 2 and min(seen["0"]) > 1e-2  # unclipped, the same steps have far larger gradients
+
+
+def test_data_scales_from_cameras_and_bounds():
+    """Cameras 5 units from the origin: position_scale 1/5; scene_radius the bounds' half-size, else 5."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from scene3d.gqn import data_scales
+
+    R = np.broadcast_to(np.eye(3), (2, 3, 3, 3)).copy()
+    t = np.broadcast_to(np.array([0.0, 0.0, -5.0]), (2, 3, 3)).copy()  # centre -R^T t = (0, 0, 5)
+    got = data_scales(SimpleNamespace(R=R, t=t, meta={}))
+    assert np.isclose(got["position_scale"], 0.2) and np.isclose(got["scene_radius"], 5.0)
+    got = data_scales(SimpleNamespace(R=R, t=t, meta={"occupancy": {"bounds": [-2, -2, -1.5, 2, 2, 1.5]}}))
+    assert np.isclose(got["scene_radius"], 2.0)
