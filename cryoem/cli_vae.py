@@ -100,11 +100,11 @@ def cmd_analyze(a: argparse.Namespace) -> int:
 def cmd_decode(a: argparse.Namespace) -> int:
     from cryoem.analyze import decode
     from cryoem.structure import write_cif, write_pdb
-    from cryoem.train import load_run
+    from cryoem.train import load_model
     from scene3d.runinfo import UserError
 
     z = read_latents(a.z)
-    model, rec, _, s = load_run(a.run)
+    model, rec, s = load_model(a.run)
     if z.shape[1] != model.cfg.zdim:
         raise UserError(f"--z {a.z}: latents of {z.shape[1]} dimensions, the run's zdim is {model.cfg.zdim}")
     models = decode(model, z, rec["offset"])

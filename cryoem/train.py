@@ -118,15 +118,20 @@ def starting_model(spec: DataSpec, box: int, apix: float) -> tuple[Structure, np
 def build_model(spec: DataSpec, cfg: AtomVAEConfig, ds: ParticleSet, noise_sigma: float | None = None
                 ) -> tuple[AtomVAE, Structure, np.ndarray]:
     """The model for a dataset; estimates the noise sigma from up to 1,000 images unless given."""
-    box, apix = ds.box, ds.pixel_size
-    s, x0, offset = starting_model(spec, box, apix)
-    idx, amp, sig = scattering_gaussians(s, mode="single")
-    bonds = bonded_pairs(s)
     if noise_sigma is None:
         sample = np.linspace(0, len(ds) - 1, min(len(ds), 1000)).astype(int)
         noise_sigma = estimate_noise_sigma(ds.images(sample))
+    return _model(spec, cfg, ds.box, ds.pixel_size, len(ds), noise_sigma)
+
+
+def _model(spec: DataSpec, cfg: AtomVAEConfig, box: int, apix: float, n_particles: int, noise_sigma: float
+           ) -> tuple[AtomVAE, Structure, np.ndarray]:
+    """The model for images of ``box`` px at ``apix`` Å/px; returns (model, selected structure, offset (3,) Å)."""
+    s, x0, offset = starting_model(spec, box, apix)
+    idx, amp, sig = scattering_gaussians(s, mode="single")
+    bonds = bonded_pairs(s)
     model = AtomVAE(cfg, torch.as_tensor(x0), torch.as_tensor(amp), torch.as_tensor(sig),
-                    torch.as_tensor(bonds), box, apix, len(ds), noise_sigma)
+                    torch.as_tensor(bonds), box, apix, n_particles, noise_sigma)
     return model, s, offset
 
 
@@ -280,27 +285,48 @@ def run_spec(run: str | os.PathLike, rec: dict, particles: str | None = None, da
     return DataSpec(**data)
 
 
+def load_model(run: str | os.PathLike, device: str = "cpu") -> tuple[AtomVAE, dict, Structure]:
+    """Rebuild a trained model from its run folder without reading any particle image: (model in eval mode,
+    the run record ``model.json``, the selected starting model). Needs the starting model's file."""
+    run = Path(run)
+    rec = read_record(run)
+    spec = run_spec(run, rec)
+    cfg = _run_model_config(run, rec)
+    if all(k in rec for k in ("box", "pixel_size", "n_particles")):
+        model, s, _ = _model(spec, cfg, rec["box"], rec["pixel_size"], rec["n_particles"], rec["noise_sigma"])
+    else:  # runs that predate these records: the particle file's header says
+        model, s, _ = build_model(spec, cfg, load_data(spec, check_pixels=False, need_poses=False),
+                                  noise_sigma=rec["noise_sigma"])
+    _load_weights(model, run, device)
+    return model.to(device).eval(), rec, s
+
+
 def load_run(run: str | os.PathLike, device: str = "cpu", particles: str | None = None,
              datadir: str | None = None) -> tuple[AtomVAE, dict, ParticleSet, Structure]:
-    """Rebuild a trained model, its record, its particles and the selected starting model from a run folder.
+    """:func:`load_model` and the run's particles (for encoding them): (model, record, particles, structure).
 
     ``particles`` / ``datadir`` replace the recorded particle file / stack folder when the data have moved;
     the particles must still be the run's (same count and box).
     """
-    run = Path(run)
-    rec = read_record(run)
+    model, rec, s = load_model(run, device)
     spec = run_spec(run, rec, particles, datadir)
-    try:
-        saved = _saved_model(rec)
-        cfg = AtomVAEConfig(**{f.name: saved[f.name] for f in fields(AtomVAEConfig) if f.name in saved})
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{run / 'model.json'}: bad model settings ({e})") from None
-    ds = load_data(spec, check_pixels=False, need_poses=not cfg.infer_poses)
+    ds = load_data(spec, check_pixels=False, need_poses=not model.cfg.infer_poses)
     for key, now in (("n_particles", len(ds)), ("box", ds.box)):
         if key in rec and rec[key] != now:
             raise UserError(f"{spec.particles}: {key} {now}, but the run {run} was trained on {rec[key]}; "
                             "give the run's particles")
-    model, s, _ = build_model(spec, cfg, ds, noise_sigma=rec["noise_sigma"])
+    return model, rec, ds, s
+
+
+def _run_model_config(run: Path, rec: dict) -> AtomVAEConfig:
+    try:
+        saved = _saved_model(rec)
+        return AtomVAEConfig(**{f.name: saved[f.name] for f in fields(AtomVAEConfig) if f.name in saved})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{run / 'model.json'}: bad model settings ({e})") from None
+
+
+def _load_weights(model: AtomVAE, run: Path, device: str) -> None:
     state = load_checkpoint(run, map_location=device)["model"]
     for k in ("z_last", "z_seen", "prior_var"):  # runs written before the warm starts (none remembered) or the
         state.setdefault(k, getattr(model, k))    # structural latent axes (prior N(0, I))
@@ -309,4 +335,3 @@ def load_run(run: str | os.PathLike, device: str = "cpu", particles: str | None 
     except RuntimeError as e:
         raise UserError(f"{run / CHECKPOINT}: does not fit the model of {run / 'model.json'} "
                         f"({str(e).strip().splitlines()[0][:200]})") from None
-    return model.to(device).eval(), rec, ds, s

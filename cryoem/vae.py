@@ -184,6 +184,8 @@ class AtomVAE(nn.Module):
     ``ctf`` (B, 9) (``CTFParams.as_tensor``) and ``index`` (B,).
     """
 
+    kind = "atom-vae"  # run kind (config.json)
+
     def __init__(self, cfg: AtomVAEConfig, x0: Tensor, amplitudes: Tensor, sigmas: Tensor, bonds: Tensor,
                  box: int, apix: float, n_particles: int, noise_sigma: float):
         super().__init__()
@@ -578,6 +580,15 @@ class AtomVAE(nn.Module):
                             "check the contrast sign (invert the data) or the poses")
         self.log_scale.fill_(math.log(float(s)))
         return float(s)
+
+    @classmethod
+    def from_run(cls, run, device: str = "cpu") -> tuple["AtomVAE", dict]:
+        """``scene3d.runinfo.load_run`` for atom-VAE runs: (model in eval mode, the run record ``model.json``).
+        Reads no particle image; ``cryoem.train.load_run`` also gives the particles."""
+        from cryoem.train import load_model  # the run record's reader lives beside its writer, the trainer
+
+        model, rec, _ = load_model(run, device)
+        return model, rec
 
     def settings(self) -> dict:
         return {"model": asdict(self.cfg), "box": self.box, "apix": self.apix,

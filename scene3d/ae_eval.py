@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import fields, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from renderers.cameras import Camera, look_at
-from scene3d.autoencoders import AEConfig, SceneAE, occupancy_level, predicted_occupancy, resize_views
+from scene3d.autoencoders import CALIBRATION, SceneAE, occupancy_level, predicted_occupancy, resize_views
 from scene3d.data import MultiViewDataset, batch_cameras
 from scene3d.geometry_metrics import (
     chamfer,
@@ -32,42 +32,13 @@ from scene3d.geometry_metrics import (
     visual_hull,
     voxel_iou,
 )
-from scene3d.metrics import foreground_mask
-from scene3d.runinfo import UserError
+from scene3d.metrics import foreground_mask, format_table
+from scene3d.runinfo import UserError, atomic_path, atomic_write
 
-CALIBRATION = "calibration.json"
 LEVEL_SCALES = (0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
 
-# ------------------------------------------------------------------------ runs
-def load_run(run: str | Path) -> tuple[SceneAE, dict]:
-    """Rebuild a trained ``SceneAE`` from its run folder (checkpoint.pt); returns (model, settings)."""
-    from scene3d.trainer import load_checkpoint
-
-    ckpt = load_checkpoint(run)
-    settings = ckpt.get("settings", {})
-    if "ae" not in settings:
-        raise UserError(f"{run}: not a voxel / mesh / NeRF autoencoder run (no 'ae' settings in its checkpoint)")
-    known = {f.name for f in fields(AEConfig)}
-    ae = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings["ae"].items() if k in known}
-    ae.setdefault("lift", 0)  # runs from before the pixel-aligned features
-    calib = Path(run) / CALIBRATION
-    if calib.is_file():
-        ae["level_scale"] = float(json.loads(calib.read_text())["level_scale"])
-    model = SceneAE(AEConfig(**ae), per_scene=bool(settings.get("per_scene")))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), settings
-
-
-def is_ae_run(run: str | Path) -> bool:
-    """True when ``run/config.json`` records a voxel / mesh / NeRF autoencoder."""
-    p = Path(run) / "config.json"
-    try:
-        return "ae" in json.loads(p.read_text()).get("settings", {})
-    except (OSError, json.JSONDecodeError):
-        return False
-
-
+# ----------------------------------------------------------------------- views
 def scene_views(dataset: MultiViewDataset, i: int, size: int) -> tuple[Tensor, Camera]:
     """Scene ``i``: images (1, V, 3, S, S) and V cameras at ``size``."""
     if not 0 <= i < len(dataset):
@@ -214,7 +185,82 @@ def evaluate(model: SceneAE, dataset: MultiViewDataset, root: str | Path, contex
     return out
 
 
+def evaluate_run(run: str | Path, data: str | Path, contexts=(1, 3), queries: int = 5, scenes: int | None = None,
+                 with_gqn: str | Path | None = None) -> dict:
+    """``scene3d eval`` of an autoencoder run: :func:`evaluate` on the scenes in ``data``, and with ``with_gqn``
+    a GQN run scored on the same views (``gqn_eval.evaluate_fixed_views``); writes ``RUN/metrics.json``."""
+    import time
+
+    from scene3d.gqn import GQN
+    from scene3d.gqn_eval import evaluate_fixed_views
+
+    model, _ = SceneAE.from_run(run)
+    dataset = MultiViewDataset.load(data)
+    t0 = time.time()
+    res = evaluate(model, dataset, data, tuple(contexts), queries, scenes)
+    res["eval_seconds"] = time.time() - t0
+    res["occupancy_level_scale"] = model.cfg.level_scale
+    if with_gqn:
+        gqn, _ = GQN.from_run(with_gqn)
+        res["gqn"] = {"run": str(with_gqn),
+                      **evaluate_fixed_views(gqn, dataset, tuple(contexts), queries, scenes)}
+    atomic_write(Path(run) / "metrics.json", json.dumps(res, indent=2))
+    return res
+
+
+def format_results(kind: str, res: dict) -> str:
+    """:func:`evaluate_run`'s results as a table: one row per (model, k), plus the visual-hull baseline."""
+    rows = [{"model": name, "k": k, **row} for name, r in ((kind, res), ("gqn", res.get("gqn", {})))
+            for k, row in r.items() if k.isdigit()]
+    if "visual_hull_3_views" in res:
+        rows.append({"model": "vis.hull", "k": "3", "iou": res["visual_hull_3_views"]["iou"]})
+    return format_table(rows, {"model": "model", "k": "k", "psnr": "psnr", "masked_psnr": "masked_psnr",
+                               "ssim": "ssim", "iou": "iou", "chamfer": "chamfer"})
+
+
+def calibrate(run: str | Path, dataset: MultiViewDataset, scenes: int = 100) -> dict:
+    """:func:`calibrate_level` for the run in ``run``; writes ``RUN/calibration.json`` and returns the report."""
+    model, _ = SceneAE.from_run(run)
+    if model.kind == "mesh":
+        raise UserError(f"{run}: a mesh has no density threshold to calibrate")
+    report = calibrate_level(model, dataset, scenes)
+    atomic_write(Path(run) / CALIBRATION, json.dumps(report, indent=2))
+    return report
+
+
+def score_test_views(model: SceneAE, test: MultiViewDataset, strip: Path | None = None) -> dict:
+    """PSNR / masked PSNR / SSIM of a per-scene model on the test views of ``test`` (one scene).
+
+    With ``strip``, also writes truth (top) over prediction (bottom) for the first 6 test views.
+    """
+    model.eval()
+    imgs, cams = scene_views(test, 0, test.image_size[0])
+    with torch.no_grad():
+        pred = torch.cat([model.render(model.decoder(None), cams[i:i + 4], len(cams[i:i + 4]))
+                          for i in range(0, len(cams), 4)]).clamp(0, 1)
+    model.train()
+    if strip is not None:
+        save_strip(pred[:6], imgs[0, :6], strip)
+    return image_metrics(pred, imgs[0], model.cfg.background)
+
+
+def save_strip(pred: Tensor, target: Tensor, path: Path) -> None:
+    """Truth (top row) over prediction (bottom row), (N, 3, H, W) in [0, 1], as a PNG."""
+    from PIL import Image
+
+    rows = [torch.cat(list(x), -1) for x in (target, pred)]
+    img = (torch.cat(rows, -2).permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")
+    with atomic_path(path) as tmp:
+        Image.fromarray(img).save(tmp)
+
+
 # ------------------------------------------------------------------- turntables
+def turntable_distance(model: SceneAE) -> float:
+    """Camera distance of :func:`turntable_cameras` at which the model's box [lo, hi]^3 stays in view at a 45° fov:
+    twice the box's half-width."""
+    return model.cfg.hi - model.cfg.lo
+
+
 def turntable_cameras(frames: int, size: int, distance: float, fov: float, elevation: float = 0.5,
                       target=(0.0, 0.0, 0.0)) -> Camera:
     """``frames`` perspective cameras circling the z axis at ``elevation`` (rad), looking at ``target``."""

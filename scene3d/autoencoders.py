@@ -31,8 +31,10 @@ Images are (B, 3, H, W) in [0, 1] over the dataset's background colour.
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -49,7 +51,11 @@ from scene3d.export import density_to_mesh, marching_cubes
 from scene3d.geometry_metrics import mesh_occupancy, voxel_centers
 from scene3d.metrics import foreground_mask
 from scene3d.objective import gaussian_kl, gaussian_log_likelihood, reparameterize
+from scene3d.runinfo import UserError
 from scene3d.settings import setting
+from scene3d.trainer import load_checkpoint
+
+CALIBRATION = "calibration.json"  # RUN/calibration.json: the occupancy level chosen by ``scene3d calibrate``
 
 KINDS = ("voxel", "mesh", "nerf")
 CAMERA_CODE = 12  # rotation (9) + centre / box half-size (3)
@@ -458,11 +464,30 @@ class SceneAE(nn.Module):
 
     @property
     def kind(self) -> str:
+        """The run kind (config.json): ``voxel``, ``mesh`` or ``nerf``."""
         return self.cfg.kind
 
-    def check_batch(self, batch: dict) -> None:
-        from scene3d.runinfo import UserError
+    @classmethod
+    def from_run(cls, run, device: str = "cpu") -> tuple["SceneAE", dict]:
+        """``scene3d.runinfo.load_run`` for autoencoder runs: (model in eval mode, the run's settings).
 
+        The occupancy level comes from ``RUN/calibration.json`` when ``scene3d calibrate`` wrote one.
+        """
+        ckpt = load_checkpoint(run)
+        settings = ckpt.get("settings", {})
+        if "ae" not in settings:
+            raise UserError(f"{run}: not a voxel / mesh / NeRF autoencoder run (no 'ae' settings in its checkpoint)")
+        known = {f.name for f in fields(AEConfig)}
+        ae = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings["ae"].items() if k in known}
+        ae.setdefault("lift", 0)  # runs from before the pixel-aligned features
+        calib = Path(run) / CALIBRATION
+        if calib.is_file():
+            ae["level_scale"] = float(json.loads(calib.read_text())["level_scale"])
+        model = cls(AEConfig(**ae), per_scene=bool(settings.get("per_scene")))
+        model.load_state_dict(ckpt["model"])
+        return model.eval().to(device), settings
+
+    def check_batch(self, batch: dict) -> None:
         images = batch["images"]
         if images.dim() != 5 or images.shape[2] != 3:
             raise UserError(f"data: expected batches of (B, V, 3, H, W) images, got {tuple(images.shape)}")

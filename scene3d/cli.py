@@ -40,9 +40,7 @@ def cmd_train_gqn(args: argparse.Namespace) -> int:
         raise UserError(f"{args.data}: scenes have {data.views} view(s); GQN needs at least 2")
     gcfg = settings_from_args(GQNConfig, args, **data_scales(data))
     if args.resume:  # the model is the one in the checkpoint, whatever the model flags say
-        from scene3d.trainer import load_checkpoint
-
-        gcfg = GQNConfig(**load_checkpoint(args.out)["settings"]["gqn"])
+        gcfg = GQN.from_run(args.out)[0].cfg
     if gcfg.image_size != data.image_size[0] or data.image_size[0] != data.image_size[1]:
         raise UserError(f"--image-size {gcfg.image_size}: the data in {args.data} has images of "
                         f"{data.image_size[0]}x{data.image_size[1]} (pass --image-size {data.image_size[0]})")
@@ -55,30 +53,50 @@ def cmd_train_gqn(args: argparse.Namespace) -> int:
 
 
 def _run_and_data(args: argparse.Namespace):
-    """The GQN run's model and checkpoint, and the first ``--scenes`` scenes of ``--data``."""
+    """The GQN run's model and settings, and the first ``--scenes`` scenes of ``--data``."""
     from scene3d.data import MultiViewDataset
-    from scene3d.gqn_eval import load_run
+    from scene3d.gqn import GQN
 
-    model, ckpt = load_run(args.run)
+    model, settings = GQN.from_run(args.run)
     data = MultiViewDataset.load(args.data)
     if args.scenes:
         data = data.subset(range(min(args.scenes, len(data))))
-    return model, ckpt, data
+    return model, settings, data
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Score a GQN run against the dataset-mean and nearest-context baselines."""
+    """Score a scene run on held-out scenes: the command for every kind, dispatched on the run's kind."""
+    from scene3d.runinfo import run_kind
+
+    kind = run_kind(args.run)
+    if kind == "gqn":
+        return _eval_gqn(args)
+    if kind not in ("voxel", "mesh", "nerf"):
+        raise UserError(f"{args.run}: a run of kind {kind}; scene3d eval scores gqn, voxel, mesh and nerf runs "
+                        "(atom-VAE runs: cryoem analyze)")
+    from scene3d.ae_eval import evaluate_run, format_results
+
+    res = evaluate_run(args.run, args.data, args.contexts or (1, 3), args.queries, args.scenes or None,
+                       args.with_gqn)
+    print(format_results(kind, res))
+    return 0
+
+
+def _eval_gqn(args: argparse.Namespace) -> int:
+    """GQN against the dataset-mean and nearest-context baselines."""
     from scene3d.data import MultiViewDataset
     from scene3d.gqn_eval import dataset_mean_image, evaluate, format_table
 
-    model, ckpt, data = _run_and_data(args)
-    train_data = ckpt.get("settings", {}).get("data")
+    if args.with_gqn:
+        raise UserError("--with-gqn: scores a GQN beside an autoencoder run; this run is a GQN")
+    model, settings, data = _run_and_data(args)
+    train_data = settings.get("data")
     mean = None
     try:
         mean = dataset_mean_image(MultiViewDataset.load(train_data)) if train_data else None
     except UserError:
         print(f"note: training data {train_data} not found; the mean-image baseline uses --data")
-    report = evaluate(model, data, args.contexts, train_mean=mean, seed=args.seed, out=args.run)
+    report = evaluate(model, data, args.contexts or (1, 3, 5), train_mean=mean, seed=args.seed, out=args.run)
     print(format_table(report))
     print(f"wrote {args.run}/metrics.json and {args.run}/samples.png")
     return 0
@@ -115,11 +133,13 @@ def _add_data(sub) -> None:
     s.set_defaults(func=cmd_data)
 
 
-def _add_train(sub) -> None:
+def _add_train(sub):
+    """The ``train`` verb with its ``gqn`` model; returns the model subparsers (the autoencoders join them)."""
     from scene3d.gqn import GQNConfig
     from scene3d.settings import add_run_args, add_settings
 
-    s = sub.add_parser("train", help="train a model").add_subparsers(dest="model", required=True, metavar="MODEL")
+    s = sub.add_parser("train", help="train a model on multi-view scenes").add_subparsers(
+        dest="model", required=True, metavar="MODEL")
     g = s.add_parser("gqn", help="train a Generative Query Network",
                      description="Train GQN (representation network + ConvDRAW) with the shared trainer.")
     g.add_argument("--data", required=True, help="multi-view dataset folder (scene3d data ...)")
@@ -135,17 +155,24 @@ def _add_train(sub) -> None:
     add_settings(g.add_argument_group("model (GQNConfig; CPU defaults, the paper's values in brackets)"), GQNConfig)
     g.add_argument("--unshared-cores", dest="share_cores", action="store_false", help=argparse.SUPPRESS)  # old name
     g.set_defaults(func=cmd_train_gqn)
+    return s
 
 
 def _add_eval(sub) -> None:
-    s = sub.add_parser("eval", help="score a GQN run (metrics.json, samples.png)",
-                       description="MSE, PSNR, masked PSNR, SSIM and ELBO per number of contexts, beside the "
-                                   "dataset-mean and nearest-context baselines.")
+    s = sub.add_parser("eval", help="score a run on held-out scenes (metrics.json)",
+                       description="GQN runs: MSE, PSNR, masked PSNR, SSIM and ELBO per number of contexts, beside "
+                                   "the dataset-mean and nearest-context baselines (and samples.png). Voxel, mesh "
+                                   "and NeRF runs: PSNR, masked PSNR, SSIM on the query views, voxel IoU and "
+                                   "Chamfer distance, beside a 3-view visual hull.")
     s.add_argument("run", help="run folder (holds checkpoint.pt)")
     s.add_argument("--data", required=True, help="held-out multi-view dataset folder")
-    s.add_argument("--contexts", type=int, nargs="+", default=[1, 3, 5])
+    s.add_argument("--contexts", type=int, nargs="+", default=None,
+                   help="numbers of context views (default: 1 3 5 for GQN, 1 3 for the autoencoders)")
+    s.add_argument("--queries", type=int, default=5, help="autoencoders: query views per scene")
     s.add_argument("--scenes", type=int, default=0, help="use only the first N scenes (0 = all)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=0, help="GQN: which views are contexts and queries")
+    s.add_argument("--with-gqn", default=None, metavar="GQN_RUN",
+                   help="autoencoders: also score this GQN run on the same views, in the same table")
     s.set_defaults(func=cmd_eval)
 
 
@@ -168,12 +195,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="versions and environment check")
     s.set_defaults(func=cmd_info)
     _add_data(sub)
-    _add_train(sub)
+    models = _add_train(sub)
     _add_eval(sub)
     _add_probe(sub)
-    from scene3d.cli_ae import add_subcommands  # train voxel|mesh|nerf, fit, export, view, render
+    from scene3d.cli_ae import add_subcommands  # train voxel|mesh|nerf, fit, export, view, render, calibrate
 
-    add_subcommands(sub)
+    add_subcommands(sub, models)
     return p
 
 

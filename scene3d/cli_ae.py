@@ -8,19 +8,16 @@
 * ``export RUN --scene I --out mesh.ply [--points]``: marching cubes / the mesh, to .ply / .obj;
 * ``view RUN|FILE [--out snap.png]``: open3d window, or a headless snapshot;
 * ``render RUN --scene I --turntable --out spin.gif``: novel views around the object;
-* ``eval RUN --data DIR --contexts 1 3``: for these runs (other runs go to the existing ``eval``);
 * ``calibrate RUN [--data DIR]``: choose the occupancy threshold from training images
-  (``ae_eval.calibrate_level``; ``train voxel|nerf`` runs it at the end).
+  (``ae_eval.calibrate``; ``train voxel|nerf`` runs it at the end).
 
-``train`` and ``eval`` may already exist (GQN): ``train`` then gains the three model subcommands, and
-``eval`` dispatches autoencoder runs here and every other run to its previous handler.
+The logic lives in :mod:`scene3d.ae_eval`; this module only parses and prints. ``scene3d eval`` (in
+:mod:`scene3d.cli`) scores every kind of scene run.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -30,9 +27,9 @@ from scene3d.settings import add_run_args, add_settings, run_config, settings_fr
 MODELS = ("voxel", "mesh", "nerf")
 
 
-def add_subcommands(sub) -> None:
-    """Register this module's commands on the ``scene3d`` subparsers action ``sub``."""
-    models = _nested(sub, "train", "train a model on multi-view scenes")
+def add_subcommands(sub, models) -> None:
+    """Register this module's commands on the ``scene3d`` subparsers ``sub``, and the autoencoders on the
+    ``train`` verb's model subparsers ``models``."""
     for kind in MODELS:
         p = models.add_parser(kind, help=f"amortised {kind} autoencoder: k context views -> 3D -> query views")
         _train_args(p, kind)
@@ -83,44 +80,6 @@ def add_subcommands(sub) -> None:
     s.add_argument("--data", default=None, help="training-style dataset (default: the run's training data)")
     s.add_argument("--scenes", type=int, default=100)
     s.set_defaults(func=cmd_calibrate)
-    _add_eval(sub)
-
-
-def _nested(sub, name: str, help: str):
-    """The model subparsers of command ``name``, creating the command if it is not there yet."""
-    if name in sub.choices:
-        acts = [a for a in sub.choices[name]._actions if isinstance(a, argparse._SubParsersAction)]
-        if not acts:
-            raise RuntimeError(f"scene3d {name}: expected model subcommands to extend")
-        return acts[0]
-    return sub.add_parser(name, help=help).add_subparsers(dest="model", required=True, metavar="MODEL")
-
-
-def _add_eval(sub) -> None:
-    if "eval" in sub.choices:  # GQN's eval: hand our runs to cmd_eval, the rest to it
-        p = sub.choices["eval"]
-        previous = p.get_default("func")
-        p.set_defaults(func=lambda a: cmd_eval(a) if _is_ae(a.run) else previous(a))
-        if not any("--queries" in x.option_strings for x in p._actions):
-            p.add_argument("--queries", type=int, default=5, help="autoencoders: query views per scene")
-        p.add_argument("--with-gqn", default=None, metavar="GQN_RUN",
-                       help="autoencoders: also score this GQN run on the same views, in the same table")
-        return
-    p = sub.add_parser("eval", help="image and 3D metrics of a run on held-out scenes")
-    p.add_argument("run")
-    p.add_argument("--data", required=True)
-    p.add_argument("--contexts", type=int, nargs="+", default=[1, 3])
-    p.add_argument("--queries", type=int, default=5)
-    p.add_argument("--scenes", type=int, default=None, help="evaluate the first N scenes only")
-    p.add_argument("--with-gqn", default=None, metavar="GQN_RUN",
-                   help="also score this GQN run on the same views, in the same table")
-    p.set_defaults(func=cmd_eval)
-
-
-def _is_ae(run) -> bool:
-    from scene3d.ae_eval import is_ae_run
-
-    return is_ae_run(run)
 
 
 def _train_args(p, kind: str) -> None:
@@ -154,31 +113,26 @@ def cmd_train(a) -> int:
     print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
     if (a.kind != "mesh" and data.background is not None and trainer.is_main
             and not summary["stopped_by"].startswith("signal")):
-        calibrate(a.out, data)
+        _calibrate(a.out, data)
     return 0
 
 
-def calibrate(run, data, scenes: int = 100) -> dict:
-    """Run ``ae_eval.calibrate_level`` on ``data`` and write ``RUN/calibration.json``."""
-    from scene3d.ae_eval import CALIBRATION, calibrate_level, load_run
+def _calibrate(run, data, scenes: int = 100) -> None:
+    """``ae_eval.calibrate``, with its report printed."""
+    from scene3d.ae_eval import calibrate
 
-    model, _ = load_run(run)
-    if model.kind == "mesh":
-        raise UserError(f"{run}: a mesh has no density threshold to calibrate")
-    report = calibrate_level(model, data, scenes)
-    atomic_write(Path(run) / CALIBRATION, json.dumps(report, indent=2))
+    report = calibrate(run, data, scenes)
     ious = ", ".join(f"{s}: {v:.3f}" for s, v in report["iou_vs_hull"].items())
     print(f"occupancy level x{report['level_scale']:g} of half-opaque (IoU vs {report['hull_views']}-view hulls "
-          f"of {report['scenes']} scenes: {ious}) -> {run}/{CALIBRATION}")
-    return report
+          f"of {report['scenes']} scenes: {ious}) -> {run}/calibration.json")
 
 
 def cmd_calibrate(a) -> int:
-    from scene3d.ae_eval import load_run
+    from scene3d.autoencoders import SceneAE
     from scene3d.data import MultiViewDataset
 
-    _, settings = load_run(a.run)
-    calibrate(a.run, MultiViewDataset.load(a.data or settings["data"]), a.scenes)
+    _, settings = SceneAE.from_run(a.run)
+    _calibrate(a.run, MultiViewDataset.load(a.data or settings["data"]), a.scenes)
     return 0
 
 
@@ -189,6 +143,7 @@ def _nerf_root(path: str) -> Path:
 
 
 def cmd_fit(a) -> int:
+    from scene3d.ae_eval import score_test_views
     from scene3d.autoencoders import AEConfig, SceneAE, SceneViews
     from scene3d.data import load_nerf_folder
     from scene3d.trainer import Trainer
@@ -219,50 +174,20 @@ def cmd_fit(a) -> int:
         strip = f"test_{minutes:g}min.png" if minutes is not None else f"test_{summary['step']}steps.png"
         row = {"minutes": summary["elapsed_s"] / 60, "steps": summary["step"],
                "iterations_per_s": summary["step"] / max(summary["elapsed_s"], 1e-9),
-               **test_scores(model, test, Path(a.out) / strip)}
+               **score_test_views(model, test, Path(a.out) / strip)}
         results.append(row)
         print(json.dumps(row), flush=True)
     atomic_write(Path(a.out) / "metrics.json", json.dumps({"test": results, "test_views": test.views}, indent=2))
     return 0
 
 
-def test_scores(model, test, strip: Path | None = None) -> dict:
-    """PSNR / masked PSNR / SSIM of a per-scene model on the test views of ``test`` (one scene).
-
-    With ``strip``, also writes truth (top) over prediction (bottom) for the first 6 test views.
-    """
-    import torch
-
-    from scene3d.ae_eval import image_metrics, scene_views
-
-    model.eval()
-    imgs, cams = scene_views(test, 0, test.image_size[0])
-    with torch.no_grad():
-        pred = torch.cat([model.render(model.decoder(None), cams[i:i + 4], len(cams[i:i + 4]))
-                          for i in range(0, len(cams), 4)]).clamp(0, 1)
-    model.train()
-    if strip is not None:
-        save_strip(pred[:6], imgs[0, :6], strip)
-    return image_metrics(pred, imgs[0], model.cfg.background)
-
-
-def save_strip(pred, target, path: Path) -> None:
-    """Truth (top row) over prediction (bottom row), (N, 3, H, W) in [0, 1], as a PNG."""
-    import torch
-    from PIL import Image
-
-    rows = [torch.cat(list(x), -1) for x in (target, pred)]
-    img = (torch.cat(rows, -2).permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")
-    with atomic_path(path) as tmp:
-        Image.fromarray(img).save(tmp)
-
-
 # ---------------------------------------------------------------- export / view
 def _state(a):
-    from scene3d.ae_eval import decode_scene, load_run
+    from scene3d.ae_eval import decode_scene
+    from scene3d.autoencoders import SceneAE
     from scene3d.data import MultiViewDataset
 
-    model, settings = load_run(a.run if hasattr(a, "run") else a.target)
+    model, settings = SceneAE.from_run(a.run if hasattr(a, "run") else a.target)
     data = None
     if not model.per_scene:
         data = MultiViewDataset.load(a.data or settings["data"])
@@ -310,55 +235,14 @@ def cmd_view(a) -> int:
 def cmd_render(a) -> int:
     from PIL import Image
 
-    from scene3d.ae_eval import render_turntable, turntable_cameras
+    from scene3d.ae_eval import render_turntable, turntable_cameras, turntable_distance
 
     model, state = _state(a)
     size = a.size or model.cfg.image_size
-    distance = 2.0 * (model.cfg.hi - model.cfg.lo) / 2 * 1.0  # the box's corners stay in view at fov 45°
-    cams = turntable_cameras(a.frames, size, distance=distance, fov=0.785)
+    cams = turntable_cameras(a.frames, size, distance=turntable_distance(model), fov=0.785)
     frames = render_turntable(model, state, cams)
     with atomic_path(a.out) as tmp:
         imgs = [Image.fromarray(f) for f in frames]
         imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=80, loop=0)
     print(f"wrote {a.out}: {len(frames)} frames of {size}x{size}")
     return 0
-
-
-# ------------------------------------------------------------------------ eval
-def cmd_eval(a) -> int:
-    from scene3d.ae_eval import evaluate, load_run
-    from scene3d.data import MultiViewDataset
-
-    model, _ = load_run(a.run)
-    data = MultiViewDataset.load(a.data)
-    t0 = time.time()
-    res = evaluate(model, data, a.data, tuple(a.contexts), getattr(a, "queries", 5), getattr(a, "scenes", None))
-    res["eval_seconds"] = time.time() - t0
-    res["occupancy_level_scale"] = model.cfg.level_scale
-    table = {model.kind: res}
-    if getattr(a, "with_gqn", None):
-        from scene3d.gqn_eval import evaluate_fixed_views
-        from scene3d.gqn_eval import load_run as load_gqn
-
-        res["gqn"] = {"run": a.with_gqn, **evaluate_fixed_views(load_gqn(a.with_gqn)[0], data, tuple(a.contexts),
-                                                                getattr(a, "queries", 5), getattr(a, "scenes", None))}
-        table["gqn"] = res["gqn"]
-    atomic_write(Path(a.run) / "metrics.json", json.dumps(res, indent=2))
-    print(format_table(table))
-    return 0
-
-
-def format_table(results: dict[str, dict]) -> str:
-    """One row per (model, k): PSNR, masked PSNR, SSIM, IoU, Chamfer; plus visual-hull rows."""
-    cols = ("psnr", "masked_psnr", "ssim", "iou", "chamfer")
-    lines = [f"{'model':10s} {'k':>2s} " + " ".join(f"{c:>11s}" for c in cols)]
-    for name, res in results.items():
-        for k, row in res.items():
-            if not k.isdigit():
-                continue
-            vals = " ".join(f"{row[c]:11.4f}" if c in row else f"{'-':>11s}" for c in cols)
-            lines.append(f"{name:10s} {k:>2s} {vals}")
-        if "visual_hull_3_views" in res:
-            lines.append(f"{'vis.hull':10s} {'3':>2s} " + " ".join(
-                f"{res['visual_hull_3_views']['iou']:11.4f}" if c == "iou" else f"{'-':>11s}" for c in cols))
-    return "\n".join(lines)

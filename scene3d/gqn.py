@@ -56,7 +56,7 @@ class GQNConfig:
     hidden: int = setting(32, "ConvLSTM channels [256]")
     z_channels: int = setting(2, "latent channels per ConvDRAW step [3]")
     canvas_channels: int = setting(16, "canvas channels [256]")
-    steps: int = setting(4, "ConvDRAW steps L [12]", flag="--gen-steps")
+    gen_steps: int = setting(4, "ConvDRAW steps L [12]")
     kernel: int = setting(3, "ConvLSTM kernel [5]")
     share_cores: bool = setting(True, "one ConvLSTM core shared by all ConvDRAW steps (--no-share-cores: one each)")
     sigma_start: float = setting(2.0, "pixel std at the start of annealing [2.0]")
@@ -249,6 +249,8 @@ def gather_views(x: Tensor, idx: Tensor) -> Tensor:
 class GQN(nn.Module):
     """Representation network + ConvDRAW generator, trained by :class:`scene3d.trainer.Trainer`."""
 
+    kind = "gqn"  # run kind (config.json)
+
     def __init__(self, cfg: GQNConfig):
         super().__init__()
         self.cfg = cfg
@@ -256,7 +258,7 @@ class GQN(nn.Module):
             raise UserError(f"image size {cfg.image_size}: GQN needs a multiple of 4")
         self.rep = representation_net(cfg)
         self.gen = ConvDRAW(cfg.channels, cfg.image_size, cfg.r_channels, cfg.v_dim, cfg.hidden, cfg.z_channels,
-                            cfg.canvas_channels, cfg.steps, 4, cfg.kernel, cfg.share_cores)
+                            cfg.canvas_channels, cfg.gen_steps, 4, cfg.kernel, cfg.share_cores)
 
     def sigma(self, step: int) -> float:
         """Pixel standard deviation at ``step``: linear from sigma_start to sigma_end, then flat."""
@@ -329,10 +331,27 @@ class GQN(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "GQN":
+        """The GQN of a trainer checkpoint (its ``settings["gqn"]`` and weights), in eval mode."""
         try:
-            cfg = GQNConfig(**ckpt["settings"]["gqn"])
+            cfg = GQNConfig(**_renamed(ckpt["settings"]["gqn"]))
         except (KeyError, TypeError) as e:
             raise UserError(f"the checkpoint is not a GQN run ({e})") from e
         model = cls(cfg)
         model.load_state_dict(ckpt["model"])
         return model.eval()
+
+    @classmethod
+    def from_run(cls, run, device: str = "cpu") -> tuple["GQN", dict]:
+        """``scene3d.runinfo.load_run`` for GQN runs: (model in eval mode, the run's settings)."""
+        from scene3d.trainer import load_checkpoint
+
+        ckpt = load_checkpoint(run)
+        return cls.from_checkpoint(ckpt).to(device), ckpt.get("settings", {})
+
+
+def _renamed(settings: dict) -> dict:
+    """GQN settings of older runs under today's names (``steps`` became ``gen_steps``)."""
+    settings = dict(settings)
+    if "steps" in settings:
+        settings.setdefault("gen_steps", settings.pop("steps"))
+    return settings

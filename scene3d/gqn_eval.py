@@ -21,17 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from scene3d import metrics
 from scene3d.data import MultiViewDataset
 from scene3d.gqn import GQN, extended_viewpoints
 from scene3d.metrics import image_metrics
 from scene3d.objective import bits_per_dim
 from scene3d.runinfo import UserError, atomic_path, atomic_write
-from scene3d.trainer import load_checkpoint
-
-
-def load_run(run: str | Path) -> tuple[GQN, dict]:
-    ckpt = load_checkpoint(run)
-    return GQN.from_checkpoint(ckpt), ckpt
 
 
 def _check(model: GQN, data: MultiViewDataset) -> None:
@@ -149,13 +144,10 @@ def save_grid(rows: list[list[np.ndarray]], path: Path, scale: int = 3, gap: int
 
 
 def format_table(report: dict) -> str:
-    """The metrics of ``evaluate`` as a text table."""
-    lines = [f"{'K':>2} {'method':16s} {'MSE':>8s} {'PSNR':>7s} {'mPSNR':>7s} {'SSIM':>6s} {'ELBO b/d':>9s}"]
-    for k, d in report["metrics"].items():
-        for name, m in d.items():
-            lines.append(f"{k:>2} {name:16s} {m['mse']:8.5f} {m['psnr']:7.2f} {m.get('masked_psnr', float('nan')):7.2f}"
-                         f" {m['ssim']:6.3f} {m.get('elbo_bits_per_dim', float('nan')):9.3f}")
-    return "\n".join(lines)
+    """The metrics of ``evaluate`` as a text table, one row per (contexts, method)."""
+    rows = [{"k": k, "method": name, **m} for k, d in report["metrics"].items() for name, m in d.items()]
+    return metrics.format_table(rows, {"method": "method", "k": "K", "mse": "MSE", "psnr": "PSNR",
+                                       "masked_psnr": "mPSNR", "ssim": "SSIM", "elbo_bits_per_dim": "ELBO b/d"})
 
 
 # --------------------------------------------------------------------- probes
@@ -237,7 +229,6 @@ def probe(model: GQN, data: MultiViewDataset, contexts: int = 5, seed: int = 0, 
 
 
 def format_probe(report: dict) -> str:
-    lines = [f"{'factor':22s} {'metric':9s} {'r':>7s} {'pixels':>7s}"]
-    for name, d in report["probes"].items():
-        lines.append(f"{name:22s} {d['metric']:9s} {d['r']:7.3f} {d['pixels']:7.3f}")
-    return "\n".join(lines)
+    """The probes of ``probe`` as a text table: R² or accuracy from r and from pixels, per factor."""
+    rows = [{"factor": name, **d} for name, d in report["probes"].items()]
+    return metrics.format_table(rows, {"factor": "factor", "metric": "metric", "r": "r", "pixels": "pixels"})

@@ -62,3 +62,18 @@ def image_metrics(pred: Tensor, target: Tensor, background=None) -> dict[str, Te
         out["masked_psnr"] = masked_psnr(pred, target, foreground_mask(target, background))
     return out
 
+
+
+def format_table(rows: list[dict], columns: dict[str, str]) -> str:
+    """Rows of results as an aligned text table. ``columns`` maps each row key to its header, in order;
+    numbers print with 4 decimals, a missing value as ``-``."""
+    def cell(v) -> str:
+        if v is None:
+            return "-"
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+    cells = [[cell(r.get(k)) for k in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(columns.values())]
+    text = [[h for h in columns.values()], *cells]
+    return "\n".join(" ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths)))
+                     for line in text)

@@ -2,6 +2,11 @@
 
 Every run writes ``config.json`` with all settings, package versions and the git
 commit. Files are written atomically (temporary file, then rename).
+
+Run format 2 (``RUN_FORMAT``): ``config.json`` also names the run's ``kind`` (``gqn``, ``voxel``, ``mesh``,
+``nerf``, ``atom-vae``), its ``format`` and the ``model`` class that built it (``module:Class``), so that
+``load_run(path)`` rebuilds any run with that class's ``from_run(path)``. Format-1 runs (no ``format`` key)
+are recognised by their settings (``run_kind``) and still load.
 """
 
 from __future__ import annotations
@@ -185,13 +190,73 @@ def settings_diff(old, new, prefix: str = "") -> list[str]:
     return [f"{prefix.rstrip('.')}: run has {old!r}, given {new!r}"]
 
 
-def write_config(out_dir: str | os.PathLike, settings: dict, name: str = "config.json") -> Path:
-    """Write ``out_dir/config.json``: settings, versions, git commit, command line."""
+def write_config(out_dir: str | os.PathLike, settings: dict, name: str = "config.json", model=None) -> Path:
+    """Write ``out_dir/config.json``: settings, versions, git commit, command line; with ``model`` (the trained
+    module), its ``kind`` and class (run format 2, see the module docstring)."""
     record = {"settings": settings, "versions": versions(), "git_commit": git_commit(),
               "argv": sys.argv, "host": platform.node()}
+    if getattr(model, "kind", None) is not None:
+        cls = type(model)
+        record = {"kind": model.kind, "format": RUN_FORMAT, "model": f"{cls.__module__}:{cls.__qualname__}",
+                  **record}
     path = Path(out_dir) / name
     atomic_write(path, json.dumps(record, indent=2, default=str))
     return path
+
+
+# ------------------------------------------------------------------ run kinds
+RUN_FORMAT = 2
+RUN_PACKAGES = ("scene3d.", "cryoem.")  # where a run's recorded model class may live
+_FORMAT1_MODELS = {"gqn": "scene3d.gqn:GQN", "voxel": "scene3d.autoencoders:SceneAE",
+                   "mesh": "scene3d.autoencoders:SceneAE", "nerf": "scene3d.autoencoders:SceneAE",
+                   "atom-vae": "cryoem.vae:AtomVAE"}
+
+
+def _run_config(run: Path) -> dict:
+    rec = read_json(run / "config.json") if (run / "config.json").is_file() else {}
+    if not isinstance(rec, dict):
+        raise UserError(f"{run / 'config.json'}: expected a JSON object")
+    return rec
+
+
+def run_kind(run: str | os.PathLike) -> str:
+    """The kind of the run in folder ``run``: ``config.json``'s ``kind`` (format 2), else what its settings
+    show (format 1: ``gqn`` or ``ae`` settings, or an atom-VAE ``model.json``). Raises ``UserError``."""
+    run = Path(run)
+    if not run.is_dir():
+        raise UserError(f"{run}: run folder not found")
+    rec = _run_config(run)
+    if isinstance(rec.get("kind"), str):
+        return rec["kind"]
+    settings = rec.get("settings") if isinstance(rec.get("settings"), dict) else {}
+    if "gqn" in settings:
+        return "gqn"
+    if isinstance(settings.get("ae"), dict) and settings["ae"].get("kind") in ("voxel", "mesh", "nerf"):
+        return settings["ae"]["kind"]
+    if (run / "model.json").is_file():
+        return "atom-vae"
+    if (run / "half1" / "model.json").is_file():
+        raise UserError(f"{run}: a run of two half-sets; load {run / 'half1'} or {run / 'half2'}")
+    raise UserError(f"{run}: not a Plato run folder (no config.json naming a run kind)")
+
+
+def load_run(run: str | os.PathLike, device: str = "cpu"):
+    """Any Plato run folder -> ``(model, settings)``, by the ``from_run`` of the class that trained it.
+
+    The model is in eval mode on ``device``. Format-1 runs (before ``kind`` was recorded) load too.
+    """
+    import importlib
+
+    kind = run_kind(run)
+    target = _run_config(Path(run)).get("model") or _FORMAT1_MODELS.get(kind)
+    if not isinstance(target, str) or not target.startswith(RUN_PACKAGES) or target.count(":") != 1:
+        raise UserError(f"{run}: a run of kind {kind!r} that this version of Plato cannot load ({target!r})")
+    module, name = target.split(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"{run}: its model class {target} is not in this version of Plato ({one_line(e)})") from None
+    return cls.from_run(run, device=device)
 
 
 def auto_threads() -> int:

@@ -320,7 +320,7 @@ class Trainer:
         for name, text in self.files.items():
             atomic_write(self.out / name, text)
         write_config(self.out, {"train": asdict(self.cfg), **self.settings,
-                                "world_size": self.world, "device": str(self.device)})
+                                "world_size": self.world, "device": str(self.device)}, model=self.model)
 
     # ------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

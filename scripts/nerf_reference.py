@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from renderers.cameras import Camera
-from scene3d.cli_ae import save_strip
+from scene3d.ae_eval import save_strip
 from scene3d.data import CAMERA_KEYS, load_nerf_folder
 from scene3d.metrics import image_metrics
 from scene3d.runinfo import atomic_write, write_config

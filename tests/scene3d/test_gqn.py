@@ -13,7 +13,7 @@ from scene3d.gqn import GQN, Epipolar, GQNConfig, Pool, Pyramid, Tower, extended
 from scene3d.gqn_eval import nearest_context
 from scene3d.runinfo import UserError
 
-TINY = dict(image_size=16, r_channels=8, hidden=8, z_channels=2, canvas_channels=8, steps=2, kernel=3,
+TINY = dict(image_size=16, r_channels=8, hidden=8, z_channels=2, canvas_channels=8, gen_steps=2, kernel=3,
             sigma_anneal_steps=10, max_contexts=3)
 
 
@@ -89,7 +89,7 @@ def test_cli_data_train_eval_probe(tmp_path, capsys):
             "--max-contexts", "3"]
     assert main(args) == 0
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["settings"]["gqn"]["steps"] == 2 and cfg["settings"]["train"]["steps"] == 4
+    assert cfg["settings"]["gqn"]["gen_steps"] == 2 and cfg["settings"]["train"]["steps"] == 4
     assert main(args) == 2  # the run exists: needs --resume
     wrong = [a if a != "16" else "32" for a in args]
     wrong[wrong.index(str(run))] = str(tmp_path / "run2")
