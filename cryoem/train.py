@@ -28,6 +28,7 @@ from cryoem.particles import ParticleSet, ParticleSubset, load_particles
 from cryoem.structure import Structure, bonded_pairs, read_structure, scattering_gaussians
 from cryoem.vae import AtomVAE, AtomVAEConfig, estimate_noise_sigma, latent_diagnostics
 from scene3d.runinfo import UserError, atomic_write, check_out_dir, read_json, remove_outputs, settings_diff
+from scene3d.settings import SettingError
 from scene3d.trainer import CHECKPOINT, RUN_FILES, TrainConfig, Trainer, load_checkpoint
 
 PATH_FIELDS = ("particles", "structure", "poses", "ctf", "datadir", "passthrough")  # DataSpec fields that name files
@@ -67,10 +68,11 @@ def load_data(spec: DataSpec, check_pixels: bool = True, need_poses: bool = True
                         datadir=spec.datadir, passthrough=spec.passthrough, lazy=spec.lazy,
                         check_pixels=check_pixels)
     if ds.meta.R is None and need_poses:
-        raise UserError(f"{spec.particles}: the metadata has no poses; run a consensus refinement first "
-                        "(RELION / cryoSPARC), give --poses pose.pkl, or try the experimental --infer-poses")
+        raise SettingError("poses", f"{spec.particles} has no poses; run a consensus refinement first "
+                                    "(RELION / cryoSPARC), give a poses file (`poses` pose.pkl), or try the "
+                                    "experimental `infer_poses`")
     if ds.meta.ctf is None:
-        raise UserError(f"{spec.particles}: the metadata has no CTF parameters; give --ctf ctf.pkl")
+        raise SettingError("ctf", f"{spec.particles} has no CTF parameters; give a CTF file (`ctf` ctf.pkl)")
     return ds
 
 
@@ -85,15 +87,15 @@ def starting_model(spec: DataSpec, box: int, apix: float) -> tuple[Structure, np
     """The selected atoms of the starting model, centred in the box; returns (structure, x0 (N,3), offset (3,))."""
     s = read_structure(spec.structure, models="first")
     if spec.atoms not in ("auto", "ca", "backbone", "heavy"):
-        raise UserError(f"--atoms: expected auto, ca, backbone or heavy, got {spec.atoms!r}")
+        raise SettingError("atoms", f"expected auto, ca, backbone or heavy, got {spec.atoms!r}")
     if s.is_ca_only() and spec.atoms not in ("auto", "ca"):
-        raise UserError(f"{spec.structure}: the model has only C-alpha atoms; use --atoms ca")
+        raise SettingError("atoms", f"{spec.structure} has only C-alpha atoms; use `atoms` ca")
     s = s.select(atom_selection(spec.atoms, s))
     if spec.chains:
         want = [c.strip() for c in spec.chains.split(",") if c.strip()]
         missing = sorted(set(want) - set(s.chain.tolist()))
         if missing:
-            raise UserError(f"--chains: {spec.structure} has no chain {', '.join(missing)} "
+            raise SettingError("chains", f"{spec.structure} has no chain {', '.join(missing)} "
                             f"(it has {', '.join(sorted(set(s.chain.tolist())))})")
         s = s.subset(np.flatnonzero(np.isin(s.chain, want)))
     if s.n_atoms == 0:
@@ -105,13 +107,13 @@ def starting_model(spec: DataSpec, box: int, apix: float) -> tuple[Structure, np
     elif spec.center == "none":  # coordinates already relative to the box centre
         offset = np.zeros(3)
     else:
-        raise UserError(f"--center: expected centroid, map or none, got {spec.center!r}")
+        raise SettingError("center", f"expected centroid, map or none, got {spec.center!r}")
     x0 = s.coords[0] - offset
     half = box * apix / 2
     reach = np.abs(x0).max() + 3.0
     if reach > half:
         raise UserError(f"{spec.structure}: the model reaches {reach:.1f} Å from the box centre but the box "
-                        f"({box} px x {apix:.3g} Å/px) only reaches {half:.1f} Å; use a larger box or check --center")
+                        f"({box} px x {apix:.3g} Å/px) only reaches {half:.1f} Å; use a larger box or check `center`")
     return s, x0, offset
 
 
@@ -159,7 +161,7 @@ def train(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, halves: bool = 
         f"half{h}": (out / f"half{h}", idx) for h, idx in enumerate(_split_halves(ds, tcfg.seed), start=1)}
     for folder, idx in parts.values():
         if idx is not None and len(idx) < tcfg.batch_size:  # half 2's trainer would say so after half 1 ran
-            raise UserError(f"--batch-size {tcfg.batch_size}: {folder.name} has only {len(idx)} particles")
+            raise SettingError("batch_size", f"{tcfg.batch_size}, but {folder.name} has only {len(idx)} particles")
         if tcfg.resume and (folder / "model.json").is_file():
             check_same_run(folder, spec, cfg, ds)
     summary = {}
@@ -190,8 +192,8 @@ def check_same_run(run: Path, spec: DataSpec, cfg: AtomVAEConfig, ds: ParticleSe
     if "pixel_size" in rec and abs(rec["pixel_size"] - ds.pixel_size) > 1e-4 * rec["pixel_size"]:
         diff.append(f"pixel_size: run has {rec['pixel_size']!r}, the particles give {ds.pixel_size!r}")
     if diff:
-        raise UserError(f"--resume: {run} is a run with other settings: {'; '.join(diff)} (resume with the "
-                        "run's settings, or start a new --out)")
+        raise SettingError("resume", f"{run} is a run with other settings: {'; '.join(diff)} (resume with the "
+                                     "run's settings, or start a new output folder)")
 
 
 def _train_one(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, ds: ParticleSet, idx,

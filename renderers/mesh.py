@@ -27,15 +27,15 @@ from renderers.cameras import Camera
 __all__ = ["MeshRenderer", "ico_sphere"]
 
 
-def ico_sphere(level: int = 3, radius: float = 1.0, dtype: torch.dtype = torch.float32,
+def ico_sphere(subdivisions: int = 3, radius: float = 1.0, dtype: torch.dtype = torch.float32,
                device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """Vertices (V, 3) and faces (F, 3) of a subdivided icosahedron inscribed in a sphere at the origin.
 
-    Level 3 has 642 vertices and 1,280 faces; faces are counter-clockwise seen from outside.
+    ``subdivisions`` 3 has 642 vertices and 1,280 faces; faces are counter-clockwise seen from outside.
     """
     from pytorch3d.utils import ico_sphere as p3d_ico_sphere
 
-    mesh = p3d_ico_sphere(level)
+    mesh = p3d_ico_sphere(subdivisions)
     return (mesh.verts_packed() * radius).to(dtype=dtype, device=device), mesh.faces_packed().to(device)
 
 

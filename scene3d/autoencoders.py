@@ -276,20 +276,20 @@ class VoxelDecoder(nn.Module):
 class MeshDecoder(nn.Module):
     """z (B, L) -> verts (B, V, 3) = template + offsets and colours (B, V, 3) of an ico-sphere.
 
-    The template is an ico-sphere of ``level`` (3: 642 vertices, 1,280 faces) and radius
+    The template is an ico-sphere of ``subdivisions`` (3: 642 vertices, 1,280 faces) and radius
     ``radius`` world units. ``latent_dim=0`` makes free per-scene offsets (mesh deformation). Rendered
     as a soft silhouette (for the foreground mask) and a shaded image (for the colours).
     """
 
     kind = "mesh"
 
-    def __init__(self, latent_dim: int, lo: float, hi: float, level: int = 3, radius: float | None = None,
+    def __init__(self, latent_dim: int, lo: float, hi: float, subdivisions: int = 3, radius: float | None = None,
                  hidden: int = 256, background=(0.0, 0.0, 0.0), faces_per_pixel: int = 4, sigma: float = 1e-4,
                  light_direction=(0.3, -0.5, 1.0), max_offset: float | None = None):
         super().__init__()
         self.latent_dim, self.lo, self.hi = latent_dim, lo, hi
         radius = radius or 0.3 * (hi - lo)
-        verts, faces = ico_sphere(level, radius)
+        verts, faces = ico_sphere(subdivisions, radius)
         self.register_buffer("template", verts)
         self.register_buffer("faces", faces)
         self.max_offset = max_offset or 0.5 * (hi - lo)

@@ -31,7 +31,8 @@ class SettingError(ValueError):
     """A bad value of a settings-dataclass field, raised by model code (a ``ValueError`` for library users).
 
     The command line (``runinfo.run_cli``) reports it under the field's flag, ``--field-name: problem``, on one
-    line with exit code 2, so model code never has to know flag names.
+    line with exit code 2, so model code never has to know flag names. Other settings named in ``problem`` in
+    backquotes (```infer_poses```) become flags there too (``--infer-poses``).
     """
 
     def __init__(self, setting: str, problem: str):
@@ -39,7 +40,10 @@ class SettingError(ValueError):
         self.setting, self.problem = setting, problem
 
     def flag_message(self) -> str:
-        return f"--{self.setting.replace('_', '-')}: {self.problem}"
+        import re
+
+        problem = re.sub(r"`([a-z][a-z0-9_]*)`", lambda m: "--" + m[1].replace("_", "-"), self.problem)
+        return f"--{self.setting.replace('_', '-')}: {problem}"
 
 
 def setting(default: Any, help: str, *, choices: tuple | None = None, flag: str | None = None,

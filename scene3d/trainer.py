@@ -96,9 +96,6 @@ class TrainConfig:
     lr_final: float = 5e-5  # end value of the linear / cosine schedules
     lr_anneal_steps: int = 10_000  # steps over which lr goes from lr to lr_final
     warmup_steps: int = 0
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 1e-8
-    weight_decay: float = 0.0
     grad_clip: float | None = 1.0  # max global gradient norm; None = off
     amp: bool = True  # float16 autocast + GradScaler, on CUDA only
     seed: int = 0
@@ -255,8 +252,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids,
                                                            find_unused_parameters=cfg.find_unused_parameters)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                                    weight_decay=cfg.weight_decay)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)  # PyTorch's betas and eps
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.use_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)

@@ -86,3 +86,19 @@ def test_the_scene_model_flags_are_their_configs(argv, cls, fixed):
         args = build_parser().parse_args([*argv, "--contexts", "1", "3", "--latent", "7"])
         cfg = settings_from_args(Config, args)
         assert cfg.contexts == (1, 3) and cfg.latent_dim == 7
+
+
+def test_a_setting_error_names_flags_on_the_command_line_and_settings_in_the_library(capsys):
+    """Library users see setting names; the command line shows the same problem under flags, on one line, exit 2."""
+    from scene3d.runinfo import run_cli
+    from scene3d.settings import SettingError
+
+    e = SettingError("batch_size", "64 is more than the 40 particles; lower it, or use `infer_poses` less")
+    assert isinstance(e, ValueError) and str(e).startswith("batch_size: 64")
+
+    def main(argv):
+        raise e
+
+    assert run_cli(main, []) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --batch-size: 64 is more than the 40 particles; lower it, or use --infer-poses less"
