@@ -15,7 +15,7 @@ import numpy as np  # noqa: E402
 from sklearn.cluster import KMeans  # noqa: E402
 from sklearn.decomposition import PCA  # noqa: E402
 
-from scene3d.runinfo import UserError, atomic_path, atomic_write  # noqa: E402
+from plato_core.runinfo import UserError, atomic_path, atomic_write  # noqa: E402
 
 
 def pca(latents: np.ndarray, k: int = 2) -> tuple[np.ndarray, PCA]:

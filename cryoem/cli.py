@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from cryoem import cli_data, cli_sim, cli_vae
-from scene3d.runinfo import cli_main, cmd_info, version_string
+from plato_core.runinfo import cli_main, cmd_info, version_string
 
 
 def build_parser() -> argparse.ArgumentParser:

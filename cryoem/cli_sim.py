@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scene3d.runinfo import UserError, atomic_path, check_out_dir, remove_outputs, write_config
+from plato_core.runinfo import UserError, atomic_path, check_out_dir, remove_outputs, write_config
 
 SIM_OUTPUTS = ("config.json", "particles.mrcs", "particles.star", "ground_truth.npz", "gt_models.pdb", "preview.png")
 

@@ -16,7 +16,7 @@ def add_subcommands(sub) -> None:
 
 def _add_train(sub) -> None:
     from cryoem.vae import AtomVAEConfig
-    from scene3d.settings import add_run_args, add_settings
+    from plato_core.settings import add_run_args, add_settings
 
     p = sub.add_parser("train", help="train the atom VAE on particles + a starting model",
                        description="Learn a latent per particle and a decoder from latent to atom coordinates.")
@@ -74,7 +74,7 @@ def _add_analysis(sub) -> None:
 def cmd_train(a: argparse.Namespace) -> int:
     from cryoem.train import DataSpec, train
     from cryoem.vae import AtomVAEConfig
-    from scene3d.settings import run_config, settings_from_args
+    from plato_core.settings import run_config, settings_from_args
 
     spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.chains,
                     a.lazy, a.passthrough)
@@ -101,7 +101,7 @@ def cmd_decode(a: argparse.Namespace) -> int:
     from cryoem.analyze import decode
     from cryoem.structure import write_cif, write_pdb
     from cryoem.train import load_model
-    from scene3d.runinfo import UserError
+    from plato_core.runinfo import UserError
 
     z = read_latents(a.z)
     model, rec, s = load_model(a.run)
@@ -116,7 +116,7 @@ def cmd_decode(a: argparse.Namespace) -> int:
 
 def read_latents(path: str) -> np.ndarray:
     """``--z`` file: an .npy of (M, zdim) or (zdim,) finite numbers -> (M, zdim) float32; else one UserError line."""
-    from scene3d.runinfo import UserError
+    from plato_core.runinfo import UserError
 
     if not Path(path).is_file():
         raise UserError(f"--z {path}: file not found")

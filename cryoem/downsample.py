@@ -25,7 +25,7 @@ an output folder::
                          row in the source's particle block (.star) or array (.cs), in source order
     downsample.json      the source file (absolute path, and relative to this folder), its format and
                          particle count: ``cryoem select`` follows it back to the original file
-    config.json          the settings, versions and git commit (``scene3d.runinfo.write_config``)
+    config.json          the settings, versions and git commit (``plato_core.runinfo.write_config``)
 
 Memory is one output chunk plus one input batch of about 64 MB, whatever the size of the set.
 """
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scene3d.runinfo import UserError, atomic_write, check_out_dir, remove_outputs, write_config
+from plato_core.runinfo import UserError, atomic_write, check_out_dir, remove_outputs, write_config
 
 __all__ = ["fourier_crop", "downsample", "ROW_COLUMN", "RECORD", "STAR_NAME"]
 

@@ -31,8 +31,8 @@ from scipy.stats import spearmanr
 from cryoem.analyze import decode, pca
 from cryoem.metrics import fsc_report
 from cryoem.structure import Structure, match_atoms, read_structure, rmsd
+from plato_core.runinfo import UserError, atomic_write
 from renderers.gaussian import gaussian_density_map
-from scene3d.runinfo import UserError, atomic_write
 
 
 @dataclass
@@ -213,6 +213,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from scene3d.runinfo import run_cli
+    from plato_core.runinfo import run_cli
 
     raise SystemExit(run_cli(main))

@@ -35,7 +35,7 @@ import torch
 
 from cryoem.ctf import CTFParams, unphysical_ctf
 from cryoem.formats.mrc import open_mrc, stack_shape
-from scene3d.runinfo import UserError
+from plato_core.runinfo import UserError
 
 __all__ = ["ParticleMeta", "ParticleSet", "load_particles", "validate", "search_roots", "resolve_stacks",
            "choose_pixel_size", "check_ctf"]

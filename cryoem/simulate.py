@@ -22,8 +22,8 @@ from torch import Tensor
 from cryoem.ctf import CTF_FIELDS, CTFParams
 from cryoem.imaging import add_noise, fourier_filter, project
 from cryoem.structure import Structure, kabsch, match_atoms, scattering_gaussians
+from plato_core.runinfo import UserError
 from renderers.cameras import axis_angle_to_matrix
-from scene3d.runinfo import UserError
 
 __all__ = ["Conformations", "Hinge", "ensemble_conformations", "hinge_conformations", "morph_conformations",
            "random_rotations", "simulate", "SimulationResult"]

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from scene3d.runinfo import UserError, atomic_write
+from plato_core.runinfo import UserError, atomic_write
 
 __all__ = ["Structure", "read_structure", "example_structure", "write_pdb", "write_cif", "scattering_gaussians",
            "bonded_pairs", "kabsch", "superpose", "rmsd", "match_atoms", "PENG_1996"]

@@ -37,7 +37,7 @@ from cryoem.downsample import RECORD, ROW_COLUMN
 from cryoem.formats.cryodrgn import load_pickle
 from cryoem.formats.cryosparc import read_cs, write_cs
 from cryoem.formats.star import read_star, star_rows, write_star_rows
-from scene3d.runinfo import UserError, read_json
+from plato_core.runinfo import UserError, read_json
 
 __all__ = ["Original", "trace_original", "write_subset", "selection_mask", "select"]
 

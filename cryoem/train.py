@@ -5,7 +5,7 @@ A run folder holds ``config.json`` (every setting), ``checkpoint.pt`` (scene3d t
 is needed to rebuild the model: absolute data paths, atom selection, centring offset). With half-sets
 it holds ``half1/`` and ``half2/``, each a full run on its half of the particles.
 
-The output folder follows ``scene3d.runinfo.check_out_dir``: ``--out`` must be new or empty, unless
+The output folder follows ``plato_core.runinfo.check_out_dir``: ``--out`` must be new or empty, unless
 ``--resume`` continues the run in it (with the same model settings, checked against its ``model.json``)
 or ``--overwrite`` replaces it. Nothing is written before every check has passed.
 
@@ -27,9 +27,9 @@ import torch
 from cryoem.particles import ParticleSet, ParticleSubset, load_particles
 from cryoem.structure import Structure, bonded_pairs, read_structure, scattering_gaussians
 from cryoem.vae import AtomVAE, AtomVAEConfig, estimate_noise_sigma, latent_diagnostics
-from scene3d.runinfo import UserError, atomic_write, check_out_dir, read_json, remove_outputs, settings_diff
-from scene3d.settings import SettingError
-from scene3d.trainer import CHECKPOINT, RUN_FILES, TrainConfig, Trainer, load_checkpoint
+from plato_core.runinfo import UserError, atomic_write, check_out_dir, read_json, remove_outputs, settings_diff
+from plato_core.settings import SettingError
+from plato_core.trainer import CHECKPOINT, RUN_FILES, TrainConfig, Trainer, load_checkpoint
 
 PATH_FIELDS = ("particles", "structure", "poses", "ctf", "datadir", "passthrough")  # DataSpec fields that name files
 # what a run writes into --out (with the trainer's files); --overwrite deletes these first
@@ -231,7 +231,9 @@ def read_record(run: str | os.PathLike) -> dict:
     and ``noise_sigma`` (> 0). A damaged file is one ``UserError`` line naming it."""
     path = Path(run) / "model.json"
     if not path.is_file():
-        raise UserError(f"{run}: not an atom-VAE run folder (no model.json)")
+        raise UserError(f"{run}: no model.json, the atom-VAE run record that cryoem train (cryoem.train.train) "
+                        "writes; a model trained with the Trainer alone reloads with build_model and "
+                        "load_state_dict(load_checkpoint(run)['model'])")
     rec = read_json(path)
     problem = None
     if not isinstance(rec, dict) or not isinstance(rec.get("data"), dict) or not isinstance(rec.get("model"), dict):
@@ -271,9 +273,11 @@ def _find_recorded(path: str, run: Path, what: str, must_exist: bool = True, fol
                     f"folder above the run{hint}")
 
 
-def run_spec(run: str | os.PathLike, rec: dict, particles: str | None = None, datadir: str | None = None) -> DataSpec:
+def run_spec(run: str | os.PathLike, rec: dict, particles: str | None = None, datadir: str | None = None,
+             need_data: bool = True) -> DataSpec:
     """The run's ``DataSpec`` with its paths found (see :func:`_find_recorded`), ``particles`` / ``datadir``
-    replacing the recorded ones when the data have moved."""
+    replacing the recorded ones when the data have moved. ``need_data=False``: only the starting model must
+    be found (the particle files may be gone)."""
     known = {f.name for f in fields(DataSpec)}
     data = {k: v for k, v in rec["data"].items() if k in known}
     if particles is not None:
@@ -283,7 +287,8 @@ def run_spec(run: str | os.PathLike, rec: dict, particles: str | None = None, da
     for k in PATH_FIELDS:
         overridden = (k == "particles" and particles is not None) or (k == "datadir" and datadir is not None)
         if data.get(k) is not None and not overridden:
-            data[k] = _find_recorded(data[k], Path(run), k, folder=k == "datadir")
+            data[k] = _find_recorded(data[k], Path(run), k, folder=k == "datadir",
+                                     must_exist=need_data or k == "structure")
     return DataSpec(**data)
 
 
@@ -292,9 +297,10 @@ def load_model(run: str | os.PathLike, device: str = "cpu") -> tuple[AtomVAE, di
     the run record ``model.json``, the selected starting model). Needs the starting model's file."""
     run = Path(run)
     rec = read_record(run)
-    spec = run_spec(run, rec)
     cfg = _run_model_config(run, rec)
-    if all(k in rec for k in ("box", "pixel_size", "n_particles")):
+    has_shape = all(k in rec for k in ("box", "pixel_size", "n_particles"))
+    spec = run_spec(run, rec, need_data=not has_shape)
+    if has_shape:
         model, s, _ = _model(spec, cfg, rec["box"], rec["pixel_size"], rec["n_particles"], rec["noise_sigma"])
     else:  # runs that predate these records: the particle file's header says
         model, s, _ = build_model(spec, cfg, load_data(spec, check_pixels=False, need_poses=False),

@@ -1,6 +1,6 @@
 """The atom-coordinate VAE (Rosenbaum et al. 2021): particle image -> latent z -> atom coordinates.
 
-One training step (the loop of the design guide, with cryo-EM parts)::
+One training step (the encode, decode, render, compare loop of every Plato autoencoder, with cryo-EM parts)::
 
     image --ConvEncoder--> q(z|x) --z--> AtomDecoder --> coordinates (B, N, 3) Å
         --gaussian_projection(camera from pose)--> projection --CTF, low-pass--> model image
@@ -53,11 +53,11 @@ from cryoem.imaging import fourier_filter, project
 from cryoem.priors import StructuralPrior
 from cryoem.simulate import random_rotations
 from cryoem.structure import rmsf
+from plato_core.encoders import ConvEncoder
+from plato_core.objective import active_units, gaussian_kl, gaussian_log_likelihood, reparameterize
+from plato_core.runinfo import UserError
+from plato_core.settings import SettingError, setting
 from renderers.cameras import axis_angle_to_matrix, rotation_6d_to_matrix
-from scene3d.encoders import ConvEncoder
-from scene3d.objective import active_units, gaussian_kl, gaussian_log_likelihood, reparameterize
-from scene3d.runinfo import UserError
-from scene3d.settings import SettingError, setting
 
 
 @dataclass
@@ -583,16 +583,16 @@ class AtomVAE(nn.Module):
 
     @classmethod
     def from_run(cls, run, device: str = "cpu") -> tuple["AtomVAE", dict]:
-        """``scene3d.runinfo.load_run`` for atom-VAE runs: (model in eval mode, the run record ``model.json``).
+        """``plato_core.runinfo.load_run`` for atom-VAE runs: (model in eval mode, the run record ``model.json``).
         Reads no particle image; ``cryoem.train.load_run`` also gives the particles."""
         from cryoem.train import load_model  # the run record's reader lives beside its writer, the trainer
 
         model, rec, _ = load_model(run, device)
         return model, rec
 
-    def settings(self) -> dict:
-        return {"model": asdict(self.cfg), "box": self.box, "apix": self.apix,
-                "n_atoms": len(self.decoder.x0), "noise_sigma": float(self.noise_sigma)}
+    def run_settings(self) -> dict:
+        """The settings the trainer records (config.json, checkpoint): ``{"model": AtomVAEConfig fields}``."""
+        return {"model": asdict(self.cfg)}
 
 
 def sample_precision(mu: Tensor, precision: Tensor, prior_var: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -612,7 +612,7 @@ def sample_precision(mu: Tensor, precision: Tensor, prior_var: Tensor | None = N
 
 
 def latent_use(mu: Tensor, z: Tensor, rec: Tensor, batch: dict, model: AtomVAE, step: int) -> dict[str, Tensor]:
-    """Is the latent used? Logged by ``loss`` (see ``scene3d.objective.active_units``).
+    """Is the latent used? Logged by ``loss`` (see ``plato_core.objective.active_units``).
 
     * ``au``: active units of the batch's posterior means ``mu`` (B, zdim), in units of the prior's std.
     * ``shuffle``: how much worse (nats per particle) the batch is reconstructed with its

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from scene3d.runinfo import UserError, atomic_path
+from plato_core.runinfo import UserError, atomic_path
 from scene3d.viz import Offscreen, fit_camera
 
 TRACE_MAX_A = 4.2  # consecutive atoms closer than this (Å) are joined in pictures: CA-CA is 3.8 Å

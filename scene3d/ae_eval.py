@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from plato_core.runinfo import UserError, atomic_path, atomic_write
 from renderers.cameras import Camera, look_at
 from scene3d.autoencoders import CALIBRATION, SceneAE, occupancy_level, predicted_occupancy, resize_views
 from scene3d.data import MultiViewDataset, batch_cameras
@@ -33,7 +34,6 @@ from scene3d.geometry_metrics import (
     voxel_iou,
 )
 from scene3d.metrics import foreground_mask, format_table
-from scene3d.runinfo import UserError, atomic_path, atomic_write
 
 LEVEL_SCALES = (0.03, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 

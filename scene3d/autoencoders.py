@@ -1,6 +1,6 @@
 """Explicit-3D scene autoencoders: voxel, mesh and NeRF decoders, amortised or fitted to one scene.
 
-One training step (``SceneAE.loss``, driven by the shared :class:`scene3d.trainer.Trainer`)::
+One training step (``SceneAE.loss``, driven by the shared :class:`plato_core.trainer.Trainer`)::
 
     k context views + cameras --ContextEncoder--> q(z) --z--> decoder --> 3D state --render(query cameras)--> images
     loss = -log N(query images; rendered, sigma^2) + beta KL(q(z) || N(0, I)) + shape regularisers
@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -41,19 +41,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from plato_core.encoders import ConvEncoder
+from plato_core.objective import gaussian_kl, gaussian_log_likelihood, reparameterize
+from plato_core.runinfo import UserError
+from plato_core.settings import setting
+from plato_core.trainer import load_checkpoint
 from renderers.cameras import Camera
 from renderers.mesh import MeshRenderer, ico_sphere
 from renderers.nerf import NeRFRenderer, RadianceMLP
 from renderers.voxel import VoxelRenderer, ray_box, sample_grid
 from scene3d.data import CAMERA_KEYS, batch_cameras
-from scene3d.encoders import ConvEncoder
 from scene3d.export import density_to_mesh, marching_cubes
 from scene3d.geometry_metrics import mesh_occupancy, voxel_centers
 from scene3d.metrics import foreground_mask
-from scene3d.objective import gaussian_kl, gaussian_log_likelihood, reparameterize
-from scene3d.runinfo import UserError
-from scene3d.settings import setting
-from scene3d.trainer import load_checkpoint
 
 CALIBRATION = "calibration.json"  # RUN/calibration.json: the occupancy level chosen by ``scene3d calibrate``
 
@@ -99,7 +99,7 @@ def view_index(B: int, V: int, views: Tensor) -> Tensor:
 class ContextEncoder(nn.Module):
     """k context views with their cameras -> q(z) = N(mu, exp(logvar)), (B, L) each.
 
-    Each view goes through the shared ``scene3d.encoders.ConvEncoder`` with its camera code broadcast as
+    Each view goes through the shared ``plato_core.encoders.ConvEncoder`` with its camera code broadcast as
     12 extra input planes; the k per-view Gaussians are fused as a product of experts (precisions add),
     so more views give a sharper posterior and any k works.
     """
@@ -467,9 +467,13 @@ class SceneAE(nn.Module):
         """The run kind (config.json): ``voxel``, ``mesh`` or ``nerf``."""
         return self.cfg.kind
 
+    def run_settings(self) -> dict:
+        """The settings the trainer records (config.json, checkpoint): the ``AEConfig`` and ``per_scene``."""
+        return {"ae": asdict(self.cfg), "per_scene": self.per_scene}
+
     @classmethod
     def from_run(cls, run, device: str = "cpu") -> tuple["SceneAE", dict]:
-        """``scene3d.runinfo.load_run`` for autoencoder runs: (model in eval mode, the run's settings).
+        """``plato_core.runinfo.load_run`` for autoencoder runs: (model in eval mode, the run's settings).
 
         The occupancy level comes from ``RUN/calibration.json`` when ``scene3d calibrate`` wrote one.
         """

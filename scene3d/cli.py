@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from scene3d.runinfo import UserError, cli_main, cmd_info, version_string
+from plato_core.runinfo import UserError, cli_main, cmd_info, version_string
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -20,7 +20,7 @@ def cmd_data(args: argparse.Namespace) -> int:
 
 
 def _train_config(args: argparse.Namespace):
-    from scene3d.settings import run_config
+    from plato_core.settings import run_config
 
     return run_config(args, lr_schedule=args.lr_schedule, lr_final=args.lr_final,
                       lr_anneal_steps=args.lr_anneal_steps, grad_clip=args.grad_clip or None,
@@ -29,10 +29,10 @@ def _train_config(args: argparse.Namespace):
 
 def cmd_train_gqn(args: argparse.Namespace) -> int:
     """Train a GQN on a multi-view dataset folder."""
+    from plato_core.settings import settings_from_args
+    from plato_core.trainer import Trainer
     from scene3d.data import MultiViewDataset
     from scene3d.gqn import GQN, GQNConfig, data_scales
-    from scene3d.settings import settings_from_args
-    from scene3d.trainer import Trainer
 
     tcfg = _train_config(args)  # checks the budget, sets the threads
     data = MultiViewDataset.load(args.data)
@@ -45,7 +45,7 @@ def cmd_train_gqn(args: argparse.Namespace) -> int:
         raise UserError(f"--image-size {gcfg.image_size}: the data in {args.data} has images of "
                         f"{data.image_size[0]}x{data.image_size[1]} (pass --image-size {data.image_size[0]})")
     model = GQN(gcfg)
-    settings = {"gqn": model.settings(), "data": os.path.abspath(args.data)}  # loads from any folder
+    settings = {"data": os.path.abspath(args.data)}  # loads from any folder; the model adds its own
     summary = Trainer(model, data, tcfg, settings=settings).fit()
     print(f"stopped at step {summary['step']} (epoch {summary['epoch']}, {summary['elapsed_s'] / 60:.1f} min, "
           f"{summary['stopped_by']}); checkpoint in {args.out}")
@@ -66,7 +66,7 @@ def _run_and_data(args: argparse.Namespace):
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Score a scene run on held-out scenes: the command for every kind, dispatched on the run's kind."""
-    from scene3d.runinfo import run_kind
+    from plato_core.runinfo import run_kind
 
     kind = run_kind(args.run)
     if kind == "gqn":
@@ -135,8 +135,8 @@ def _add_data(sub) -> None:
 
 def _add_train(sub):
     """The ``train`` verb with its ``gqn`` model; returns the model subparsers (the autoencoders join them)."""
+    from plato_core.settings import add_run_args, add_settings
     from scene3d.gqn import GQNConfig
-    from scene3d.settings import add_run_args, add_settings
 
     s = sub.add_parser("train", help="train a model on multi-view scenes").add_subparsers(
         dest="model", required=True, metavar="MODEL")

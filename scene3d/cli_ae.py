@@ -18,11 +18,11 @@ The logic lives in :mod:`scene3d.ae_eval`; this module only parses and prints. `
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
-from scene3d.runinfo import UserError, atomic_path, atomic_write, remove_outputs
-from scene3d.settings import add_run_args, add_settings, run_config, settings_from_args
+from plato_core.runinfo import UserError, atomic_path, atomic_write, remove_outputs
+from plato_core.settings import add_run_args, add_settings, run_config, settings_from_args
 
 MODELS = ("voxel", "mesh", "nerf")
 
@@ -93,10 +93,10 @@ def _train_args(p, kind: str) -> None:
 
 # ----------------------------------------------------------------------- train
 def cmd_train(a) -> int:
+    from plato_core.trainer import Trainer
     from scene3d.ae_eval import data_box
     from scene3d.autoencoders import AEConfig, SceneAE
     from scene3d.data import MultiViewDataset
-    from scene3d.trainer import Trainer
 
     tc = run_config(a, ckpt_every=200)  # checks the budget; seeds torch before the model is built
     data = MultiViewDataset.load(a.data)
@@ -105,7 +105,7 @@ def cmd_train(a) -> int:
     if max(cfg.contexts) + cfg.queries > data.views:
         raise UserError(f"--contexts/--queries: {max(cfg.contexts)} + {cfg.queries} views exceed the "
                         f"data's {data.views}")
-    settings = {"ae": asdict(cfg), "per_scene": False, "data": str(Path(a.data).resolve())}
+    settings = {"data": str(Path(a.data).resolve())}  # the model records its own settings
     trainer = Trainer(SceneAE(cfg), data, tc, settings=settings)
     if a.overwrite and trainer.is_main:  # the checks passed: drop the previous run's records besides the trainer's
         remove_outputs(a.out, ("calibration.json", "metrics.json", "samples.png"))
@@ -143,10 +143,10 @@ def _nerf_root(path: str) -> Path:
 
 
 def cmd_fit(a) -> int:
+    from plato_core.trainer import Trainer
     from scene3d.ae_eval import score_test_views
     from scene3d.autoencoders import AEConfig, SceneAE, SceneViews
     from scene3d.data import load_nerf_folder
-    from scene3d.trainer import Trainer
 
     budgets = a.eval_at or [a.minutes]
     if budgets == [None] and a.train_steps is None and a.epochs is None:
@@ -161,7 +161,7 @@ def cmd_fit(a) -> int:
                    contexts=(1,), queries=1)
     model = SceneAE(cfg, per_scene=True)
     views = SceneViews(train, 0)
-    settings = {"ae": asdict(cfg), "per_scene": True, "data": str(root.resolve())}
+    settings = {"data": str(root.resolve())}
     results, resume, overwrite = [], a.resume, a.overwrite
     for minutes in budgets:
         tc = replace(base, minutes=minutes, batch_size=min(a.batch_size, len(views)), lr=lr, resume=resume,

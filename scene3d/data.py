@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from plato_core.runinfo import UserError, atomic_path, atomic_write, one_line, read_json
 from renderers.cameras import Camera
-from scene3d.runinfo import UserError, atomic_path, atomic_write, one_line, read_json
 
 FORMAT = "plato-multiview-1"
 CAMERA_KEYS = ("R", "t", "focal", "principal")

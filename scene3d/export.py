@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from plato_core.runinfo import UserError, atomic_path
 from scene3d.geometry_metrics import voxel_centers
-from scene3d.runinfo import UserError, atomic_path
 
 MESH_SUFFIXES = (".ply", ".obj")
 

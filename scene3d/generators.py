@@ -35,9 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from plato_core.runinfo import UserError, atomic_path, write_config
 from renderers.cameras import Camera, look_at
 from scene3d.data import ShardWriter, camera_arrays
-from scene3d.runinfo import UserError, atomic_path, write_config
 
 RENDER = 64  # native render size (px)
 GRID = 32  # occupancy resolution

@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from plato_core.objective import bits_per_dim, gaussian_log_likelihood
+from plato_core.runinfo import UserError
+from plato_core.settings import setting
 from renderers.cameras import Camera
 from renderers.gqn import ConvDRAW
 from scene3d.data import CAMERA_KEYS, batch_cameras
-from scene3d.objective import bits_per_dim, gaussian_log_likelihood
-from scene3d.runinfo import UserError
-from scene3d.settings import setting
 
 
 @dataclass
@@ -247,7 +247,7 @@ def gather_views(x: Tensor, idx: Tensor) -> Tensor:
 
 
 class GQN(nn.Module):
-    """Representation network + ConvDRAW generator, trained by :class:`scene3d.trainer.Trainer`."""
+    """Representation network + ConvDRAW generator, trained by :class:`plato_core.trainer.Trainer`."""
 
     kind = "gqn"  # run kind (config.json)
 
@@ -326,8 +326,9 @@ class GQN(nn.Module):
         """Render the query viewpoints (B, 23) from contexts: (B, C, H, W) in [0, 1]."""
         return self.gen.sample(q_v[:, :self.cfg.v_dim], self.represent(ctx_x, ctx_v, q_v), mean_latents=mean_latents)
 
-    def settings(self) -> dict:
-        return asdict(self.cfg)
+    def run_settings(self) -> dict:
+        """The settings the trainer records (config.json, checkpoint): ``{"gqn": GQNConfig fields}``."""
+        return {"gqn": asdict(self.cfg)}
 
     @classmethod
     def from_checkpoint(cls, ckpt: dict) -> "GQN":
@@ -342,8 +343,8 @@ class GQN(nn.Module):
 
     @classmethod
     def from_run(cls, run, device: str = "cpu") -> tuple["GQN", dict]:
-        """``scene3d.runinfo.load_run`` for GQN runs: (model in eval mode, the run's settings)."""
-        from scene3d.trainer import load_checkpoint
+        """``plato_core.runinfo.load_run`` for GQN runs: (model in eval mode, the run's settings)."""
+        from plato_core.trainer import load_checkpoint
 
         ckpt = load_checkpoint(run)
         return cls.from_checkpoint(ckpt).to(device), ckpt.get("settings", {})

@@ -21,12 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from plato_core.objective import bits_per_dim
+from plato_core.runinfo import UserError, atomic_path, atomic_write
 from scene3d import metrics
 from scene3d.data import MultiViewDataset
 from scene3d.gqn import GQN, extended_viewpoints
 from scene3d.metrics import image_metrics
-from scene3d.objective import bits_per_dim
-from scene3d.runinfo import UserError, atomic_path, atomic_write
 
 
 def _check(model: GQN, data: MultiViewDataset) -> None:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from plato_core.runinfo import UserError, atomic_path
 from renderers.cameras import Camera, look_at
-from scene3d.runinfo import UserError, atomic_path
 
 
 def _o3d():

@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from plato_core.runinfo import atomic_write, write_config
 from renderers.cameras import Camera
 from scene3d.ae_eval import save_strip
 from scene3d.data import CAMERA_KEYS, load_nerf_folder
 from scene3d.metrics import image_metrics
-from scene3d.runinfo import atomic_write, write_config
 
 
 class PlainNeRF(nn.Module):

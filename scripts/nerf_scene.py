@@ -22,8 +22,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from plato_core.runinfo import atomic_path, atomic_write, write_config  # noqa: E402
 from scene3d.generators import SM_DIST, SM_FOV, part_mesh, shepard_metzler_scene, sphere_cameras  # noqa: E402
-from scene3d.runinfo import atomic_path, atomic_write, write_config  # noqa: E402
 from scene3d.viz import Offscreen  # noqa: E402
 
 

@@ -36,9 +36,11 @@ if [ ! -f "$VENV/.complete" ]; then
 fi
 
 # --- this checkout, editable (cheap; re-pointed at every clone)
-if ! "$VENV/bin/python" - <<PYEOF >/dev/null 2>&1
-import pathlib, renderers
-assert pathlib.Path(renderers.__file__).resolve().parent.parent == pathlib.Path("$PWD").resolve()
+if ! "$VENV/bin/python" -P - <<PYEOF >/dev/null 2>&1  # -P: only what is installed, not the working directory
+import importlib, pathlib
+for name in ("renderers", "plato_core", "scene3d", "cryoem"):  # every package of this checkout, new ones too
+    pkg = importlib.import_module(name)
+    assert pathlib.Path(pkg.__file__).resolve().parent.parent == pathlib.Path("$PWD").resolve()
 import shutil; assert shutil.which("scene3d", path="$VENV/bin")
 PYEOF
 then

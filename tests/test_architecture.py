@@ -1,4 +1,4 @@
-"""Imports go only renderers <- scene3d <- cryoem; the CLIs answer --help and --version."""
+"""Imports go only renderers <- plato_core <- scene3d <- cryoem; the CLIs answer --help and --version."""
 
 import ast
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LEVEL = {"renderers": 0, "scene3d": 1, "cryoem": 2}
+LEVEL = {"renderers": 0, "plato_core": 1, "scene3d": 2, "cryoem": 3}
 
 
 def imported_packages(path: Path) -> set[str]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scene3d.runinfo import RUN_FORMAT, UserError, load_run, run_kind
+from plato_core.runinfo import RUN_FORMAT, UserError, load_run, run_kind
 
 ROOT = Path(__file__).resolve().parent.parent
 OLD = ROOT / "tests" / "data" / "old_runs"

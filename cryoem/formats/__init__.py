@@ -14,7 +14,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from scene3d.runinfo import UserError, one_line
+from plato_core.runinfo import UserError, one_line
 
 __all__ = ["read_file"]
 

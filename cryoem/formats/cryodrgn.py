@@ -25,7 +25,7 @@ import numpy as np
 from cryoem.formats import read_file
 from cryoem.formats.mrc import open_mrc, stack_shape
 from cryoem.particles import ParticleMeta, check_ctf, choose_pixel_size
-from scene3d.runinfo import UserError, atomic_path
+from plato_core.runinfo import UserError, atomic_path
 
 __all__ = ["RestrictedUnpickler", "load_pickle", "write_pickle", "meta_from_stack"]
 

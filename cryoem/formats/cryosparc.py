@@ -29,8 +29,8 @@ import torch
 from cryoem.ctf import CTF_FIELDS
 from cryoem.formats import read_file
 from cryoem.particles import ParticleMeta, check_ctf, choose_pixel_size, resolve_stacks, search_roots
+from plato_core.runinfo import UserError, atomic_path, one_line
 from renderers.cameras import axis_angle_to_matrix
-from scene3d.runinfo import UserError, atomic_path, one_line
 
 __all__ = ["read_cs", "write_cs", "find_passthrough", "meta_from_cs"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cryoem.formats import read_file
-from scene3d.runinfo import UserError, atomic_path
+from plato_core.runinfo import UserError, atomic_path
 
 __all__ = ["open_mrc", "stack_shape", "read_mrc", "write_mrc", "write_mrcs"]
 

@@ -32,8 +32,8 @@ from cryoem.ctf import CTF_FIELDS, CTFParams
 from cryoem.formats import read_file
 from cryoem.formats.mrc import write_mrcs
 from cryoem.particles import ParticleMeta, check_ctf, choose_pixel_size, resolve_stacks, search_roots
+from plato_core.runinfo import UserError, atomic_path
 from renderers.cameras import euler_zyz_to_matrix
-from scene3d.runinfo import UserError, atomic_path
 
 __all__ = ["read_star", "write_star", "particle_block", "meta_from_star", "star_tables", "write_particles",
            "star_rows", "write_star_rows"]

@@ -101,7 +101,7 @@ def test_missing_poses_is_a_clear_error(sim, tmp_path):
 def test_unmatched_atoms_is_a_clear_error(run, tmp_path):
     from cryoem.evaluate import matched
     from cryoem.structure import read_structure
-    from scene3d.runinfo import UserError
+    from plato_core.runinfo import UserError
 
     s = read_structure(DATA / "1ubi.pdb").select("ca")
     with pytest.raises(UserError, match="not all matched"):
@@ -204,7 +204,7 @@ def test_train_resume_and_overwrite(sim, tmp_path):
     (out / "analysis").mkdir()
     r = cryoem(*args, "--steps", 3, "--resume")
     assert r.returncode == 0, r.stderr
-    from scene3d.trainer import load_checkpoint
+    from plato_core.trainer import load_checkpoint
 
     assert load_checkpoint(out)["step"] == 3 and (out / "analysis").is_dir()
     r = cryoem(*args, "--steps", 2, "--zdim", 3, "--overwrite")
@@ -222,7 +222,7 @@ def test_old_run_with_relative_paths_loads_from_anywhere(run, sim, tmp_path, mon
 
     from cryoem.cli import main
     from cryoem.train import load_run
-    from scene3d.runinfo import UserError
+    from plato_core.runinfo import UserError
 
     proj = tmp_path / "proj"
     shutil.copytree(sim, proj / "sim")

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from cryoem.formats.cryosparc import meta_from_cs
 from cryoem.formats.mrc import open_mrc, read_mrc
 from cryoem.formats.star import meta_from_star
-from scene3d.runinfo import UserError
+from plato_core.runinfo import UserError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 STAR = (DATA / "relion31.v2.star").read_bytes()

@@ -19,8 +19,8 @@ from cryoem.formats.cryosparc import meta_from_cs
 from cryoem.formats.mrc import read_mrc, write_mrc, write_mrcs
 from cryoem.formats.star import meta_from_star, write_particles, write_star
 from cryoem.particles import load_particles
+from plato_core.runinfo import UserError
 from renderers.cameras import euler_zyz_to_matrix
-from scene3d.runinfo import UserError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CRYOEM = Path(sys.executable).parent / "cryoem"

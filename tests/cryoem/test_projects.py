@@ -18,7 +18,7 @@ from cryoem.ctf import CTF_FIELDS
 from cryoem.formats.cryosparc import find_passthrough, meta_from_cs
 from cryoem.formats.star import meta_from_star
 from cryoem.particles import load_particles
-from scene3d.runinfo import UserError
+from plato_core.runinfo import UserError
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 F = {k: i for i, k in enumerate(CTF_FIELDS)}

@@ -21,7 +21,7 @@ from cryoem.structure import (
     write_cif,
     write_pdb,
 )
-from scene3d.runinfo import UserError
+from plato_core.runinfo import UserError
 
 from .test_conventions import DATA
 

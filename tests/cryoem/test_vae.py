@@ -171,7 +171,7 @@ def test_laplace_posterior_matches_the_exact_posterior():
 
 def test_active_units_and_encoder_pooling():
     from cryoem.vae import enc_pooling
-    from scene3d.objective import active_units
+    from plato_core.objective import active_units
 
     mu = torch.zeros(500, 4)
     mu[:, 0] = torch.randn(500)  # variance 1: active

@@ -8,10 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
+from plato_core.runinfo import UserError
 from renderers.cameras import Camera, look_at
 from scene3d.data import MultiViewDataset, batch_cameras, load_gqn_tfrecord, load_nerf_folder, write_gqn_tfrecord
 from scene3d.generators import generate, self_avoiding_walk
-from scene3d.runinfo import UserError
 
 
 def random_dataset(n=3, v=4, s=8, seed=0):

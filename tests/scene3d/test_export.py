@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from plato_core.runinfo import UserError
 from scene3d.export import (
     density_to_mesh,
     evaluate_grid,
@@ -15,7 +16,6 @@ from scene3d.export import (
     write_points,
 )
 from scene3d.geometry_metrics import voxel_centers
-from scene3d.runinfo import UserError
 
 
 def area_and_volume(verts, faces):

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from plato_core.runinfo import UserError
 from scene3d.cli import main
 from scene3d.gqn import GQN, Epipolar, GQNConfig, Pool, Pyramid, Tower, extended_viewpoints
 from scene3d.gqn_eval import nearest_context
-from scene3d.runinfo import UserError
 
 TINY = dict(image_size=16, r_channels=8, hidden=8, z_channels=2, canvas_channels=8, gen_steps=2, kernel=3,
             sigma_anneal_steps=10, max_contexts=3)
@@ -115,7 +115,7 @@ def test_cli_help_lists_subcommands():
 
 def test_cli_grad_clip_bounds_the_gradient_norm_the_optimizer_sees(tmp_path):
     """`--grad-clip C`: every step's gradient reaches the optimizer with norm <= C; `--grad-clip 0` is off."""
-    from tests.scene3d.test_trainer import grad_norms_seen_by_optimizers
+    from tests.plato_core.test_trainer import grad_norms_seen_by_optimizers
 
     d = tmp_path / "sm"
     assert main(["data", "shepard-metzler", "--scenes", "4", "--views", "4", "--size", "16", "--out", str(d),

@@ -11,9 +11,13 @@ A model is a ``torch.nn.Module`` with one method::
 (usually a dict of tensors, already moved to the device); ``step`` is the global
 optimisation step, for annealing schedules. Every other term in the dict is only logged.
 A model may also define ``check_batch(batch)``, called once before training, that raises
-``scene3d.runinfo.UserError`` when data and model disagree (image size, channels ...), and
+``plato_core.runinfo.UserError`` when data and model disagree (image size, channels ...), and
 ``after_step(step, optimizer)``, called after each optimiser step (``step`` counts the steps done)
 to reparameterise the model between steps; it drops the optimiser state of parameters it changes.
+
+A model that others should reload (``plato_core.runinfo.load_run``) also has a ``kind`` (written to
+``config.json``), ``run_settings() -> dict`` (its settings, recorded in config.json and the checkpoint
+under its own keys) and a classmethod ``from_run(run, device) -> (model, settings)``.
 
 Typical use::
 
@@ -67,7 +71,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from scene3d.runinfo import (
+from plato_core.runinfo import (
     UserError,
     atomic_path,
     atomic_write,
@@ -221,8 +225,8 @@ class Trainer:
         model: an ``nn.Module`` with ``loss(batch, step) -> dict`` (``"loss"`` = total).
         dataset: a map-style dataset whose items the default collate can stack.
         cfg: the :class:`TrainConfig`.
-        settings: extra settings (model hyper-parameters, data path ...) recorded in config.json and the
-            checkpoint; a resumed run must have the same ones (except ``data``).
+        settings: extra settings (data path ...) recorded in config.json and the checkpoint, after the
+            model's own ``run_settings()``; a resumed run must have the same ones (except ``data``).
         collate_fn: optional DataLoader collate function.
         files: more run records, ``{file name: text}``, written into ``out`` beside config.json.
 
@@ -234,7 +238,8 @@ class Trainer:
         if not hasattr(model, "loss"):
             raise TypeError("model: expected an nn.Module with a loss(batch, step) -> dict method")
         self.cfg, self.dataset, self.collate_fn = cfg, dataset, collate_fn
-        self.settings = settings or {}
+        own = model.run_settings() if hasattr(model, "run_settings") else {}
+        self.settings = {**own, **(settings or {})}
         self.files = dict(files or {})
         self.out = Path(cfg.out)
         self._init_distributed()

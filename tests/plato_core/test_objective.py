@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
 
-from scene3d.encoders import ConvEncoder
-from scene3d.objective import bits_per_dim, gaussian_kl, gaussian_log_likelihood, reparameterize
+from plato_core.encoders import ConvEncoder
+from plato_core.objective import bits_per_dim, gaussian_kl, gaussian_log_likelihood, reparameterize
 
 
 def test_kl_and_log_likelihood_match_torch_distributions():

@@ -1,4 +1,4 @@
-"""Settings dataclasses <-> flags (scene3d.settings): one field is one flag, with its type, default and help."""
+"""Settings dataclasses <-> flags (plato_core.settings): one field is one flag, with its type, default and help."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import pytest
 
-from scene3d.settings import add_settings, setting, settings_from_args
+from plato_core.settings import add_settings, setting, settings_from_args
 
 
 @dataclass
@@ -90,8 +90,8 @@ def test_the_scene_model_flags_are_their_configs(argv, cls, fixed):
 
 def test_a_setting_error_names_flags_on_the_command_line_and_settings_in_the_library(capsys):
     """Library users see setting names; the command line shows the same problem under flags, on one line, exit 2."""
-    from scene3d.runinfo import run_cli
-    from scene3d.settings import SettingError
+    from plato_core.runinfo import run_cli
+    from plato_core.settings import SettingError
 
     e = SettingError("batch_size", "64 is more than the 40 particles; lower it, or use `infer_poses` less")
     assert isinstance(e, ValueError) and str(e).startswith("batch_size: 64")

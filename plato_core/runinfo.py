@@ -279,7 +279,7 @@ def cli_main(build_parser, argv=None) -> int:
 def run_cli(main_fn, argv=None) -> int:
     """Run a CLI entry point; a ``UserError`` (or a ``settings.SettingError``) becomes one line on stderr and exit
     code 2."""
-    from scene3d.settings import SettingError
+    from plato_core.settings import SettingError
 
     try:
         return main_fn(argv) or 0

@@ -137,13 +137,13 @@ def add_run_args(parser, *, batch_size: int, lr: float | None, lr_help: str = "l
 
 
 def run_config(args: argparse.Namespace, require_budget: bool = True, **fixed: Any):
-    """The ``scene3d.trainer.TrainConfig`` of :func:`add_run_args`' flags (and ``args.out``), with ``fixed``
+    """The ``plato_core.trainer.TrainConfig`` of :func:`add_run_args`' flags (and ``args.out``), with ``fixed``
     settings applied. Sets torch's CPU threads (and says how many) and seeds torch with ``--seed``, so call it
     before building the model. A missing budget or a bad value is a UserError."""
     import torch
 
-    from scene3d.runinfo import UserError, auto_threads
-    from scene3d.trainer import TrainConfig
+    from plato_core.runinfo import UserError, auto_threads
+    from plato_core.trainer import TrainConfig
 
     if require_budget and args.minutes is None and args.train_steps is None and args.epochs is None:
         raise UserError("give a training budget: --minutes M, --steps S or --epochs N (the first reached stops)")

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from scene3d.runinfo import UserError
-from scene3d.trainer import TrainConfig, Trainer, load_checkpoint, lr_factor
+from plato_core.runinfo import UserError
+from plato_core.trainer import TrainConfig, Trainer, load_checkpoint, lr_factor
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,7 +88,7 @@ def test_killed_run_resumes_exactly(tmp_path):
     ref = make(tmp_path / "ref", steps=30)
     ref.fit()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    code = "from tests.scene3d.test_trainer import run_main; run_main()"
+    code = "from tests.plato_core.test_trainer import run_main; run_main()"
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "cut"), "30", "0.1", "0.05"], cwd=ROOT,
                          env=env)
     log = tmp_path / "cut/log.csv"
@@ -111,7 +111,7 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path):
     single.fit()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     script = tmp_path / "entry.py"
-    script.write_text("from tests.scene3d.test_trainer import run_main\nrun_main()\n")
+    script.write_text("from tests.plato_core.test_trainer import run_main\nrun_main()\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
            str(tmp_path / "ddp"), "6", "0.0", "0.0"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
