@@ -1,6 +1,8 @@
 """CPU timings of Plato's renderers next to PyTorch3D's equivalents, run in the same process.
 
-``python -m renderers.bench [--repeats N] [--only voxel,mesh,nerf,gaussian]`` prints one table. Times are the
+The "splat" case compares the two backends of ``gaussian_projection`` (numba against torch) instead.
+
+``python -m renderers.bench [--repeats N] [--only voxel,mesh,nerf,gaussian,splat]`` prints one table. Times are the
 best of ``--repeats`` runs, alternating ours and theirs after a warm-up: "fwd" runs under ``torch.no_grad()``,
 "fwd+bwd" builds the graph and back-propagates ``image.sum()`` to the 3D parameters. A ratio is ours / theirs
 (below 1: we are faster).
@@ -230,6 +232,39 @@ def bench_gaussian_box(box: int, repeats: int, N: int = 2000, B: int = 64, ps: f
            f"rel L2 vs voxel path {rel:.1%}", images=B)
 
 
+# ------------------------------------------------------------- Gaussian backends
+def bench_splat(repeats: int) -> None:
+    """The numba backend of the Gaussian projector against its torch backend, in the atom VAE's regime:
+    B=64 with gradients (training step), B=576 (Gauss-Newton finite-difference renders, forward only)."""
+    for B, bwd_repeats in ((64, repeats), (576, 1)):
+        bench_splat_case(B, repeats, bwd_repeats)
+
+
+def bench_splat_case(B: int, repeats: int, bwd_repeats: int, N: int = 5892, box: int = 64, ps: float = 2.0,
+                     sigma: float = 1.0) -> None:
+    from renderers.cameras import axis_angle_to_matrix
+    from renderers.gaussian import gaussian_projection
+
+    g = torch.Generator().manual_seed(B)
+    u = torch.randn(N, 3, generator=g)
+    centers = u / u.norm(dim=-1, keepdim=True) * torch.rand(N, 1, generator=g) ** (1 / 3) * 0.3 * box * ps
+    centers.requires_grad_()
+    cam = Camera.from_pose(axis_angle_to_matrix(torch.randn(B, 3, generator=g)), torch.zeros(B, 2), ps, box)
+
+    def numba():
+        return gaussian_projection(centers, 1.0, sigma, cam, backend="numba")
+
+    def dense():
+        return gaussian_projection(centers, 1.0, sigma, cam, backend="torch")
+
+    with torch.no_grad():
+        a, b = numba(), dense()
+        rel = ((a - b).abs().max() / b.abs().max()).item()
+    record("Gaussian numba splat", f"{N} atoms B={B} {box}^2 (sigma {sigma / ps:.1f} px) f32",
+           *compare(numba, dense, [centers], repeats, bwd_repeats),
+           "same projector, backend='torch' (dense product)", f"max |diff| / max {rel:.1e}", images=B)
+
+
 def print_table() -> None:
     head = (f"{'case':<21} {'settings':<44} {'fwd ours':>9} {'fwd ref':>9} {'ratio':>6} "
             f"{'f+b ours':>9} {'f+b ref':>9} {'ratio':>6}  reference; note")
@@ -247,7 +282,7 @@ def print_table() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m renderers.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (best of)")
-    parser.add_argument("--only", default="voxel,mesh,nerf,gaussian", help="comma-separated cases")
+    parser.add_argument("--only", default="voxel,mesh,nerf,gaussian,splat", help="comma-separated cases")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: torch's choice); 1 is steadier on an oversubscribed machine")
     args = parser.parse_args(argv)
@@ -258,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"torch {torch.__version__}, pytorch3d {pytorch3d.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs{load}; float32 on CPU")
-    cases = {"voxel": bench_voxel, "mesh": bench_mesh, "nerf": bench_nerf, "gaussian": bench_gaussian}
+    cases = {"voxel": bench_voxel, "mesh": bench_mesh, "nerf": bench_nerf, "gaussian": bench_gaussian,
+             "splat": bench_splat}
     for name in args.only.split(","):
         if name not in cases:
             parser.error(f"--only: unknown case {name!r}; expected some of {','.join(cases)}")

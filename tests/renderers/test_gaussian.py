@@ -1,10 +1,13 @@
-"""Gaussian projector: quadrature, mass, map/projection consistency, gradients, bad input."""
+"""Gaussian projector: quadrature, mass, map/projection consistency, gradients, the two backends, bad input."""
 
 import math
 
+import numpy as np
 import pytest
 import torch
+from scipy.special import erf
 
+from renderers import gaussian
 from renderers.cameras import Camera, euler_zyz_to_matrix
 from renderers.gaussian import GaussianProjector, gaussian_density_map, gaussian_projection, pixel_integrals
 
@@ -147,3 +150,110 @@ def test_bad_input_raises_value_error():
         gaussian_projection(c, 1.0, 1.0, persp)
     with pytest.raises(ValueError, match="shape"):
         gaussian_density_map(c, 1.0, 1.0, 0, 1.0)
+
+
+# ------------------------------------------------------------------ the numba backend (compiled windowed splat)
+def splat_scene(B=3, N=40, size=(20, 28), dtype=torch.float64, per_view=False, seed=7):
+    """Atoms with varied widths spread past every border of a non-square image; focal lengths differ in x and y.
+
+    Returns centres ((B, N, 3) if ``per_view`` else (N, 3)), amplitudes (N,), sigmas (N,) and the camera.
+    """
+    g = torch.Generator().manual_seed(seed)
+    H, W = size
+    half = 0.6 * max(H, W)  # Å at ~1 px/Å: many atoms project near or past the borders
+    centers = (2 * torch.rand(*((B,) if per_view else ()), N, 3, generator=g, dtype=dtype) - 1) * half
+    amps = torch.rand(N, generator=g, dtype=dtype) + 0.5
+    sigmas = 0.4 + 1.6 * torch.rand(N, generator=g, dtype=dtype)  # 0.4 .. 2.2 px
+    R = random_rotations(B, dtype, seed)
+    t = torch.randn(B, 3, generator=g, dtype=dtype)
+    focal = torch.tensor([[1.1, 0.9]], dtype=dtype).expand(B, 2)  # pixels per Å along x, y
+    principal = torch.tensor([[W / 2, H / 2]], dtype=dtype).expand(B, 2)
+    return centers, amps, sigmas, Camera(R, t, focal.clone(), principal.clone(), size, orthographic=True)
+
+
+def render_and_grads(backend, centers, amps, sigmas, cam, probe):
+    """Image and the gradients of ``(image * probe).sum()`` w.r.t. centres, amplitudes and the camera's R, t."""
+    leaves = [x.detach().clone().requires_grad_() for x in (centers, amps, cam.R, cam.t)]
+    c, a, R, t = leaves
+    img = gaussian_projection(c, a, sigmas, Camera(R, t, cam.focal, cam.principal, cam.image_size, True), backend)
+    return img.detach(), torch.autograd.grad((img * probe).sum(), leaves)
+
+
+@pytest.mark.parametrize("per_view", [False, True])
+def test_numba_and_torch_backends_agree_float64(per_view):
+    centers, amps, sigmas, cam = splat_scene(per_view=per_view)
+    probe = torch.rand(3, 1, 20, 28, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    img_t, grads_t = render_and_grads("torch", centers, amps, sigmas, cam, probe)
+    img_n, grads_n = render_and_grads("numba", centers, amps, sigmas, cam, probe)
+    assert img_t.abs().amax((1, 2, 3)).min() > 0.01  # every view shows atoms
+    assert (img_n - img_t).abs().max() <= 1e-12 * img_t.abs().max()
+    for name, gt, gn in zip(("centers", "amplitudes", "R", "t"), grads_t, grads_n):
+        assert (gn - gt).abs().max() <= 1e-10 * gt.abs().max(), name
+
+
+def test_numba_and_torch_backends_agree_float32():
+    centers, amps, sigmas, cam = splat_scene(B=4, N=300, size=(48, 40), dtype=torch.float32, per_view=True)
+    probe = torch.rand(4, 1, 48, 40, generator=torch.Generator().manual_seed(2))
+    img_t, grads_t = render_and_grads("torch", centers, amps, sigmas, cam, probe)
+    img_n, grads_n = render_and_grads("numba", centers, amps, sigmas, cam, probe)
+    assert img_n.dtype == torch.float32
+    assert (img_n - img_t).abs().max() <= 1e-5 * img_t.abs().max()
+    for name, gt, gn in zip(("centers", "amplitudes", "R", "t"), grads_t, grads_n):
+        assert (gn - gt).abs().max() <= 1e-5 * gt.abs().max(), name
+
+
+def test_numba_image_is_the_sum_of_erf_difference_products():
+    """Independent expectation: every pixel of every view from the formula, with scipy's erf over all cells."""
+    centers, amps, sigmas, cam = splat_scene(B=2, N=12, size=(9, 13))
+    img = gaussian_projection(centers, amps, sigmas, cam, backend="numba")[:, 0].numpy()
+    c, a, s = centers.numpy(), amps.numpy(), sigmas.numpy()
+    for b in range(2):
+        R, t, f, p = (x[b].numpy() for x in (cam.R, cam.t, cam.focal, cam.principal))
+        uv = (c @ R[:2].T + t[:2]) * f + p  # (N, 2) continuous pixel coordinates
+        cells = [np.arange(n + 1.0) for n in (13, 9)]
+        X, Y = (np.diff(erf((e - uv[:, k, None]) / (math.sqrt(2) * s[:, None] * f[k])), axis=1)
+                for k, e in enumerate(cells))  # (N, W), (N, H): twice the mass fractions
+        expect = np.einsum("n,ni,nj->ij", a * f[0] * f[1] / 4, Y, X)
+        assert np.abs(img[b] - expect).max() <= 1e-12 * np.abs(expect).max()
+
+
+def test_numba_splat_gradcheck():
+    g = torch.Generator().manual_seed(3)
+    uv = torch.tensor([[[0.2, 3.1], [5.7, 6.9], [2.5, -0.8]], [[-1.2, 2.0], [3.3, 3.6], [7.1, 0.4]]],
+                      dtype=torch.float64, requires_grad=True)  # near / across the borders of a (7, 6) image
+    width = 0.5 + torch.rand(2, 3, 2, generator=g, dtype=torch.float64)
+    weight = torch.rand(2, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    f = lambda u, w: gaussian._NumbaSplat.apply(u, width, w, (7, 6), 8.5)  # noqa: E731
+    assert torch.autograd.gradcheck(f, (uv, weight))
+
+
+def test_auto_backend_choice_and_refusals():
+    centers, amps, sigmas, cam = splat_scene(B=1, size=(64, 64), dtype=torch.float32)
+    c, a = centers[None], amps[None]
+    choice = lambda s, backend="auto": gaussian._select_backend(backend, c, a, s, cam)  # noqa: E731
+    narrow, wide = torch.full((1, 40), 0.4), torch.full((1, 40), 3.0)  # Å; 1.1 px/Å along x
+    assert choice(narrow) == "numba"
+    assert choice(wide) == "torch"  # the dense product is cheaper
+    assert choice(narrow, "torch") == "torch"
+    s = narrow.requires_grad_()
+    assert choice(s) == "torch"  # numba does not differentiate widths
+    with torch.no_grad():
+        assert choice(s) == "numba"
+    with pytest.raises(ValueError, match="sigmas"):
+        gaussian_projection(centers, amps, s, cam, backend="numba")
+    with pytest.raises(ValueError, match="backend"):
+        gaussian_projection(centers, amps, sigmas, cam, backend="cuda")
+    img = GaussianProjector(backend="numba")(centers, amps, sigmas, cam)
+    torch.testing.assert_close(img, gaussian_projection(centers, amps, sigmas, cam, "torch"), rtol=0, atol=1e-6)
+
+
+def test_numba_uses_torchs_thread_count():
+    numba = pytest.importorskip("numba")
+    centers, amps, sigmas, cam = splat_scene(B=2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        gaussian_projection(centers, amps, sigmas, cam, backend="numba")
+        assert numba.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

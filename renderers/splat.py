@@ -1,0 +1,115 @@
+"""Compiled CPU kernels (numba) of the windowed splat behind :func:`renderers.gaussian.gaussian_projection`.
+
+Gaussian ``n`` of image ``b`` has its centre ``uv[b, n] = (u, v)`` in continuous pixel coordinates (pixel ``j``
+spans ``[j, j + 1)``, x = column, y = row), widths ``width[b, n] = (s_x, s_y)`` in pixels and a weight
+``a = weight[b, n]``. It adds to pixel ``(i, j)``
+
+    a * Y_i * X_j,   X_j = erf((j + 1 - u) / (sqrt(2) s_x)) - erf((j - u) / (sqrt(2) s_x))
+
+(``Y_i`` likewise along rows), which is twice the 1-D mass fraction per axis, as in ``gaussian._cdf_steps``.
+Only the cells that meet ``[u - tail s, u + tail s]`` and lie inside the image are evaluated (the mass beyond
+``tail`` widths is below the working precision), so a Gaussian costs about ``(2 tail s_x + 1) (2 tail s_y + 1)``
+multiply-adds and ``2 tail (s_x + s_y) + 4`` erf calls, whatever the image size. Arithmetic is float64 for
+every input dtype; images are accumulated in the output's dtype. Images are independent, so the loops over
+them run in parallel on numba's threads (:func:`use_threads`) with no shared writes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+_SQRT1_2 = 1.0 / math.sqrt(2.0)
+_DPDF = 2.0 / math.sqrt(math.pi)  # d erf(z) / dz = _DPDF exp(-z^2)
+
+
+@numba.njit(cache=True, nogil=True)
+def window_size(width: np.ndarray, tail: float) -> int:
+    """The most cells that any window of ``width`` (B, N, 2) pixels meets."""
+    return int(math.floor(2.0 * tail * width.max())) + 2
+
+
+def use_threads(n: int) -> None:
+    """Run the kernels on ``n`` threads (at most numba's pool), e.g. ``torch.get_num_threads()``."""
+    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
+@numba.njit(cache=True, nogil=True)
+def _window(u: float, s: float, tail: float, n: int, vals: np.ndarray, dvals: np.ndarray, deriv: bool
+            ) -> tuple[int, int]:
+    """Erf differences of one 1-D Gaussian (centre ``u``, width ``s`` px) on its cells inside ``[0, n)``.
+
+    Writes ``vals[k]`` for cells ``lo + k``, k < count, and with ``deriv`` their derivatives with respect to
+    ``u`` into ``dvals``; returns ``(lo, count)`` (count 0: the window misses the image).
+    """
+    r = tail * s
+    if u + r <= 0.0 or u - r >= n:
+        return 0, 0
+    lo = int(max(math.floor(u - r), 0.0))
+    hi = int(min(math.floor(u + r) + 1.0, float(n)))
+    inv = _SQRT1_2 / s
+    z = (lo - u) * inv
+    cdf = math.erf(z)
+    pdf = math.exp(-z * z) if deriv else 0.0
+    for k in range(hi - lo):
+        z = (lo + k + 1 - u) * inv
+        c = math.erf(z)
+        vals[k] = c - cdf
+        cdf = c
+        if deriv:
+            p = math.exp(-z * z)
+            dvals[k] = -_DPDF * inv * (p - pdf)  # d/du of erf((e - u) inv) = -_DPDF inv exp(-z^2)
+            pdf = p
+    return lo, hi - lo
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def splat_forward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: float, out: np.ndarray) -> None:
+    """Add every Gaussian's window into ``out`` (B, H, W), zeroed by the caller; see the module docstring."""
+    B, N = weight.shape
+    H, W = out.shape[1], out.shape[2]
+    K = window_size(width, tail)
+    for b in numba.prange(B):
+        X = np.empty(K)
+        Y = np.empty(K)
+        for n in range(N):
+            a = weight[b, n]
+            if a == 0.0:
+                continue
+            x0, nx = _window(uv[b, n, 0], width[b, n, 0], tail, W, X, X, False)
+            y0, ny = _window(uv[b, n, 1], width[b, n, 1], tail, H, Y, Y, False)
+            for i in range(ny):
+                ay = a * Y[i]
+                for j in range(nx):
+                    out[b, y0 + i, x0 + j] += ay * X[j]
+
+
+@numba.njit(cache=True, nogil=True, parallel=True)
+def splat_backward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: float, grad: np.ndarray,
+                   grad_uv: np.ndarray, grad_weight: np.ndarray) -> None:
+    """Gradients of ``sum(grad * image)`` with respect to ``uv`` (into ``grad_uv`` (B, N, 2)) and ``weight``
+    (into ``grad_weight`` (B, N)), for the upstream gradient ``grad`` (B, H, W): one pass over the windows."""
+    B, N = weight.shape
+    H, W = grad.shape[1], grad.shape[2]
+    K = window_size(width, tail)
+    for b in numba.prange(B):
+        X, dX, Y, dY = np.empty(K), np.empty(K), np.empty(K), np.empty(K)
+        for n in range(N):
+            x0, nx = _window(uv[b, n, 0], width[b, n, 0], tail, W, X, dX, True)
+            y0, ny = _window(uv[b, n, 1], width[b, n, 1], tail, H, Y, dY, True)
+            s = su = sv = 0.0
+            for i in range(ny):
+                gx = gdx = 0.0
+                for j in range(nx):
+                    g = grad[b, y0 + i, x0 + j]
+                    gx += g * X[j]
+                    gdx += g * dX[j]
+                s += Y[i] * gx
+                su += Y[i] * gdx
+                sv += dY[i] * gx
+            a = weight[b, n]
+            grad_weight[b, n] = s
+            grad_uv[b, n, 0] = a * su
+            grad_uv[b, n, 1] = a * sv
