@@ -36,7 +36,7 @@ PATH_FIELDS = ("particles", "structure", "poses", "ctf", "datadir", "passthrough
 RUN_OUTPUTS = ("model.json", "train_log.csv", "half1", "half2", "analysis", *RUN_FILES)
 # settings of runs written before they existed: the behaviour those runs had
 OLD_MODEL_DEFAULTS = {"enc_reference": False, "posterior": "amortized", "dec_scale": 1.0, "whiten_every": 0,
-                      "warm_start": False}
+                      "warm_start": False, "particle_nuisance": False}
 
 
 @dataclass
@@ -336,8 +336,8 @@ def _run_model_config(run: Path, rec: dict) -> AtomVAEConfig:
 
 def _load_weights(model: AtomVAE, run: Path, device: str) -> None:
     state = load_checkpoint(run, map_location=device)["model"]
-    for k in ("z_last", "z_seen", "prior_var"):  # runs written before the warm starts (none remembered) or the
-        state.setdefault(k, getattr(model, k))    # structural latent axes (prior N(0, I))
+    for k in ("z_last", "z_seen", "prior_var", "nuisance"):  # runs written before the warm starts (none
+        state.setdefault(k, getattr(model, k))  # remembered), the latent's axes (prior N(0, I)) or the nuisance
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

@@ -79,6 +79,8 @@ class AtomVAEConfig:
                                         "as cryoDRGN (its latent can take thousands of steps to carry information)",
                              choices=("laplace", "amortized"))
     gn_steps: int = setting(1, "laplace: Gauss-Newton steps per particle and training step")
+    particle_nuisance: bool = setting(True, "laplace: estimate each particle's contrast and B-factor with its latent "
+                                            "(see AtomVAE.laplace)")
     warm_start: bool = setting(True, "laplace: start each particle's Gauss-Newton step from its posterior mean at "
                                      "its last visit")
     whiten_every: int = setting(100, "laplace: steps between re-expressions of the latent (PX-EM, see "
@@ -215,6 +217,11 @@ class AtomVAE(nn.Module):
         self.register_buffer("z_seen", torch.zeros(n_particles, dtype=torch.bool))
         # the prior N(0, diag(prior_var)); set with the latent's coordinates by whiten (1 until then)
         self.register_buffer("prior_var", torch.ones(cfg.zdim))
+        # particle_nuisance: each particle's latest (log contrast, B-factor Å²), relative to the model's
+        self.register_buffer("nuisance", torch.zeros(n_particles, 2))
+        fy = torch.fft.fftfreq(self.box, d=self.apix)
+        fx = torch.fft.rfftfreq(self.box, d=self.apix)
+        self.register_buffer("k2", fy[:, None] ** 2 + fx[None] ** 2, persistent=False)  # (D, D//2+1), 1/Å²
         self.pose_delta = nn.Embedding(n_particles, 5) if cfg.refine_poses else None
         if self.pose_delta is not None:
             nn.init.zeros_(self.pose_delta.weight)
@@ -235,41 +242,63 @@ class AtomVAE(nn.Module):
         batch = self.with_poses(batch)
         mu, logvar = self._encode(batch)
         if self.cfg.posterior == "laplace":
-            mu, precision = self.laplace(batch, self.warm_start(batch, mu))
+            mu, precision, _ = self.laplace(batch, self.warm_start(batch, mu))
             return mu, torch.linalg.inv(precision).diagonal(dim1=-2, dim2=-1).log()
         return mu, logvar
 
     @torch.no_grad()
-    def laplace(self, batch: dict, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Laplace approximation of p(z | x): mean (B, zdim) and precision (B, zdim, zdim), by ``gn_steps``
-        Gauss-Newton steps from ``z``.
+    def laplace(self, batch: dict, z: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Laplace approximation of p(z | x): mean (B, zdim), precision (B, zdim, zdim) and the particles'
+        nuisance (B, 2) or None, by ``gn_steps`` Gauss-Newton steps from ``z``.
 
         With J = d model image / dz (B, zdim, pixels), by finite differences of the decoder and renderer,
         residual r = image - model(z), noise sigma s and the prior N(0, P^-1) (P = diag(1 / ``prior_var``)),
         the linearised log posterior has precision A = J J^T / s^2 + P and its maximum at
         z + A^-1 (J r / s^2 - P z).
 
+        With ``particle_nuisance`` the step also estimates each particle's log contrast c and B-factor B
+        (Å², the image's Fourier envelope exp(c - B k^2 / 4)) under the priors N(0, NUISANCE_STD^2), from their
+        analytic Jacobians (the model image itself, and -k^2 / 4 times it), which cost no rendering. The latent's
+        precision is then that of its marginal (the Schur complement). Why: images differ in contrast and blur
+        (ice, defocus-dependent envelope, radiation damage); without these two numbers the latent spent its
+        dimensions on them instead of on the motion.
+
         This is the posterior of the model itself (KL weight 1), whatever ``beta`` is. Measured: with the
         posterior tempered by beta = 1 / zdim, every latent dimension that the motion did not need fitted noise
         and model mismatch (posterior-mean variance 1-2), and the motion was no longer latent PC1.
         """
         B, K = z.shape
-        P = torch.diag(1 / self.prior_var.to(z.dtype))
-        # finite-difference steps: 0.01 of the prior's standard deviation (float32: still ~1e-4 precise)
-        steps = 0.01 * self.prior_var.to(z.dtype).sqrt()
+        steps = 0.01 * self.prior_var.to(z.dtype).sqrt()  # 0.01 of the prior's std (float32: still ~1e-4 precise)
         rep = {k: batch[k].repeat_interleave(K + 1, 0) for k in ("R", "shift_A", "ctf")}
         index = batch.get("index")
-        index = None if index is None else index.repeat_interleave(K + 1, 0)
+        nu = self.stored_nuisance(index)
+        prec = 1 / self.prior_var.to(z.dtype)
+        if nu is not None:
+            prec = torch.cat([prec, z.new_tensor(NUISANCE_STD) ** -2])
+        P = torch.diag(prec)
         s2 = self.noise_sigma**2
         A = P
         for _ in range(max(1, self.cfg.gn_steps)):
             zz = torch.cat([z[:, None], z[:, None] + torch.diag(steps)], 1).reshape(B * (K + 1), K)
-            m = self.render(self.decode(zz), rep["R"], rep["shift_A"], rep["ctf"], index).reshape(B, K + 1, -1)
+            nn_ = None if nu is None else nu.repeat_interleave(K + 1, 0)
+            index_r = None if index is None else index.repeat_interleave(K + 1, 0)
+            m = self.render(self.decode(zz), rep["R"], rep["shift_A"], rep["ctf"], index_r,
+                            nuisance=nn_).reshape(B, K + 1, -1)
             J = (m[:, 1:] - m[:, :1]) / steps[:, None]
+            theta = z if nu is None else torch.cat([z, nu.to(z.dtype)], 1)
+            if nu is not None:
+                m0 = m[:, 0].reshape(B, self.box, self.box)
+                dB = torch.fft.irfft2(torch.fft.rfft2(m0) * (-self.k2 / 4), s=m0.shape[-2:])
+                J = torch.cat([J, m0.reshape(B, 1, -1), dB.reshape(B, 1, -1)], 1)
             r = batch["image"].reshape(B, -1) - m[:, 0]
             A = J @ J.transpose(1, 2) / s2 + P
-            z = z + torch.linalg.solve(A, (J @ r[..., None])[..., 0] / s2 - z @ P)
-        return z, A
+            theta = theta + torch.linalg.solve(A, (J @ r[..., None])[..., 0] / s2 - theta * prec)
+            z = theta[:, :K]
+            if nu is not None:
+                nu = theta[:, K:]
+        if nu is not None:  # the latent's marginal precision: A_zz - A_zn A_nn^-1 A_nz
+            A = A[:, :K, :K] - A[:, :K, K:] @ torch.linalg.solve(A[:, K:, K:], A[:, K:, :K])
+        return z, A, nu
 
     def warm_start(self, batch: dict, guess: Tensor) -> Tensor:
         """Where each particle's Gauss-Newton steps start (B, zdim): its posterior mean from its last training
@@ -287,20 +316,26 @@ class AtomVAE(nn.Module):
         return torch.where(seen[:, None], self.z_last[index], guess)
 
     @torch.no_grad()
-    def _remember(self, batch: dict, mu: Tensor) -> None:
-        """Store the batch's posterior means (B, zdim) for :meth:`warm_start`; under DDP, every rank's."""
+    def _remember(self, batch: dict, mu: Tensor, nuisance: Tensor | None = None) -> None:
+        """Store the batch's posterior means (B, zdim) for :meth:`warm_start`, and its nuisance (B, 2) for
+        :meth:`stored_nuisance`; under DDP, every rank's."""
         index = batch.get("index")
         if index is None:
             return
+        parts = [index, mu] + ([] if nuisance is None else [nuisance])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             world = torch.distributed.get_world_size()
-            idx_all = [torch.empty_like(index) for _ in range(world)]
-            mu_all = [torch.empty_like(mu) for _ in range(world)]
-            torch.distributed.all_gather(idx_all, index)
-            torch.distributed.all_gather(mu_all, mu.contiguous())
-            index, mu = torch.cat(idx_all), torch.cat(mu_all)
-        self.z_last[index] = mu.to(self.z_last.dtype)
+            gathered = []
+            for x in parts:
+                xs = [torch.empty_like(x) for _ in range(world)]
+                torch.distributed.all_gather(xs, x.contiguous())
+                gathered.append(torch.cat(xs))
+            parts = gathered
+        index = parts[0]
+        self.z_last[index] = parts[1].to(self.z_last.dtype)
         self.z_seen[index] = True
+        if nuisance is not None:
+            self.nuisance[index] = parts[2].to(self.nuisance.dtype)
 
     def _standardise(self, images: Tensor) -> tuple[Tensor, Tensor]:
         """Images (B, 1, D, D) -> zero mean, unit variance per image; and the std (B, 1, 1, 1)."""
@@ -376,12 +411,30 @@ class AtomVAE(nn.Module):
         return R, shift
 
     def render(self, coords: Tensor, R: Tensor, shift: Tensor, ctf: Tensor, index: Tensor | None = None,
-               step: int | None = None) -> Tensor:
-        """Model images (B, 1, D, D): projection of ``coords`` (B, N, 3), CTF, scale (and the curriculum)."""
+               step: int | None = None, nuisance: Tensor | None = None) -> Tensor:
+        """Model images (B, 1, D, D): projection of ``coords`` (B, N, 3), CTF, scale (and the curriculum).
+
+        ``nuisance`` (B, 2): per-image log contrast and B-factor (Å²), applied as ``exp(c - B k^2 / 4)``
+        in Fourier space (k in 1/Å); None: the particles' stored ones (:meth:`stored_nuisance`).
+        """
         R, shift = self.pose(R, shift, index)
         proj = project(coords, self.amplitudes, self.sigmas, R, self.apix, self.box, shift)
         c = ctf_2d(CTFParams.from_tensor(ctf), self.box, self.apix, dtype=proj.dtype, device=proj.device)
-        return torch.exp(self.log_scale) * fourier_filter(proj, self.apix, None, c * self.lowpass(step))
+        c = c * self.lowpass(step) * self.envelope(self.stored_nuisance(index) if nuisance is None else nuisance)
+        return torch.exp(self.log_scale) * fourier_filter(proj, self.apix, None, c)
+
+    def stored_nuisance(self, index: Tensor | None) -> Tensor | None:
+        """The particles' latest (log contrast, B-factor) (B, 2), or None (no index, or ``particle_nuisance`` off)."""
+        if index is None or not self.cfg.particle_nuisance or self.cfg.posterior != "laplace":
+            return None
+        return self.nuisance[index]
+
+    def envelope(self, nuisance: Tensor | None) -> Tensor | float:
+        """``exp(c - B k^2 / 4)`` (B, D, D//2+1) of per-image nuisance (B, 2) = (c, B Å²); 1 for None."""
+        if nuisance is None:
+            return 1.0
+        nu = nuisance.to(self.k2.dtype)
+        return torch.exp(nu[:, :1, None] - nu[:, 1:, None] * self.k2 / 4)
 
     def lowpass(self, step: int | None) -> Tensor | float:
         """Soft low-pass filter (D, D//2+1) of the resolution curriculum at ``step`` (1 when off or done)."""
@@ -430,21 +483,21 @@ class AtomVAE(nn.Module):
         batch = self.with_poses(batch)
         c = self.cfg
         mu, logvar = self._encode(batch)
-        enc_fit = None
+        enc_fit, nuisance = None, None
         if c.posterior == "laplace":  # the encoder learns to predict the Laplace posterior it starts from
             mu_enc, logvar_enc = mu, logvar
-            mu, precision = self.laplace(batch, self.warm_start(batch, mu_enc.detach()))
+            mu, precision, nuisance = self.laplace(batch, self.warm_start(batch, mu_enc.detach()))
             z, kl = sample_precision(mu, precision, self.prior_var)
             cov = torch.linalg.inv(precision)
             logvar = cov.diagonal(dim1=-2, dim2=-1).log()
             if self.training:
                 self._accumulate(mu, cov)
-                self._remember(batch, mu)
+                self._remember(batch, mu, nuisance)
             enc_fit = -gaussian_log_likelihood(mu, mu_enc, torch.exp(0.5 * logvar_enc)).mean()
         else:
             z, kl = reparameterize(mu, logvar), gaussian_kl(mu, logvar)
         coords = self.decode(z)
-        model = self.render(coords, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"), step)
+        model = self.render(coords, batch["R"], batch["shift_A"], batch["ctf"], batch.get("index"), step, nuisance)
         rec_i = self.reconstruction(img, model, step)
         rec = rec_i.mean()
         kl = kl.mean()
@@ -593,6 +646,9 @@ class AtomVAE(nn.Module):
     def run_settings(self) -> dict:
         """The settings the trainer records (config.json, checkpoint): ``{"model": AtomVAEConfig fields}``."""
         return {"model": asdict(self.cfg)}
+
+
+NUISANCE_STD = (0.3, 50.0)  # prior std of a particle's log contrast and B-factor (Å²), see AtomVAE.laplace
 
 
 def sample_precision(mu: Tensor, precision: Tensor, prior_var: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -1,6 +1,7 @@
 """The atom VAE: starts at the starting model, recovers the image scale, and learns a 1-D motion."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -142,7 +143,7 @@ def test_laplace_posterior_matches_the_exact_posterior():
     variance (the posterior is close to Gaussian here)."""
     torch.manual_seed(0)
     batch, u, x0, bonds = toy_data(n=6, snr=1.0)
-    model = make_model(x0, bonds, 1.0, posterior="laplace", gn_steps=8)
+    model = make_model(x0, bonds, 1.0, posterior="laplace", gn_steps=8, particle_nuisance=False)
     torch.nn.init.normal_(model.decoder.out.weight, std=0.02 / model.decoder.scale)  # z moves atoms ~0.3 Å
     model.init_scale(batch)
     with torch.no_grad():
@@ -151,7 +152,7 @@ def test_laplace_posterior_matches_the_exact_posterior():
         sigma = 0.2 * clean.std()
         model.noise_sigma.fill_(sigma)
         batch["image"] = clean + sigma * torch.randn_like(clean)
-        mu, precision = model.laplace(batch, torch.zeros(6, 1))
+        mu, precision, _ = model.laplace(batch, torch.zeros(6, 1))
         grid = torch.linspace(-3, 3, 601)
         nll = []
         for zg in grid:  # -log posterior on the grid, per particle
@@ -167,6 +168,38 @@ def test_laplace_posterior_matches_the_exact_posterior():
     # Gauss-Newton drops the residual's curvature term, so its variance is close, not exact
     torch.testing.assert_close(1 / precision[:, 0, 0], var, rtol=0.3, atol=0)
     assert (var < 0.05).all()  # the data are informative: the posterior is much narrower than the prior
+
+
+def test_laplace_recovers_each_particles_contrast_and_bfactor_with_its_latent():
+    """Images made by the model at z = 0.7 and then given a known contrast and B-factor each (their Fourier
+    transform times exp(c - B k^2 / 4), k in 1/Å, as cryo-EM's B-factor convention): the Gauss-Newton steps
+    recover c, B and z together, and the run stores them per particle; without the nuisance, z absorbs them."""
+    torch.manual_seed(0)
+    batch, u, x0, bonds = toy_data(n=6, snr=1.0)
+    model = make_model(x0, bonds, 1.0, posterior="laplace", gn_steps=10)
+    torch.nn.init.normal_(model.decoder.out.weight, std=0.02 / model.decoder.scale)
+    model.init_scale(batch)
+    c_true = torch.tensor([-0.25, -0.1, 0.0, 0.1, 0.2, 0.3])
+    b_true = torch.tensor([0.0, 40.0, -20.0, 60.0, 10.0, 25.0])
+    with torch.no_grad():
+        clean = model.render(model.decode(torch.full((6, 1), 0.7)), batch["R"], batch["shift_A"], batch["ctf"])
+        k2 = (torch.fft.fftfreq(BOX, d=APIX)[:, None] ** 2 + torch.fft.rfftfreq(BOX, d=APIX)[None] ** 2)
+        env = torch.exp(c_true[:, None, None] - b_true[:, None, None] * k2 / 4)
+        blurred = torch.fft.irfft2(torch.fft.rfft2(clean[:, 0]) * env, s=(BOX, BOX))[:, None]
+        model.noise_sigma.fill_(0.02 * clean.std())
+        batch["image"] = blurred + model.noise_sigma * torch.randn_like(blurred)
+        z, precision, nu = model.laplace(batch, torch.zeros(6, 1))
+        off = AtomVAE(replace(model.cfg, particle_nuisance=False), x0, torch.ones(40), torch.full((40,), 2.0), bonds,
+                      BOX, APIX, 256, 1.0)
+        off.load_state_dict(model.state_dict())
+        z_off, _, nu_off = off.laplace(batch, torch.zeros(6, 1))
+    torch.testing.assert_close(nu[:, 0], c_true, atol=0.01, rtol=0)
+    torch.testing.assert_close(nu[:, 1], b_true, atol=2.0, rtol=0)
+    torch.testing.assert_close(z[:, 0], torch.full((6,), 0.7), atol=0.05, rtol=0)
+    assert nu_off is None and (z_off[:, 0] - 0.7).abs().max() > 0.2
+    model.train()
+    model.loss(batch, 0)  # a training step stores each particle's nuisance for its next visit
+    assert model.nuisance[:6].abs().sum() > 0 and not model.nuisance[6:].any()
 
 
 def test_active_units_and_encoder_pooling():
@@ -218,7 +251,7 @@ def test_whiten_keeps_the_decoded_models_and_aligns_the_latent_with_structural_c
         clean = model.render(model.decode(z_true), batch["R"], batch["shift_A"], batch["ctf"])
         model.noise_sigma.fill_(0.002 * clean.std())
         batch["image"] = clean + model.noise_sigma * torch.randn_like(clean)
-        mu, A = model.laplace(batch, z_true)
+        mu, A, _ = model.laplace(batch, z_true)
         agg = torch.cov(mu.T, correction=0) + torch.linalg.inv(A).mean(0)
         enc_before = model._encode(batch)[0]
         models_before = model.decode(mu)
@@ -234,7 +267,7 @@ def test_whiten_keeps_the_decoded_models_and_aligns_the_latent_with_structural_c
         M = torch.linalg.lstsq(X, model.z_last).solution
         torch.testing.assert_close(model._encode(batch)[0], torch.cat([enc_before, torch.ones(256, 1)], 1) @ M,
                                    atol=1e-4, rtol=1e-4)
-        mu2, A2 = model.laplace(batch, model.z_last)
+        mu2, A2, _ = model.laplace(batch, model.z_last)
         agg2 = torch.cov(mu2.T, correction=0) + torch.linalg.inv(A2).mean(0)
         # mean squared atom displacement per unit step along each latent axis, by central differences
         h, msd = 1e-2, []
@@ -257,7 +290,7 @@ def test_warm_starts_converge_to_the_posterior_mode():
     step from 0 does not."""
     torch.manual_seed(0)
     batch, u, x0, bonds = toy_data(n=6, snr=1.0)
-    model = make_model(x0, bonds, 1.0, posterior="laplace", whiten_every=0)
+    model = make_model(x0, bonds, 1.0, posterior="laplace", whiten_every=0, particle_nuisance=False)
     torch.nn.init.normal_(model.decoder.out.weight, std=0.1 / model.decoder.scale)  # non-linear in z
     model.init_scale(batch)
     model.prior_var.fill_(2.0)  # the prior N(0, 2)
@@ -269,7 +302,7 @@ def test_warm_starts_converge_to_the_posterior_mode():
         nll = torch.stack([model.reconstruction(batch["image"], model.render(model.decode(zg.expand(6, 1)), batch["R"],
                            batch["shift_A"], batch["ctf"]), None) + zg**2 / 4 for zg in grid], 1)
         mode = grid[nll.argmin(1)]
-        one_step, _ = model.laplace(batch, torch.zeros(6, 1))
+        one_step, _, _ = model.laplace(batch, torch.zeros(6, 1))
         model.encoder.head.weight.zero_()
         model.encoder.head.bias.zero_()  # the encoder guesses 0
         model.train()
