@@ -198,6 +198,18 @@ def bench_nerf(repeats: int) -> None:
 
 
 # ------------------------------------------------------------------------ Gaussian
+def _atoms_in_a_ball(N: int, B: int, box: int, ps: float, seed: int) -> tuple[torch.Tensor, Camera]:
+    """N atom centres (N, 3) uniform in a ball of radius 0.3 box (world units, requiring grad) and B random
+    cryo-EM cameras of ``box`` px at ``ps`` world units per px."""
+    from renderers.cameras import axis_angle_to_matrix
+
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(N, 3, generator=g)
+    centers = u / u.norm(dim=-1, keepdim=True) * torch.rand(N, 1, generator=g) ** (1 / 3) * 0.3 * box * ps
+    cam = Camera.from_pose(axis_angle_to_matrix(torch.randn(B, 3, generator=g)), torch.zeros(B, 2), ps, box)
+    return centers.requires_grad_(), cam
+
+
 def bench_gaussian(repeats: int) -> None:
     for box in (64, 128):
         bench_gaussian_box(box, repeats)
@@ -205,15 +217,10 @@ def bench_gaussian(repeats: int) -> None:
 
 def bench_gaussian_box(box: int, repeats: int, N: int = 2000, B: int = 64, ps: float = 1.0,
                        sigma: float = 2.0) -> None:
-    from renderers.cameras import axis_angle_to_matrix
     from renderers.gaussian import gaussian_density_map, gaussian_projection
     from renderers.voxel import VoxelRenderer
 
-    g = torch.Generator().manual_seed(box)
-    u = torch.randn(N, 3, generator=g)
-    centers = u / u.norm(dim=-1, keepdim=True) * torch.rand(N, 1, generator=g) ** (1 / 3) * 0.3 * box * ps
-    centers.requires_grad_()
-    cam = Camera.from_pose(axis_angle_to_matrix(torch.randn(B, 3, generator=g)), torch.zeros(B, 2), ps, box)
+    centers, cam = _atoms_in_a_ball(N, B, box, ps, seed=box)
     voxel = VoxelRenderer("projection", n_samples=box, size=box * ps, center=(box / 2 - box // 2 - 0.5) * ps)
 
     def gauss():
@@ -242,14 +249,9 @@ def bench_splat(repeats: int) -> None:
 
 def bench_splat_case(B: int, repeats: int, bwd_repeats: int, N: int = 5892, box: int = 64, ps: float = 2.0,
                      sigma: float = 1.0) -> None:
-    from renderers.cameras import axis_angle_to_matrix
     from renderers.gaussian import gaussian_projection
 
-    g = torch.Generator().manual_seed(B)
-    u = torch.randn(N, 3, generator=g)
-    centers = u / u.norm(dim=-1, keepdim=True) * torch.rand(N, 1, generator=g) ** (1 / 3) * 0.3 * box * ps
-    centers.requires_grad_()
-    cam = Camera.from_pose(axis_angle_to_matrix(torch.randn(B, 3, generator=g)), torch.zeros(B, 2), ps, box)
+    centers, cam = _atoms_in_a_ball(N, B, box, ps, seed=B)
 
     def numba():
         return gaussian_projection(centers, 1.0, sigma, cam, backend="numba")

@@ -251,7 +251,6 @@ class _NumbaSplat(torch.autograd.Function):
         args = tuple(x.detach().contiguous() for x in (uv, width, weight))
         out = uv.new_zeros(uv.shape[0], *size)
         kernels = _splat_kernels()
-        kernels.use_threads(torch.get_num_threads())
         kernels.splat_forward(*(x.numpy() for x in args), tail, out.numpy())
         ctx.save_for_backward(*args)
         ctx.tail = tail
@@ -263,7 +262,6 @@ class _NumbaSplat(torch.autograd.Function):
         uv, width, weight = ctx.saved_tensors
         grad_uv, grad_weight = torch.empty_like(uv), torch.empty_like(weight)
         kernels = _splat_kernels()
-        kernels.use_threads(torch.get_num_threads())
         kernels.splat_backward(uv.numpy(), width.numpy(), weight.numpy(), ctx.tail, grad.contiguous().numpy(),
                                grad_uv.numpy(), grad_weight.numpy())
         return grad_uv, None, grad_weight, None, None

@@ -10,8 +10,11 @@ spans ``[j, j + 1)``, x = column, y = row), widths ``width[b, n] = (s_x, s_y)`` 
 Only the cells that meet ``[u - tail s, u + tail s]`` and lie inside the image are evaluated (the mass beyond
 ``tail`` widths is below the working precision), so a Gaussian costs about ``(2 tail s_x + 1) (2 tail s_y + 1)``
 multiply-adds and ``2 tail (s_x + s_y) + 4`` erf calls, whatever the image size. Arithmetic is float64 for
-every input dtype; images are accumulated in the output's dtype. Images are independent, so the loops over
-them run in parallel on numba's threads (:func:`use_threads`) with no shared writes.
+every input dtype; images are accumulated in the output's dtype.
+
+The kernels run on the calling thread only. Measured: numba's OpenMP pool, even when told to use one thread,
+kept a second core busy (1.7 CPU-seconds per second), so two single-thread training runs on a 2-core
+machine each ran at half speed; a parallel loop gained little over torch's own threads anyway.
 """
 
 from __future__ import annotations
@@ -29,11 +32,6 @@ _DPDF = 2.0 / math.sqrt(math.pi)  # d erf(z) / dz = _DPDF exp(-z^2)
 def window_size(width: np.ndarray, tail: float) -> int:
     """The most cells that any window of ``width`` (B, N, 2) pixels meets."""
     return int(math.floor(2.0 * tail * width.max())) + 2
-
-
-def use_threads(n: int) -> None:
-    """Run the kernels on ``n`` threads (at most numba's pool), e.g. ``torch.get_num_threads()``."""
-    numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
 @numba.njit(cache=True, nogil=True)
@@ -65,13 +63,13 @@ def _window(u: float, s: float, tail: float, n: int, vals: np.ndarray, dvals: np
     return lo, hi - lo
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True)
 def splat_forward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: float, out: np.ndarray) -> None:
     """Add every Gaussian's window into ``out`` (B, H, W), zeroed by the caller; see the module docstring."""
     B, N = weight.shape
     H, W = out.shape[1], out.shape[2]
     K = window_size(width, tail)
-    for b in numba.prange(B):
+    for b in range(B):
         X = np.empty(K)
         Y = np.empty(K)
         for n in range(N):
@@ -86,7 +84,7 @@ def splat_forward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: f
                     out[b, y0 + i, x0 + j] += ay * X[j]
 
 
-@numba.njit(cache=True, nogil=True, parallel=True)
+@numba.njit(cache=True, nogil=True)
 def splat_backward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: float, grad: np.ndarray,
                    grad_uv: np.ndarray, grad_weight: np.ndarray) -> None:
     """Gradients of ``sum(grad * image)`` with respect to ``uv`` (into ``grad_uv`` (B, N, 2)) and ``weight``
@@ -94,7 +92,7 @@ def splat_backward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: 
     B, N = weight.shape
     H, W = grad.shape[1], grad.shape[2]
     K = window_size(width, tail)
-    for b in numba.prange(B):
+    for b in range(B):
         X, dX, Y, dY = np.empty(K), np.empty(K), np.empty(K), np.empty(K)
         for n in range(N):
             x0, nx = _window(uv[b, n, 0], width[b, n, 0], tail, W, X, dX, True)

@@ -245,15 +245,3 @@ def test_auto_backend_choice_and_refusals():
         gaussian_projection(centers, amps, sigmas, cam, backend="cuda")
     img = GaussianProjector(backend="numba")(centers, amps, sigmas, cam)
     torch.testing.assert_close(img, gaussian_projection(centers, amps, sigmas, cam, "torch"), rtol=0, atol=1e-6)
-
-
-def test_numba_uses_torchs_thread_count():
-    numba = pytest.importorskip("numba")
-    centers, amps, sigmas, cam = splat_scene(B=2)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        gaussian_projection(centers, amps, sigmas, cam, backend="numba")
-        assert numba.get_num_threads() == 1
-    finally:
-        torch.set_num_threads(before)
