@@ -251,7 +251,7 @@ class _NumbaSplat(torch.autograd.Function):
         args = tuple(x.detach().contiguous() for x in (uv, width, weight))
         out = uv.new_zeros(uv.shape[0], *size)
         kernels = _splat_kernels()
-        kernels.splat_forward(*(x.numpy() for x in args), tail, out.numpy())
+        kernels.splat_forward(*(x.numpy() for x in args), tail, out.numpy(), out.dtype == torch.float32)
         ctx.save_for_backward(*args)
         ctx.tail = tail
         return out

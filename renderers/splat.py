@@ -34,13 +34,31 @@ def window_size(width: np.ndarray, tail: float) -> int:
     return int(math.floor(2.0 * tail * width.max())) + 2
 
 
+# Abramowitz & Stegun 7.1.28: erf(x) = 1 - (1 + a1 x + ... + a6 x^6)^-16 for x >= 0, |error| <= 3e-7
+_AS = (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def erf_fast(x: float) -> float:
+    """erf to 3e-7 (absolute) without a transcendental call, for float32 images (their precision is 6e-8
+    relative to the pixel, and every pixel sums several differences): ~3x cheaper than ``math.erf``."""
+    a = abs(x)
+    p = 1.0 + a * (_AS[0] + a * (_AS[1] + a * (_AS[2] + a * (_AS[3] + a * (_AS[4] + a * _AS[5])))))
+    p2 = p * p
+    p4 = p2 * p2
+    p8 = p4 * p4
+    e = 1.0 - 1.0 / (p8 * p8)
+    return e if x >= 0.0 else -e
+
+
 @numba.njit(cache=True, nogil=True)
-def _window(u: float, s: float, tail: float, n: int, vals: np.ndarray, dvals: np.ndarray, deriv: bool
-            ) -> tuple[int, int]:
+def _window(u: float, s: float, tail: float, n: int, vals: np.ndarray, dvals: np.ndarray, deriv: bool,
+            fast: bool = False) -> tuple[int, int]:
     """Erf differences of one 1-D Gaussian (centre ``u``, width ``s`` px) on its cells inside ``[0, n)``.
 
     Writes ``vals[k]`` for cells ``lo + k``, k < count, and with ``deriv`` their derivatives with respect to
-    ``u`` into ``dvals``; returns ``(lo, count)`` (count 0: the window misses the image).
+    ``u`` into ``dvals``; returns ``(lo, count)`` (count 0: the window misses the image). ``fast``: the values
+    with :func:`erf_fast` (float32 images).
     """
     r = tail * s
     if u + r <= 0.0 or u - r >= n:
@@ -49,11 +67,11 @@ def _window(u: float, s: float, tail: float, n: int, vals: np.ndarray, dvals: np
     hi = int(min(math.floor(u + r) + 1.0, float(n)))
     inv = _SQRT1_2 / s
     z = (lo - u) * inv
-    cdf = math.erf(z)
+    cdf = erf_fast(z) if fast else math.erf(z)
     pdf = math.exp(-z * z) if deriv else 0.0
     for k in range(hi - lo):
         z = (lo + k + 1 - u) * inv
-        c = math.erf(z)
+        c = erf_fast(z) if fast else math.erf(z)
         vals[k] = c - cdf
         cdf = c
         if deriv:
@@ -64,8 +82,10 @@ def _window(u: float, s: float, tail: float, n: int, vals: np.ndarray, dvals: np
 
 
 @numba.njit(cache=True, nogil=True)
-def splat_forward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: float, out: np.ndarray) -> None:
-    """Add every Gaussian's window into ``out`` (B, H, W), zeroed by the caller; see the module docstring."""
+def splat_forward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: float, out: np.ndarray,
+                  fast: bool = False) -> None:
+    """Add every Gaussian's window into ``out`` (B, H, W), zeroed by the caller; see the module docstring.
+    ``fast``: erf values from :func:`erf_fast` (for float32 images)."""
     B, N = weight.shape
     H, W = out.shape[1], out.shape[2]
     K = window_size(width, tail)
@@ -76,8 +96,8 @@ def splat_forward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: f
             a = weight[b, n]
             if a == 0.0:
                 continue
-            x0, nx = _window(uv[b, n, 0], width[b, n, 0], tail, W, X, X, False)
-            y0, ny = _window(uv[b, n, 1], width[b, n, 1], tail, H, Y, Y, False)
+            x0, nx = _window(uv[b, n, 0], width[b, n, 0], tail, W, X, X, False, fast)
+            y0, ny = _window(uv[b, n, 1], width[b, n, 1], tail, H, Y, Y, False, fast)
             for i in range(ny):
                 ay = a * Y[i]
                 for j in range(nx):

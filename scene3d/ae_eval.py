@@ -69,7 +69,7 @@ def surface(model: SceneAE, state: dict, level: float | None = None) -> tuple[Te
 
 
 # ---------------------------------------------------------------------- metrics
-def image_metrics(pred: Tensor, target: Tensor, background) -> dict[str, float]:
+def mean_image_metrics(pred: Tensor, target: Tensor, background) -> dict[str, float]:
     """Means of ``scene3d.metrics.image_metrics`` (PSNR, masked PSNR, SSIM) over (N, 3, H, W) images."""
     from scene3d import metrics
 
@@ -166,7 +166,7 @@ def evaluate(model: SceneAE, dataset: MultiViewDataset, root: str | Path, contex
             state = decode_scene(model, dataset, i, k)
             imgs, cams = scene_views(dataset, i, model.cfg.image_size)
             pred = model.render(state, cams[q_idx], queries).clamp(0, 1)
-            row = image_metrics(pred, imgs[0, q_idx], bg)
+            row = mean_image_metrics(pred, imgs[0, q_idx], bg)
             if dataset.occupancy is not None:
                 row["iou"] = float(voxel_iou(predicted_occupancy(model, state, gt_occupancy(dataset, i).shape[-1])[0],
                                              gt_occupancy(dataset, i)))
@@ -241,7 +241,7 @@ def score_test_views(model: SceneAE, test: MultiViewDataset, strip: Path | None 
     model.train()
     if strip is not None:
         save_strip(pred[:6], imgs[0, :6], strip)
-    return image_metrics(pred, imgs[0], model.cfg.background)
+    return mean_image_metrics(pred, imgs[0], model.cfg.background)
 
 
 def save_strip(pred: Tensor, target: Tensor, path: Path) -> None:
