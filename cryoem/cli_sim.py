@@ -15,7 +15,8 @@ GT_HELP = """ground_truth.npz holds, per particle in stack order: model_index (e
 in [0, 1]) or hinge_t (N, hinges) in [0, 1]; model_labels, the label of each model of gt_models.pdb;
 R (N, 3, 3), RELION's A (map -> projection frame); shift_A (N, 2), Plato's shift (the
 particle centre sits at pixel box//2 + shift_A / apix; the STAR file's rlnOriginXYAngst = -shift_A);
-ctf (N, 9) in the order of ctf_fields (radians); noise_sigma (N,); plus pixel_size and snr."""
+ctf (N, 9) in the order of ctf_fields (radians); noise_sigma (N,); particle_bfactor (N,), the extra
+B-factor of --particle-bfactor in Å²; plus pixel_size and snr."""
 
 
 def add_subcommands(sub) -> None:

@@ -216,7 +216,8 @@ def random_ctf(n: int, g: torch.Generator, defocus_um: tuple[float, float], asti
 
 @dataclass
 class SimulationResult:
-    """Images (n, D, D) float32 and per-particle ground truth (labels, R, shift_A, ctf, noise_sigma)."""
+    """Images (n, D, D) float32 and per-particle ground truth (labels, R, shift_A, ctf, noise_sigma, and the
+    extra B-factor ``bfactor`` (n,) Å²)."""
 
     images: np.ndarray
     labels: np.ndarray
@@ -225,6 +226,7 @@ class SimulationResult:
     ctf: CTFParams
     noise_sigma: np.ndarray
     clean: np.ndarray | None = None
+    bfactor: np.ndarray | None = None
 
 
 def simulate(conf: Conformations, n: int, box: int = 64, pixel_size: float = 2.0, snr: float | None = 0.1,
@@ -258,7 +260,8 @@ def simulate(conf: Conformations, n: int, box: int = 64, pixel_size: float = 2.0
     shift_A = shift_px * pixel_size
     ctf = random_ctf(n, g, defocus_um)
     b_lo, b_hi = bfactor_range
-    extra_var = (b_lo + (b_hi - b_lo) * torch.rand(n, 1, generator=g, dtype=torch.float64)) / (8 * math.pi**2)
+    bfactor = b_lo + (b_hi - b_lo) * torch.rand(n, 1, generator=g, dtype=torch.float64)
+    extra_var = bfactor / (8 * math.pi**2)
     images = np.empty((n, box, box), dtype=np.float32)
     clean = np.empty((n, box, box), dtype=np.float32) if keep_clean else None
     sigma = np.zeros(n, dtype=np.float64)
@@ -275,7 +278,8 @@ def simulate(conf: Conformations, n: int, box: int = 64, pixel_size: float = 2.0
             sigma[sl] = sd.double().numpy()
         images[sl] = img[:, 0].numpy()
         bar(sl.stop)
-    return SimulationResult(images, labels.numpy(), R.numpy(), shift_A.numpy(), ctf, sigma, clean)
+    return SimulationResult(images, labels.numpy(), R.numpy(), shift_A.numpy(), ctf, sigma, clean,
+                            bfactor[:, 0].numpy())
 
 
 def _progress(n: int, enabled: bool):
@@ -301,6 +305,8 @@ def ground_truth_arrays(res: SimulationResult, conf: Conformations, pixel_size: 
     out = {"R": res.R, "shift_A": res.shift_A, "ctf": res.ctf.as_tensor().numpy(),
            "ctf_fields": np.array(CTF_FIELDS), "noise_sigma": res.noise_sigma,
            "pixel_size": np.float64(pixel_size), "snr": np.float64(np.nan if snr is None else snr)}
+    if res.bfactor is not None:
+        out["particle_bfactor"] = res.bfactor
     if conf.mode == "ensemble":
         out["model_index"] = res.labels.astype(np.int64)
     elif conf.mode == "hinge":

@@ -1,6 +1,7 @@
 """The simulator and `cryoem simulate`: outputs, ground truth, morphs, bad input."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -50,6 +51,19 @@ def test_clean_images_equal_image_formation_from_ground_truth():
     noisy = simulate(conf, 6, box=48, pixel_size=1.5, snr=0.5, seed=1, progress=False)
     snr = res.images.var(axis=(1, 2)) / (noisy.images - res.images).var(axis=(1, 2))
     assert snr.mean() == pytest.approx(0.5, rel=0.15)
+
+
+def test_particle_bfactor_is_recorded_and_is_the_one_each_image_was_made_with():
+    """``particle_bfactor`` (ground truth) is the extra B of each image: rendering the atoms with
+    sigma^2 + B / (8 pi^2) at that B gives the clean image back; the values lie in the asked range."""
+    s = read_structure(DATA / "1ubi.pdb").select("heavy")
+    conf = ensemble_conformations(s)
+    res = simulate(conf, 6, box=48, pixel_size=1.5, snr=None, seed=2, progress=False, bfactor_range=(10.0, 80.0))
+    assert res.bfactor.shape == (6,) and ((res.bfactor >= 10) & (res.bfactor <= 80)).all() and res.bfactor.std() > 5
+    sig = (conf.sigmas.double()[None] ** 2 + torch.as_tensor(res.bfactor)[:, None] / (8 * math.pi**2)).sqrt().float()
+    again = ImageFormation(48, 1.5)(conf.states[0], conf.amplitudes, sig, torch.as_tensor(res.R).float(),
+                                    torch.as_tensor(res.shift_A).float(), res.ctf)
+    assert torch.allclose(again[:, 0], torch.as_tensor(res.images), atol=1e-4 * float(np.abs(res.images).max()))
 
 
 def test_poses_are_uniform_on_so3():
