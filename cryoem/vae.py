@@ -271,6 +271,7 @@ class AtomVAE(nn.Module):
         steps = 0.01 * self.prior_var.to(z.dtype).sqrt()  # 0.01 of the prior's std (float32: still ~1e-4 precise)
         rep = {k: batch[k].repeat_interleave(K + 1, 0) for k in ("R", "shift_A", "ctf")}
         index = batch.get("index")
+        index_rep = None if index is None else index.repeat_interleave(K + 1, 0)
         nu = self.stored_nuisance(index)
         prec = 1 / self.prior_var.to(z.dtype)
         if nu is not None:
@@ -280,10 +281,9 @@ class AtomVAE(nn.Module):
         A = P
         for _ in range(max(1, self.cfg.gn_steps)):
             zz = torch.cat([z[:, None], z[:, None] + torch.diag(steps)], 1).reshape(B * (K + 1), K)
-            nn_ = None if nu is None else nu.repeat_interleave(K + 1, 0)
-            index_r = None if index is None else index.repeat_interleave(K + 1, 0)
-            m = self.render(self.decode(zz), rep["R"], rep["shift_A"], rep["ctf"], index_r,
-                            nuisance=nn_).reshape(B, K + 1, -1)
+            nu_rep = None if nu is None else nu.repeat_interleave(K + 1, 0)
+            m = self.render(self.decode(zz), rep["R"], rep["shift_A"], rep["ctf"], index_rep,
+                            nuisance=nu_rep).reshape(B, K + 1, -1)
             J = (m[:, 1:] - m[:, :1]) / steps[:, None]
             theta = z if nu is None else torch.cat([z, nu.to(z.dtype)], 1)
             if nu is not None:
