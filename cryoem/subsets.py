@@ -39,7 +39,8 @@ from cryoem.formats.cryosparc import read_cs, write_cs
 from cryoem.formats.star import read_star, star_rows, write_star_rows
 from plato_core.runinfo import UserError, read_json
 
-__all__ = ["Original", "trace_original", "write_subset", "selection_mask", "select"]
+__all__ = ["Original", "trace_original", "run_original", "write_subset", "write_selection", "selection_mask",
+           "select"]
 
 
 # ----------------------------------------------------------------------------- the subset
@@ -152,19 +153,23 @@ def trace_original(particles: str | Path, source: str | Path | None = None) -> O
 
 def _has_row_column(path: Path) -> bool:
     """Whether a STAR file's particle block has the ``rlnPlatoSourceRow`` column (reads only the headers)."""
-    if path.suffix.lower() != ".star":
-        return False
-    labels: set[str] = set()
+    return path.suffix.lower() == ".star" and ROW_COLUMN in star_particle_labels(path)
+
+
+def star_particle_labels(path: str | Path) -> list[str]:
+    """The column names (without ``_``) of a STAR file's particle block, the first loop with ``_rlnImageName``;
+    reads only up to its first row. [] when there is none."""
+    labels: list[str] = []
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             s = line.strip()
             if s.startswith("_"):
-                labels.add(s.split()[0])
+                labels.append(s.split()[0][1:])
             elif s.startswith("loop_"):
-                labels = set()
-            elif s and not s.startswith(("#", "data_")) and "_rlnImageName" in labels:  # the particle block's row 1
-                return f"_{ROW_COLUMN}" in labels
-    return False
+                labels = []
+            elif s and not s.startswith(("#", "data_")) and "rlnImageName" in labels:  # the particle block's row 1
+                return labels
+    return []
 
 
 # ----------------------------------------------------------------------------- selections on the run's particles
@@ -305,6 +310,40 @@ def _outputs(out: Path, groups: dict, per_cluster: bool) -> list[tuple[Path, np.
     return [(out.with_name(f"{out.stem}_cluster{c:02d}{out.suffix}"), idx) for c, idx in groups.items()]
 
 
+def run_original(run: str | Path, n: int, particles: str | None = None, datadir: str | None = None,
+                 source: str | None = None) -> Original:
+    """The original .star / .cs of a run whose ``analysis/latents.npy`` holds ``n`` particles, checked to have
+    ``n`` rows (``particles`` / ``datadir`` / ``source``: where the data are now, when they have moved)."""
+    orig = trace_original(run_particles(Path(run), particles, datadir), source)
+    if len(orig.rows) != n:
+        raise UserError(f"{orig.chain[0]}: {len(orig.rows)} particles, but {Path(run) / 'analysis' / 'latents.npy'} "
+                        f"has {n}; give the run's particles (--particles) or re-run cryoem analyze")
+    return orig
+
+
+def _check_format(orig: Original, out: Path) -> None:
+    fmt = orig.path.suffix.lower()
+    if out.suffix.lower() != fmt:
+        raise UserError(f"--out {out}: the original particles are {orig.path} ({fmt}); the subset is written in "
+                        f"the same format, so --out must end in {fmt}")
+
+
+def write_selection(orig: Original, idx: np.ndarray, out: str | Path, overwrite: bool = False) -> int:
+    """Write the run's particles ``idx`` (0-based, latents order) as a subset of the original file ``orig`` to
+    ``out`` (same format), after checking ``out``; returns the number of particles written. ``cryoem select``
+    and ``cryoem explore`` both write through here."""
+    out = Path(out)
+    idx = np.unique(np.asarray(idx, dtype=np.int64))
+    if not len(idx):
+        raise UserError("the selection holds no particles; nothing written")
+    if idx[0] < 0 or idx[-1] >= len(orig.rows):
+        raise UserError(f"selection: particle indices must lie in 0..{len(orig.rows) - 1}")
+    _check_format(orig, out)
+    _check_outputs([out], orig, overwrite)
+    write_subset(orig.path, orig.rows[idx], out)
+    return len(idx)
+
+
 def _check_outputs(outs: list[Path], orig: Original, overwrite: bool) -> None:
     chain = {os.path.realpath(p) for p in orig.chain}
     for o in outs:
@@ -332,14 +371,8 @@ def select(run: str | Path, out: str | Path, *, clusters: str | None = None, ind
         raise UserError("give one selection: --clusters, --indices, --pc or --polygon (or --per-cluster alone)")
     analysis = run / "analysis"
     z = read_latents(analysis)
-    orig = trace_original(run_particles(run, particles, datadir), source)
-    if len(orig.rows) != len(z):
-        raise UserError(f"{orig.chain[0]}: {len(orig.rows)} particles, but {analysis / 'latents.npy'} has {len(z)}; "
-                        "give the run's particles (--particles) or re-run cryoem analyze")
-    fmt = orig.path.suffix.lower()
-    if out.suffix.lower() != fmt:
-        raise UserError(f"--out {out}: the original particles are {orig.path} ({fmt}); the subset is written in "
-                        f"the same format, so --out must end in {fmt}")
+    orig = run_original(run, len(z), particles, datadir, source)
+    _check_format(orig, out)
     mask = selection_mask(analysis, z, clusters=clusters, indices=indices, pc=pc, polygon=polygon)
     mask = ~mask if invert else mask
     if per_cluster:
@@ -350,7 +383,7 @@ def select(run: str | Path, out: str | Path, *, clusters: str | None = None, ind
     writes = [(o, idx) for o, idx in _outputs(out, groups, per_cluster) if len(idx)]
     if not writes:
         raise UserError(f"the selection holds none of the run's {len(z)} particles; nothing written")
-    _check_outputs([o for o, _ in writes], orig, overwrite)
+    _check_outputs([o for o, _ in writes], orig, overwrite)  # every output before the first is written
     for o, idx in writes:
-        write_subset(orig.path, orig.rows[idx], o)
+        write_selection(orig, idx, o, overwrite=True)
     return [(o, len(idx)) for o, idx in writes]
