@@ -1,4 +1,4 @@
-"""``cryoem train | analyze | decode | view``: the atom-VAE verbs of the cryoem command line."""
+"""``cryoem train | analyze | decode | view | explore``: the atom-VAE verbs of the cryoem command line."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ def add_subcommands(sub) -> None:
     """Register the atom-VAE subcommands on an argparse sub-parser collection."""
     _add_train(sub)
     _add_analysis(sub)
+    _add_explore(sub)
 
 
 def _add_train(sub) -> None:
@@ -69,6 +70,35 @@ def _add_analysis(sub) -> None:
     p.add_argument("--out", help="snapshot .png (a strip for several models) or .gif; omit for a window")
     p.add_argument("--size", type=int, default=320)
     p.set_defaults(func=cmd_view)
+
+
+def _add_explore(sub) -> None:
+    p = sub.add_parser("explore", help="the latent space in the browser: pick particles, see their models, save "
+                                       "selections as subsets of the original .star / .cs",
+                       description="A local web app over an analysed run (cryoem analyze RUN first). It binds "
+                                   "127.0.0.1; on a remote machine forward the port: "
+                                   "ssh -L 8050:127.0.0.1:8050 user@host")
+    p.add_argument("run")
+    p.add_argument("--port", type=int, default=8050, help="TCP port (0: any free one)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the "
+                        "network, with no password)")
+    p.add_argument("--color", action="append", default=[], metavar="FILE.npz:KEY",
+                   help="an extra per-particle column to colour by (repeatable), e.g. sim/ground_truth.npz:morph_t")
+    p.add_argument("--particles", help="the run's particles, when they have moved since training")
+    p.add_argument("--datadir", help="folder of the stacks, when they have moved since training")
+    p.add_argument("--source", help="the original file a downsampled run came from, when it has moved")
+    p.set_defaults(func=cmd_explore)
+
+
+def cmd_explore(a: argparse.Namespace) -> int:
+    from cryoem.explore import serve
+    from plato_core.runinfo import UserError
+
+    if not 0 <= a.port <= 65535:
+        raise UserError(f"--port {a.port}: expected 0..65535")
+    serve(a.run, a.host, a.port, particles=a.particles, datadir=a.datadir, source=a.source, colors=tuple(a.color))
+    return 0
 
 
 def cmd_train(a: argparse.Namespace) -> int:

@@ -6,8 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# --- Debian packages: open3d import (libusb) and headless rendering (lavapipe)
-APT_PKGS="libusb-1.0-0 mesa-vulkan-drivers libvulkan1"
+# --- Debian packages: open3d import (libusb) and headless rendering (lavapipe); chromium and its driver for
+# the browser tests of `cryoem explore` (tests/cryoem/test_explore.py, through selenium)
+APT_PKGS="libusb-1.0-0 mesa-vulkan-drivers libvulkan1 chromium chromium-driver"
 missing=""
 for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
