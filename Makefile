@@ -14,7 +14,7 @@ test-slow:
 	@V=$$(scripts/setup.sh | tail -n 1) && $$V/bin/python -m pytest -q -m slow $(PYTEST_ARGS)
 
 demo:
-	@V=$$(scripts/setup.sh | tail -n 1) && PATH=$$V/bin:$$PATH bash scripts/demo.sh
+	@V=$$(scripts/setup.sh | tail -n 1) && PATH=$$V/bin:$$PATH bash scripts/demo.sh && echo "Explore it in the browser: $$V/bin/cryoem explore $$(realpath $${OUT:-runs/demo}/run)   (then open http://127.0.0.1:8050/; from another machine: ssh -L 8050:127.0.0.1:8050 user@host)"
 
 lint:
 	@V=$$(scripts/setup.sh | tail -n 1) && $$V/bin/ruff check .

@@ -76,23 +76,66 @@ def _save(fig, path: Path) -> None:
 
 
 def write_index(folder: Path, items: list[tuple[str, str]], title: str, summary: dict,
-                warning: str | None = None) -> Path:
-    """``index.html`` showing each (file, caption): images inline, other files as links; ``warning`` on top."""
+                 warning: str | None = None, run: Path | None = None) -> Path:
+    """``index.html``, a readable report: ``warning`` on top, a table of ``summary``, the ``cryoem explore``
+    command for ``run``, then each (file, caption): images inline, other files as links. The raw ``summary``
+    follows as JSON (folded), and is also written as ``summary.json``."""
     rows = []
     for name, caption in items:
         cap = html.escape(caption)
         if name.endswith((".png", ".gif")):
-            rows.append(f'<figure><img src="{name}" style="max-width:640px"><figcaption>{cap}</figcaption></figure>')
+            rows.append(f'<figure><img src="{name}"><figcaption><b>{name}</b>: {cap}</figcaption></figure>')
         else:
-            rows.append(f'<p><a href="{name}">{html.escape(name)}</a>: {cap}</p>')
-    banner = (f"<p style='background:#fdd;border:2px solid #c00;padding:8px'>{html.escape(warning)}</p>"
-              if warning else "")
-    body = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title></head>"
-            f"<body style='font-family:sans-serif'><h1>{html.escape(title)}</h1>{banner}"
-            f"<pre>{html.escape(json.dumps(summary, indent=2))}</pre>{''.join(rows)}</body></html>")
+            rows.append(f'<li><a href="{name}">{html.escape(name)}</a>: {cap}</li>')
+    figures = "".join(r for r in rows if r.startswith("<figure"))
+    files = "".join(r for r in rows if r.startswith("<li"))
+    banner = (f"<p class='warn'>{html.escape(warning)}</p>" if warning else "")
+    explore = ""
+    if run is not None:
+        cmd = html.escape(f"cryoem explore {Path(run).resolve()}")
+        explore = (f"<h2>Explore it in the browser</h2><pre class='cmd'>{cmd}</pre><p>then open "
+                   "<a href='http://127.0.0.1:8050/'>http://127.0.0.1:8050/</a>: click a point for its atomic "
+                   "model, lasso particles and save them as a subset of the original .star / .cs. On a remote "
+                   "machine, forward the port first: <code>ssh -L 8050:127.0.0.1:8050 user@host</code>.</p>")
+    raw = html.escape(json.dumps(summary, indent=2))
+    body = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>{_STYLE}</head>"
+            f"<body><h1>{html.escape(title)}</h1>{banner}{summary_table(summary)}{explore}"
+            f"<h2>Figures</h2><div class='figs'>{figures}</div><h2>Files</h2><ul>{files}</ul>"
+            f"<details><summary>every number above, as JSON (summary.json)</summary><pre>{raw}</pre></details>"
+            "</body></html>")
+    atomic_write(folder / "summary.json", json.dumps(summary, indent=2))
     path = folder / "index.html"
     atomic_write(path, body)
     return path
+
+
+_STYLE = ("<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:1em auto;padding:0 1em;color:#222}"
+          "table{border-collapse:collapse}td,th{border-bottom:1px solid #ddd;padding:4px 10px;text-align:left;"
+          "vertical-align:top}th{color:#555;font-weight:normal}.warn{background:#fdd;border:2px solid #c00;"
+          "padding:8px}.cmd{background:#f4f4f4;padding:8px;font-size:14px}.figs{display:flex;flex-wrap:wrap;"
+          "gap:16px}figure{margin:0;max-width:520px}figure img{max-width:520px}figcaption{font-size:13px}</style>")
+
+
+def summary_table(summary: dict) -> str:
+    """The analysis summary as an HTML table of plain-language rows (numbers rounded for reading)."""
+    d = summary.get("latent_diagnostics", {})
+    rows = [("particles", f"{summary['particles']:,}"), ("atoms modelled", f"{summary['atoms']:,}"),
+            ("latent dimensions", f"{summary['zdim']} ({d.get('active_units', '?')} active)")]
+    if "spread_A" in d:
+        state = "collapsed: the decoded structures barely differ" if d.get("warning") else "in use"
+        rows.append(("latent", f"{state}; decoded atoms spread {d['spread_A']:.2f} Å (95th-percentile RMSF; "
+                               "under 0.25 Å is collapse)"))
+        rows.append(("shuffled latents cost", f"{d['shuffle_nats']:.1f} nats per particle"))
+    ev = summary.get("pca_explained_variance", [])
+    rows.append(("latent PCA, explained variance", ", ".join(f"PC{i + 1} {v:.0%}" for i, v in enumerate(ev))))
+    sizes = summary.get("cluster_sizes")
+    rows.append(("k-means clusters", f"{summary['k']}" + (f" (particles: {', '.join(map(str, sizes))})"
+                                                             if sizes else "")))
+    rows.append(("largest per-residue RMSF", f"{summary['max_residue_rmsf_A']:.2f} Å"))
+    if "max_residue_halfset_disagreement_A" in summary:
+        rows.append(("largest half-set disagreement", f"{summary['max_residue_halfset_disagreement_A']:.2f} Å"))
+    cells = "".join(f"<tr><th>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in rows)
+    return f"<table>{cells}</table>"
 
 
 # ----------------------------------------------------------------------------- the workflow
@@ -270,6 +313,7 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
     rmsf_png(out / "rmsf.png", res_rmsf, res_labels, f"per-residue RMSF of {len(sample)} decoded particles")
     items.append(("rmsf.png", "per-residue RMSF (Å) across decoded particles: where the model moves"))
     summary = {"particles": len(z), "zdim": z.shape[1], "atoms": s.n_atoms, "k": len(centres),
+               "cluster_sizes": np.bincount(labels, minlength=len(centres)).tolist(),
                "max_residue_rmsf_A": float(res_rmsf.max()),
                "pca_explained_variance": p.explained_variance_ratio_.tolist(), "latent_diagnostics": diag}
 
@@ -288,7 +332,7 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
                 ("pc1.pdb", "pc1.gif", "displacement", "the motion along latent PC1, coloured by displacement")):
             if _view(out / pdb, out / png, color):
                 items.append((png, caption))
-    write_index(out, items, f"Plato atom VAE analysis: {run}", summary, warning=diag["warning"])
+    write_index(out, items, f"Plato atom VAE analysis: {run}", summary, warning=diag["warning"], run=run)
     return out / "index.html"
 
 

@@ -323,3 +323,13 @@ def test_the_page_draws_every_particle_decodes_a_click_and_saves_a_lasso(server,
         assert "lassoed" in d.find_element("id", "sel-list").text
     finally:
         d.quit()
+
+
+def test_analyze_report_is_a_table_with_the_explore_command(run):
+    html = (run / "analysis" / "index.html").read_text()
+    summary = json.loads((run / "analysis" / "summary.json").read_text())
+    labels = np.load(run / "analysis" / "kmeans_labels.npy")
+    assert summary["particles"] == len(latents(run)) == N_PARTICLES
+    assert summary["cluster_sizes"] == np.bincount(labels).tolist()
+    assert "<table>" in html and f"<td>{N_PARTICLES:,}</td>" in html
+    assert f"cryoem explore {run.resolve()}" in html and "ssh -L 8050:127.0.0.1:8050" in html

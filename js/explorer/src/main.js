@@ -224,8 +224,8 @@ async function showModel(query, label) {
     query.body ? { method: 'POST', body: query.body } : {});
   const text = await r.text();
   await showPdb(text, label);
-  state.modelQuery = query.body ? null : query;
-  if ($('show-map').checked && state.modelQuery) await showMap();
+  state.modelQuery = query.body ? null : query; // a mean model has no single latent, so no map
+  await showMap();
   status(`${label}: ${state.lastModel.atoms} atoms, largest displacement ${fmt(state.lastModel.maxDisplacement)} Å`);
 }
 
@@ -267,7 +267,7 @@ async function showMap() {
   const buf = await (await call(`api/map?${state.modelQuery}`)).arrayBuffer();
   state.map = await stage.loadFile(new Blob([buf]), { ext: 'mrc', name: 'map' });
   state.map.addRepresentation('surface', {
-    isolevelType: 'sigma', isolevel: parseFloat($('level').value), opacity: 0.35, color: '#8899bb',
+    isolevelType: 'sigma', isolevel: parseFloat($('level').value), opacity: 0.25, color: '#8899bb',
     side: 'front', depthWrite: false,
   });
 }
@@ -350,6 +350,8 @@ async function makePath(req) {
 
 async function playPath(rec) {
   const text = await (await call(`run/${rec.pdb}`)).text();
+  state.modelQuery = null; // the path's maps are downloads (a series), not the viewer's surface
+  await showMap();
   const comp = await showPdb(text, `path ${rec.name}`, true);
   const traj = comp.addTrajectory();
   const frames = state.lastModel.models;
