@@ -103,6 +103,7 @@ function drawCentres() {
 async function loadAxes(name) {
   status(name === 'umap' ? 'computing UMAP (once; kept in RUN/explore/umap.npy)…' : `loading ${name}…`);
   state.xy = await getFloats(`api/embedding?axes=${encodeURIComponent(name)}`);
+  if (state.timings) state.timings.axesFetched = performance.now();
   state.norm = normalise(state.xy);
   state.centres = clusterCentres();
   const [a, b] = name.startsWith('pca:') ? name.slice(4).split(',') : ['1', '2'];
@@ -111,6 +112,7 @@ async function loadAxes(name) {
   $('xlabel').textContent = label(a);
   $('ylabel').textContent = label(b);
   await drawPoints();
+  if (state.timings) state.timings.pointsDrawn = performance.now();
   drawDensity();
   status(`${state.n.toLocaleString()} particles`);
 }
@@ -126,7 +128,7 @@ function clusterCentres() {
   return sum.map(([x, y, c]) => ({ x: x / (c || 1), y: y / (c || 1) }));
 }
 
-async function loadColumn(name) {
+async function loadColumn(name, redraw = true) {
   const r = await call(`api/column?name=${encodeURIComponent(name)}`);
   const values = new Float32Array(await r.arrayBuffer());
   const info = JSON.parse(r.headers.get('X-Column'));
@@ -145,7 +147,7 @@ async function loadColumn(name) {
   }
   state.column = { name, values, draw, info, palette };
   if (name === 'k-means cluster') state.labels = values;
-  await drawPoints();
+  if (redraw) await drawPoints();
   drawLegend();
   drawHistogram();
 }
@@ -452,6 +454,7 @@ function wire() {
 }
 
 async function start() {
+  state.timings = { start: performance.now() };
   state.meta = await getJSON('api/meta');
   state.n = state.meta.particles;
   $('run').textContent = state.meta.run;
@@ -480,10 +483,12 @@ async function start() {
   clearPath();
   const first = state.meta.columns.includes('k-means cluster') ? 'k-means cluster' : state.meta.columns[0];
   if (first) $('color').value = first;
-  state.xy = await getFloats(`api/embedding?axes=${encodeURIComponent(state.meta.axes[0])}`);
-  state.norm = normalise(state.xy);
-  if (first) await loadColumn(first);
+  const t = state.timings;
+  t.meta = performance.now();
+  if (first) await loadColumn(first, false); // drawn once, with the axes
+  t.column = performance.now();
   await loadAxes(state.meta.axes[0]);
+  t.drawn = performance.now();
   await listSelections();
   await listPaths();
   state.ready = true;
