@@ -298,6 +298,13 @@ def test_the_page_draws_every_particle_decodes_a_click_and_saves_a_lasso(server,
         model = wait_for(d, "const m = window.explorer.state.lastModel; return m && m.label.startsWith('particle') "
                             "&& m")
         assert model["label"] == f"particle {i}" and model["atoms"] == N_CA
+        d.find_element("id", "show-map").click()  # its density map, an isosurface in the same viewer
+        assert wait_for(d, "const m = window.explorer.state.map; return m && [m.volume.nx, m.volume.ny, "
+                           "m.volume.nz]") == [32, 32, 32]  # the particles' box
+        d.find_element("id", "path-pc1").click()  # a movie along latent PC1
+        movie = wait_for(d, "const m = window.explorer.state.movie; return m && m.frame > 1 && "
+                            "{frames: m.frames, atoms: window.explorer.state.lastModel.atoms}")
+        assert movie == {"frames": 20, "atoms": N_CA}
 
         (x0, x1), (y0, y1) = gap_bounds(xy[:, 0], 0.2, 0.8), gap_bounds(xy[:, 1], 0.1, 0.9)
         poly = [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
