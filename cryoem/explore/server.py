@@ -17,8 +17,9 @@ Routes (all GET unless marked):
     /api/selections/NAME      uint32 particle indices of a saved selection
 
 Security: the server binds 127.0.0.1 unless told otherwise, answers only requests whose ``Host`` is that
-address (or ``localhost``; DNS rebinding), reads no path outside its two folders, and answers a malformed
-request with a 4xx and one line of JSON (``{"error": ...}``), never a traceback.
+address (or ``localhost``; DNS rebinding), accepts a POST only from its own page (``Origin``; CSRF), reads no
+path outside its two folders, and answers a malformed request with a 4xx and one line of JSON
+(``{"error": ...}``), never a traceback.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ class Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         try:
             self._check_host()
+            if method == "POST":
+                self._check_origin()
             url = urllib.parse.urlsplit(self.path)
             query = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query, keep_blank_values=True).items()}
             status, body, ctype, headers = route(self, method, urllib.parse.unquote(url.path), query)
@@ -88,6 +91,13 @@ class Handler(BaseHTTPRequestHandler):
         name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
         if self.server.allowed_hosts is not None and name not in self.server.allowed_hosts:
             raise ApiError(403, f"Host {host!r} refused: open the page as http://127.0.0.1:PORT/ (DNS rebinding)")
+
+    def _check_origin(self) -> None:
+        """A POST from another site's page (CSRF: it may not write into the run folder) is refused."""
+        origin = self.headers.get("Origin")
+        if origin is not None and urllib.parse.urlsplit(origin).netloc.lower() != \
+                (self.headers.get("Host") or "").strip().lower():
+            raise ApiError(403, f"Origin {origin!r} refused: only the explorer's own page may save")
 
     def _reply(self, status: int, body: bytes, ctype: str, headers: dict | None = None) -> None:
         self.send_response(status)

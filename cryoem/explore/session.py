@@ -71,6 +71,7 @@ class Session:
         self._original = None    # cryoem.subsets.Original, traced on the first save
         self._cache: OrderedDict[tuple, bytes] = OrderedDict()
         self._model_lock = threading.Lock()
+        self._cache_lock = threading.Lock()
         self._file_lock = threading.Lock()
         self.out = self.run / "explore"
 
@@ -224,40 +225,46 @@ class Session:
 
     def model_pdb(self, z: np.ndarray) -> bytes:
         """PDB text of the model decoded at ``z`` (zdim,), B-factor = displacement from the start (Å); cached."""
-        key = ("model", np.asarray(z, dtype=np.float32).tobytes())
-        if key not in self._cache:
+        def make() -> bytes:
             coords = self.decode(z)
-            self._remember(key, self.pdb(coords, self.displacement(coords[0])))
-        self._cache.move_to_end(key)
-        return self._cache[key]
+            return self.pdb(coords, self.displacement(coords[0]))
+
+        return self._cached(("model", np.asarray(z, dtype=np.float32).tobytes()), make)
 
     def mean_pdb(self, indices: np.ndarray) -> bytes:
         """PDB of the mean of the models decoded from (at most ``MEAN_SAMPLE`` of) the particles ``indices``."""
         idx = self.check_indices(indices)
         if len(idx) > MEAN_SAMPLE:
             idx = np.sort(np.random.default_rng(0).choice(idx, MEAN_SAMPLE, replace=False))
-        key = ("mean", idx.tobytes())
-        if key not in self._cache:
+        def make() -> bytes:
             coords = self.decode(self.z[idx]).mean(0, keepdims=True)
-            self._remember(key, self.pdb(coords, self.displacement(coords[0])))
-        return self._cache[key]
+            return self.pdb(coords, self.displacement(coords[0]))
+
+        return self._cached(("mean", idx.tobytes()), make)
 
     def map_mrc(self, z: np.ndarray) -> bytes:
         """MRC bytes of the density map (box³ at the particle pixel size) of the model decoded at ``z``."""
         from cryoem.analyze import write_maps
 
-        key = ("map", np.asarray(z, dtype=np.float32).tobytes())
-        if key not in self._cache:
-            coords = self.decode(z)
+        def make() -> bytes:
             with tempfile.TemporaryDirectory() as d:
-                name = write_maps(self.model, coords, self.offset, Path(d), "map")[0]
-                self._remember(key, (Path(d) / name).read_bytes())
-        return self._cache[key]
+                name = write_maps(self.model, self.decode(z), self.offset, Path(d), "map")[0]
+                return (Path(d) / name).read_bytes()
 
-    def _remember(self, key: tuple, value: bytes) -> None:
-        self._cache[key] = value
-        while len(self._cache) > CACHE_SIZE:
-            self._cache.popitem(last=False)
+        return self._cached(("map", np.asarray(z, dtype=np.float32).tobytes()), make)
+
+    def _cached(self, key: tuple, make) -> bytes:
+        """``make()``, remembered under ``key`` (least recently used out first, ``CACHE_SIZE`` kept)."""
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        value = make()  # outside the lock: other requests go on meanwhile
+        with self._cache_lock:
+            self._cache[key] = value
+            while len(self._cache) > CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return value
 
     def displacement(self, coords: np.ndarray) -> np.ndarray:
         """(N,) Å: each atom's distance from its place in the starting model, for coords (N, 3)."""

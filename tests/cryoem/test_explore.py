@@ -166,6 +166,9 @@ def test_it_serves_only_its_files_and_refuses_bad_requests(server, run, tmp_path
         st, hd, text = request(server, method, path, body)
         assert 400 <= st < 500 and b"Traceback" not in text and "error" in json.loads(text), (method, path, st)
     assert request(server, "GET", "/api/meta", headers={"Host": "evil.example:80"})[0] == 403  # DNS rebinding
+    st, _, _ = request(server, "POST", "/api/selections?name=csrf", b"\0\0\0\0",  # another site's page
+                       headers={"Origin": "http://evil.example"})
+    assert st == 403 and not (run / "explore" / "selections" / "csrf.star").exists()
     for raw in (b"GET / HTTP/1.1 extra words\r\n\r\n", b"BREW /pot HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n",
                 b"GET /" + b"x" * 70000 + b" HTTP/1.1\r\n\r\n",
                 b"POST /api/mean HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: many\r\n\r\n",
