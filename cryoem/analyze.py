@@ -7,15 +7,21 @@ import json
 import sys
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.decomposition import PCA
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.cluster import KMeans  # noqa: E402
-from sklearn.decomposition import PCA  # noqa: E402
+from plato_core.runinfo import UserError, atomic_path, atomic_write
 
-from plato_core.runinfo import UserError, atomic_path, atomic_write  # noqa: E402
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend, imported on first use (``cryoem explore`` opens runs without it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def pca(latents: np.ndarray, k: int = 2) -> tuple[np.ndarray, PCA]:
@@ -40,7 +46,7 @@ def traversal(p: PCA, latents: np.ndarray, pc: int, n: int = 10) -> np.ndarray:
 
 def scatter_png(path: Path, xy: np.ndarray, title: str, color: np.ndarray | None = None,
                 color_label: str | None = None, centres: np.ndarray | None = None) -> None:
-    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=110)
+    fig, ax = _pyplot().subplots(figsize=(5, 4.5), dpi=110)
     colour = {"c": color, "cmap": "viridis"} if color is not None else {"c": "tab:blue"}
     sc = ax.scatter(xy[:, 0], xy[:, 1], s=3, alpha=0.6, linewidths=0, **colour)
     if color is not None:
@@ -58,7 +64,7 @@ def scatter_png(path: Path, xy: np.ndarray, title: str, color: np.ndarray | None
 
 
 def rmsf_png(path: Path, per_residue: np.ndarray, labels: list[str], title: str) -> None:
-    fig, ax = plt.subplots(figsize=(8, 3), dpi=110)
+    fig, ax = _pyplot().subplots(figsize=(8, 3), dpi=110)
     ax.plot(np.arange(len(per_residue)), per_residue, lw=1)
     ticks = np.linspace(0, len(labels) - 1, min(12, len(labels))).astype(int)
     ax.set_xticks(ticks, [labels[i] for i in ticks], rotation=45, fontsize=7)
@@ -72,7 +78,7 @@ def rmsf_png(path: Path, per_residue: np.ndarray, labels: list[str], title: str)
 def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 def write_index(folder: Path, items: list[tuple[str, str]], title: str, summary: dict,
@@ -157,7 +163,7 @@ def encode_all(model, ds, batch_size: int = 256, progress: bool = True) -> np.nd
 def diagnostics_png(path: Path, d: dict) -> None:
     """Bar chart of the KL per latent dimension, titled with the active units and the shuffled-z cost."""
     kl = np.asarray(d["kl_per_dim"])
-    fig, ax = plt.subplots(figsize=(5, 3), dpi=110)
+    fig, ax = _pyplot().subplots(figsize=(5, 3), dpi=110)
     ax.bar(np.arange(1, len(kl) + 1), kl, color="tab:red" if d["warning"] else "tab:blue")
     ax.set_xlabel("latent dimension")
     ax.set_ylabel("KL (nats per particle)")
