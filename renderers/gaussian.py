@@ -41,12 +41,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from renderers._validate import check_tensor
 from renderers.cameras import Camera
 
-__all__ = ["GaussianProjector", "gaussian_projection", "gaussian_density_map", "pixel_integrals"]
+__all__ = ["GaussianProjector", "gaussian_projection", "gaussian_projection_jvp", "gaussian_density_map",
+           "pixel_integrals"]
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
 _CHUNK_FLOATS = 1 << 20  # poses per step: each (B, N, W) factor stays near 4 MB (fewer fresh pages)
@@ -87,7 +89,8 @@ def _cdf_steps(coord: Tensor, width: Tensor, n: int, tail: float | None = None, 
     inv = _SQRT1_2 / width
     half = math.ceil(tail * float(width.detach().max())) + 1
     K = 2 * half + 1
-    grad = torch.is_grad_enabled() and (coord.requires_grad or width.requires_grad)
+    grad = (torch.is_grad_enabled() and (coord.requires_grad or width.requires_grad)
+            or fwAD.unpack_dual(coord).tangent is not None)  # forward mode (gaussian_projection_jvp's torch path)
     if 2 * K >= n:
         edges = torch.arange(n + 1, dtype=coord.dtype, device=coord.device)
         out = torch.diff(torch.special.erf((edges - coord[..., None]) * inv[..., None]), dim=-1)
@@ -159,6 +162,55 @@ def gaussian_projection(centers: Tensor, amplitudes: Tensor | float, sigmas: Ten
     img = torch.cat([_project_chunk(c[i:i + step], a[i:i + step], s[i:i + step], camera[i:i + step])
                      for i in range(0, B, step)])
     return img[:, None]
+
+
+@torch.no_grad()
+def gaussian_projection_jvp(centers: Tensor, tangents: Tensor, amplitudes: Tensor | float, sigmas: Tensor | float,
+                            camera: Camera, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """The images of :func:`gaussian_projection` and their derivatives along K directions of the centres.
+
+    Args:
+        centers: (N, 3) or (B, N, 3), world units; amplitudes, sigmas, camera: as :func:`gaussian_projection`.
+        tangents: (B, K, N, 3): direction k moves centre n by ``tangents[:, k, n]`` world units per unit.
+        backend: "numba" (one pass over each Gaussian's window for the image and all K derivatives), "torch"
+            (forward-mode autodiff through the torch path, one pass per direction) or "auto" (numba on CPU when
+            it is installed).
+    Returns:
+        images (B, 1, H, W) and derivatives (B, K, H, W), d image / d eps_k of ``centers + eps_k tangents[:, k]``
+        at eps = 0 (mass / world-unit^2 per unit). No gradients flow (forward mode, for Gauss-Newton steps).
+    """
+    if not isinstance(camera, Camera) or not camera.orthographic:
+        raise ValueError("camera: expected an orthographic renderers.cameras.Camera")
+    B = len(camera)
+    c, a, s = _prepare(centers, amplitudes, sigmas, B, like=camera.R)
+    if tangents.dim() != 4 or tangents.shape[0] != B or tangents.shape[2:] != c.shape[1:]:
+        raise ValueError(f"tangents: expected (B={B}, K, N={c.shape[1]}, 3), got {tuple(tangents.shape)}")
+    H, W = camera.image_size
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
+    why = _numba_unusable(s, camera)
+    if backend == "numba" and why:
+        raise ValueError(f"backend: 'numba' {why}; use 'torch' or 'auto'")
+    if backend == "torch" or why:
+        return _projection_jvp_torch(c, tangents.to(c.dtype), a, s, camera)
+    uv, width, weight = (x.contiguous() for x in _to_pixels(c, a, s, camera))
+    tang = (tangents.to(c.dtype) @ camera.R[:, None, :2].transpose(-1, -2)) * camera.focal[:, None, None]  # (B,K,N,2)
+    K = tangents.shape[1]
+    out, out_jvp = uv.new_zeros(B, H, W), uv.new_zeros(B, H, W, K)
+    _splat_kernels().splat_jvp(uv.numpy(), width.numpy(), weight.numpy(), tang.transpose(1, 2).contiguous().numpy(),
+                               _default_tail(c.dtype), out.numpy(), out_jvp.numpy(), out.dtype == torch.float32)
+    return out[:, None], out_jvp.permute(0, 3, 1, 2)
+
+
+def _projection_jvp_torch(c: Tensor, tangents: Tensor, a: Tensor, s: Tensor, camera: Camera) -> tuple[Tensor, Tensor]:
+    """:func:`gaussian_projection_jvp` by forward-mode autodiff of the torch path, one direction at a time."""
+    img = gaussian_projection(c, a, s, camera, backend="torch")
+    jvps = []
+    for k in range(tangents.shape[1]):
+        with fwAD.dual_level():
+            d = gaussian_projection(fwAD.make_dual(c, tangents[:, k]), a, s, camera, backend="torch")
+            jvps.append(fwAD.unpack_dual(d).tangent[:, 0])
+    return img, torch.stack(jvps, 1) if jvps else img.new_zeros(img.shape[0], 0, *img.shape[2:])
 
 
 def _to_pixels(c: Tensor, a: Tensor, s: Tensor, camera: Camera) -> tuple[Tensor, Tensor, Tensor]:

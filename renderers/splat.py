@@ -131,3 +131,36 @@ def splat_backward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: 
             grad_weight[b, n] = s
             grad_uv[b, n, 0] = a * su
             grad_uv[b, n, 1] = a * sv
+
+
+@numba.njit(cache=True, nogil=True)
+def splat_jvp(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tangents: np.ndarray, tail: float,
+              out: np.ndarray, out_jvp: np.ndarray, fast: bool = False) -> None:
+    """The images of :func:`splat_forward` (into ``out`` (B, H, W)) and, in the same pass over the windows, their
+    derivatives along K directions of the centres (into ``out_jvp`` (B, H, W, K)), both zeroed by the caller.
+
+    ``tangents`` (B, N, K, 2): d uv / d eps_k, pixels per unit. Pixel (i, j) of Gaussian n gains
+    ``a Y_i X_j`` in the image and ``a (Y_i dX_j t_k,u + dY_i X_j t_k,v)`` in derivative k: one window's erf and
+    exp values serve the image and all K derivatives (K + 1 separate renderings evaluate them K + 1 times).
+    """
+    B, N = weight.shape
+    H, W = out.shape[1], out.shape[2]
+    K = tangents.shape[2]
+    C = window_size(width, tail)
+    for b in range(B):
+        X, dX, Y, dY = np.empty(C), np.empty(C), np.empty(C), np.empty(C)
+        for n in range(N):
+            a = weight[b, n]
+            if a == 0.0:
+                continue
+            x0, nx = _window(uv[b, n, 0], width[b, n, 0], tail, W, X, dX, True, fast)
+            y0, ny = _window(uv[b, n, 1], width[b, n, 1], tail, H, Y, dY, True, fast)
+            for i in range(ny):
+                ay = a * Y[i]
+                ady = a * dY[i]
+                for j in range(nx):
+                    du = ay * dX[j]
+                    dv = ady * X[j]
+                    out[b, y0 + i, x0 + j] += ay * X[j]
+                    for k in range(K):
+                        out_jvp[b, y0 + i, x0 + j, k] += du * tangents[b, n, k, 0] + dv * tangents[b, n, k, 1]

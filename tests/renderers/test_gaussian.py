@@ -257,3 +257,32 @@ def test_fast_erf_of_float32_splats_is_within_its_stated_error():
     x = np.linspace(-8, 8, 20001)
     err = np.abs(np.array([erf_fast(v) for v in x]) - erf(x))
     assert err.max() <= 3e-7 and erf_fast(0.0) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_projection_jvp_matches_finite_differences_on_both_backends(dtype):
+    """The image and its derivatives along K directions of the centres: numba's one-pass kernel, torch's forward
+    mode and central differences of float64 renderings agree (atoms past the borders, unequal focal lengths)."""
+    from renderers.gaussian import gaussian_projection_jvp
+
+    centers, amps, sigmas, cam = splat_scene(B=3, N=60, size=(20, 28), per_view=True)
+    tangents = torch.randn(3, 4, 60, 3, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    h = 2e-6
+    fd = torch.stack([(gaussian_projection(centers + h * tangents[:, k], amps, sigmas, cam, "torch")
+                       - gaussian_projection(centers - h * tangents[:, k], amps, sigmas, cam, "torch"))[:, 0] / (2 * h)
+                      for k in range(4)], 1)
+    image = gaussian_projection(centers, amps, sigmas, cam, "torch")
+    low = lambda x: x.to(dtype)  # noqa: E731
+    cam_low = Camera(low(cam.R), low(cam.t), low(cam.focal), low(cam.principal), cam.image_size, True)
+    tol = 1e-8 if dtype == torch.float64 else 2e-5  # float64: the differences' own truncation error
+    out = {}
+    for backend in ("numba", "torch"):
+        img, jvp = out[backend] = gaussian_projection_jvp(low(centers), low(tangents), low(amps), low(sigmas),
+                                                          cam_low, backend)
+        assert img.dtype == jvp.dtype == dtype and jvp.shape == (3, 4, 20, 28)
+        assert (img.double() - image).abs().max() <= tol * image.abs().max(), backend
+        assert (jvp.double() - fd).abs().max() <= tol * fd.abs().max(), backend
+    if dtype == torch.float64:  # the two backends compute the same sums
+        assert (out["numba"][1] - out["torch"][1]).abs().max() <= 1e-12 * fd.abs().max()
+    with pytest.raises(ValueError, match="tangents"):
+        gaussian_projection_jvp(centers, tangents[:, :, :5], amps, sigmas, cam)
