@@ -23,7 +23,7 @@ from torch import Tensor
 
 from cryoem.ctf import CTFParams, ctf_2d
 from renderers.cameras import Camera
-from renderers.gaussian import gaussian_density_map, gaussian_projection
+from renderers.gaussian import gaussian_density_map, gaussian_projection, gaussian_projection_jvp
 
 __all__ = ["project", "shift_phase", "fourier_filter", "add_noise", "ImageFormation", "structure_map"]
 
@@ -43,6 +43,16 @@ def project(coords: Tensor, amplitudes: Tensor, sigmas: Tensor, R: Tensor, pixel
         shift_A = R.new_zeros(R.shape[0], 2)
     cam = Camera.from_pose(R, shift_A, pixel_size, box)
     return gaussian_projection(coords, amplitudes, sigmas, cam)
+
+
+def project_jvp(coords: Tensor, tangents: Tensor, amplitudes: Tensor, sigmas: Tensor, R: Tensor, pixel_size: float,
+                box: int, shift_A: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """:func:`project` (B, 1, box, box) and its derivatives (B, K, box, box) along ``tangents`` (B, K, N, 3) Å per
+    unit (``renderers.gaussian.gaussian_projection_jvp``); coords (B, N, 3) Å. No gradients."""
+    if shift_A is None:
+        shift_A = R.new_zeros(R.shape[0], 2)
+    cam = Camera.from_pose(R, shift_A, pixel_size, box)
+    return gaussian_projection_jvp(coords, tangents, amplitudes, sigmas, cam)
 
 
 def shift_phase(shift_A: Tensor, box: int, pixel_size: float) -> Tensor:

@@ -49,7 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from cryoem.ctf import CTFParams, ctf_2d
-from cryoem.imaging import fourier_filter, project
+from cryoem.imaging import fourier_filter, project, project_jvp
 from cryoem.priors import StructuralPrior
 from cryoem.simulate import random_rotations
 from cryoem.structure import rmsf
@@ -79,6 +79,8 @@ class AtomVAEConfig:
                                         "as cryoDRGN (its latent can take thousands of steps to carry information)",
                              choices=("laplace", "amortized"))
     gn_steps: int = setting(1, "laplace: Gauss-Newton steps per particle and training step")
+    restarts: int = setting(0, "laplace: other particles' latents each Gauss-Newton step also tries as its start "
+                               "(the best fit wins; see AtomVAE.best_start)")
     particle_nuisance: bool = setting(True, "laplace: estimate each particle's contrast and B-factor with its latent "
                                             "(see AtomVAE.laplace)")
     warm_start: bool = setting(True, "laplace: start each particle's Gauss-Newton step from its posterior mean at "
@@ -144,7 +146,11 @@ class AtomDecoder(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, z: Tensor) -> Tensor:
-        return self.x0 + self.scale * self.out(self.mlp(z)).view(len(z), -1, 3)
+        return self.x0 + self.displacement(z)
+
+    def displacement(self, z: Tensor) -> Tensor:
+        """(B, zdim) -> (B, N, 3) Å from the starting model."""
+        return self.scale * self.out(self.mlp(z)).view(len(z), -1, 3)
 
 
 class PoseEncoder(nn.Module):
@@ -251,7 +257,8 @@ class AtomVAE(nn.Module):
         """Laplace approximation of p(z | x): mean (B, zdim), precision (B, zdim, zdim) and the particles'
         nuisance (B, 2) or None, by ``gn_steps`` Gauss-Newton steps from ``z``.
 
-        With J = d model image / dz (B, zdim, pixels), by finite differences of the decoder and renderer,
+        With J = d model image / dz (B, zdim, pixels): the decoder's displacements by finite differences, pushed
+        through the projector in forward mode (:meth:`render_jvp`: one pass for the image and all zdim derivatives),
         residual r = image - model(z), noise sigma s and the prior N(0, P^-1) (P = diag(1 / ``prior_var``)),
         the linearised log posterior has precision A = J J^T / s^2 + P and its maximum at
         z + A^-1 (J r / s^2 - P z).
@@ -269,10 +276,9 @@ class AtomVAE(nn.Module):
         """
         B, K = z.shape
         steps = 0.01 * self.prior_var.to(z.dtype).sqrt()  # 0.01 of the prior's std (float32: still ~1e-4 precise)
-        rep = {k: batch[k].repeat_interleave(K + 1, 0) for k in ("R", "shift_A", "ctf")}
         index = batch.get("index")
-        index_rep = None if index is None else index.repeat_interleave(K + 1, 0)
         nu = self.stored_nuisance(index)
+        z = self.best_start(batch, z, nu)
         prec = 1 / self.prior_var.to(z.dtype)
         if nu is not None:
             prec = torch.cat([prec, z.new_tensor(NUISANCE_STD) ** -2])
@@ -281,16 +287,17 @@ class AtomVAE(nn.Module):
         A = P
         for _ in range(max(1, self.cfg.gn_steps)):
             zz = torch.cat([z[:, None], z[:, None] + torch.diag(steps)], 1).reshape(B * (K + 1), K)
-            nu_rep = None if nu is None else nu.repeat_interleave(K + 1, 0)
-            m = self.render(self.decode(zz), rep["R"], rep["shift_A"], rep["ctf"], index_rep,
-                            nuisance=nu_rep).reshape(B, K + 1, -1)
-            J = (m[:, 1:] - m[:, :1]) / steps[:, None]
+            u = self.decoder.displacement(zz).reshape(B, K + 1, -1, 3)
+            tangents = (u[:, 1:] - u[:, :1]) / steps[:, None, None]  # (B, K, N, 3) Å per unit of z_k
+            m, J = self.render_jvp(self.decoder.x0 + u[:, 0], tangents, batch["R"], batch["shift_A"],
+                                   batch["ctf"], index, nu)
+            m, J = m.reshape(B, -1), J.reshape(B, K, -1)
             theta = z if nu is None else torch.cat([z, nu.to(z.dtype)], 1)
             if nu is not None:
-                m0 = m[:, 0].reshape(B, self.box, self.box)
+                m0 = m.reshape(B, self.box, self.box)
                 dB = torch.fft.irfft2(torch.fft.rfft2(m0) * (-self.k2 / 4), s=m0.shape[-2:])
                 J = torch.cat([J, m0.reshape(B, 1, -1), dB.reshape(B, 1, -1)], 1)
-            r = batch["image"].reshape(B, -1) - m[:, 0]
+            r = batch["image"].reshape(B, -1) - m
             A = J @ J.transpose(1, 2) / s2 + P
             theta = theta + torch.linalg.solve(A, (J @ r[..., None])[..., 0] / s2 - theta * prec)
             z = theta[:, :K]
@@ -299,6 +306,31 @@ class AtomVAE(nn.Module):
         if nu is not None:  # the latent's marginal precision: A_zz - A_zn A_nn^-1 A_nz
             A = A[:, :K, :K] - A[:, :K, K:] @ torch.linalg.solve(A[:, K:, K:], A[:, K:, :K])
         return z, A, nu
+
+    @torch.no_grad()
+    def best_start(self, batch: dict, z: Tensor, nuisance: Tensor | None) -> Tensor:
+        """Each particle's start (B, zdim): the best, by log posterior, of ``z`` (B, zdim) and the stored latents of
+        ``restarts`` other particles drawn at random (samples of the aggregate posterior).
+
+        Why: a Gauss-Newton step is local. A particle whose latent sits in the wrong one of two states (an early
+        decoder put it there) stays there, and the decoder, fitting both states with mixed particles, learns a
+        motion too small.
+        """
+        M = self.cfg.restarts
+        seen = torch.nonzero(self.z_seen)[:, 0]
+        if not M or len(seen) < 2:
+            return z
+        B, K = z.shape
+        pick = seen[torch.randint(len(seen), (B, M), device=z.device)]
+        cand = torch.cat([z[:, None], self.z_last[pick].to(z.dtype)], 1)  # (B, M + 1, K)
+        rep = {k: batch[k].repeat_interleave(M + 1, 0) for k in ("R", "shift_A", "ctf")}
+        index = batch.get("index")
+        m = self.render(self.decode(cand.reshape(-1, K)), rep["R"], rep["shift_A"], rep["ctf"],
+                        None if index is None else index.repeat_interleave(M + 1, 0),
+                        nuisance=None if nuisance is None else nuisance.repeat_interleave(M + 1, 0))
+        resid = (batch["image"].repeat_interleave(M + 1, 0) - m).reshape(B, M + 1, -1)
+        logp = -(resid**2).sum(-1) / (2 * self.noise_sigma**2) - 0.5 * (cand**2 / self.prior_var).sum(-1)
+        return cand[torch.arange(B), logp.argmax(1)]
 
     def warm_start(self, batch: dict, guess: Tensor) -> Tensor:
         """Where each particle's Gauss-Newton steps start (B, zdim): its posterior mean from its last training
@@ -422,6 +454,19 @@ class AtomVAE(nn.Module):
         c = ctf_2d(CTFParams.from_tensor(ctf), self.box, self.apix, dtype=proj.dtype, device=proj.device)
         c = c * self.lowpass(step) * self.envelope(self.stored_nuisance(index) if nuisance is None else nuisance)
         return torch.exp(self.log_scale) * fourier_filter(proj, self.apix, None, c)
+
+    @torch.no_grad()
+    def render_jvp(self, coords: Tensor, tangents: Tensor, R: Tensor, shift: Tensor, ctf: Tensor,
+                   index: Tensor | None = None, nuisance: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """:meth:`render` of ``coords`` (B, N, 3) and its derivatives along ``tangents`` (B, K, N, 3) (Å per unit):
+        model images (B, 1, D, D) and (B, K, D, D), through the same pose, CTF, nuisance and scale (no curriculum)."""
+        R, shift = self.pose(R, shift, index)
+        img, jvp = project_jvp(coords, tangents, self.amplitudes, self.sigmas, R, self.apix, self.box, shift)
+        c = ctf_2d(CTFParams.from_tensor(ctf), self.box, self.apix, dtype=img.dtype, device=img.device)
+        c = c * self.envelope(self.stored_nuisance(index) if nuisance is None else nuisance)
+        out = torch.fft.irfft2(torch.fft.rfft2(torch.cat([img, jvp], 1)) * c[:, None], s=img.shape[-2:])
+        out = torch.exp(self.log_scale) * out
+        return out[:, :1], out[:, 1:]
 
     def stored_nuisance(self, index: Tensor | None) -> Tensor | None:
         """The particles' latest (log contrast, B-factor) (B, 2), or None (no index, or ``particle_nuisance`` off)."""

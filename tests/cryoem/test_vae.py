@@ -369,3 +369,56 @@ def test_refine_poses_applies_learned_rotation_and_shift_corrections():
     R2, s2 = model.pose(R, shift, idx)
     torch.testing.assert_close(R2, axis_angle_to_matrix(0.1 * d[idx, :3]) @ R)
     torch.testing.assert_close(s2, shift + d[idx, 3:5])
+
+
+def test_render_jvp_is_the_derivative_of_render():
+    """The Gauss-Newton step's Jacobian: render_jvp's images and derivatives against central differences of
+    render (float64), through the CTF, the particles' contrast and B-factor, and the image scale."""
+    batch, u, x0, bonds = toy_data(n=4, snr=1e4)
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in batch.items()}
+    model = make_model(x0, bonds, 1.0).double()
+    model.init_scale(batch)
+    model.nuisance[:4] = torch.tensor([[0.2, 30.0], [-0.1, 0.0], [0.0, 80.0], [0.3, 10.0]], dtype=torch.float64)
+    R, shift, ctf, index = batch["R"].double(), batch["shift_A"].double(), batch["ctf"].double(), batch["index"]
+    coords = x0.double().expand(4, -1, -1) + 0.5 * torch.randn(4, 40, 3, dtype=torch.float64)
+    tangents = torch.randn(4, 2, 40, 3, dtype=torch.float64)
+    img, jvp = model.render_jvp(coords, tangents, R, shift, ctf, index)
+    h = 1e-5
+    fd = torch.cat([(model.render(coords + h * tangents[:, k], R, shift, ctf, index)
+                     - model.render(coords - h * tangents[:, k], R, shift, ctf, index)) / (2 * h) for k in range(2)], 1)
+    torch.testing.assert_close(img, model.render(coords, R, shift, ctf, index), rtol=0, atol=1e-12)
+    torch.testing.assert_close(jvp, fd, rtol=0, atol=1e-7 * fd.abs().max().item())
+
+
+class _LineDecoder(torch.nn.Module):
+    """x0 + z * direction (Å): a decoder whose states are known, for the restart test."""
+
+    def __init__(self, x0: Tensor, direction: Tensor):
+        super().__init__()
+        self.register_buffer("x0", x0)
+        self.register_buffer("direction", direction)
+
+    def displacement(self, z: Tensor) -> Tensor:
+        return z[:, :1, None] * self.direction
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.x0 + self.displacement(z)
+
+
+def test_restarts_move_a_particle_out_of_the_wrong_state():
+    """Two states, z = -1 and z = +1 (the top half of the helix 10 Å apart). A particle imaged at +1 whose latent
+    sits at -1 takes +1 from the other particles' stored latents; one already at +1 stays."""
+    batch, u, x0, bonds = toy_data(n=4, swing=0.0, snr=1e4)
+    model = make_model(x0, bonds, 0.1, restarts=2)
+    direction = torch.zeros(40, 3)
+    direction[20:, 0] = 5.0
+    model.decoder = _LineDecoder(x0, direction)
+    model.z_last[2:] = 1.0  # the other particles' latents: the +1 state
+    model.z_seen[2:] = True
+    z_true = torch.ones(2, 1)
+    part = {k: v[:2] for k, v in batch.items()}
+    part["image"] = model.render(model.decode(z_true), part["R"], part["shift_A"], part["ctf"]).detach()
+    now = torch.tensor([[-1.0], [1.0]])
+    torch.testing.assert_close(model.best_start(part, now, None), z_true)
+    model.cfg.restarts = 0
+    torch.testing.assert_close(model.best_start(part, now, None), now)
