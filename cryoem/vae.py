@@ -79,8 +79,6 @@ class AtomVAEConfig:
                                         "as cryoDRGN (its latent can take thousands of steps to carry information)",
                              choices=("laplace", "amortized"))
     gn_steps: int = setting(1, "laplace: Gauss-Newton steps per particle and training step")
-    restarts: int = setting(0, "laplace: other particles' latents each Gauss-Newton step also tries as its start "
-                               "(the best fit wins; see AtomVAE.best_start)")
     particle_nuisance: bool = setting(True, "laplace: estimate each particle's contrast and B-factor with its latent "
                                             "(see AtomVAE.laplace)")
     warm_start: bool = setting(True, "laplace: start each particle's Gauss-Newton step from its posterior mean at "
@@ -278,7 +276,6 @@ class AtomVAE(nn.Module):
         steps = 0.01 * self.prior_var.to(z.dtype).sqrt()  # 0.01 of the prior's std (float32: still ~1e-4 precise)
         index = batch.get("index")
         nu = self.stored_nuisance(index)
-        z = self.best_start(batch, z, nu)
         prec = 1 / self.prior_var.to(z.dtype)
         if nu is not None:
             prec = torch.cat([prec, z.new_tensor(NUISANCE_STD) ** -2])
@@ -306,31 +303,6 @@ class AtomVAE(nn.Module):
         if nu is not None:  # the latent's marginal precision: A_zz - A_zn A_nn^-1 A_nz
             A = A[:, :K, :K] - A[:, :K, K:] @ torch.linalg.solve(A[:, K:, K:], A[:, K:, :K])
         return z, A, nu
-
-    @torch.no_grad()
-    def best_start(self, batch: dict, z: Tensor, nuisance: Tensor | None) -> Tensor:
-        """Each particle's start (B, zdim): the best, by log posterior, of ``z`` (B, zdim) and the stored latents of
-        ``restarts`` other particles drawn at random (samples of the aggregate posterior).
-
-        Why: a Gauss-Newton step is local. A particle whose latent sits in the wrong one of two states (an early
-        decoder put it there) stays there, and the decoder, fitting both states with mixed particles, learns a
-        motion too small.
-        """
-        M = self.cfg.restarts
-        seen = torch.nonzero(self.z_seen)[:, 0]
-        if not M or len(seen) < 2:
-            return z
-        B, K = z.shape
-        pick = seen[torch.randint(len(seen), (B, M), device=z.device)]
-        cand = torch.cat([z[:, None], self.z_last[pick].to(z.dtype)], 1)  # (B, M + 1, K)
-        rep = {k: batch[k].repeat_interleave(M + 1, 0) for k in ("R", "shift_A", "ctf")}
-        index = batch.get("index")
-        m = self.render(self.decode(cand.reshape(-1, K)), rep["R"], rep["shift_A"], rep["ctf"],
-                        None if index is None else index.repeat_interleave(M + 1, 0),
-                        nuisance=None if nuisance is None else nuisance.repeat_interleave(M + 1, 0))
-        resid = (batch["image"].repeat_interleave(M + 1, 0) - m).reshape(B, M + 1, -1)
-        logp = -(resid**2).sum(-1) / (2 * self.noise_sigma**2) - 0.5 * (cand**2 / self.prior_var).sum(-1)
-        return cand[torch.arange(B), logp.argmax(1)]
 
     def warm_start(self, batch: dict, guess: Tensor) -> Tensor:
         """Where each particle's Gauss-Newton steps start (B, zdim): its posterior mean from its last training
