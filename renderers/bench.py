@@ -1,8 +1,9 @@
 """CPU timings of Plato's renderers next to PyTorch3D's equivalents, run in the same process.
 
-The "splat" case compares the two backends of ``gaussian_projection`` (numba against torch) instead.
+The "splat" case compares the two backends of ``gaussian_projection`` (numba against torch) instead, and the
+"jvp" case ``gaussian_projection_jvp`` (image and K derivatives in one pass) against K + 1 renderings.
 
-``python -m renderers.bench [--repeats N] [--only voxel,mesh,nerf,gaussian,splat]`` prints one table. Times are the
+``python -m renderers.bench [--repeats N] [--only voxel,mesh,nerf,gaussian,splat,jvp]`` prints one table. Times are the
 best of ``--repeats`` runs, alternating ours and theirs after a warm-up: "fwd" runs under ``torch.no_grad()``,
 "fwd+bwd" builds the graph and back-propagates ``image.sum()`` to the 3D parameters. A ratio is ours / theirs
 (below 1: we are faster).
@@ -267,6 +268,35 @@ def bench_splat_case(B: int, repeats: int, bwd_repeats: int, N: int = 5892, box:
            "same projector, backend='torch' (dense product)", f"max |diff| / max {rel:.1e}", images=B)
 
 
+def bench_jvp(repeats: int, B: int = 64, K: int = 8, N: int = 5892, box: int = 64, ps: float = 2.0,
+              sigma: float = 1.0) -> None:
+    """The atom VAE's Gauss-Newton step: one image and its K derivatives along directions of the atoms, by
+    ``gaussian_projection_jvp`` against K + 1 renderings (the image and K finite-difference neighbours). Forward
+    only (the step needs no gradient); the f+b columns repeat the forward times."""
+    from renderers.gaussian import gaussian_projection, gaussian_projection_jvp
+
+    centers, cam = _atoms_in_a_ball(N, B, box, ps, seed=K)
+    centers = centers.detach()
+    tangents = torch.randn(B, K, N, 3, generator=torch.Generator().manual_seed(1))
+    cams = Camera.from_pose(cam.R.repeat_interleave(K + 1, 0), torch.zeros(B * (K + 1), 2), ps, box)
+    moved = torch.cat([centers.expand(B, 1, N, 3), centers + 1e-2 * tangents], 1).reshape(-1, N, 3)
+
+    def best(fn) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    with torch.no_grad():
+        ours = best(lambda: gaussian_projection_jvp(centers, tangents, 1.0, sigma, cam))
+        theirs = best(lambda: gaussian_projection(moved, 1.0, sigma, cams))
+    record("Gaussian jvp", f"{N} atoms B={B} K={K} {box}^2 (sigma {sigma / ps:.1f} px) f32", (ours, ours),
+           (theirs, theirs), f"{K + 1} renderings per image (finite differences)", "forward only", images=B)
+
+
 def print_table() -> None:
     head = (f"{'case':<21} {'settings':<44} {'fwd ours':>9} {'fwd ref':>9} {'ratio':>6} "
             f"{'f+b ours':>9} {'f+b ref':>9} {'ratio':>6}  reference; note")
@@ -284,7 +314,7 @@ def print_table() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m renderers.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (best of)")
-    parser.add_argument("--only", default="voxel,mesh,nerf,gaussian,splat", help="comma-separated cases")
+    parser.add_argument("--only", default="voxel,mesh,nerf,gaussian,splat,jvp", help="comma-separated cases")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: torch's choice); 1 is steadier on an oversubscribed machine")
     args = parser.parse_args(argv)
@@ -296,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, pytorch3d {pytorch3d.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs{load}; float32 on CPU")
     cases = {"voxel": bench_voxel, "mesh": bench_mesh, "nerf": bench_nerf, "gaussian": bench_gaussian,
-             "splat": bench_splat}
+             "splat": bench_splat, "jvp": bench_jvp}
     for name in args.only.split(","):
         if name not in cases:
             parser.error(f"--only: unknown case {name!r}; expected some of {','.join(cases)}")
