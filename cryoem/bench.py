@@ -10,23 +10,13 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import torch
 
 from cryoem.imaging import add_noise, fourier_filter, project
 from cryoem.simulate import ensemble_conformations, random_ctf, random_rotations, simulate
 from cryoem.structure import example_structure, read_structure
-
-
-def best_of(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+from renderers.bench import best_of
 
 
 def main(argv=None) -> int:

@@ -54,6 +54,17 @@ def compare(ours: Callable[[], torch.Tensor], theirs: Callable[[], torch.Tensor]
     return (best["ours", fwd], best["ours", fwd_bwd]), (best["theirs", fwd], best["theirs", fwd_bwd])
 
 
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    """Seconds of the fastest of ``repeats`` calls of ``fn``, after one untimed call (the least disturbed run)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
 def record(case: str, settings: str, ours: tuple[float, float], theirs: tuple[float, float], ref: str,
            note: str = "", images: int = 0) -> None:
     """Keep one table row; ``images`` > 0 adds an images/s line."""
@@ -281,18 +292,9 @@ def bench_jvp(repeats: int, B: int = 64, K: int = 8, N: int = 5892, box: int = 6
     cams = Camera.from_pose(cam.R.repeat_interleave(K + 1, 0), torch.zeros(B * (K + 1), 2), ps, box)
     moved = torch.cat([centers.expand(B, 1, N, 3), centers + 1e-2 * tangents], 1).reshape(-1, N, 3)
 
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
     with torch.no_grad():
-        ours = best(lambda: gaussian_projection_jvp(centers, tangents, 1.0, sigma, cam))
-        theirs = best(lambda: gaussian_projection(moved, 1.0, sigma, cams))
+        ours = best_of(lambda: gaussian_projection_jvp(centers, tangents, 1.0, sigma, cam), repeats)
+        theirs = best_of(lambda: gaussian_projection(moved, 1.0, sigma, cams), repeats)
     record("Gaussian jvp", f"{N} atoms B={B} K={K} {box}^2 (sigma {sigma / ps:.1f} px) f32", (ours, ours),
            (theirs, theirs), f"{K + 1} renderings per image (finite differences)", "forward only", images=B)
 

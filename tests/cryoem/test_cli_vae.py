@@ -1,37 +1,22 @@
 """The atom-VAE command line end to end on a tiny simulation, and its one-line errors."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-DATA = Path(__file__).resolve().parents[1] / "data"
-BIN = Path(sys.executable).parent
-
-
-def cryoem(*args, cwd=None):
-    return subprocess.run([BIN / "cryoem", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+from tests.cryoem.tiny import DATA, cryoem, simulate_ubiquitin, train_tiny
 
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sim")
-    r = cryoem("simulate", "--structure", DATA / "1ubi.pdb", "--select", "ca", "--n", 48, "--box", 32,
-               "--apix", 2.5, "--snr", 1.0, "--seed", 3, "--quiet", "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
+    return simulate_ubiquitin(tmp_path_factory.mktemp("sim"), 48, seed=3)
 
 
 @pytest.fixture(scope="module")
 def run(sim, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "run"
-    r = cryoem("train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms", "ca",
-               "--center", "none", "--zdim", 2, "--steps", 4, "--batch-size", 16, "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
+    return train_tiny(sim, tmp_path_factory.mktemp("run") / "run", zdim=2)
 
 
 def test_train_writes_the_run_record(run):

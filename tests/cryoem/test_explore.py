@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,31 +18,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-DATA = Path(__file__).resolve().parents[1] / "data"
+from tests.cryoem.tiny import BIN, cryoem, simulate_ubiquitin, train_tiny
+
 ROOT = Path(__file__).resolve().parents[2]
-BIN = Path(sys.executable).parent
 N_PARTICLES, N_CA = 120, 76  # 1UBI: 76 residues, one C-alpha each
-
-
-def cryoem(*args, **kw):
-    return subprocess.run([BIN / "cryoem", *map(str, args)], capture_output=True, text=True, **kw)
 
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sim")
-    r = cryoem("simulate", "--structure", DATA / "1ubi.pdb", "--atoms", "ca", "--n", N_PARTICLES, "--box", 32,
-               "--pixel-size", 2.5, "--snr", 1.0, "--seed", 4, "--quiet", "--out", out)
-    assert r.returncode == 0, r.stderr
-    return out
+    return simulate_ubiquitin(tmp_path_factory.mktemp("sim"), N_PARTICLES, seed=4)
 
 
 @pytest.fixture(scope="module")
 def run(sim, tmp_path_factory):
-    out = tmp_path_factory.mktemp("run") / "run"
-    r = cryoem("train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms", "ca",
-               "--center", "none", "--zdim", 3, "--steps", 4, "--batch-size", 16, "--out", out)
-    assert r.returncode == 0, r.stderr
+    out = train_tiny(sim, tmp_path_factory.mktemp("run") / "run", zdim=3)
     r = cryoem("analyze", out, "--k", 3, "--no-snapshots")
     assert r.returncode == 0, r.stderr
     return out
