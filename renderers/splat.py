@@ -81,27 +81,12 @@ def _window(u: float, s: float, tail: float, n: int, vals: np.ndarray, dvals: np
     return lo, hi - lo
 
 
-@numba.njit(cache=True, nogil=True)
 def splat_forward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: float, out: np.ndarray,
                   fast: bool = False) -> None:
     """Add every Gaussian's window into ``out`` (B, H, W), zeroed by the caller; see the module docstring.
-    ``fast``: erf values from :func:`erf_fast` (for float32 images)."""
+    ``fast``: erf values from :func:`erf_fast` (for float32 images). :func:`splat_jvp` with no directions."""
     B, N = weight.shape
-    H, W = out.shape[1], out.shape[2]
-    K = window_size(width, tail)
-    for b in range(B):
-        X = np.empty(K)
-        Y = np.empty(K)
-        for n in range(N):
-            a = weight[b, n]
-            if a == 0.0:
-                continue
-            x0, nx = _window(uv[b, n, 0], width[b, n, 0], tail, W, X, X, False, fast)
-            y0, ny = _window(uv[b, n, 1], width[b, n, 1], tail, H, Y, Y, False, fast)
-            for i in range(ny):
-                ay = a * Y[i]
-                for j in range(nx):
-                    out[b, y0 + i, x0 + j] += ay * X[j]
+    splat_jvp(uv, width, weight, np.zeros((B, N, 0, 2)), tail, out, np.zeros((B, 1, 1, 0), out.dtype), fast)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -146,6 +131,7 @@ def splat_jvp(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tangents: n
     B, N = weight.shape
     H, W = out.shape[1], out.shape[2]
     K = tangents.shape[2]
+    deriv = K > 0
     C = window_size(width, tail)
     for b in range(B):
         X, dX, Y, dY = np.empty(C), np.empty(C), np.empty(C), np.empty(C)
@@ -153,14 +139,16 @@ def splat_jvp(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tangents: n
             a = weight[b, n]
             if a == 0.0:
                 continue
-            x0, nx = _window(uv[b, n, 0], width[b, n, 0], tail, W, X, dX, True, fast)
-            y0, ny = _window(uv[b, n, 1], width[b, n, 1], tail, H, Y, dY, True, fast)
+            x0, nx = _window(uv[b, n, 0], width[b, n, 0], tail, W, X, dX, deriv, fast)
+            y0, ny = _window(uv[b, n, 1], width[b, n, 1], tail, H, Y, dY, deriv, fast)
             for i in range(ny):
                 ay = a * Y[i]
-                ady = a * dY[i]
                 for j in range(nx):
-                    du = ay * dX[j]
-                    dv = ady * X[j]
                     out[b, y0 + i, x0 + j] += ay * X[j]
-                    for k in range(K):
-                        out_jvp[b, y0 + i, x0 + j, k] += du * tangents[b, n, k, 0] + dv * tangents[b, n, k, 1]
+                if deriv:
+                    ady = a * dY[i]
+                    for j in range(nx):
+                        du = ay * dX[j]
+                        dv = ady * X[j]
+                        for k in range(K):
+                            out_jvp[b, y0 + i, x0 + j, k] += du * tangents[b, n, k, 0] + dv * tangents[b, n, k, 1]
