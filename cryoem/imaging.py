@@ -25,7 +25,7 @@ from cryoem.ctf import CTFParams, ctf_2d
 from renderers.cameras import Camera
 from renderers.gaussian import gaussian_density_map, gaussian_projection, gaussian_projection_jvp
 
-__all__ = ["project", "shift_phase", "fourier_filter", "add_noise", "ImageFormation", "structure_map"]
+__all__ = ["project", "project_jvp", "shift_phase", "fourier_filter", "add_noise", "ImageFormation", "structure_map"]
 
 
 def project(coords: Tensor, amplitudes: Tensor, sigmas: Tensor, R: Tensor, pixel_size: float, box: int,
