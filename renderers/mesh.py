@@ -11,6 +11,12 @@ normals); the light ``direction`` is a world-space vector pointing *towards* the
 PyTorch3D NDC units, where the shorter image side spans [-1, 1], so ``sigma`` is in NDC units squared: one pixel
 of a 64-pixel image is ``(2 / 64) ** 2 ~ 1e-3``. PyTorch3D rasterizes in float32 only: float64 inputs are rendered
 in float32 and the images returned in float64 (gradients flow through the casts).
+
+Backends (``backend=``), one set of maths: ``"pytorch3d"`` rasterizes with PyTorch3D's ``MeshRasterizer``;
+``"numba"`` with Plato's compiled CPU rasterizer (``renderers._softras``: the same fragments, each face visited
+over its own bounding box, and an analytic backward pass); ``"torch"`` with a pure-torch reference rasterizer
+(every pixel against every face: small images only, any device). All three hand the same fragments to
+PyTorch3D's blending and shading. ``"auto"`` takes numba on the CPU and PyTorch3D on CUDA.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -54,6 +61,8 @@ class MeshRenderer(nn.Module):
         background: RGB background of the shaded image.
         alpha: in shaded mode, append the opacity as a fourth channel.
         znear, zfar: depth range used to normalise depths in the softmax blend (world units along view z).
+        backend: ``"auto"`` (numba on the CPU, PyTorch3D on CUDA), ``"numba"``, ``"torch"`` or ``"pytorch3d"``:
+            the rasterizer (see the module docstring); all give the same images and gradients.
     """
 
     def __init__(self, mode: str = "silhouette", soft: bool = True, sigma: float = 1e-4, gamma: float = 1e-4,
@@ -61,8 +70,10 @@ class MeshRenderer(nn.Module):
                  light_direction: Sequence[float] = (0.0, -1.0, -1.0), ambient: float = 0.3,
                  diffuse: float = 0.7, specular: float = 0.2, shininess: float = 32.0,
                  background: Sequence[float] = (1.0, 1.0, 1.0), alpha: bool = False,
-                 znear: float = 0.1, zfar: float = 100.0):
+                 znear: float = 0.1, zfar: float = 100.0, backend: str = "auto"):
         super().__init__()
+        if backend not in _BACKENDS:
+            raise ValueError(f"backend: expected one of {', '.join(map(repr, _BACKENDS))}, got {backend!r}")
         if mode not in ("silhouette", "shaded"):
             raise ValueError(f"mode: expected 'silhouette' or 'shaded', got {mode!r}")
         if shading not in ("phong", "flat"):
@@ -75,10 +86,11 @@ class MeshRenderer(nn.Module):
         self.faces_per_pixel, self.shading, self.alpha = int(faces_per_pixel), shading, alpha
         self.light = dict(direction=tuple(light_direction), ambient=ambient, diffuse=diffuse, specular=specular)
         self.shininess, self.background = shininess, tuple(background)
-        self.znear, self.zfar = znear, zfar
+        self.znear, self.zfar, self.backend = znear, zfar, backend
 
     def extra_repr(self) -> str:
-        return f"mode={self.mode}, soft={self.soft}, sigma={self.sigma}, faces_per_pixel={self.faces_per_pixel}"
+        return (f"mode={self.mode}, soft={self.soft}, sigma={self.sigma}, faces_per_pixel={self.faces_per_pixel}, "
+                f"backend={self.backend}")
 
     def forward(self, verts: Tensor, faces: Tensor, camera: Camera, colors: Tensor | None = None) -> Tensor:
         """Render one image per camera.
@@ -92,29 +104,41 @@ class MeshRenderer(nn.Module):
             silhouette (B, 1, H, W), or shaded colour (B, 3, H, W) / RGBA (B, 4, H, W) with ``alpha``.
         """
         verts, faces, colors = self._validate(verts, faces, camera, colors)
-        from pytorch3d.structures import Meshes
-
-        textures = None
-        if colors is not None:
-            from pytorch3d.renderer import TexturesVertex
-
-            textures = TexturesVertex(colors.float())
-        meshes = Meshes(verts=verts.float(), faces=faces, textures=textures)
-        cameras = camera.to(dtype=torch.float32).to_pytorch3d()
-        fragments = self._rasterize(meshes, cameras, camera.image_size)
+        backend = _select_backend(self.backend, verts)
+        if backend == "pytorch3d":
+            fragments = self._rasterize_pytorch3d(verts, faces, camera)
+        else:
+            fragments = self._rasterize_plato(verts, faces, camera, backend)
         if self.mode == "silhouette":
             image = self._silhouette(fragments)[:, None]
         else:
-            image = self._shade(meshes, fragments, cameras)
+            image = self._shade(verts, faces, colors, fragments, camera)
         return image.to(verts.dtype)
 
-    def _rasterize(self, meshes, cameras, image_size):
-        from pytorch3d.renderer import MeshRasterizer, RasterizationSettings
+    @property
+    def _blur(self) -> float:
+        """PyTorch3D's ``blur_radius`` (NDC units squared): where sigmoid(-d / sigma) = 1e-4; 0 when hard."""
+        return math.log(1.0 / 1e-4 - 1.0) * self.sigma if self.soft else 0.0
 
-        blur = math.log(1.0 / 1e-4 - 1.0) * self.sigma if self.soft else 0.0  # where sigmoid(-d/sigma) = 1e-4
-        settings = RasterizationSettings(image_size=image_size, blur_radius=blur,
+    def _rasterize_pytorch3d(self, verts, faces, camera):
+        from pytorch3d.renderer import MeshRasterizer, RasterizationSettings
+        from pytorch3d.structures import Meshes
+
+        settings = RasterizationSettings(image_size=camera.image_size, blur_radius=self._blur,
                                          faces_per_pixel=self.faces_per_pixel if self.soft else 1)
-        return MeshRasterizer(cameras=cameras, raster_settings=settings)(meshes)
+        cameras = camera.to(dtype=torch.float32).to_pytorch3d()
+        return MeshRasterizer(cameras=cameras, raster_settings=settings)(Meshes(verts=verts.float(), faces=faces))
+
+    def _rasterize_plato(self, verts, faces, camera, backend):
+        """PyTorch3D ``Fragments`` from Plato's rasterizer (``backend`` "numba" or "torch")."""
+        from pytorch3d.renderer.mesh.rasterizer import Fragments
+
+        fv = face_vertices_ndc(verts.float(), faces, camera.to(dtype=torch.float32))
+        K = self.faces_per_pixel if self.soft else 1
+        # MeshRasterizer's defaults: perspective-correct barycentrics for perspective cameras, clipped when blurred
+        args = (camera.image_size, self._blur, K, not camera.orthographic, self.soft)
+        raster = rasterize_numba if backend == "numba" else rasterize_torch
+        return Fragments(*raster(fv, *args))
 
     def _silhouette(self, fragments) -> Tensor:
         """(B, H, W) opacity from the rasterizer's fragments."""
@@ -126,12 +150,15 @@ class MeshRenderer(nn.Module):
         colors = fragments.dists[..., None].expand(*fragments.dists.shape, 3)  # unused by the alpha channel
         return sigmoid_alpha_blend(colors, fragments, BlendParams(sigma=self.sigma))[..., 3]
 
-    def _shade(self, meshes, fragments, cameras) -> Tensor:
+    def _shade(self, verts, faces, colors, fragments, camera) -> Tensor:
         """(B, 3 or 4, H, W) lit, blended colours."""
-        from pytorch3d.renderer import BlendParams, DirectionalLights, Materials
+        from pytorch3d.renderer import BlendParams, DirectionalLights, Materials, TexturesVertex
         from pytorch3d.renderer.blending import hard_rgb_blend, softmax_rgb_blend
         from pytorch3d.renderer.mesh.shading import flat_shading, phong_shading
+        from pytorch3d.structures import Meshes
 
+        meshes = Meshes(verts=verts.float(), faces=faces, textures=TexturesVertex(colors.float()))
+        cameras = camera.to(dtype=torch.float32).to_pytorch3d()
         dev = meshes.device
         grey = lambda s: ((float(s),) * 3,)  # noqa: E731
         lights = DirectionalLights(direction=(self.light["direction"],), ambient_color=grey(self.light["ambient"]),
@@ -182,3 +209,174 @@ class MeshRenderer(nn.Module):
         if colors.shape[0] not in (1, B):
             raise ValueError(f"colors: expected batch size 1 or {B} (the cameras), got {colors.shape[0]}")
         return verts, faces, colors.expand(B, -1, -1)
+
+
+# ------------------------------------------------------------------ backends
+_BACKENDS = ("auto", "numba", "torch", "pytorch3d")
+
+
+def _select_backend(backend: str, verts: Tensor) -> str:
+    """The rasterizer for ``verts``: "auto" takes numba on the CPU (when installed) and PyTorch3D elsewhere."""
+    if backend == "auto":
+        return "numba" if verts.device.type == "cpu" and _softras() is not None else "pytorch3d"
+    if backend == "numba" and verts.device.type != "cpu":
+        raise ValueError(f"backend: 'numba' renders on the CPU only, got verts on {verts.device}; use 'auto'")
+    if backend == "numba" and _softras() is None:
+        raise ValueError("backend: 'numba' needs numba, which is not installed; use 'auto'")
+    return backend
+
+
+def _softras():
+    """The module of compiled kernels ``renderers._softras``, or None without numba."""
+    try:
+        from renderers import _softras
+    except ImportError:
+        return None
+    return _softras
+
+
+def face_vertices_ndc(verts: Tensor, faces: Tensor, camera: Camera) -> Tensor:
+    """(B, F, 3, 3) face vertices in PyTorch3D NDC: x left, y up, the shorter image side spanning [-1, 1], and
+    z the view-space depth (world units), as ``MeshRasterizer`` hands them to its rasterizer.
+
+    Args:
+        verts: (B, V, 3) world-space vertices; faces: (B, F, 3) vertex indices; camera: B cameras.
+    """
+    x = camera.world_to_view(verts)
+    z = x[..., 2:]
+    if not camera.orthographic:
+        # a face with a vertex at z < 1e-8 is never drawn; dividing by 1 there keeps its gradient finite (zero)
+        x = x[..., :2] / torch.where(z < 1e-8, torch.ones_like(z), z)
+    uv = x[..., :2] * camera.focal[:, None] + camera.principal[:, None]
+    H, W = camera.image_size
+    ndc = (uv.new_tensor([W / 2, H / 2]) - uv) / (min(H, W) / 2)
+    ndc = torch.cat([ndc, z], -1)
+    return ndc[torch.arange(len(camera), device=verts.device)[:, None, None], faces]
+
+
+def rasterize_numba(fv: Tensor, image_size: tuple[int, int], blur: float, K: int, persp: bool,
+                    clip: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """PyTorch3D's ``rasterize_meshes`` outputs for faces ``fv`` (B, F, 3, 3) in NDC (:func:`face_vertices_ndc`)
+    by the numba kernels, differentiable in ``fv``: ``pix_to_face`` (B, H, W, K') packed face indices,
+    ``zbuf`` (B, H, W, K') view depths, ``bary`` (B, H, W, K', 3), ``dists`` (B, H, W, K') signed squared NDC
+    distances, with ``K' <= K`` the most faces any pixel keeps (the slots beyond it would be empty).
+
+    ``blur``: NDC units squared; ``persp``: perspective-correct barycentrics; ``clip``: clip them to the face.
+    """
+    return _NumbaRasterize.apply(fv, tuple(image_size), float(blur), int(K), bool(persp), bool(clip))
+
+
+class _NumbaRasterize(torch.autograd.Function):
+    """:func:`rasterize_numba`: the forward and backward kernels of ``renderers._softras``."""
+
+    @staticmethod
+    def forward(ctx, fv: Tensor, image_size: tuple[int, int], blur: float, K: int, persp: bool, clip: bool):
+        kernels = _softras()
+        B, H, W = fv.shape[0], *image_size
+        fv64 = fv.detach().to(torch.float64).contiguous().numpy()
+        p2f = torch.empty(B, H, W, K, dtype=torch.int64)
+        zbuf, dists = torch.empty(B, H, W, K, dtype=fv.dtype), torch.empty(B, H, W, K, dtype=fv.dtype)
+        bary = torch.empty(B, H, W, K, 3, dtype=fv.dtype)
+        most = kernels.rasterize(fv64, H, W, blur, persp, clip, p2f.numpy(), zbuf.numpy(), bary.numpy(),
+                                 dists.numpy())
+        if most < K:  # drop the slots that no pixel uses (1 at least, as PyTorch3D's blending expects)
+            keep = max(most, 1)
+            p2f, zbuf, bary, dists = (t[:, :, :, :keep].contiguous() for t in (p2f, zbuf, bary, dists))
+        ctx.save_for_backward(fv, p2f)
+        ctx.mark_non_differentiable(p2f)
+        ctx.set_materialize_grads(False)
+        ctx.persp, ctx.clip = persp, clip
+        return p2f, zbuf, bary, dists
+
+    @staticmethod
+    def backward(ctx, _, grad_zbuf, grad_bary, grad_dists):
+        fv, p2f = ctx.saved_tensors
+        grads = [np.zeros((0,) * dim) if g is None else g.detach().to(torch.float64).contiguous().numpy()
+                 for g, dim in ((grad_zbuf, 4), (grad_bary, 5), (grad_dists, 4))]
+        grad_fv = np.zeros(fv.shape)
+        _softras().rasterize_backward(fv.detach().to(torch.float64).numpy(), p2f.numpy(), *grads, ctx.persp,
+                                      ctx.clip, grad_fv)
+        return torch.from_numpy(grad_fv).to(fv.dtype), None, None, None, None, None
+
+
+# ------------------------------------------------------- pure-torch reference
+def rasterize_torch(fv: Tensor, image_size: tuple[int, int], blur: float, K: int, persp: bool,
+                    clip: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`rasterize_numba`'s outputs (with K' = K) in plain torch, differentiable by autograd, on any device.
+
+    Tests every pixel against every face (chunks of about 2^22 pairs): the reference for small images.
+    """
+    B, F = fv.shape[:2]
+    H, W = image_size
+    pix = _pixel_centres(H, W, fv).reshape(-1, 2)
+    with torch.no_grad():
+        rows = max(1, 2**22 // max(F, 1))
+        p2f = torch.cat([_nearest_faces(fv, pix[i:i + rows], blur, K, persp, clip)
+                         for i in range(0, H * W, rows)], 1)
+    p2f = p2f.reshape(B, H, W, K)
+    hit = p2f >= 0
+    f = torch.where(hit, p2f - torch.arange(B, device=fv.device)[:, None, None, None] * F, 0)
+    pair_fv = fv[torch.arange(B, device=fv.device)[:, None, None, None], f]  # (B, H, W, K, 3, 3)
+    zbuf, bary, dists, _ = _pair_fragments(pair_fv, pix.reshape(1, H, W, 1, 2), persp, clip)
+    pad = lambda t: torch.where(hit.reshape(*hit.shape, *(1,) * (t.dim() - 4)), t, -torch.ones_like(t))  # noqa: E731
+    return p2f, pad(zbuf), pad(bary), pad(dists)
+
+
+def _pixel_centres(H: int, W: int, like: Tensor) -> Tensor:
+    """(H, W, 2) NDC centres of the pixels, (x left, y up), as PyTorch3D's ``PixToNonSquareNdc``."""
+    s = min(H, W) / 2
+    y = (H / 2 - 0.5 - torch.arange(H, dtype=like.dtype, device=like.device)) / s
+    x = (W / 2 - 0.5 - torch.arange(W, dtype=like.dtype, device=like.device)) / s
+    return torch.stack(torch.meshgrid(x, y, indexing="xy"), -1)
+
+
+def _nearest_faces(fv: Tensor, pix: Tensor, blur: float, K: int, persp: bool, clip: bool) -> Tensor:
+    """(B, P, K) packed indices of the K nearest faces (by depth, then index) meeting each of the P pixels
+    ``pix`` (P, 2), -1 padded."""
+    B, F = fv.shape[:2]
+    zbuf, _, dists, inside = _pair_fragments(fv[:, None], pix[None, :, None], persp, clip)  # (B, P, F)
+    v = fv[:, None]
+    area = _edge(v[..., 0, :2], v[..., 1, :2], v[..., 2, :2])
+    ok = (area.abs() > 1e-8) & (v[..., 2].min(-1).values >= 1e-8) & (inside | (dists < blur)) & (zbuf >= 0)
+    key = torch.where(ok, zbuf, torch.full_like(zbuf, math.inf))
+    key, order = torch.sort(key, dim=-1, stable=True)
+    key, order = key[..., :K], order[..., :K]
+    p2f = torch.where(torch.isfinite(key), order + torch.arange(B, device=fv.device)[:, None, None] * F, -1)
+    if p2f.shape[-1] < K:
+        p2f = torch.cat([p2f, p2f.new_full((*p2f.shape[:-1], K - p2f.shape[-1]), -1)], -1)
+    return p2f
+
+
+def _edge(p: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Twice the signed area of (p, a, b) over the last axis (x, y): PyTorch3D's ``EdgeFunctionForward``."""
+    return (p[..., 0] - a[..., 0]) * (b[..., 1] - a[..., 1]) - (p[..., 1] - a[..., 1]) * (b[..., 0] - a[..., 0])
+
+
+def _segment_dist2(p: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Squared distance from points ``p`` to segments a-b (..., 2) (PyTorch3D's ``PointLineDistanceForward``)."""
+    ab = b - a
+    l2 = (ab * ab).sum(-1)
+    t = ((p - a) * ab).sum(-1) / torch.where(l2 <= 1e-8, torch.ones_like(l2), l2)
+    e = a + t.clamp(0.0, 1.0)[..., None] * ab - p
+    return torch.where(l2 <= 1e-8, ((p - b) ** 2).sum(-1), (e * e).sum(-1))
+
+
+def _pair_fragments(fv: Tensor, p: Tensor, persp: bool, clip: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Depth, barycentrics (..., 3), signed squared distance and insideness of points ``p`` (..., 2) against
+    faces ``fv`` (..., 3, 3) in NDC (broadcast together), as PyTorch3D's rasterizer computes them."""
+    v0, v1, v2 = fv[..., 0, :], fv[..., 1, :], fv[..., 2, :]
+    area = _edge(v2[..., :2], v0[..., :2], v1[..., :2]) + 1e-8
+    w = torch.stack([_edge(p, v1[..., :2], v2[..., :2]), _edge(p, v2[..., :2], v0[..., :2]),
+                     _edge(p, v0[..., :2], v1[..., :2])], -1) / area[..., None]
+    if persp:
+        z = fv[..., 2]
+        w = w * torch.stack([z[..., 1] * z[..., 2], z[..., 0] * z[..., 2], z[..., 0] * z[..., 1]], -1)
+        w = w / w.sum(-1, keepdim=True).clamp(min=1e-8)
+    inside = (w > 0).all(-1)
+    if clip:
+        w = w.clamp(min=0.0)
+        w = w / w.sum(-1, keepdim=True).clamp(min=1e-5)
+    zbuf = (w * fv[..., 2]).sum(-1)
+    d = torch.stack([_segment_dist2(p, v0[..., :2], v1[..., :2]), _segment_dist2(p, v0[..., :2], v2[..., :2]),
+                     _segment_dist2(p, v1[..., :2], v2[..., :2])], -1).min(-1).values
+    return zbuf, w, torch.where(inside, -d, d), inside

@@ -1,0 +1,305 @@
+"""Compiled CPU kernels (numba) of the soft mesh rasterizer behind :class:`renderers.mesh.MeshRenderer`.
+
+They compute what PyTorch3D's ``rasterize_meshes`` computes (its C++ CPU kernel, with ``MeshRasterizer``'s
+defaults: no z-clipping, no culling), in float64 whatever the input dtype:
+
+* Inputs are the faces' vertices ``fv`` (B, F, 3, 3) in PyTorch3D NDC: ``x`` left, ``y`` up, the shorter image
+  side spanning [-1, 1], and ``z`` the view-space depth in world units. Pixel ``(i, j)`` of an (H, W) image has
+  its centre at NDC ``(-(j + 0.5 - W / 2) / s, -(i + 0.5 - H / 2) / s)``, ``s = min(H, W) / 2``.
+* A face is skipped if its NDC area is within 1e-8 of zero or any vertex has ``z < 1e-8`` (behind or on the
+  camera plane: PyTorch3D drops such faces whole).
+* Face ``f`` meets pixel ``p`` if ``p`` lies inside it (all perspective-corrected barycentric coordinates
+  positive) or its squared NDC distance to the triangle's edges is below ``blur`` (NDC units squared).
+  ``dists`` holds that squared distance, negative inside. ``bary`` holds the barycentric coordinates
+  (perspective-corrected when ``persp``, clipped to the triangle when ``clip``) and ``zbuf`` the depth they
+  interpolate. A pixel keeps its ``K`` nearest meeting faces, sorted by (depth, face index), padded with -1.
+* ``pix_to_face`` holds packed face indices ``b * F + f``, as PyTorch3D's ``Meshes`` number them.
+
+The faces are visited face by face, each over the pixels of its bounding box expanded by ``sqrt(blur)``: a
+pixel touches only the faces that can meet it, with no binning pass. :func:`rasterize_backward` is the
+analytic gradient of the fragments with respect to ``fv`` (PyTorch3D's ``RasterizeMeshesBackwardCpu``),
+one pass over the kept (pixel, face) pairs. The kernels run on the calling thread only (see
+``renderers.splat`` for why).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numba
+import numpy as np
+
+EPS = 1e-8  # PyTorch3D's kEpsilon
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _edge(px, py, ax, ay, bx, by):
+    """Twice the signed area of (p, a, b): PyTorch3D's EdgeFunctionForward(p, a, b)."""
+    return (px - ax) * (by - ay) - (py - ay) * (bx - ax)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _segment_dist2(px, py, ax, ay, bx, by):
+    """Squared distance from p to the segment a-b, and the clamped position ``t`` of its nearest point."""
+    dx, dy = bx - ax, by - ay
+    l2 = dx * dx + dy * dy
+    if l2 <= EPS:
+        return (px - bx) ** 2 + (py - by) ** 2, 1.0
+    t = min(max((dx * (px - ax) + dy * (py - ay)) / l2, 0.0), 1.0)
+    ex, ey = ax + t * dx - px, ay + t * dy - py
+    return ex * ex + ey * ey, t
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _triangle_dist2(px, py, x0, y0, x1, y1, x2, y2):
+    """Squared distance from p to the nearest edge; the edge (0: v0-v1, 1: v0-v2, 2: v1-v2, first on ties)."""
+    d01, _ = _segment_dist2(px, py, x0, y0, x1, y1)
+    d02, _ = _segment_dist2(px, py, x0, y0, x2, y2)
+    d12, _ = _segment_dist2(px, py, x1, y1, x2, y2)
+    if d01 <= d02 and d01 <= d12:
+        return d01, 0
+    if d02 <= d12:
+        return d02, 1
+    return d12, 2
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bary(px, py, x0, y0, x1, y1, x2, y2):
+    """Screen-space barycentric coordinates of p (PyTorch3D's BarycentricCoordinatesForward)."""
+    area = _edge(x2, y2, x0, y0, x1, y1) + EPS
+    return (_edge(px, py, x1, y1, x2, y2) / area, _edge(px, py, x2, y2, x0, y0) / area,
+            _edge(px, py, x0, y0, x1, y1) / area)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _perspective(w0, w1, w2, z0, z1, z2):
+    """Perspective-corrected barycentric coordinates (BarycentricPerspectiveCorrectionForward)."""
+    t0, t1, t2 = w0 * z1 * z2, w1 * z0 * z2, w2 * z0 * z1
+    d = max(t0 + t1 + t2, EPS)
+    return t0 / d, t1 / d, t2 / d
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _clip(w0, w1, w2):
+    """Barycentric coordinates clipped to the triangle (BarycentricClipForward)."""
+    c0, c1, c2 = max(w0, 0.0), max(w1, 0.0), max(w2, 0.0)
+    s = max(c0 + c1 + c2, 1e-5)
+    return c0 / s, c1 / s, c2 / s
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _pixel_range(lo, hi, centre, s, n):
+    """First and one-past-last pixel index whose NDC centre ``(centre - idx - 0.5) / s`` may lie in [lo, hi]."""
+    a = centre - 0.5 - hi * s
+    b = centre - 0.5 - lo * s
+    first = int(max(math.floor(max(a, -2.0)) - 1.0, 0.0))
+    last = int(min(math.ceil(min(b, n + 2.0)) + 2.0, float(n)))
+    return first, last
+
+
+@numba.njit(cache=True, nogil=True)
+def rasterize(fv: np.ndarray, H: int, W: int, blur: float, persp: bool, clip: bool, pix_to_face: np.ndarray,
+              zbuf: np.ndarray, bary: np.ndarray, dists: np.ndarray) -> int:
+    """Fill the fragments of faces ``fv`` (B, F, 3, 3) (see the module docstring) into ``pix_to_face``, ``zbuf``,
+    ``dists`` (B, H, W, K) and ``bary`` (B, H, W, K, 3), where every slot beyond a pixel's faces reads -1.
+
+    Returns the most faces kept by any pixel (at most K): the slots beyond it are -1 everywhere.
+    """
+    B, F = fv.shape[0], fv.shape[1]
+    K = pix_to_face.shape[3]
+    s = min(H, W) / 2.0
+    r = math.sqrt(blur)
+    count = np.zeros((H, W), np.int64)
+    z = np.empty((H, W, K))  # float64 depths, so that ties sort as PyTorch3D sorts them
+    most = 0
+    for b in range(B):
+        count[:] = 0
+        for f in range(F):
+            x0, y0, z0 = fv[b, f, 0, 0], fv[b, f, 0, 1], fv[b, f, 0, 2]
+            x1, y1, z1 = fv[b, f, 1, 0], fv[b, f, 1, 1], fv[b, f, 1, 2]
+            x2, y2, z2 = fv[b, f, 2, 0], fv[b, f, 2, 1], fv[b, f, 2, 2]
+            if abs(_edge(x0, y0, x1, y1, x2, y2)) <= EPS or min(z0, z1, z2) < EPS:
+                continue
+            j0, j1 = _pixel_range(min(x0, x1, x2) - r, max(x0, x1, x2) + r, W / 2.0, s, W)
+            i0, i1 = _pixel_range(min(y0, y1, y2) - r, max(y0, y1, y2) + r, H / 2.0, s, H)
+            for i in range(i0, i1):
+                py = (H / 2.0 - i - 0.5) / s
+                for j in range(j0, j1):
+                    px = (W / 2.0 - j - 0.5) / s
+                    w0, w1, w2 = _bary(px, py, x0, y0, x1, y1, x2, y2)
+                    if persp:
+                        w0, w1, w2 = _perspective(w0, w1, w2, z0, z1, z2)
+                    inside = w0 > 0.0 and w1 > 0.0 and w2 > 0.0
+                    d = 0.0
+                    if not inside:
+                        d, _ = _triangle_dist2(px, py, x0, y0, x1, y1, x2, y2)
+                        if d >= blur:
+                            continue
+                    if clip:
+                        w0, w1, w2 = _clip(w0, w1, w2)
+                    pz = w0 * z0 + w1 * z1 + w2 * z2
+                    if pz < 0.0:
+                        continue
+                    n = count[i, j]
+                    k = n  # insert after every kept face not farther (they have smaller indices)
+                    while k > 0 and z[i, j, k - 1] > pz:
+                        k -= 1
+                    if k >= K:
+                        continue
+                    if inside:
+                        d, _ = _triangle_dist2(px, py, x0, y0, x1, y1, x2, y2)
+                        d = -d
+                    for m in range(min(n, K - 1), k, -1):
+                        z[i, j, m] = z[i, j, m - 1]
+                        pix_to_face[b, i, j, m] = pix_to_face[b, i, j, m - 1]
+                        dists[b, i, j, m] = dists[b, i, j, m - 1]
+                        for c in range(3):
+                            bary[b, i, j, m, c] = bary[b, i, j, m - 1, c]
+                    z[i, j, k] = pz
+                    pix_to_face[b, i, j, k] = b * F + f
+                    dists[b, i, j, k] = d
+                    bary[b, i, j, k, 0], bary[b, i, j, k, 1], bary[b, i, j, k, 2] = w0, w1, w2
+                    count[i, j] = min(n + 1, K)
+        for i in range(H):
+            for j in range(W):
+                n = count[i, j]
+                most = max(most, n)
+                for k in range(n):
+                    zbuf[b, i, j, k] = z[i, j, k]
+                for k in range(n, K):
+                    pix_to_face[b, i, j, k] = -1
+                    zbuf[b, i, j, k] = -1.0
+                    dists[b, i, j, k] = -1.0
+                    for c in range(3):
+                        bary[b, i, j, k, c] = -1.0
+    return most
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _edge_grad(px, py, ax, ay, bx, by, g, ga, gb):
+    """Add ``g`` times the gradient of ``_edge(p, a, b)`` with respect to a and b into ``ga`` and ``gb`` (2,)."""
+    ga[0] += g * (py - by)
+    ga[1] += g * (bx - px)
+    gb[0] += g * (ay - py)
+    gb[1] += g * (px - ax)
+
+
+@numba.njit(cache=True, nogil=True)
+def rasterize_backward(fv: np.ndarray, pix_to_face: np.ndarray, grad_zbuf: np.ndarray, grad_bary: np.ndarray,
+                       grad_dists: np.ndarray, persp: bool, clip: bool, grad_fv: np.ndarray) -> None:
+    """Add the gradient of ``sum(grad_zbuf * zbuf + grad_bary * bary + grad_dists * dists)`` with respect to
+    ``fv`` (B, F, 3, 3) into ``grad_fv`` (same shape), for fragments of :func:`rasterize`.
+
+    ``grad_zbuf`` and ``grad_bary`` may have size 0 (no upstream gradient), else shapes (B, H, W, K) and
+    (B, H, W, K, 3); ``grad_dists`` likewise (B, H, W, K) or size 0.
+    """
+    B, H, W, K = pix_to_face.shape
+    F = fv.shape[1]
+    s = min(H, W) / 2.0
+    has_z, has_b, has_d = grad_zbuf.size > 0, grad_bary.size > 0, grad_dists.size > 0
+    g = np.zeros((3, 2))  # screen-space gradient of the three vertices
+    for b in range(B):
+        for i in range(H):
+            py = (H / 2.0 - i - 0.5) / s
+            for j in range(W):
+                px = (W / 2.0 - j - 0.5) / s
+                for k in range(K):
+                    pf = pix_to_face[b, i, j, k]
+                    if pf < 0:
+                        break
+                    f = pf - b * F
+                    x0, y0, z0 = fv[b, f, 0, 0], fv[b, f, 0, 1], fv[b, f, 0, 2]
+                    x1, y1, z1 = fv[b, f, 1, 0], fv[b, f, 1, 1], fv[b, f, 1, 2]
+                    x2, y2, z2 = fv[b, f, 2, 0], fv[b, f, 2, 1], fv[b, f, 2, 2]
+                    g[:] = 0.0
+                    u0, u1, u2 = _bary(px, py, x0, y0, x1, y1, x2, y2)
+                    w0, w1, w2 = _perspective(u0, u1, u2, z0, z1, z2) if persp else (u0, u1, u2)
+                    inside = w0 > 0.0 and w1 > 0.0 and w2 > 0.0
+                    if has_d:
+                        gd = -grad_dists[b, i, j, k] if inside else grad_dists[b, i, j, k]
+                        _dist_grad(px, py, x0, y0, x1, y1, x2, y2, gd, g)
+                    if not (has_z or has_b):
+                        _add(grad_fv, b, f, g, 0.0, 0.0, 0.0)
+                        continue
+                    gz = grad_zbuf[b, i, j, k] if has_z else 0.0
+                    c0, c1, c2 = _clip(w0, w1, w2) if clip else (w0, w1, w2)
+                    # d zbuf / d bary_clip = (z0, z1, z2); z also enters zbuf directly with weight bary_clip
+                    q0, q1, q2 = gz * z0, gz * z1, gz * z2
+                    if has_b:
+                        q0 += grad_bary[b, i, j, k, 0]
+                        q1 += grad_bary[b, i, j, k, 1]
+                        q2 += grad_bary[b, i, j, k, 2]
+                    if clip:
+                        q0, q1, q2 = _clip_grad(w0, w1, w2, q0, q1, q2)
+                    gz0, gz1, gz2 = gz * c0, gz * c1, gz * c2
+                    if persp:
+                        q0, q1, q2, a0, a1, a2 = _perspective_grad(u0, u1, u2, z0, z1, z2, q0, q1, q2)
+                        gz0, gz1, gz2 = gz0 + a0, gz1 + a1, gz2 + a2
+                    _bary_grad(px, py, x0, y0, x1, y1, x2, y2, q0, q1, q2, g)
+                    _add(grad_fv, b, f, g, gz0, gz1, gz2)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _add(grad_fv, b, f, g, gz0, gz1, gz2):
+    for v in range(3):
+        grad_fv[b, f, v, 0] += g[v, 0]
+        grad_fv[b, f, v, 1] += g[v, 1]
+    grad_fv[b, f, 0, 2] += gz0
+    grad_fv[b, f, 1, 2] += gz1
+    grad_fv[b, f, 2, 2] += gz2
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _dist_grad(px, py, x0, y0, x1, y1, x2, y2, gd, g):
+    """Add ``gd`` times the gradient of the nearest edge's squared distance (the clamped foot ``t`` held fixed:
+    its own derivative vanishes at the minimum) into ``g`` (3, 2)."""
+    _, e = _triangle_dist2(px, py, x0, y0, x1, y1, x2, y2)
+    a, c = (0, 1) if e == 0 else ((0, 2) if e == 1 else (1, 2))
+    ax, ay = (x0, y0) if a == 0 else (x1, y1)
+    bx, by = (x1, y1) if c == 1 else (x2, y2)
+    _, t = _segment_dist2(px, py, ax, ay, bx, by)
+    ex, ey = 2.0 * gd * (ax + t * (bx - ax) - px), 2.0 * gd * (ay + t * (by - ay) - py)
+    g[a, 0] += (1.0 - t) * ex
+    g[a, 1] += (1.0 - t) * ey
+    g[c, 0] += t * ex
+    g[c, 1] += t * ey
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _clip_grad(w0, w1, w2, q0, q1, q2):
+    """Gradient with respect to (w0, w1, w2) through :func:`_clip`, given the gradient (q0, q1, q2) of its output."""
+    c0, c1, c2 = max(w0, 0.0), max(w1, 0.0), max(w2, 0.0)
+    s = c0 + c1 + c2
+    live = 1.0
+    if s < 1e-5:
+        live, s = 0.0, 1e-5
+    dot = (q0 * c0 + q1 * c1 + q2 * c2) / (s * s) * live
+    return ((q0 / s - dot) if w0 >= 0.0 else 0.0, (q1 / s - dot) if w1 >= 0.0 else 0.0,
+            (q2 / s - dot) if w2 >= 0.0 else 0.0)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _perspective_grad(u0, u1, u2, z0, z1, z2, q0, q1, q2):
+    """Gradients with respect to (u0, u1, u2) and (z0, z1, z2) through :func:`_perspective`."""
+    t0, t1, t2 = u0 * z1 * z2, u1 * z0 * z2, u2 * z0 * z1
+    d = max(t0 + t1 + t2, EPS)
+    gd = -(t0 * q0 + t1 * q1 + t2 * q2) / (d * d)
+    g0, g1, g2 = gd + q0 / d, gd + q1 / d, gd + q2 / d
+    return (g0 * z1 * z2, g1 * z0 * z2, g2 * z0 * z1,
+            g1 * u1 * z2 + g2 * u2 * z1, g0 * u0 * z2 + g2 * u2 * z0, g0 * u0 * z1 + g1 * u1 * z0)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _bary_grad(px, py, x0, y0, x1, y1, x2, y2, q0, q1, q2, g):
+    """Add the gradient through :func:`_bary` (given the gradient (q0, q1, q2) of its output) into ``g``."""
+    area = _edge(x2, y2, x0, y0, x1, y1) + EPS
+    e0, e1, e2 = _edge(px, py, x1, y1, x2, y2), _edge(px, py, x2, y2, x0, y0), _edge(px, py, x0, y0, x1, y1)
+    ga = -(q0 * e0 + q1 * e1 + q2 * e2) / (area * area)
+    ga0, ga1, ga2 = g[0], g[1], g[2]
+    _edge_grad(px, py, x1, y1, x2, y2, q0 / area, ga1, ga2)
+    _edge_grad(px, py, x2, y2, x0, y0, q1 / area, ga2, ga0)
+    _edge_grad(px, py, x0, y0, x1, y1, q2 / area, ga0, ga1)
+    # area = _edge(v2, v0, v1): its "p" is v2
+    ga2[0] += ga * (y1 - y0)
+    ga2[1] += ga * (x0 - x1)
+    _edge_grad(x2, y2, x0, y0, x1, y1, ga, ga0, ga1)
