@@ -13,6 +13,7 @@ defaults: no z-clipping, no culling), in float64 whatever the input dtype:
   ``dists`` holds that squared distance, negative inside. ``bary`` holds the barycentric coordinates
   (perspective-corrected when ``persp``, clipped to the triangle when ``clip``) and ``zbuf`` the depth they
   interpolate. A pixel keeps its ``K`` nearest meeting faces, sorted by (depth, face index), padded with -1.
+* Depths are rounded to float32 before they are compared, as PyTorch3D compares them (see ``_visit``).
 * ``pix_to_face`` holds packed face indices ``b * F + f``, as PyTorch3D's ``Meshes`` number them.
 
 The faces are visited face by face, each over the pixels of its bounding box expanded by ``sqrt(blur)``: a
@@ -92,9 +93,31 @@ def _pixel_range(lo, hi, centre, s, n):
     """First and one-past-last pixel index whose NDC centre ``(centre - idx - 0.5) / s`` may lie in [lo, hi]."""
     a = centre - 0.5 - hi * s
     b = centre - 0.5 - lo * s
-    first = int(max(math.floor(max(a, -2.0)) - 1.0, 0.0))
-    last = int(min(math.ceil(min(b, n + 2.0)) + 2.0, float(n)))
+    first = int(max(math.ceil(max(a, -2.0) - 1e-6), 0.0))
+    last = int(min(math.floor(min(b, n + 2.0) + 1e-6) + 1.0, float(n)))
     return first, last
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _outer_lines(x0, y0, x1, y1, x2, y2, r):
+    """The three edge lines of a triangle as rows ``(a, b, c)``: ``a px + b py + c`` is how far p lies beyond the
+    line, on the side away from the opposite vertex, less the reach ``r`` (widened by 1e-6 r + 1e-9). A pixel
+    with a positive value is farther than ``r`` from the triangle. An edge too short, or a vertex too close to
+    the opposite edge's line, to tell the sides apart gets a row that no pixel passes beyond."""
+    lines = np.zeros((3, 3))
+    for e in range(3):
+        ax, ay, bx, by, ox, oy = ((x1, y1, x2, y2, x0, y0) if e == 0 else
+                                  ((x2, y2, x0, y0, x1, y1) if e == 1 else (x0, y0, x1, y1, x2, y2)))
+        L = math.sqrt((bx - ax) ** 2 + (by - ay) ** 2)
+        h = _edge(ox, oy, ax, ay, bx, by) / L if L > 1e-7 else 0.0  # signed distance of the opposite vertex
+        if abs(h) <= 1e-7:
+            lines[e, 2] = -1.0
+            continue
+        sign = 1.0 if h > 0.0 else -1.0  # _edge(p, a, b) = (px - ax)(by - ay) - (py - ay)(bx - ax)
+        lines[e, 0] = -sign * (by - ay) / L
+        lines[e, 1] = sign * (bx - ax) / L
+        lines[e, 2] = sign * (ax * (by - ay) - ay * (bx - ax)) / L - r * (1.0 + 1e-6) - 1e-9
+    return lines
 
 
 @numba.njit(cache=True, nogil=True)
@@ -110,7 +133,9 @@ def rasterize(fv: np.ndarray, H: int, W: int, blur: float, persp: bool, clip: bo
     s = min(H, W) / 2.0
     r = math.sqrt(blur)
     count = np.zeros((H, W), np.int64)
-    z = np.empty((H, W, K))  # float64 depths, so that ties sort as PyTorch3D sorts them
+    # one image's kept pairs in arrival order: face, depth, signed distance, barycentrics (float64)
+    kept_f = np.empty((H, W, K), np.int64)
+    kept = np.empty((H, W, K, 5))
     most = 0
     for b in range(B):
         count[:] = 0
@@ -122,56 +147,97 @@ def rasterize(fv: np.ndarray, H: int, W: int, blur: float, persp: bool, clip: bo
                 continue
             j0, j1 = _pixel_range(min(x0, x1, x2) - r, max(x0, x1, x2) + r, W / 2.0, s, W)
             i0, i1 = _pixel_range(min(y0, y1, y2) - r, max(y0, y1, y2) + r, H / 2.0, s, H)
+            lines = _outer_lines(x0, y0, x1, y1, x2, y2, r)
             for i in range(i0, i1):
                 py = (H / 2.0 - i - 0.5) / s
                 for j in range(j0, j1):
                     px = (W / 2.0 - j - 0.5) / s
-                    w0, w1, w2 = _bary(px, py, x0, y0, x1, y1, x2, y2)
-                    if persp:
-                        w0, w1, w2 = _perspective(w0, w1, w2, z0, z1, z2)
-                    inside = w0 > 0.0 and w1 > 0.0 and w2 > 0.0
-                    d = 0.0
-                    if not inside:
-                        d, _ = _triangle_dist2(px, py, x0, y0, x1, y1, x2, y2)
-                        if d >= blur:
-                            continue
-                    if clip:
-                        w0, w1, w2 = _clip(w0, w1, w2)
-                    pz = w0 * z0 + w1 * z1 + w2 * z2
-                    if pz < 0.0:
-                        continue
-                    n = count[i, j]
-                    k = n  # insert after every kept face not farther (they have smaller indices)
-                    while k > 0 and z[i, j, k - 1] > pz:
-                        k -= 1
-                    if k >= K:
-                        continue
-                    if inside:
-                        d, _ = _triangle_dist2(px, py, x0, y0, x1, y1, x2, y2)
-                        d = -d
-                    for m in range(min(n, K - 1), k, -1):
-                        z[i, j, m] = z[i, j, m - 1]
-                        pix_to_face[b, i, j, m] = pix_to_face[b, i, j, m - 1]
-                        dists[b, i, j, m] = dists[b, i, j, m - 1]
-                        for c in range(3):
-                            bary[b, i, j, m, c] = bary[b, i, j, m - 1, c]
-                    z[i, j, k] = pz
-                    pix_to_face[b, i, j, k] = b * F + f
-                    dists[b, i, j, k] = d
-                    bary[b, i, j, k, 0], bary[b, i, j, k, 1], bary[b, i, j, k, 2] = w0, w1, w2
-                    count[i, j] = min(n + 1, K)
-        for i in range(H):
-            for j in range(W):
-                n = count[i, j]
-                most = max(most, n)
-                for k in range(n):
-                    zbuf[b, i, j, k] = z[i, j, k]
-                for k in range(n, K):
-                    pix_to_face[b, i, j, k] = -1
-                    zbuf[b, i, j, k] = -1.0
-                    dists[b, i, j, k] = -1.0
-                    for c in range(3):
-                        bary[b, i, j, k, c] = -1.0
+                    if (lines[0, 0] * px + lines[0, 1] * py + lines[0, 2] > 0.0
+                            or lines[1, 0] * px + lines[1, 1] * py + lines[1, 2] > 0.0
+                            or lines[2, 0] * px + lines[2, 1] * py + lines[2, 2] > 0.0):
+                        continue  # farther than r beyond an edge's line, so farther than r from the face
+                    _visit(i, j, px, py, b * F + f, x0, y0, z0, x1, y1, z1, x2, y2, z2, blur, persp, clip,
+                           count, kept_f, kept)
+        most = max(most, _finish_image(b, count, kept_f, kept, pix_to_face, zbuf, bary, dists))
+    return most
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _visit(i, j, px, py, pf, x0, y0, z0, x1, y1, z1, x2, y2, z2, blur, persp, clip, count, kept_f, kept):
+    """Test face ``pf`` against pixel (i, j) at NDC (px, py) and keep it if it is among the pixel's K nearest
+    so far (by depth, then face index: faces arrive in increasing index)."""
+    K = kept_f.shape[2]
+    w0, w1, w2 = _bary(px, py, x0, y0, x1, y1, x2, y2)
+    if persp:
+        w0, w1, w2 = _perspective(w0, w1, w2, z0, z1, z2)
+    inside = w0 > 0.0 and w1 > 0.0 and w2 > 0.0
+    d = 0.0
+    if not inside:
+        d, _ = _triangle_dist2(px, py, x0, y0, x1, y1, x2, y2)
+        if d >= blur:
+            return
+    if clip:
+        w0, w1, w2 = _clip(w0, w1, w2)
+    pz = w0 * z0 + w1 * z1 + w2 * z2
+    if pz < 0.0:
+        return
+    # faces are ordered by their float32 depth, as PyTorch3D orders them: a pixel beyond a vertex sees the faces
+    # around it at the vertex's depth (clipped barycentrics), equal in float32, so the lower index comes first
+    pz = float(np.float32(pz))
+    k = count[i, j]
+    if k == K:  # full: replace the last by (depth, face), if this face comes before it
+        k = 0
+        for m in range(1, K):
+            if _after(kept[i, j, m, 0], kept_f[i, j, m], kept[i, j, k, 0], kept_f[i, j, k]):
+                k = m
+        if not pz < kept[i, j, k, 0]:  # on a tie this face, the latest, comes after
+            return
+    else:
+        count[i, j] = k + 1
+    if inside:
+        d, _ = _triangle_dist2(px, py, x0, y0, x1, y1, x2, y2)
+        d = -d
+    kept_f[i, j, k] = pf
+    kept[i, j, k, 0], kept[i, j, k, 1] = pz, d
+    kept[i, j, k, 2], kept[i, j, k, 3], kept[i, j, k, 4] = w0, w1, w2
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _after(z1, f1, z2, f2):
+    """Whether (depth, face) pair 1 sorts after pair 2."""
+    return z1 > z2 or (z1 == z2 and f1 > f2)
+
+
+@numba.njit(cache=True, nogil=True)
+def _finish_image(b, count, kept_f, kept, pix_to_face, zbuf, bary, dists):
+    """Write image ``b``'s kept pairs out sorted by (depth, face index) and pad the empty slots with -1; returns
+    the most faces in one of its pixels."""
+    H, W, K = kept_f.shape
+    order = np.empty(K, np.int64)
+    most = 0
+    for i in range(H):
+        for j in range(W):
+            n = count[i, j]
+            most = max(most, n)
+            for m in range(n):  # insertion sort of the slots by (depth, face)
+                q = m
+                while q > 0 and _after(kept[i, j, order[q - 1], 0], kept_f[i, j, order[q - 1]], kept[i, j, m, 0],
+                                       kept_f[i, j, m]):
+                    order[q] = order[q - 1]
+                    q -= 1
+                order[q] = m
+            for k in range(n):
+                m = order[k]
+                pix_to_face[b, i, j, k] = kept_f[i, j, m]
+                zbuf[b, i, j, k], dists[b, i, j, k] = kept[i, j, m, 0], kept[i, j, m, 1]
+                for c in range(3):
+                    bary[b, i, j, k, c] = kept[i, j, m, 2 + c]
+            for k in range(n, K):
+                pix_to_face[b, i, j, k] = -1
+                zbuf[b, i, j, k] = -1.0
+                dists[b, i, j, k] = -1.0
+                for c in range(3):
+                    bary[b, i, j, k, c] = -1.0
     return most
 
 
@@ -185,13 +251,15 @@ def _edge_grad(px, py, ax, ay, bx, by, g, ga, gb):
 
 
 @numba.njit(cache=True, nogil=True)
-def rasterize_backward(fv: np.ndarray, pix_to_face: np.ndarray, grad_zbuf: np.ndarray, grad_bary: np.ndarray,
-                       grad_dists: np.ndarray, persp: bool, clip: bool, grad_fv: np.ndarray) -> None:
+def rasterize_backward(fv: np.ndarray, pix_to_face: np.ndarray, dists: np.ndarray, grad_zbuf: np.ndarray,
+                       grad_bary: np.ndarray, grad_dists: np.ndarray, persp: bool, clip: bool,
+                       grad_fv: np.ndarray) -> None:
     """Add the gradient of ``sum(grad_zbuf * zbuf + grad_bary * bary + grad_dists * dists)`` with respect to
-    ``fv`` (B, F, 3, 3) into ``grad_fv`` (same shape), for fragments of :func:`rasterize`.
+    ``fv`` (B, F, 3, 3) into ``grad_fv`` (same shape), for fragments ``pix_to_face`` and ``dists`` (B, H, W, K)
+    of :func:`rasterize`.
 
-    ``grad_zbuf`` and ``grad_bary`` may have size 0 (no upstream gradient), else shapes (B, H, W, K) and
-    (B, H, W, K, 3); ``grad_dists`` likewise (B, H, W, K) or size 0.
+    ``grad_zbuf`` and ``grad_dists`` are (B, H, W, K) and ``grad_bary`` (B, H, W, K, 3), or of size 0 where there
+    is no upstream gradient.
     """
     B, H, W, K = pix_to_face.shape
     F = fv.shape[1]
@@ -212,18 +280,17 @@ def rasterize_backward(fv: np.ndarray, pix_to_face: np.ndarray, grad_zbuf: np.nd
                     x1, y1, z1 = fv[b, f, 1, 0], fv[b, f, 1, 1], fv[b, f, 1, 2]
                     x2, y2, z2 = fv[b, f, 2, 0], fv[b, f, 2, 1], fv[b, f, 2, 2]
                     g[:] = 0.0
-                    u0, u1, u2 = _bary(px, py, x0, y0, x1, y1, x2, y2)
-                    w0, w1, w2 = _perspective(u0, u1, u2, z0, z1, z2) if persp else (u0, u1, u2)
-                    inside = w0 > 0.0 and w1 > 0.0 and w2 > 0.0
-                    if has_d:
-                        gd = -grad_dists[b, i, j, k] if inside else grad_dists[b, i, j, k]
+                    if has_d:  # the distance is negative inside
+                        gd = -grad_dists[b, i, j, k] if dists[b, i, j, k] < 0.0 else grad_dists[b, i, j, k]
                         _dist_grad(px, py, x0, y0, x1, y1, x2, y2, gd, g)
                     if not (has_z or has_b):
                         _add(grad_fv, b, f, g, 0.0, 0.0, 0.0)
                         continue
                     gz = grad_zbuf[b, i, j, k] if has_z else 0.0
+                    u0, u1, u2 = _bary(px, py, x0, y0, x1, y1, x2, y2)
+                    w0, w1, w2 = _perspective(u0, u1, u2, z0, z1, z2) if persp else (u0, u1, u2)
                     c0, c1, c2 = _clip(w0, w1, w2) if clip else (w0, w1, w2)
-                    # d zbuf / d bary_clip = (z0, z1, z2); z also enters zbuf directly with weight bary_clip
+                    # zbuf = sum_v c_v z_v: d zbuf / d c = (z0, z1, z2), and z enters directly with weights c
                     q0, q1, q2 = gz * z0, gz * z1, gz * z2
                     if has_b:
                         q0 += grad_bary[b, i, j, k, 0]

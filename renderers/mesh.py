@@ -147,7 +147,7 @@ class MeshRenderer(nn.Module):
         from pytorch3d.renderer import BlendParams
         from pytorch3d.renderer.blending import sigmoid_alpha_blend
 
-        colors = fragments.dists[..., None].expand(*fragments.dists.shape, 3)  # unused by the alpha channel
+        colors = fragments.dists.detach()[..., None].expand(*fragments.dists.shape, 3)  # unused by the alpha
         return sigmoid_alpha_blend(colors, fragments, BlendParams(sigma=self.sigma))[..., 3]
 
     def _shade(self, verts, faces, colors, fragments, camera) -> Tensor:
@@ -282,7 +282,7 @@ class _NumbaRasterize(torch.autograd.Function):
         if most < K:  # drop the slots that no pixel uses (1 at least, as PyTorch3D's blending expects)
             keep = max(most, 1)
             p2f, zbuf, bary, dists = (t[:, :, :, :keep].contiguous() for t in (p2f, zbuf, bary, dists))
-        ctx.save_for_backward(fv, p2f)
+        ctx.save_for_backward(fv, p2f, dists)
         ctx.mark_non_differentiable(p2f)
         ctx.set_materialize_grads(False)
         ctx.persp, ctx.clip = persp, clip
@@ -290,12 +290,12 @@ class _NumbaRasterize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, _, grad_zbuf, grad_bary, grad_dists):
-        fv, p2f = ctx.saved_tensors
-        grads = [np.zeros((0,) * dim) if g is None else g.detach().to(torch.float64).contiguous().numpy()
+        fv, p2f, dists = ctx.saved_tensors
+        grads = [np.zeros((0,) * dim, np.float32) if g is None else g.to(torch.float32).contiguous().numpy()
                  for g, dim in ((grad_zbuf, 4), (grad_bary, 5), (grad_dists, 4))]
         grad_fv = np.zeros(fv.shape)
-        _softras().rasterize_backward(fv.detach().to(torch.float64).numpy(), p2f.numpy(), *grads, ctx.persp,
-                                      ctx.clip, grad_fv)
+        _softras().rasterize_backward(fv.detach().to(torch.float64).numpy(), p2f.numpy(), dists.numpy(), *grads,
+                                      ctx.persp, ctx.clip, grad_fv)
         return torch.from_numpy(grad_fv).to(fv.dtype), None, None, None, None, None
 
 
@@ -338,7 +338,7 @@ def _nearest_faces(fv: Tensor, pix: Tensor, blur: float, K: int, persp: bool, cl
     v = fv[:, None]
     area = _edge(v[..., 0, :2], v[..., 1, :2], v[..., 2, :2])
     ok = (area.abs() > 1e-8) & (v[..., 2].min(-1).values >= 1e-8) & (inside | (dists < blur)) & (zbuf >= 0)
-    key = torch.where(ok, zbuf, torch.full_like(zbuf, math.inf))
+    key = torch.where(ok, zbuf.float(), math.inf)  # float32 depths, as the numba kernel compares them
     key, order = torch.sort(key, dim=-1, stable=True)
     key, order = key[..., :K], order[..., :K]
     p2f = torch.where(torch.isfinite(key), order + torch.arange(B, device=fv.device)[:, None, None] * F, -1)
