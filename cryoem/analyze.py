@@ -5,11 +5,10 @@ from __future__ import annotations
 import html
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from sklearn.cluster import KMeans
-from sklearn.decomposition import PCA
 
 from plato_core.runinfo import UserError, atomic_path, atomic_write
 
@@ -24,14 +23,44 @@ def _pyplot():
     return plt
 
 
+@dataclass(frozen=True)
+class PCA:
+    """A fitted principal-component analysis of (N, d) rows: ``components_`` (k, d) unit axes by decreasing variance,
+    each signed so that its largest-magnitude entry is positive (scikit-learn's rule), the ``mean_`` (d,), and the
+    ``explained_variance_ratio_`` (k,) of the total variance."""
+
+    mean_: np.ndarray
+    components_: np.ndarray
+    explained_variance_ratio_: np.ndarray
+
+    @property
+    def n_components_(self) -> int:
+        return len(self.components_)
+
+    def transform(self, x: np.ndarray) -> np.ndarray:
+        """(M, d) rows -> (M, k) scores."""
+        return (np.asarray(x, np.float64) - self.mean_) @ self.components_.T
+
+
 def pca(latents: np.ndarray, k: int = 2) -> tuple[np.ndarray, PCA]:
-    """(N, zdim) -> (N, k) principal-component scores and the fitted PCA."""
-    p = PCA(n_components=min(k, latents.shape[1])).fit(latents)
-    return p.transform(latents), p
+    """(N, zdim) -> (N, k) principal-component scores and the fitted PCA (eigenvectors of the covariance, float64:
+    one pass over the rows, which matters at 10^6 particles)."""
+    z = np.asarray(latents, np.float64)
+    mean = z.mean(0)
+    cov = np.cov(z - mean, rowvar=False, bias=False).reshape(z.shape[1], z.shape[1])
+    var, vec = np.linalg.eigh(cov)
+    order = np.argsort(var)[::-1][:min(k, z.shape[1])]
+    comps = vec[:, order].T
+    comps *= np.sign(comps[np.arange(len(comps)), np.abs(comps).argmax(1)])[:, None]
+    total = var.sum()
+    p = PCA(mean, comps, var[order] / total if total > 0 else np.zeros(len(order)))
+    return p.transform(z), p
 
 
 def kmeans(latents: np.ndarray, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """k-means in latent space: (k, zdim) centres and (N,) labels."""
+    from sklearn.cluster import KMeans
+
     km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(latents)
     return km.cluster_centers_, km.labels_
 

@@ -7,7 +7,8 @@ Conventions:
     * coordinates are Å in the starting model's frame (``cryoem.analyze.decode``);
     * a decoded model's B-factor column holds each atom's displacement from the starting model (Å), so that a
       molecular viewer colours by it without knowing Plato;
-    * files the app writes go into ``RUN/explore/`` (``selections/``, ``paths/``, ``umap.npy``), atomically.
+    * files the app writes go into ``RUN/explore/`` (``selections/``, ``paths/``, ``umap.npy``, ``tsne.npy``),
+      atomically.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ MAX_CATEGORIES = 32   # an integer or text column with more distinct values is d
 MEAN_SAMPLE = 256     # a selection's mean model averages the decodings of at most this many of its particles
 MAX_FRAMES = 60       # frames of a path (each one a model and a map)
 CACHE_SIZE = 512      # decoded models kept (PDB text)
+TSNE_SAMPLE = 10_000  # particles embedded by t-SNE itself; the others are placed beside their latent neighbours
 
 
 class Session:
@@ -89,35 +91,32 @@ class Session:
         """Names of the 2-D embeddings :meth:`embedding` accepts."""
         k = self.scores.shape[1]
         pcs = [f"pca:{i},{j}" for i in range(1, k + 1) for j in range(i + 1, k + 1)] or ["pca:1,1"]
-        return pcs + ["umap"]
+        return pcs + ["umap", "tsne"]
 
     # ------------------------------------------------------------------------- axes
     def embedding(self, name: str) -> np.ndarray:
-        """(N, 2) float32 coordinates of every particle on the axes ``name`` (``pca:1,2`` ... or ``umap``)."""
-        if name == "umap":
-            return self._umap()
+        """(N, 2) float32 coordinates of every particle on the axes ``name`` (``pca:1,2`` ..., ``umap`` or ``tsne``)."""
+        if name in ("umap", "tsne"):
+            return self._nonlinear(name)
         if name not in self.axes():
             raise UserError(f"axes {name!r}: expected one of {', '.join(self.axes())}")
         i, j = (int(v) - 1 for v in name[4:].split(","))
         return np.ascontiguousarray(self.scores[:, [i, j]], dtype=np.float32)
 
-    def _umap(self) -> np.ndarray:
-        """UMAP of the latents (umap-learn, seed 0), computed once and kept in ``RUN/explore/umap.npy``."""
-        path, key = self.out / "umap.npy", hashlib.sha1(self.z.tobytes()).hexdigest()
+    def _nonlinear(self, kind: str) -> np.ndarray:
+        """(N, 2) UMAP or t-SNE of the latents, computed once and kept in ``RUN/explore/{kind}.npy``."""
+        path, key = self.out / f"{kind}.npy", hashlib.sha1(self.z.tobytes()).hexdigest()
         with self._file_lock:
-            if path.is_file() and (self.out / "umap.json").is_file():
+            if path.is_file() and (self.out / f"{kind}.json").is_file():
                 try:
-                    if json.loads((self.out / "umap.json").read_text()).get("latents_sha1") == key:
+                    if json.loads((self.out / f"{kind}.json").read_text()).get("latents_sha1") == key:
                         return np.load(path, allow_pickle=False).astype(np.float32)
                 except (OSError, ValueError):
                     pass  # a damaged cache is recomputed
-            import umap
-
-            emb = umap.UMAP(n_components=2, random_state=0, n_neighbors=min(15, len(self.z) - 1)).fit_transform(
-                self.z).astype(np.float32)
+            emb = (umap_embedding if kind == "umap" else tsne_embedding)(self.z)
             with atomic_path(path) as tmp:
                 np.save(tmp, emb)
-            atomic_write(self.out / "umap.json", json.dumps({"latents_sha1": key, "n": len(self.z)}))
+            atomic_write(self.out / f"{kind}.json", json.dumps({"latents_sha1": key, "n": len(self.z)}))
         return emb
 
     # ------------------------------------------------------------------------- colour columns
@@ -394,6 +393,38 @@ class Session:
 
 
 # ----------------------------------------------------------------------------- small pure helpers
+def umap_embedding(z: np.ndarray) -> np.ndarray:
+    """(N, 2) float32 UMAP of the latents z (N, zdim): umap-learn, seed 0, 15 neighbours."""
+    import umap
+
+    return umap.UMAP(n_components=2, random_state=0, n_neighbors=min(15, len(z) - 1)).fit_transform(z).astype(
+        np.float32)
+
+
+def tsne_embedding(z: np.ndarray, sample: int = TSNE_SAMPLE, neighbours: int = 5) -> np.ndarray:
+    """(N, 2) float32 t-SNE of the latents z (N, zdim).
+
+    Exact t-SNE is quadratic and Barnes-Hut still takes minutes past 10^4 points, so at most ``sample`` particles
+    (a seeded random subset) are embedded by scikit-learn's t-SNE (PCA initialisation, seed 0, perplexity 30), and
+    every other particle is placed at the mean position of its ``neighbours`` nearest embedded particles in latent
+    space.
+    """
+    from sklearn.manifold import TSNE
+    from sklearn.neighbors import NearestNeighbors
+
+    n = len(z)
+    if n < 3:
+        return np.zeros((n, 2), np.float32)
+    sub = np.sort(np.random.default_rng(0).choice(n, min(n, sample), replace=False))
+    emb = np.empty((n, 2), np.float32)
+    emb[sub] = TSNE(2, init="pca", random_state=0, perplexity=min(30.0, len(sub) - 1.0)).fit_transform(z[sub])
+    rest = np.setdiff1d(np.arange(n), sub)
+    if len(rest):
+        _, nn = NearestNeighbors(n_neighbors=min(neighbours, len(sub))).fit(z[sub]).kneighbors(z[rest])
+        emb[rest] = emb[sub][nn].mean(1)
+    return emb
+
+
 def check_name(name: str) -> str:
     """A selection or path name: 1-64 letters, digits, ``_ . -``, not starting with ``.``; else UserError."""
     if not isinstance(name, str) or not NAME.match(name):

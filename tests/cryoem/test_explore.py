@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.cryoem.tiny import BIN, cryoem, simulate_ubiquitin, train_tiny
+from tests.cryoem.tiny import BIN, cryoem, simulate_ubiquitin, star_as_cs, train_tiny
 
 ROOT = Path(__file__).resolve().parents[2]
 N_PARTICLES, N_CA = 120, 76  # 1UBI: 76 residues, one C-alpha each
@@ -103,6 +103,51 @@ def test_latents_and_columns_arrive_as_binary_arrays(server, run, sim):
     assert st == 200 and np.array_equal(np.frombuffer(body, "<f4"),
                                         np.unique(np.load(sim / "ground_truth.npz")["model_index"],
                                                   return_inverse=True)[1])
+
+
+def blobs(n_per: int, zdim: int = 8, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three tight Gaussian blobs far apart in latent space: (3 n_per, zdim) float32 latents and their labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 20, (3, zdim))
+    labels = np.repeat(np.arange(3), n_per)
+    return (centres[labels] + rng.normal(0, 1, (3 * n_per, zdim))).astype(np.float32), labels
+
+
+def separated(emb: np.ndarray, labels: np.ndarray) -> bool:
+    """Whether every point is nearer its own blob's 2-D centre than any other blob's."""
+    centres = np.stack([emb[labels == k].mean(0) for k in np.unique(labels)])
+    return bool(np.all(np.linalg.norm(emb[:, None] - centres[None], axis=2).argmin(1) == labels))
+
+
+@pytest.mark.parametrize("kind", ["umap", "tsne"])
+def test_nonlinear_axes_keep_separate_states_apart(kind):
+    from cryoem.explore.session import tsne_embedding, umap_embedding
+
+    z, labels = blobs(100)
+    emb = (umap_embedding if kind == "umap" else tsne_embedding)(z)
+    assert emb.shape == (300, 2) and emb.dtype == np.float32 and np.isfinite(emb).all()
+    assert separated(emb, labels)
+
+
+def test_tsne_places_the_unsampled_particles_beside_their_latent_neighbours():
+    from cryoem.explore.session import tsne_embedding
+
+    z, labels = blobs(200)
+    emb = tsne_embedding(z, sample=150, neighbours=1)  # 450 of 600 particles are placed, not embedded
+    assert separated(emb, labels)
+    sub = np.sort(np.random.default_rng(0).choice(600, 150, replace=False))
+    rest = np.setdiff1d(np.arange(600), sub)
+    nearest = sub[np.linalg.norm(z[rest][:, None] - z[sub][None], axis=2).argmin(1)]
+    assert np.array_equal(emb[rest], emb[nearest])
+
+
+def test_nonlinear_axes_are_served_and_kept_in_the_run(server, run):
+    for kind in ("umap", "tsne"):
+        st, hd, body = request(server, "GET", f"/api/embedding?axes={kind}")
+        assert st == 200 and hd["Content-Type"] == "application/octet-stream"
+        xy = np.frombuffer(body, "<f4").reshape(-1, 2)
+        assert xy.shape == (N_PARTICLES, 2)
+        assert np.array_equal(np.load(run / "explore" / f"{kind}.npy"), xy)  # the cache a new session reuses
 
 
 def test_a_decoded_model_is_cryoem_decode_with_displacement_as_b_factor(server, run, sim, tmp_path):
@@ -190,6 +235,29 @@ def test_selection_is_a_subset_of_the_original_star_and_survives_a_new_session(s
     assert (run / "via_select.star").read_bytes() == (run / rec["subset"]).read_bytes()
 
 
+def test_a_half_set_run_on_a_cs_file_colours_by_half_and_field_and_saves_a_cs_subset(sim, tmp_path):
+    from cryoem.explore import Session
+
+    star_as_cs(sim / "particles.star", sim / "orig.cs")
+    out = tmp_path / "halves"
+    r = cryoem("train", "--particles", sim / "orig.cs", "--structure", sim / "gt_models.pdb", "--atoms", "ca",
+               "--center", "none", "--zdim", 2, "--steps", 2, "--batch-size", 16, "--half-sets", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert cryoem("analyze", out, "--k", 2, "--no-snapshots").returncode == 0
+    session = Session(out)
+    half = np.zeros(N_PARTICLES)
+    for h in (1, 2):
+        half[json.loads((out / f"half{h}" / "model.json").read_text())["subset"]] = h
+    values, info = session.column("half-set")
+    assert info["kind"] == "categorical" and np.array_equal(np.asarray(info["categories"])[values.astype(int)], half)
+    orig = np.load(sim / "orig.cs")
+    values, info = session.column("ctf/df1_A")  # any scalar field of the .cs
+    assert info["kind"] == "continuous" and np.array_equal(values, orig["ctf/df1_A"])
+    rec = session.save_selection("two", [7, 3])
+    sub = np.load(out / rec["subset"])
+    assert rec["subset"].endswith(".cs") and sub.dtype == orig.dtype and sub.tobytes() == orig[[3, 7]].tobytes()
+
+
 def test_a_path_is_a_movie_a_map_series_and_a_chimerax_script(server, run):
     z = latents(run)
     st, _, body = request(server, "POST", "/api/path", json.dumps({"particles": [2, 9], "frames": 5, "name": "p1"}))
@@ -268,7 +336,20 @@ def gap_bounds(v: np.ndarray, qa: float, qb: float) -> tuple[float, float]:
     return float(s[ia] + s[ia + 1]) / 2, float(s[ib] + s[ib + 1]) / 2
 
 
-def test_the_page_draws_every_particle_decodes_a_click_and_saves_a_lasso(server, run, sim):
+def wide_gaps(v: np.ndarray, qa: float, qb: float) -> tuple[float, float]:
+    """Two thresholds, each in the middle of the widest gap between neighbouring values of v within 0.1 of the
+    qa / qb quantiles: far from every point, for a selection drawn with the mouse in whole pixels."""
+    s = np.sort(v)
+
+    def widest(q: float) -> float:
+        lo, hi = int((q - 0.1) * len(s)), int((q + 0.1) * len(s))
+        k = lo + int(np.argmax(np.diff(s[lo:hi + 1])))
+        return float(s[k] + s[k + 1]) / 2
+
+    return widest(qa), widest(qb)
+
+
+def test_the_page_draws_every_particle_decodes_a_click_and_saves_a_lasso_and_a_box(server, run, sim):
     from matplotlib.path import Path as Polygon
     from selenium.webdriver.common.action_chains import ActionChains
 
@@ -311,6 +392,18 @@ def test_the_page_draws_every_particle_decodes_a_click_and_saves_a_lasso(server,
         source = particle_rows(sim / "particles.star")
         assert written.reset_index(drop=True).equals(source.iloc[want].reset_index(drop=True))
 
+        (x0, x1), (y0, y1) = wide_gaps(xy[:, 0], 0.1, 0.6), wide_gaps(xy[:, 1], 0.3, 0.9)  # mouse: whole pixels
+        want = np.flatnonzero((xy[:, 0] > x0) & (xy[:, 0] < x1) & (xy[:, 1] > y0) & (xy[:, 1] < y1))
+        d.find_element("css selector", "[data-mode=box]").click()  # a box dragged with the mouse
+        (ax, ay), (bx, by) = (d.execute_script(f"return window.explorer.dataToScreen({u}, {v})")
+                              for u, v in ((x0, y1), (x1, y0)))
+        ActionChains(d).move_to_element_with_offset(canvas, ax - r["x"] - r["width"] / 2,
+                                                    ay - r["y"] - r["height"] / 2).click_and_hold().pause(0.2) \
+            .move_by_offset(1, 0).pause(0.2).move_by_offset(-1, 0).pause(0.2) \
+            .move_by_offset(bx - ax, by - ay).pause(0.2).release().perform()  # as a hand: small moves first, slowly
+        got = wait_for(d, f"const s = window.explorer.state.selection; return s.length === {len(want)} && s")
+        assert sorted(got) == want.tolist()
+
         art = Path(os.environ.get("PLATO_ARTIFACTS", ROOT / "out" / "test-artifacts"))
         art.mkdir(parents=True, exist_ok=True)
         time.sleep(1.0)  # let NGL finish its frame
@@ -331,3 +424,16 @@ def test_analyze_report_is_a_table_with_the_explore_command(run):
     assert summary["cluster_sizes"] == np.bincount(labels).tolist()
     assert "<table>" in html and f"<td>{N_PARTICLES:,}</td>" in html
     assert f"cryoem explore {run.resolve()}" in html and "ssh -L 8050:127.0.0.1:8050" in html
+
+
+def test_pca_matches_scikit_learn_signs_included():
+    from sklearn.decomposition import PCA
+
+    from cryoem.analyze import pca
+
+    z = (np.random.default_rng(1).standard_normal((2000, 6)) @ np.random.default_rng(2).standard_normal((6, 6)))
+    scores, p = pca(z.astype(np.float32), 3)
+    ref = PCA(3).fit(z)
+    assert np.allclose(p.components_, ref.components_, atol=1e-5)
+    assert np.allclose(p.explained_variance_ratio_, ref.explained_variance_ratio_, rtol=1e-5)
+    assert np.allclose(scores, ref.transform(z), atol=1e-4)

@@ -2,8 +2,9 @@
 // It talks to cryoem/explore/server.py; arrays arrive as little-endian float32 / uint32, never JSON.
 // Bundled by scripts/build_explorer_js.sh into cryoem/explore/static/explorer.js (window.explorer: the page's API,
 // used by the tests and handy in the browser console).
-import createScatterplot from 'regl-scatterplot';
+import KDBush from 'kdbush';
 import * as NGL from 'ngl';
+import createScatterplot from 'regl-scatterplot';
 
 const $ = (id) => document.getElementById(id);
 const VIRIDIS = ['#440154', '#482475', '#414487', '#355f8d', '#2a788e', '#21918c', '#22a884', '#44bf70',
@@ -70,17 +71,36 @@ function normalise(xy) {
 }
 
 async function drawPoints() {
-  const n = state.n;
-  const x = new Float32Array(n);
-  const y = new Float32Array(n);
-  for (let i = 0; i < n; i++) [x[i], y[i]] = state.norm.toGl(state.xy[2 * i], state.xy[2 * i + 1]);
-  const points = { x, y };
+  // The points in GL coordinates and their spatial index are made once per axes and kept: a new colour only
+  // re-uploads the values. regl-scatterplot would otherwise build the index from 10^6 little arrays in a worker,
+  // which took over a second; built here from the typed arrays it takes a fraction of that.
   const col = state.column;
+  if (!state.gl) state.gl = glPoints(state.xy, state.norm);
+  const points = { x: state.gl.x, y: state.gl.y };
   if (col) points.valueA = col.draw;
   scatter.set(col ? { colorBy: 'valueA', pointColor: col.palette } : { colorBy: null, pointColor: '#3b6ea5' });
-  await scatter.draw(points, { zDataType: col ? col.info.kind : undefined, select: state.selection });
+  if (state.timings) state.timings.preDraw = performance.now();
+  await scatter.draw(points, {
+    zDataType: col ? col.info.kind : undefined, select: state.selection, spatialIndex: state.gl.index,
+  });
   drawCentres();
   state.drawn = scatter.get('points').length;
+}
+
+function glPoints(xy, norm) {
+  // (N, 2) interleaved latent axes -> x, y float32 in GL coordinates and a KDBush index over them (node size 16,
+  // as regl-scatterplot's own), returned as its ArrayBuffer
+  const n = xy.length / 2;
+  const x = new Float32Array(n);
+  const y = new Float32Array(n);
+  const index = new KDBush(n, 16);
+  for (let i = 0; i < n; i++) {
+    x[i] = -0.95 + (xy[2 * i] - norm.x0) * norm.sx;
+    y[i] = -0.95 + (xy[2 * i + 1] - norm.y0) * norm.sy;
+    index.add(x[i], y[i]);
+  }
+  index.finish();
+  return { x, y, index: index.data };
 }
 
 function drawCentres() {
@@ -100,15 +120,17 @@ function drawCentres() {
   scatter.drawAnnotations(lines);
 }
 
-async function loadAxes(name) {
-  status(name === 'umap' ? 'computing UMAP (once; kept in RUN/explore/umap.npy)…' : `loading ${name}…`);
-  state.xy = await getFloats(`api/embedding?axes=${encodeURIComponent(name)}`);
+async function loadAxes(name, prefetched = null) {
+  const nonlinear = { umap: 'UMAP', tsne: 't-SNE' }[name];
+  status(nonlinear ? `computing ${nonlinear} (once; kept in RUN/explore/${name}.npy)…` : `loading ${name}…`);
+  state.xy = await (prefetched || getFloats(`api/embedding?axes=${encodeURIComponent(name)}`));
+  state.gl = null;
   if (state.timings) state.timings.axesFetched = performance.now();
   state.norm = normalise(state.xy);
   state.centres = clusterCentres();
   const [a, b] = name.startsWith('pca:') ? name.slice(4).split(',') : ['1', '2'];
   const ev = state.meta.pca_explained;
-  const label = (k) => name.startsWith('pca:') ? `PC${k} (${Math.round(100 * ev[k - 1])}%)` : `UMAP ${k}`;
+  const label = (k) => name.startsWith('pca:') ? `PC${k} (${Math.round(100 * ev[k - 1])}%)` : `${nonlinear} ${k}`;
   $('xlabel').textContent = label(a);
   $('ylabel').textContent = label(b);
   await drawPoints();
@@ -128,8 +150,8 @@ function clusterCentres() {
   return sum.map(([x, y, c]) => ({ x: x / (c || 1), y: y / (c || 1) }));
 }
 
-async function loadColumn(name, redraw = true) {
-  const r = await call(`api/column?name=${encodeURIComponent(name)}`);
+async function loadColumn(name, redraw = true, prefetched = null) {
+  const r = await (prefetched || call(`api/column?name=${encodeURIComponent(name)}`));
   const values = new Float32Array(await r.arrayBuffer());
   const info = JSON.parse(r.headers.get('X-Column'));
   const draw = new Float32Array(values.length);
@@ -407,8 +429,13 @@ async function listPaths() {
 
 // ----------------------------------------------------------------------------- the page's API (tests, console)
 function pointToScreen(i) {
-  // client (CSS px) coordinates of particle i on the canvas, through the camera's view matrix
-  const [gx, gy] = state.norm.toGl(state.xy[2 * i], state.xy[2 * i + 1]);
+  // client (CSS px) coordinates of particle i on the canvas
+  return dataToScreen(state.xy[2 * i], state.xy[2 * i + 1]);
+}
+
+function dataToScreen(x, y) {
+  // client (CSS px) coordinates of the point (x, y) of the current axes, through the camera's view matrix
+  const [gx, gy] = state.norm.toGl(x, y);
   const v = scatter.get('cameraView');
   const px = v[0] * gx + v[4] * gy + v[12];
   const py = v[1] * gx + v[5] * gy + v[13];
@@ -453,10 +480,17 @@ function wire() {
   });
 }
 
+const META = getJSON('api/meta'); // asked for as soon as the script runs
+const t0mark = (k) => { if (state.timings) state.timings[k] = performance.now(); };
 async function start() {
   state.timings = { start: performance.now() };
-  state.meta = await getJSON('api/meta');
+  state.meta = await META;
   state.n = state.meta.particles;
+  t0mark('meta');
+  // the first colour column and axes are fetched while the page builds its widgets
+  const first = state.meta.columns.includes('k-means cluster') ? 'k-means cluster' : state.meta.columns[0];
+  const columnFetch = first ? call(`api/column?name=${encodeURIComponent(first)}`) : null;
+  const axesFetch = getFloats(`api/embedding?axes=${encodeURIComponent(state.meta.axes[0])}`);
   $('run').textContent = state.meta.run;
   $('facts').textContent = `${state.n.toLocaleString()} particles · zdim ${state.meta.zdim} · ` +
     `${state.meta.atoms.toLocaleString()} atoms`;
@@ -475,19 +509,18 @@ async function start() {
     canvas, width, height, pointSize: state.n > 100000 ? 2 : 4, backgroundColor: '#ffffff',
     pointColorActive: '#000000', pointSizeSelected: 1, lassoColor: '#d62728', opacityInactiveMax: 0.35,
   });
+  t0mark('scatterMade');
   scatter.subscribe('select', (e) => onSelect(e).catch((err) => status(err.message, true)));
   scatter.subscribe('deselect', () => { state.selection = []; updateSelection(); });
   stage = new NGL.Stage('viewer', { backgroundColor: 'white', tooltip: true });
   wire();
   updateSelection();
   clearPath();
-  const first = state.meta.columns.includes('k-means cluster') ? 'k-means cluster' : state.meta.columns[0];
   if (first) $('color').value = first;
   const t = state.timings;
-  t.meta = performance.now();
-  if (first) await loadColumn(first, false); // drawn once, with the axes
+  if (first) await loadColumn(first, false, columnFetch); // drawn once, with the axes
   t.column = performance.now();
-  await loadAxes(state.meta.axes[0]);
+  await loadAxes(state.meta.axes[0], axesFetch);
   t.drawn = performance.now();
   await listSelections();
   await listPaths();
@@ -496,7 +529,7 @@ async function start() {
 }
 
 window.explorer = {
-  state, lasso, pointToScreen, saveSelection, showModel, makePath, loadAxes, loadColumn, listSelections,
+  state, lasso, pointToScreen, dataToScreen, saveSelection, showModel, makePath, loadAxes, loadColumn, listSelections,
   select: (idx) => scatter.select(idx),
   drawnPoints: () => (scatter ? scatter.get('points').length : 0),
   scatter: () => scatter,
