@@ -1,9 +1,13 @@
 """CPU timings of Plato's renderers next to PyTorch3D's equivalents, run in the same process.
 
 The "splat" case compares the two backends of ``gaussian_projection`` (numba against torch) instead, and the
-"jvp" case ``gaussian_projection_jvp`` (image and K derivatives in one pass) against K + 1 renderings.
+"jvp" case ``gaussian_projection_jvp`` (image and K derivatives in one pass) against K + 1 renderings. The "mesh"
+case renders with ``MeshRenderer``'s CPU default (Plato's numba rasterizer) against PyTorch3D's CPU renderer and
+ends the output with one ``speedup`` line per mesh mode; "mesh-scale" times the numba path alone, with its peak
+memory, at larger images and meshes.
 
-``python -m renderers.bench [--repeats N] [--only voxel,mesh,nerf,gaussian,splat,jvp]`` prints one table. Times are the
+``python -m renderers.bench [--repeats N] [--only voxel,mesh,mesh-scale,nerf,gaussian,splat,jvp]`` prints one table.
+Times are the
 best of ``--repeats`` runs, alternating ours and theirs after a warm-up: "fwd" runs under ``torch.no_grad()``,
 "fwd+bwd" builds the graph and back-propagates ``image.sum()`` to the 3D parameters. A ratio is ours / theirs
 (below 1: we are faster).
@@ -13,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing
 import os
+import resource
 import time
 from collections.abc import Callable
 
@@ -22,6 +28,7 @@ import torch
 from renderers.cameras import Camera, look_at
 
 ROWS: list[dict] = []
+SCALE_ROWS: list[dict] = []
 
 
 def compare(ours: Callable[[], torch.Tensor], theirs: Callable[[], torch.Tensor], params: list[torch.Tensor],
@@ -66,9 +73,10 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
 
 
 def record(case: str, settings: str, ours: tuple[float, float], theirs: tuple[float, float], ref: str,
-           note: str = "", images: int = 0) -> None:
-    """Keep one table row; ``images`` > 0 adds an images/s line."""
-    ROWS.append(dict(case=case, settings=settings, ours=ours, theirs=theirs, ref=ref, note=note, images=images))
+           note: str = "", images: int = 0, speedup: str = "") -> None:
+    """Keep one table row; ``images`` > 0 adds an images/s line; ``speedup`` names the row's closing speedup line."""
+    ROWS.append(dict(case=case, settings=settings, ours=ours, theirs=theirs, ref=ref, note=note, images=images,
+                     speedup=speedup))
     print(f"  done: {case} {settings}", flush=True)
 
 
@@ -133,34 +141,111 @@ def bench_voxel(repeats: int) -> None:
 
 
 # ---------------------------------------------------------------------------- mesh
-def bench_mesh(repeats: int) -> None:
-    from pytorch3d.renderer import (
-        FoVPerspectiveCameras,
-        MeshRasterizer,
-        RasterizationSettings,
-        SoftSilhouetteShader,
-        look_at_view_transform,
-    )
-    from pytorch3d.renderer import MeshRenderer as P3DMeshRenderer
-    from pytorch3d.structures import Meshes
+def _mesh_scene(B: int, size: int, level: int):
+    """ico_sphere(level) vertices (B, V, 3) requiring grad, faces (F, 3), colours (B, V, 3), and B FoV cameras
+    orbiting it at distance 2.7 (PyTorch3D's and Plato's equivalents)."""
+    from pytorch3d.renderer import FoVPerspectiveCameras, look_at_view_transform
 
-    from renderers.mesh import MeshRenderer, ico_sphere
+    from renderers.mesh import ico_sphere
 
-    B, size, K, sigma = 16, 64, 20, 1e-4
-    verts, faces = ico_sphere(3)
+    verts, faces = ico_sphere(level)
+    colors = (0.5 + 0.5 * verts).expand(B, -1, -1).contiguous()
     verts = verts.expand(B, -1, -1).clone().requires_grad_()
     R, T = look_at_view_transform(2.7, torch.linspace(-30, 30, B), torch.linspace(0, 330, B))
     p3d_cam = FoVPerspectiveCameras(R=R, T=T, fov=40.0)
-    cam = Camera.from_pytorch3d(p3d_cam, (size, size))
-    ours = MeshRenderer("silhouette", sigma=sigma, faces_per_pixel=K)
+    return verts, faces, colors, p3d_cam, Camera.from_pytorch3d(p3d_cam, (size, size))
+
+
+def bench_mesh(repeats: int) -> None:
+    """Soft silhouette and soft Phong shading: ``MeshRenderer``'s CPU default (numba) against PyTorch3D's."""
+    from pytorch3d.renderer import (
+        BlendParams,
+        DirectionalLights,
+        Materials,
+        MeshRasterizer,
+        RasterizationSettings,
+        SoftPhongShader,
+        SoftSilhouetteShader,
+    )
+
+    B, size, K, sigma, gamma = 16, 64, 20, 1e-4, 1e-4
+    scene = _mesh_scene(B, size, 3)
     settings = RasterizationSettings(image_size=size, blur_radius=math.log(1 / 1e-4 - 1) * sigma, faces_per_pixel=K)
-    theirs = P3DMeshRenderer(MeshRasterizer(cameras=p3d_cam, raster_settings=settings), SoftSilhouetteShader())
-    p3d = lambda: theirs(Meshes(verts=verts, faces=faces.expand(B, -1, -1)))[..., 3]  # noqa: E731
+    rasterizer = MeshRasterizer(cameras=scene[3], raster_settings=settings)
+    lights = DirectionalLights(direction=((0.0, -1.0, -1.0),), ambient_color=((0.3,) * 3,),
+                               diffuse_color=((0.7,) * 3,), specular_color=((0.2,) * 3,))
+    blend = BlendParams(sigma=sigma, gamma=gamma)
+    _bench_mesh_mode("silhouette", SoftSilhouetteShader(blend), rasterizer, scene, K, repeats)
+    shader = SoftPhongShader(cameras=scene[3], lights=lights, materials=Materials(shininess=32.0), blend_params=blend)
+    _bench_mesh_mode("shaded", shader, rasterizer, scene, K, repeats)
+
+
+def _bench_mesh_mode(mode: str, shader, rasterizer, scene, K: int, repeats: int) -> None:
+    """One row: ``MeshRenderer(mode)`` on the CPU (numba) against PyTorch3D's renderer with ``shader``."""
+    from pytorch3d.renderer import MeshRenderer as P3DMeshRenderer
+    from pytorch3d.renderer import TexturesVertex
+    from pytorch3d.structures import Meshes
+
+    from renderers.mesh import MeshRenderer
+
+    verts, faces, colors, _, cam = scene
+    B, (size, _) = len(cam), cam.image_size
+    sigma, gamma = shader.blend_params.sigma, shader.blend_params.gamma
+    ours = MeshRenderer(mode, sigma=sigma, gamma=gamma, faces_per_pixel=K)
+    assert ours.backend == "auto"  # numba on the CPU
+    theirs = P3DMeshRenderer(rasterizer, shader)
+    c = colors if mode == "shaded" else None
+    textures = TexturesVertex(colors) if mode == "shaded" else None
+
+    def p3d():
+        meshes = Meshes(verts=verts, faces=faces.expand(B, -1, -1), textures=textures)
+        image = theirs(meshes, znear=ours.znear, zfar=ours.zfar).permute(0, 3, 1, 2)
+        return image[:, 3:] if mode == "silhouette" else image[:, :3]
+
     with torch.no_grad():
-        diff = (ours(verts, faces, cam)[:, 0] - p3d()).abs().max().item()
-    record("mesh soft silhouette", f"B={B} {size}^2 {faces.shape[0]} faces {K} faces/px",
-           *compare(lambda: ours(verts, faces, cam), p3d, [verts], repeats),
-           "PyTorch3D rasterizer + SoftSilhouetteShader", f"max |diff| {diff:.1e}")
+        diff = (ours(verts, faces, cam, c) - p3d()).abs()
+    # values beyond 1e-4: faces at the blur radius kept by one side only (float32 against float64 distances)
+    note = f"ours: numba; max |diff| {diff.max():.1e}, {int((diff > 1e-4).sum())} of {diff.numel()} > 1e-4"
+    record(f"mesh soft {mode}", f"B={B} {size}^2 {faces.shape[0]} faces {K} faces/px",
+           *compare(lambda: ours(verts, faces, cam, c), p3d, [verts], repeats),
+           f"PyTorch3D rasterizer + {type(shader).__name__}", note, speedup=f"mesh-soft-{mode}")
+
+
+def bench_mesh_scale(repeats: int) -> None:
+    """The numba soft silhouette and Phong shading at larger images and meshes: seconds and peak memory, each
+    point in a fresh process (its peak resident memory above the start, after a small warm-up render)."""
+    points = [(16, 64, 3), (16, 128, 3), (16, 256, 3), (16, 64, 4), (16, 64, 5), (16, 128, 5)]
+    ctx = multiprocessing.get_context("spawn")
+    for mode in ("silhouette", "shaded"):
+        for B, size, level in points:
+            with ctx.Pool(1) as pool:
+                row = pool.apply(_mesh_scale_point, (mode, B, size, level, repeats, torch.get_num_threads()))
+            SCALE_ROWS.append(row)
+            print(f"  done: mesh-scale {mode} B={B} {size}^2 {row['faces']} faces", flush=True)
+
+
+def _mesh_scale_point(mode: str, B: int, size: int, level: int, repeats: int, threads: int) -> dict:
+    from renderers.mesh import MeshRenderer
+
+    torch.set_num_threads(threads)
+    verts, faces, colors, _, cam = _mesh_scene(B, size, level)
+    ours = MeshRenderer(mode, sigma=1e-4, gamma=1e-4, faces_per_pixel=20)
+    c = colors if mode == "shaded" else None
+    ours(verts[:1], faces, cam[:1], None if c is None else c[:1]).sum().backward()  # compile / load the kernels
+    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    def fwd():
+        with torch.no_grad():
+            ours(verts, faces, cam, c)
+
+    def fwd_bwd():
+        verts.grad = None
+        ours(verts, faces, cam, c).sum().backward()
+
+    t_fwd_bwd = best_of(fwd_bwd, repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start  # KiB on Linux
+    return dict(mode=mode, B=B, size=size, faces=faces.shape[0], fwd=best_of(fwd, repeats), fwd_bwd=t_fwd_bwd,
+                peak_mb=peak / 1024)
 
 
 # ---------------------------------------------------------------------------- NeRF
@@ -313,10 +398,30 @@ def print_table() -> None:
             print(f"{'':<21} {'  images/s':<44} {n / fo:9.0f} {n / ft:9.0f} {'':>6} {n / bo:9.0f} {n / bt:9.0f}")
 
 
+def print_scale_table() -> None:
+    if not SCALE_ROWS:
+        return
+    head = f"{'mesh-scale (numba, ours only)':<32} {'fwd':>9} {'f+b':>9} {'f+b/image':>10} {'peak mem':>10}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in SCALE_ROWS:
+        name = f"{r['mode']} B={r['B']} {r['size']}^2 {r['faces']} faces"
+        print(f"{name:<32} {1e3 * r['fwd']:7.1f}ms {1e3 * r['fwd_bwd']:7.1f}ms {1e3 * r['fwd_bwd'] / r['B']:8.1f}ms "
+              f"{r['peak_mb']:7.0f} MB")
+
+
+def print_speedups() -> None:
+    """One line per row that names a speedup: reference time / our time (above 1: we are faster)."""
+    for r in ROWS:
+        if r["speedup"]:
+            (fo, bo), (ft, bt) = r["ours"], r["theirs"]
+            print(f"speedup {r['speedup']}: forward {ft / fo:.1f}x, forward+backward {bt / bo:.1f}x vs PyTorch3D CPU")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m renderers.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (best of)")
-    parser.add_argument("--only", default="voxel,mesh,nerf,gaussian,splat,jvp", help="comma-separated cases")
+    parser.add_argument("--only", default="voxel,mesh,nerf,gaussian,splat,jvp",
+                        help="comma-separated cases (also: mesh-scale)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: torch's choice); 1 is steadier on an oversubscribed machine")
     args = parser.parse_args(argv)
@@ -327,13 +432,16 @@ def main(argv: list[str] | None = None) -> None:
     load = f", load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
     print(f"torch {torch.__version__}, pytorch3d {pytorch3d.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs{load}; float32 on CPU")
-    cases = {"voxel": bench_voxel, "mesh": bench_mesh, "nerf": bench_nerf, "gaussian": bench_gaussian,
-             "splat": bench_splat, "jvp": bench_jvp}
+    cases = {"voxel": bench_voxel, "mesh": bench_mesh, "mesh-scale": bench_mesh_scale, "nerf": bench_nerf,
+             "gaussian": bench_gaussian, "splat": bench_splat, "jvp": bench_jvp}
     for name in args.only.split(","):
         if name not in cases:
             parser.error(f"--only: unknown case {name!r}; expected some of {','.join(cases)}")
         cases[name](args.repeats)
-    print_table()
+    if ROWS:
+        print_table()
+    print_scale_table()
+    print_speedups()
 
 
 if __name__ == "__main__":

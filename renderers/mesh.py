@@ -1,4 +1,4 @@
-"""Mesh renderer: PyTorch3D's rasterizer and shading, driven by Plato's ``Camera``.
+"""Mesh renderer: SoftRas silhouettes and shading with PyTorch3D's maths, driven by Plato's ``Camera``.
 
 * ``"silhouette"``: SoftRas-style soft silhouette (Liu et al. 2019): a face at squared NDC distance ``d`` from a
   pixel centre covers it with probability ``sigmoid(-d / sigma)`` (``d < 0`` inside), and the pixel's opacity is
@@ -9,14 +9,17 @@
 Conventions: vertices in world units, faces index vertices and are counter-clockwise seen from outside (outward
 normals); the light ``direction`` is a world-space vector pointing *towards* the light. Distances ``d`` are in
 PyTorch3D NDC units, where the shorter image side spans [-1, 1], so ``sigma`` is in NDC units squared: one pixel
-of a 64-pixel image is ``(2 / 64) ** 2 ~ 1e-3``. PyTorch3D rasterizes in float32 only: float64 inputs are rendered
-in float32 and the images returned in float64 (gradients flow through the casts).
+of a 64-pixel image is ``(2 / 64) ** 2 ~ 1e-3``. PyTorch3D rasterizes and shades in float32 only: float64 inputs
+are rendered in float32 and the images returned in float64 (gradients flow through the casts); the numba
+rasterizer computes in float64 and hands float32 fragments on.
 
 Backends (``backend=``), one set of maths: ``"pytorch3d"`` rasterizes with PyTorch3D's ``MeshRasterizer``;
 ``"numba"`` with Plato's compiled CPU rasterizer (``renderers._softras``: the same fragments, each face visited
 over its own bounding box, and an analytic backward pass); ``"torch"`` with a pure-torch reference rasterizer
 (every pixel against every face: small images only, any device). All three hand the same fragments to
-PyTorch3D's blending and shading. ``"auto"`` takes numba on the CPU and PyTorch3D on CUDA.
+PyTorch3D's blending and shading. ``"auto"`` takes numba on the CPU and PyTorch3D on CUDA. Measured at B = 16,
+64², 1,280 faces, 20 faces per pixel on one thread: numba's soft silhouette takes ~30 ms forward and ~50-70 ms
+forward + backward, PyTorch3D's CPU path ~0.4 s and ~16 s (``python -m renderers.bench --only mesh``).
 """
 
 from __future__ import annotations
