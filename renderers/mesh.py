@@ -168,10 +168,11 @@ class MeshRenderer(nn.Module):
                                    diffuse_color=grey(self.light["diffuse"]),
                                    specular_color=grey(self.light["specular"]), device=dev)
         materials = Materials(shininess=self.shininess, device=dev)
-        texels = meshes.sample_textures(fragments)
+        # shade the kept (pixel, face) pairs only, packed into one row per image, and scatter them back
+        packed, unpack = _pack_fragments(fragments)
         shade = phong_shading if self.shading == "phong" else flat_shading
-        colors = shade(meshes=meshes, fragments=fragments, texels=texels, lights=lights, cameras=cameras,
-                       materials=materials)
+        colors = unpack(shade(meshes=meshes, fragments=packed, texels=meshes.sample_textures(packed), lights=lights,
+                              cameras=cameras, materials=materials))
         blend = BlendParams(sigma=self.sigma, gamma=self.gamma, background_color=self.background)
         if self.soft:
             rgba = softmax_rgb_blend(colors, fragments, blend, znear=self.znear, zfar=self.zfar)
@@ -212,6 +213,39 @@ class MeshRenderer(nn.Module):
         if colors.shape[0] not in (1, B):
             raise ValueError(f"colors: expected batch size 1 or {B} (the cameras), got {colors.shape[0]}")
         return verts, faces, colors.expand(B, -1, -1)
+
+
+def _pack_fragments(fragments):
+    """The fragments' kept slots as PyTorch3D ``Fragments`` of shape (B, P, 1, 1): image b's P_b kept (pixel,
+    face) pairs in one row, -1 padded to the most P of any image; and the function that scatters per-pair
+    values (B, P, 1, 1, C) back to (B, H, W, K, C), zero at the empty slots.
+
+    Shading only the kept pairs gives the same numbers as shading every slot (empty slots are masked out by the
+    blending) at a fraction of the work: at B = 16, 64², K = 20 about 29% of the slots hold a face.
+    """
+    from pytorch3d.renderer.mesh.rasterizer import Fragments
+
+    p2f = fragments.pix_to_face
+    B, H, W, K = p2f.shape
+    b, pos = (p2f.reshape(B, -1) >= 0).nonzero(as_tuple=True)  # sorted by image, then slot
+    counts = torch.bincount(b, minlength=B)
+    P = max(int(counts.max()), 1) if b.numel() else 1
+    rank = torch.arange(b.numel(), device=b.device) - (torch.cumsum(counts, 0) - counts)[b]
+
+    def pack(x: Tensor, fill: float) -> Tensor:
+        flat = x.reshape(B, H * W * K, *x.shape[4:])
+        out = flat.new_full((B, P, *x.shape[4:]), fill)
+        return out.index_put((b, rank), flat[b, pos]).reshape(B, P, 1, 1, *x.shape[4:])
+
+    packed = Fragments(pix_to_face=pack(p2f, -1), zbuf=pack(fragments.zbuf, -1.0),
+                       bary_coords=pack(fragments.bary_coords, -1.0), dists=pack(fragments.dists, -1.0))
+
+    def unpack(values: Tensor) -> Tensor:
+        C = values.shape[-1]
+        out = values.new_zeros(B, H * W * K, C).index_put((b, pos), values.reshape(B, P, C)[b, rank])
+        return out.reshape(B, H, W, K, C)
+
+    return packed, unpack
 
 
 # ------------------------------------------------------------------ backends
