@@ -125,6 +125,7 @@ def rasterize(fv: np.ndarray, H: int, W: int, blur: float, persp: bool, clip: bo
               zbuf: np.ndarray, bary: np.ndarray, dists: np.ndarray) -> int:
     """Fill the fragments of faces ``fv`` (B, F, 3, 3) (see the module docstring) into ``pix_to_face``, ``zbuf``,
     ``dists`` (B, H, W, K) and ``bary`` (B, H, W, K, 3), where every slot beyond a pixel's faces reads -1.
+    ``zbuf`` and ``bary`` of size 0 are left out (a silhouette needs neither).
 
     Returns the most faces kept by any pixel (at most K): the slots beyond it are -1 everywhere.
     """
@@ -213,6 +214,7 @@ def _finish_image(b, count, kept_f, kept, pix_to_face, zbuf, bary, dists):
     """Write image ``b``'s kept pairs out sorted by (depth, face index) and pad the empty slots with -1; returns
     the most faces in one of its pixels."""
     H, W, K = kept_f.shape
+    full = zbuf.size > 0  # else only pix_to_face and dists are wanted
     order = np.empty(K, np.int64)
     most = 0
     for i in range(H):
@@ -228,16 +230,17 @@ def _finish_image(b, count, kept_f, kept, pix_to_face, zbuf, bary, dists):
                 order[q] = m
             for k in range(n):
                 m = order[k]
-                pix_to_face[b, i, j, k] = kept_f[i, j, m]
-                zbuf[b, i, j, k], dists[b, i, j, k] = kept[i, j, m, 0], kept[i, j, m, 1]
-                for c in range(3):
-                    bary[b, i, j, k, c] = kept[i, j, m, 2 + c]
+                pix_to_face[b, i, j, k], dists[b, i, j, k] = kept_f[i, j, m], kept[i, j, m, 1]
+                if full:
+                    zbuf[b, i, j, k] = kept[i, j, m, 0]
+                    for c in range(3):
+                        bary[b, i, j, k, c] = kept[i, j, m, 2 + c]
             for k in range(n, K):
-                pix_to_face[b, i, j, k] = -1
-                zbuf[b, i, j, k] = -1.0
-                dists[b, i, j, k] = -1.0
-                for c in range(3):
-                    bary[b, i, j, k, c] = -1.0
+                pix_to_face[b, i, j, k], dists[b, i, j, k] = -1, -1.0
+                if full:
+                    zbuf[b, i, j, k] = -1.0
+                    for c in range(3):
+                        bary[b, i, j, k, c] = -1.0
     return most
 
 

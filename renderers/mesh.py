@@ -140,8 +140,9 @@ class MeshRenderer(nn.Module):
         K = self.faces_per_pixel if self.soft else 1
         # MeshRasterizer's defaults: perspective-correct barycentrics for perspective cameras, clipped when blurred
         args = (camera.image_size, self._blur, K, not camera.orthographic, self.soft)
-        raster = rasterize_numba if backend == "numba" else rasterize_torch
-        return Fragments(*raster(fv, *args))
+        if backend == "torch":
+            return Fragments(*rasterize_torch(fv, *args))
+        return Fragments(*rasterize_numba(fv, *args, depth=self.mode == "shaded"))
 
     def _silhouette(self, fragments) -> Tensor:
         """(B, H, W) opacity from the rasterizer's fragments."""
@@ -291,34 +292,39 @@ def face_vertices_ndc(verts: Tensor, faces: Tensor, camera: Camera) -> Tensor:
     return ndc[torch.arange(len(camera), device=verts.device)[:, None, None], faces]
 
 
-def rasterize_numba(fv: Tensor, image_size: tuple[int, int], blur: float, K: int, persp: bool,
-                    clip: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def rasterize_numba(fv: Tensor, image_size: tuple[int, int], blur: float, K: int, persp: bool, clip: bool,
+                    depth: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """PyTorch3D's ``rasterize_meshes`` outputs for faces ``fv`` (B, F, 3, 3) in NDC (:func:`face_vertices_ndc`)
     by the numba kernels, differentiable in ``fv``: ``pix_to_face`` (B, H, W, K') packed face indices,
     ``zbuf`` (B, H, W, K') view depths, ``bary`` (B, H, W, K', 3), ``dists`` (B, H, W, K') signed squared NDC
-    distances, with ``K' <= K`` the most faces any pixel keeps (the slots beyond it would be empty).
+    distances. ``K'`` is ``K``, or the most faces any pixel keeps when that is at most 3/4 K (the slots beyond
+    would be empty everywhere).
 
-    ``blur``: NDC units squared; ``persp``: perspective-correct barycentrics; ``clip``: clip them to the face.
+    ``blur``: NDC units squared; ``persp``: perspective-correct barycentrics; ``clip``: clip them to the face;
+    ``depth=False``: leave ``zbuf`` and ``bary`` out (empty, K' = 0), as a silhouette needs neither.
     """
-    return _NumbaRasterize.apply(fv, tuple(image_size), float(blur), int(K), bool(persp), bool(clip))
+    return _NumbaRasterize.apply(fv, tuple(image_size), float(blur), int(K), bool(persp), bool(clip), bool(depth))
 
 
 class _NumbaRasterize(torch.autograd.Function):
     """:func:`rasterize_numba`: the forward and backward kernels of ``renderers._softras``."""
 
     @staticmethod
-    def forward(ctx, fv: Tensor, image_size: tuple[int, int], blur: float, K: int, persp: bool, clip: bool):
+    def forward(ctx, fv: Tensor, image_size: tuple[int, int], blur: float, K: int, persp: bool, clip: bool,
+                depth: bool):
         kernels = _softras()
         B, H, W = fv.shape[0], *image_size
         fv64 = fv.detach().to(torch.float64).contiguous().numpy()
-        p2f = torch.empty(B, H, W, K, dtype=torch.int64)
-        zbuf, dists = torch.empty(B, H, W, K, dtype=fv.dtype), torch.empty(B, H, W, K, dtype=fv.dtype)
-        bary = torch.empty(B, H, W, K, 3, dtype=fv.dtype)
+        p2f, dists = torch.empty(B, H, W, K, dtype=torch.int64), torch.empty(B, H, W, K, dtype=fv.dtype)
+        Kz = K if depth else 0
+        zbuf, bary = torch.empty(B, H, W, Kz, dtype=fv.dtype), torch.empty(B, H, W, Kz, 3, dtype=fv.dtype)
         most = kernels.rasterize(fv64, H, W, blur, persp, clip, p2f.numpy(), zbuf.numpy(), bary.numpy(),
                                  dists.numpy())
-        if most < K:  # drop the slots that no pixel uses (1 at least, as PyTorch3D's blending expects)
-            keep = max(most, 1)
-            p2f, zbuf, bary, dists = (t[:, :, :, :keep].contiguous() for t in (p2f, zbuf, bary, dists))
+        if most <= 0.75 * K:  # drop the slots that no pixel uses when that saves more than the copy costs
+            keep = max(most, 1)  # (1 at least, as PyTorch3D's blending expects)
+            p2f, dists = p2f[:, :, :, :keep].contiguous(), dists[:, :, :, :keep].contiguous()
+            if depth:
+                zbuf, bary = zbuf[:, :, :, :keep].contiguous(), bary[:, :, :, :keep].contiguous()
         ctx.save_for_backward(fv, p2f, dists)
         ctx.mark_non_differentiable(p2f)
         ctx.set_materialize_grads(False)
@@ -333,7 +339,7 @@ class _NumbaRasterize(torch.autograd.Function):
         grad_fv = np.zeros(fv.shape)
         _softras().rasterize_backward(fv.detach().to(torch.float64).numpy(), p2f.numpy(), dists.numpy(), *grads,
                                       ctx.persp, ctx.clip, grad_fv)
-        return torch.from_numpy(grad_fv).to(fv.dtype), None, None, None, None, None
+        return torch.from_numpy(grad_fv).to(fv.dtype), None, None, None, None, None, None
 
 
 # ------------------------------------------------------- pure-torch reference
