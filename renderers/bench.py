@@ -19,7 +19,6 @@ import argparse
 import math
 import multiprocessing
 import os
-import resource
 import time
 from collections.abc import Callable
 
@@ -212,8 +211,8 @@ def _bench_mesh_mode(mode: str, shader, rasterizer, scene, K: int, repeats: int)
 
 
 def bench_mesh_scale(repeats: int) -> None:
-    """The numba soft silhouette and Phong shading at larger images and meshes: seconds and peak memory, each
-    point in a fresh process (its peak resident memory above the start, after a small warm-up render)."""
+    """The numba soft silhouette and Phong shading at larger images and meshes: seconds, and the peak resident
+    memory of one forward + backward above the start, each point in a fresh process (after a one-image warm-up)."""
     points = [(16, 64, 3), (16, 128, 3), (16, 256, 3), (16, 64, 4), (16, 64, 5), (16, 128, 5)]
     ctx = multiprocessing.get_context("spawn")
     for mode in ("silhouette", "shaded"):
@@ -232,7 +231,6 @@ def _mesh_scale_point(mode: str, B: int, size: int, level: int, repeats: int, th
     ours = MeshRenderer(mode, sigma=1e-4, gamma=1e-4, faces_per_pixel=20)
     c = colors if mode == "shaded" else None
     ours(verts[:1], faces, cam[:1], None if c is None else c[:1]).sum().backward()  # compile / load the kernels
-    start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     def fwd():
         with torch.no_grad():
@@ -242,10 +240,39 @@ def _mesh_scale_point(mode: str, B: int, size: int, level: int, repeats: int, th
         verts.grad = None
         ours(verts, faces, cam, c).sum().backward()
 
-    t_fwd_bwd = best_of(fwd_bwd, repeats)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start  # KiB on Linux
-    return dict(mode=mode, B=B, size=size, faces=faces.shape[0], fwd=best_of(fwd, repeats), fwd_bwd=t_fwd_bwd,
-                peak_mb=peak / 1024)
+    peak = _peak_memory_mb(fwd_bwd)
+    return dict(mode=mode, B=B, size=size, faces=faces.shape[0], fwd=best_of(fwd, repeats),
+                fwd_bwd=best_of(fwd_bwd, repeats), peak_mb=peak)
+
+
+def _peak_memory_mb(fn: Callable[[], object]) -> float:
+    """Peak resident memory (MiB) above the start while ``fn`` runs, sampled every 0.2 ms from /proc (Linux;
+    NaN elsewhere): torch's tensors and the kernels' own arrays alike."""
+    import threading
+
+    if not os.path.exists("/proc/self/statm"):
+        fn()
+        return math.nan
+
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    start, peak, done = rss(), [0], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(2e-4)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        watcher.join()
+    return (max(peak[0], rss()) - start) / 2**20
 
 
 # ---------------------------------------------------------------------------- NeRF
