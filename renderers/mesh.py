@@ -18,8 +18,8 @@ Backends (``backend=``), one set of maths: ``"pytorch3d"`` rasterizes with PyTor
 over its own bounding box, and an analytic backward pass); ``"torch"`` with a pure-torch reference rasterizer
 (every pixel against every face: small images only, any device). All three hand the same fragments to
 PyTorch3D's blending and shading. ``"auto"`` takes numba on the CPU and PyTorch3D on CUDA. Measured at B = 16,
-64², 1,280 faces, 20 faces per pixel on one thread: numba's soft silhouette takes ~30 ms forward and ~50-70 ms
-forward + backward, PyTorch3D's CPU path ~0.4 s and ~16 s (``python -m renderers.bench --only mesh``).
+64², 1,280 faces, 20 faces per pixel on one thread: numba's soft silhouette takes ~30 ms forward and ~50 ms
+forward + backward, PyTorch3D's CPU path ~0.5 s and ~12 s (``python -m renderers.bench --only mesh``).
 """
 
 from __future__ import annotations

@@ -127,14 +127,15 @@ def test_our_camera_and_equivalent_pytorch3d_camera_give_identical_images(mode):
     torch.testing.assert_close(mine, theirs, atol=1e-4, rtol=0)  # float32 camera round-off only
 
 
-def test_vertex_gradient_matches_finite_differences():
+@pytest.mark.parametrize("backend", ["numba", "torch", "pytorch3d"])
+def test_vertex_gradient_matches_finite_differences(backend):
     """A tilted planar hexagon fan: no face turns edge-on, where PyTorch3D drops degenerate faces (a jump)."""
     ang = torch.arange(6) * math.pi / 3
     ring = torch.stack([0.7 * torch.cos(ang), 0.6 * torch.sin(ang), 0.3 * torch.cos(ang)], -1)
     verts = torch.cat([torch.zeros(1, 3), ring])[None]
     faces = torch.tensor([[0, i, i % 6 + 1] for i in range(1, 7)])
     cam = camera_looking_at((0.0, 0.0, 0.0), (0.3, 0.4, -2.5), (24, 24), focal=30.0)
-    r = MeshRenderer("silhouette", sigma=2e-3, faces_per_pixel=8)
+    r = MeshRenderer("silhouette", sigma=2e-3, faces_per_pixel=8, backend=backend)
     weights = torch.rand(1, 1, 24, 24, generator=torch.Generator().manual_seed(0))
     loss = lambda v: (r(v, faces, cam) * weights).sum()  # noqa: E731
     v0 = verts.clone().requires_grad_()
@@ -251,11 +252,12 @@ def pytorch3d_fragments(fv, size, blur, K, persp, clip):
 
 
 @pytest.mark.parametrize("backend", ["numba", "torch"])
-@pytest.mark.parametrize("seed, K, soft", [(0, 6, True), (1, 2, True), (2, 1, False)])
-def test_fragments_match_pytorch3d(backend, seed, K, soft):
+@pytest.mark.parametrize("seed, K, soft, size", [(0, 6, True, (20, 28)), (1, 2, True, (28, 20)),
+                                                 (2, 1, False, (20, 28))])
+def test_fragments_match_pytorch3d(backend, seed, K, soft, size):
     from renderers.mesh import face_vertices_ndc, rasterize_numba, rasterize_torch
 
-    verts, faces, cam = awkward_scene(seed)
+    verts, faces, cam = awkward_scene(seed, size)
     fv = face_vertices_ndc(verts, faces.expand(2, -1, -1), cam)
     blur = 3e-3 if soft else 0.0
     theirs = pytorch3d_fragments(fv, cam.image_size, blur, K, True, soft)
