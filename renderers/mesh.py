@@ -353,7 +353,7 @@ def rasterize_torch(fv: Tensor, image_size: tuple[int, int], blur: float, K: int
     H, W = image_size
     pix = _pixel_centres(H, W, fv).reshape(-1, 2)
     with torch.no_grad():
-        rows = max(1, 2**22 // max(F, 1))
+        rows = max(1, 2**22 // max(B * F, 1))
         p2f = torch.cat([_nearest_faces(fv, pix[i:i + rows], blur, K, persp, clip)
                          for i in range(0, H * W, rows)], 1)
     p2f = p2f.reshape(B, H, W, K)
