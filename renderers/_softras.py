@@ -373,3 +373,213 @@ def _bary_grad(px, py, x0, y0, x1, y1, x2, y2, q0, q1, q2, g):
     ga2[0] += ga * (y1 - y0)
     ga2[1] += ga * (x0 - x1)
     _edge_grad(x2, y2, x0, y0, x1, y1, ga, ga0, ga1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Soft Phong shading and softmax blending of the fragments: PyTorch3D's ``phong_shading`` (one directional light,
+# per-vertex colours, world-space points and normals interpolated with the fragments' barycentrics) followed by
+# its ``softmax_rgb_blend``, for each pixel's kept faces, with the analytic backward pass.
+#
+# ``light`` (4, 3): the unit direction towards the light, then the ambient, diffuse and specular colours;
+# ``params``: (shininess, sigma, gamma, znear, zfar); ``bg`` (3,) the background colour; ``cam`` (B, 3) the camera
+# centres in world units.
+
+BLEND_EPS = 1e-10  # softmax_rgb_blend's eps
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _unit(x, y, z, eps):
+    """(x, y, z) / max(|(x, y, z)|, eps), as F.normalize, and that divisor."""
+    n = max(math.sqrt(x * x + y * y + z * z), eps)
+    return x / n, y / n, z / n, n
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _unit_grad(ux, uy, uz, n, eps, gx, gy, gz):
+    """Gradient through :func:`_unit` given its output (ux, uy, uz), divisor ``n`` and upstream (gx, gy, gz)."""
+    if n > eps:
+        d = ux * gx + uy * gy + uz * gz
+        return (gx - ux * d) / n, (gy - uy * d) / n, (gz - uz * d) / n
+    return gx / eps, gy / eps, gz / eps
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _interp(attr, b, tri, w, out):
+    """``out`` (3,) = sum_i w[i] attr[b, tri[i]]."""
+    for c in range(3):
+        out[c] = w[0] * attr[b, tri[0], c] + w[1] * attr[b, tri[1], c] + w[2] * attr[b, tri[2], c]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _phong_pair(b, tri, w, verts, normals, colors, cam, light, shininess, P, N, T, col):
+    """The Phong colour ``col`` (3,) of one (pixel, face) pair; fills the interpolated point ``P``, normal ``N``
+    and texel ``T`` (3,) too. Returns (n (3,) the unit normal, its divisor, cos, the view unit vector, its
+    divisor, u = view . reflection)."""
+    _interp(verts, b, tri, w, P)
+    _interp(normals, b, tri, w, N)
+    _interp(colors, b, tri, w, T)
+    nx, ny, nz, nn = _unit(N[0], N[1], N[2], 1e-6)
+    cos = nx * light[0, 0] + ny * light[0, 1] + nz * light[0, 2]
+    vx, vy, vz, vn = _unit(cam[b, 0] - P[0], cam[b, 1] - P[1], cam[b, 2] - P[2], 1e-6)
+    u = (vx * (2.0 * cos * nx - light[0, 0]) + vy * (2.0 * cos * ny - light[0, 1])
+         + vz * (2.0 * cos * nz - light[0, 2]))
+    a = max(u, 0.0) if cos > 0.0 else 0.0
+    spec = a**shininess
+    for c in range(3):
+        col[c] = (light[1, c] + light[2, c] * max(cos, 0.0)) * T[c] + light[3, c] * spec
+    return nx, ny, nz, nn, cos, vx, vy, vz, vn, u
+
+
+@numba.njit(cache=True, nogil=True)
+def _blend_weights(b, i, j, pix_to_face, zbuf, dists, params, p, e, w):
+    """Per kept slot k < n of pixel (b, i, j): coverage ``p``, depth factor ``e`` and softmax weight ``w = p e``
+    (K,). Returns (n, z_inv_max, the slot it came from or -1, delta, whether delta is above its floor)."""
+    K = pix_to_face.shape[3]
+    sigma, gamma, znear, zfar = params[1], params[2], params[3], params[4]
+    n = 0
+    while n < K and pix_to_face[b, i, j, n] >= 0:
+        n += 1
+    m, arg = -math.inf, -1
+    for k in range(n):  # torch.max: the first of equal maxima
+        zi = (zfar - zbuf[b, i, j, k]) / (zfar - znear)
+        if zi > m:
+            m, arg = zi, k
+    if n < K and m < 0.0:  # an empty slot holds z_inv = 0
+        m, arg = 0.0, -1
+    if m < BLEND_EPS:  # clamp(min=eps): no gradient below
+        m, arg = BLEND_EPS, -1
+    for k in range(n):
+        p[k] = 1.0 / (1.0 + math.exp(dists[b, i, j, k] / sigma))
+        e[k] = math.exp(((zfar - zbuf[b, i, j, k]) / (zfar - znear) - m) / gamma)
+        w[k] = p[k] * e[k]
+    delta = math.exp((BLEND_EPS - m) / gamma)
+    return n, m, arg, max(delta, BLEND_EPS), delta >= BLEND_EPS
+
+
+@numba.njit(cache=True, nogil=True)
+def phong_blend(pix_to_face, bary, zbuf, dists, faces, verts, normals, colors, cam, light, params, bg, out):
+    """RGBA (B, H, W, 4) into ``out``: the fragments (B, H, W, K) of :func:`rasterize` lit by Phong shading and
+    blended by PyTorch3D's ``softmax_rgb_blend``. ``faces`` (B, F, 3); ``verts``, ``normals`` (unit vertex
+    normals) and ``colors`` (B, V, 3); see the section comment for the rest."""
+    B, H, W, K = pix_to_face.shape
+    F = faces.shape[1]
+    p, e, wk = np.empty(K), np.empty(K), np.empty(K)
+    P, N, T, col, wb = np.empty(3), np.empty(3), np.empty(3), np.empty(3), np.empty(3)
+    tri = np.empty(3, np.int64)
+    for b in range(B):
+        for i in range(H):
+            for j in range(W):
+                n, _, _, delta, _ = _blend_weights(b, i, j, pix_to_face, zbuf, dists, params, p, e, wk)
+                num0, num1, num2, den, keep = delta * bg[0], delta * bg[1], delta * bg[2], delta, 1.0
+                for k in range(n):
+                    f = pix_to_face[b, i, j, k] - b * F
+                    for v in range(3):
+                        tri[v], wb[v] = faces[b, f, v], bary[b, i, j, k, v]
+                    _phong_pair(b, tri, wb, verts, normals, colors, cam, light, params[0], P, N, T, col)
+                    num0, num1, num2 = num0 + wk[k] * col[0], num1 + wk[k] * col[1], num2 + wk[k] * col[2]
+                    den += wk[k]
+                    keep *= 1.0 - p[k]
+                out[b, i, j, 0], out[b, i, j, 1], out[b, i, j, 2] = num0 / den, num1 / den, num2 / den
+                out[b, i, j, 3] = 1.0 - keep
+
+
+@numba.njit(cache=True, nogil=True)
+def phong_blend_backward(pix_to_face, bary, zbuf, dists, faces, verts, normals, colors, cam, light, params, bg,
+                         grad_out, grad_bary, grad_zbuf, grad_dists, grad_verts, grad_normals, grad_colors):
+    """Gradients of ``sum(grad_out * phong_blend(...))`` into the fragments' ``grad_bary``, ``grad_zbuf``,
+    ``grad_dists`` and the per-vertex ``grad_verts``, ``grad_normals``, ``grad_colors`` (added to; zeroed by the
+    caller)."""
+    B, H, W, K = pix_to_face.shape
+    F = faces.shape[1]
+    s, sigma, gamma, znear, zfar = params[0], params[1], params[2], params[3], params[4]
+    p, e, wk, excl, gws = np.empty(K), np.empty(K), np.empty(K), np.empty(K), np.empty(K)
+    cols, scratch = np.empty((K, 3)), np.empty((3, 3))
+    P, N, T, wb, g, rgb = np.empty(3), np.empty(3), np.empty(3), np.empty(3), np.empty(3), np.empty(3)
+    tri = np.empty(3, np.int64)
+    for b in range(B):
+        for i in range(H):
+            for j in range(W):
+                n, _, arg, delta, live = _blend_weights(b, i, j, pix_to_face, zbuf, dists, params, p, e, wk)
+                if n == 0:
+                    continue
+                den = delta + wk[:n].sum()
+                for c in range(3):
+                    rgb[c] = delta * bg[c]
+                for k in range(n):
+                    f = pix_to_face[b, i, j, k] - b * F
+                    for v in range(3):
+                        tri[v], wb[v] = faces[b, f, v], bary[b, i, j, k, v]
+                    _phong_pair(b, tri, wb, verts, normals, colors, cam, light, s, P, N, T, cols[k])
+                    for c in range(3):
+                        rgb[c] += wk[k] * cols[k, c]
+                rgb /= den
+                ga = grad_out[b, i, j, 3]
+                gd = (grad_out[b, i, j, 0] * (bg[0] - rgb[0]) + grad_out[b, i, j, 1] * (bg[1] - rgb[1])
+                      + grad_out[b, i, j, 2] * (bg[2] - rgb[2])) / den
+                gm = -gd * delta / gamma if live else 0.0
+                run = 1.0  # excl[k] = prod_{j != k} (1 - p_j), without dividing by 1 - p_k
+                for k in range(n):
+                    excl[k] = run
+                    run *= 1.0 - p[k]
+                run = 1.0
+                for k in range(n - 1, -1, -1):
+                    excl[k] *= run
+                    run *= 1.0 - p[k]
+                for k in range(n):
+                    gws[k] = (grad_out[b, i, j, 0] * (cols[k, 0] - rgb[0]) + grad_out[b, i, j, 1]
+                              * (cols[k, 1] - rgb[1]) + grad_out[b, i, j, 2] * (cols[k, 2] - rgb[2])) / den
+                    gm -= gws[k] * wk[k] / gamma
+                for k in range(n):
+                    gp = gws[k] * e[k] + ga * excl[k]
+                    grad_dists[b, i, j, k] += -gp * p[k] * (1.0 - p[k]) / sigma
+                    gzi = gws[k] * wk[k] / gamma + (gm if k == arg else 0.0)
+                    grad_zbuf[b, i, j, k] += -gzi / (zfar - znear)
+                    f = pix_to_face[b, i, j, k] - b * F
+                    for v in range(3):
+                        tri[v], wb[v] = faces[b, f, v], bary[b, i, j, k, v]
+                    for c in range(3):
+                        g[c] = grad_out[b, i, j, c] * wk[k] / den
+                    _phong_pair_grad(b, tri, wb, verts, normals, colors, cam, light, s, g, P, N, T, scratch,
+                                     grad_bary[b, i, j, k], grad_verts, grad_normals, grad_colors)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _phong_pair_grad(b, tri, w, verts, normals, colors, cam, light, s, g, P, N, T, scratch, grad_w, grad_verts,
+                     grad_normals, grad_colors):
+    """Backward of :func:`_phong_pair` for the upstream gradient ``g`` (3,) of its colour: adds into ``grad_w``
+    (3,) (barycentrics) and the per-vertex gradients. ``scratch`` (3, 3) is working space."""
+    col, gT = scratch[0], scratch[1]
+    nx, ny, nz, nn, cos, vx, vy, vz, vn, u = _phong_pair(b, tri, w, verts, normals, colors, cam, light, s, P, N, T,
+                                                         col)
+    lx, ly, lz = light[0, 0], light[0, 1], light[0, 2]
+    gcos, gspec = 0.0, 0.0
+    for c in range(3):
+        gT[c] = g[c] * (light[1, c] + light[2, c] * max(cos, 0.0))
+        if cos > 0.0:
+            gcos += g[c] * light[2, c] * T[c]
+        gspec += g[c] * light[3, c]
+    gnx = gny = gnz = 0.0
+    gvx = gvy = gvz = 0.0
+    if cos > 0.0 and u > 0.0:
+        gu = gspec * s * u ** (s - 1.0)
+        rx, ry, rz = 2.0 * cos * nx - lx, 2.0 * cos * ny - ly, 2.0 * cos * nz - lz
+        gvx, gvy, gvz = gu * rx, gu * ry, gu * rz
+        grx, gry, grz = gu * vx, gu * vy, gu * vz
+        gcos += 2.0 * (grx * nx + gry * ny + grz * nz)
+        gnx, gny, gnz = 2.0 * cos * grx, 2.0 * cos * gry, 2.0 * cos * grz
+    gnx, gny, gnz = gnx + gcos * lx, gny + gcos * ly, gnz + gcos * lz
+    gNx, gNy, gNz = _unit_grad(nx, ny, nz, nn, 1e-6, gnx, gny, gnz)
+    gVx, gVy, gVz = _unit_grad(vx, vy, vz, vn, 1e-6, gvx, gvy, gvz)  # V = cam - P
+    for v in range(3):
+        t = tri[v]
+        grad_w[v] += (-(gVx * verts[b, t, 0] + gVy * verts[b, t, 1] + gVz * verts[b, t, 2])
+                      + gNx * normals[b, t, 0] + gNy * normals[b, t, 1] + gNz * normals[b, t, 2]
+                      + gT[0] * colors[b, t, 0] + gT[1] * colors[b, t, 1] + gT[2] * colors[b, t, 2])
+        grad_verts[b, t, 0] -= w[v] * gVx
+        grad_verts[b, t, 1] -= w[v] * gVy
+        grad_verts[b, t, 2] -= w[v] * gVz
+        grad_normals[b, t, 0] += w[v] * gNx
+        grad_normals[b, t, 1] += w[v] * gNy
+        grad_normals[b, t, 2] += w[v] * gNz
+        for c in range(3):
+            grad_colors[b, t, c] += w[v] * gT[c]

@@ -364,3 +364,32 @@ def test_backend_flag():
     images = [MeshRenderer(backend=b)(verts[None], faces, cam) for b in ("auto", "numba", "torch", "pytorch3d")]
     for image in images[1:]:
         torch.testing.assert_close(image, images[0], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("gamma, ortho", [(1e-2, False), (1e-4, False), (1e-3, True)])
+def test_numba_phong_blend_matches_pytorch3d_shading_on_the_same_fragments(gamma, ortho):
+    """The fused numba Phong shading + softmax blend (analytic backward) against PyTorch3D's phong_shading and
+    softmax_rgb_blend (autograd) on one set of fragments: RGBA, and gradients to the vertices (through the
+    fragments and the normals) and to the colours."""
+    from renderers.mesh import face_vertices_ndc, rasterize_numba
+
+    verts, faces, cam = awkward_scene(6)
+    if ortho:
+        cam = Camera.create(cam.R, cam.t, cam.image_size, pixel_size=0.15)
+    faces = faces.expand(2, -1, -1)
+    colors = torch.rand(verts.shape[:2] + (3,), generator=torch.Generator().manual_seed(6))
+    r = MeshRenderer("shaded", sigma=3e-4, gamma=gamma, faces_per_pixel=8, znear=1.0, zfar=50.0, alpha=True,
+                     light_direction=(0.3, -1.0, 0.4), background=(0.2, 0.5, 0.9))
+    results = []
+    for backend in ("numba", "torch"):  # "torch": the PyTorch3D shading path
+        v, c = verts.clone().requires_grad_(), colors.clone().requires_grad_()
+        fragments = rasterize_numba(face_vertices_ndc(v, faces, cam), cam.image_size, r._blur, 8, not ortho, True)
+        from pytorch3d.renderer.mesh.rasterizer import Fragments
+
+        image = r._shade(v, faces, c, Fragments(*fragments), cam, backend)
+        weights = torch.rand(image.shape, generator=torch.Generator().manual_seed(1))
+        results.append((image.detach(), *torch.autograd.grad((image * weights).sum(), (v, c))))
+    (a, gva, gca), (b, gvb, gcb) = results
+    assert 0.05 < b[:, 3].mean() < 0.9
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    assert relative_error(gva, gvb) < 1e-4 and relative_error(gca, gcb) < 1e-4
