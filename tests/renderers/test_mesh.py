@@ -391,5 +391,5 @@ def test_numba_phong_blend_matches_pytorch3d_shading_on_the_same_fragments(gamma
         results.append((image.detach(), *torch.autograd.grad((image * weights).sum(), (v, c))))
     (a, gva, gca), (b, gvb, gcb) = results
     assert 0.05 < b[:, 3].mean() < 0.9
-    torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)  # PyTorch3D float32 depths in exp(dz / gamma): ~4e-5
     assert relative_error(gva, gvb) < 1e-4 and relative_error(gca, gcb) < 1e-4
