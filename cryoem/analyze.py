@@ -238,14 +238,6 @@ def write_maps(model, coords: np.ndarray, offset, folder: Path, stem: str) -> li
     return names
 
 
-def residue_groups(structure) -> tuple[np.ndarray, list[str]]:
-    """Per-atom residue index (N,) and one label per residue (chain:number)."""
-    keys = list(zip(structure.chain.tolist(), structure.resnum.tolist(), structure.icode.tolist()))
-    uniq = list(dict.fromkeys(keys))
-    pos = {k: i for i, k in enumerate(uniq)}
-    return np.array([pos[k] for k in keys]), [f"{c}:{n}{i}" for c, n, i in uniq]
-
-
 def per_residue(values: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return np.bincount(groups, weights=values) / np.bincount(groups)
 
@@ -294,7 +286,7 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
     """
     from sklearn.manifold import TSNE
 
-    from cryoem.structure import rmsf
+    from cryoem.structure import residue_groups, rmsf
     from cryoem.train import load_run
     from cryoem.vae import latent_diagnostics
 

@@ -358,6 +358,15 @@ def _residue_pseudo_atoms(resname: np.ndarray, bfactor: float) -> tuple[np.ndarr
 
 
 # ----------------------------------------------------------------------------- bonds
+def residue_groups(structure: Structure) -> tuple[np.ndarray, list[str]]:
+    """Per-atom residue index (N,) int64, in order of first appearance, and one label per residue
+    (``chain:number`` plus insertion code)."""
+    keys = list(zip(structure.chain.tolist(), structure.resnum.tolist(), structure.icode.tolist()))
+    uniq = list(dict.fromkeys(keys))
+    pos = {k: i for i, k in enumerate(uniq)}
+    return np.array([pos[k] for k in keys], dtype=np.int64), [f"{c}:{n}{i}" for c, n, i in uniq]
+
+
 def bonded_pairs(structure: Structure, model: int = 0) -> np.ndarray:
     """(E, 2) int array of bonded atom pairs ``i < j`` inferred from the chosen model.
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from cryoem.particles import ParticleSet, ParticleSubset, load_particles
-from cryoem.structure import Structure, bonded_pairs, read_structure, scattering_gaussians
+from cryoem.structure import Structure, bonded_pairs, read_structure, residue_groups, scattering_gaussians
 from cryoem.vae import AtomVAE, AtomVAEConfig, estimate_noise_sigma, latent_diagnostics
 from plato_core.runinfo import UserError, atomic_write, check_out_dir, read_json, remove_outputs, settings_diff
 from plato_core.settings import SettingError
@@ -36,7 +36,7 @@ PATH_FIELDS = ("particles", "structure", "poses", "ctf", "datadir", "passthrough
 RUN_OUTPUTS = ("model.json", "train_log.csv", "half1", "half2", "analysis", *RUN_FILES)
 # settings of runs written before they existed: the behaviour those runs had
 OLD_MODEL_DEFAULTS = {"enc_reference": False, "posterior": "amortized", "dec_scale": 1.0, "whiten_every": 0,
-                      "warm_start": False, "particle_nuisance": False}
+                      "warm_start": False, "particle_nuisance": False, "dec_smooth": 0.0}
 
 
 @dataclass
@@ -133,7 +133,8 @@ def _model(spec: DataSpec, cfg: AtomVAEConfig, box: int, apix: float, n_particle
     idx, amp, sig = scattering_gaussians(s, mode="single")
     bonds = bonded_pairs(s)
     model = AtomVAE(cfg, torch.as_tensor(x0), torch.as_tensor(amp), torch.as_tensor(sig),
-                    torch.as_tensor(bonds), box, apix, n_particles, noise_sigma)
+                    torch.as_tensor(bonds), box, apix, n_particles, noise_sigma,
+                    torch.as_tensor(residue_groups(s)[0]))
     return model, s, offset
 
 

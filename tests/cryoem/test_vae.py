@@ -3,6 +3,7 @@
 import math
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 from torch import Tensor
@@ -143,7 +144,9 @@ def test_laplace_posterior_matches_the_exact_posterior():
     variance (the posterior is close to Gaussian here)."""
     torch.manual_seed(0)
     batch, u, x0, bonds = toy_data(n=6, snr=1.0)
-    model = make_model(x0, bonds, 1.0, posterior="laplace", gn_steps=8, particle_nuisance=False)
+    # a per-atom decoder (dec_smooth 0), so that random last-layer weights give random displacements of ~0.3 Å
+    # per unit z (the smoothed decoder would average them out)
+    model = make_model(x0, bonds, 1.0, posterior="laplace", gn_steps=8, particle_nuisance=False, dec_smooth=0.0)
     torch.nn.init.normal_(model.decoder.out.weight, std=0.02 / model.decoder.scale)  # z moves atoms ~0.3 Å
     model.init_scale(batch)
     with torch.no_grad():
@@ -388,3 +391,37 @@ def test_render_jvp_is_the_derivative_of_render():
                      - model.render(coords - h * tangents[:, k], R, shift, ctf, index)) / (2 * h) for k in range(2)], 1)
     torch.testing.assert_close(img, model.render(coords, R, shift, ctf, index), rtol=0, atol=1e-12)
     torch.testing.assert_close(jvp, fd, rtol=0, atol=1e-7 * fd.abs().max().item())
+
+
+def test_residue_kernel_is_a_normalised_gaussian_of_the_residue_centres():
+    from cryoem.vae import residue_kernel
+
+    g = torch.Generator().manual_seed(0)
+    x0 = 12 * torch.rand(60, 3, generator=g, dtype=torch.float64)
+    groups = torch.arange(60) // 3  # 20 residues of 3 atoms
+    K = residue_kernel(x0, groups, 4.0).to_dense()
+    centres = x0.view(20, 3, 3).mean(1).numpy()
+    d = np.linalg.norm(centres[:, None] - centres[None], axis=-1)
+    want = np.exp(-d**2 / 32) * (d < 10)
+    np.testing.assert_allclose(K.numpy(), want / want.sum(1, keepdims=True), rtol=1e-12)
+
+
+def test_smooth_decoder_moves_residues_by_the_smoothed_last_layer():
+    from cryoem.vae import AtomDecoder, residue_kernel
+
+    torch.manual_seed(0)
+    x0, _ = toy_model()
+    groups = torch.arange(40) // 4  # 10 residues of 4 atoms
+    dec = AtomDecoder(x0, 2, 16, 2, scale=10.0, groups=groups, smooth=6.0)
+    torch.nn.init.normal_(dec.out.weight)
+    torch.nn.init.normal_(dec.out.bias)
+    z = torch.randn(5, 2)
+    raw = dec.out(dec.mlp(z)).view(5, 10, 3)  # per residue, before smoothing
+    K = residue_kernel(x0, groups, 6.0).to_dense()
+    want = 10.0 * torch.einsum("rs,bsc->brc", K, raw)[:, groups]
+    torch.testing.assert_close(dec.displacement(z), want)
+    torch.testing.assert_close(dec(z), x0 + want)
+    with torch.no_grad():  # a rigid translation passes unchanged (each row of the kernel sums to 1)
+        dec.out.weight.zero_()
+        dec.out.bias.copy_(torch.tensor([0.1, -0.2, 0.3]).repeat(10))
+    torch.testing.assert_close(dec.displacement(z), torch.tensor([1.0, -2.0, 3.0]).expand(5, 40, 3))
