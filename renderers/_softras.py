@@ -17,10 +17,14 @@ defaults: no z-clipping, no culling), in float64 whatever the input dtype:
 * ``pix_to_face`` holds packed face indices ``b * F + f``, as PyTorch3D's ``Meshes`` number them.
 
 The faces are visited face by face, each over the pixels of its bounding box expanded by ``sqrt(blur)``: a
-pixel touches only the faces that can meet it, with no binning pass. :func:`rasterize_backward` is the
-analytic gradient of the fragments with respect to ``fv`` (PyTorch3D's ``RasterizeMeshesBackwardCpu``),
-one pass over the kept (pixel, face) pairs. The kernels run on the calling thread only (see
-``renderers.splat`` for why).
+pixel touches only the faces that can meet it, with no binning pass. Measured against 8x8 and 16x16 screen
+tiles (faces binned by the same box, then visited per tile or per pixel): same outputs, and face by face was
+the fastest at 64², 128² and 256² (B = 16, 1,280 faces: 24 ms against 32-88 ms at 64²).
+:func:`rasterize_backward` is the analytic gradient of the fragments with respect to ``fv`` (PyTorch3D's
+``RasterizeMeshesBackwardCpu``), one pass over the kept (pixel, face) pairs: 8x faster than autograd through
+per-pair torch tensors for a silhouette (51 ms against 423 ms forward + backward at 64²).
+:func:`phong_blend` and :func:`phong_blend_backward` shade and blend the fragments (see their section).
+The kernels run on the calling thread only (see ``renderers.splat`` for why).
 """
 
 from __future__ import annotations
