@@ -190,7 +190,8 @@ def residue_kernel(x0: Tensor, groups: Tensor, width: float) -> Tensor:
         rows.append(r + start), cols.append(c), vals.append(w)
     rows, cols, vals = torch.cat(rows), torch.cat(cols), torch.cat(vals)
     vals = vals / torch.zeros(R, dtype=x0.dtype).index_add_(0, rows, vals)[rows]
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (R, R), check_invariants=True).coalesce()
+    with torch.sparse.check_sparse_tensor_invariants():  # checked once, here (and no warning that it is not)
+        return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (R, R)).coalesce()
 
 
 class PoseEncoder(nn.Module):
