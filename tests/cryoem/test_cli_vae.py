@@ -341,3 +341,24 @@ def test_model_setting_errors_are_value_errors_named_by_their_flag_on_the_comman
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         "error: --likelihood: correlation has no Laplace posterior; use it with posterior amortized")
     assert not (tmp_path / "r").exists()
+
+
+def test_smoothed_decoder_trains_and_reloads(sim, tmp_path):
+    """--dec-smooth: recorded, and rebuilt from the starting model on loading (its kernel is not in the checkpoint)."""
+    import torch
+
+    from cryoem.train import load_model
+    from cryoem.vae import residue_kernel
+
+    out = tmp_path / "smooth"
+    r = cryoem("train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms", "ca",
+               "--center", "none", "--zdim", 2, "--steps", 3, "--batch-size", 16, "--dec-smooth", 6, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "model.json").read_text())["model"]["dec_smooth"] == 6
+    model, _, s = load_model(out)
+    dec = model.decoder
+    K = residue_kernel(dec.x0, torch.arange(s.n_atoms), 6.0).to_dense()  # C-alpha model: one atom per residue
+    z = torch.randn(4, 2)
+    with torch.no_grad():
+        raw = dec.out(dec.mlp(z)).view(4, -1, 3)
+        torch.testing.assert_close(model.decode(z), dec.x0 + dec.scale * torch.einsum("rs,bsc->brc", K, raw))
