@@ -70,8 +70,8 @@ class AtomVAEConfig:
                                      "32 px; see enc_pooling)")
     dec_hidden: int = setting(256, "width of the decoder MLP")
     dec_layers: int = setting(3, "layers of the decoder MLP", cli=False)
-    dec_scale: float = setting(10.0, "Å per unit of the decoder's last layer (see AtomDecoder); 1 before this "
-                                     "setting existed", cli=False)
+    dec_scale: float = setting(10.0, "Å per unit of the decoder's last layer: how fast the decoded atoms move per "
+                                     "optimiser step (see AtomDecoder); 0.5 with --dec-smooth 5 was best measured")
     dec_smooth: float = setting(0.0, "Å: the decoder moves residues, smoothed over this distance (see AtomDecoder; "
                                      "better on global motions, worse on domain hinges); 0: every atom on its own")
     beta: float | None = setting(None, "KL weight (default 1 / zdim, as cryoDRGN)")
@@ -138,7 +138,9 @@ class AtomDecoder(nn.Module):
     Yet in training (10 min, one thread) it helped only the global motion: on a morph |rho| 0.94, R^2 0.88, RMSD
     ratio 0.23 against 0.80-0.93, 0.74-0.82, 0.27-0.30 per atom, but on a domain hinge 0.41, 0.29, 0.94 against
     0.73-0.77, 0.56-0.65, 0.65-0.67 (3 Å and dec_scale 2 no better). There it learnt motions before the latents
-    carried information, and the hinge ended up spread over two latent dimensions. Hence off by default.
+    carried information, and the hinge ended up spread over two latent dimensions. Slowed down to dec_scale 0.5
+    (20 times slower per step) it did better: morph 0.97, 0.96, 0.24; hinge 0.70, 0.64, 0.58. Off by default
+    until it is measured on more cases.
     """
 
     def __init__(self, x0: Tensor, zdim: int, hidden: int, layers: int, scale: float = 10.0,
