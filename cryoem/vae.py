@@ -70,10 +70,10 @@ class AtomVAEConfig:
                                      "32 px; see enc_pooling)")
     dec_hidden: int = setting(256, "width of the decoder MLP")
     dec_layers: int = setting(3, "layers of the decoder MLP", cli=False)
-    dec_scale: float = setting(10.0, "Å per unit of the decoder's last layer: how fast the decoded atoms move per "
-                                     "optimiser step (see AtomDecoder); 0.5 with --dec-smooth 5 was best measured")
-    dec_smooth: float = setting(0.0, "Å: the decoder moves residues, smoothed over this distance (see AtomDecoder; "
-                                     "better on global motions, worse on domain hinges); 0: every atom on its own")
+    dec_scale: float = setting(0.5, "Å per unit of the decoder's last layer: how fast the decoded atoms move per "
+                                    "optimiser step (see AtomDecoder)")
+    dec_smooth: float = setting(5.0, "Å: the decoder moves residues, smoothed over this distance (see AtomDecoder); "
+                                     "0: every atom on its own (use --dec-scale 10 with it)")
     beta: float | None = setting(None, "KL weight (default 1 / zdim, as cryoDRGN)")
     kl_warmup: int = setting(500, "steps over which the KL weight ramps up from 0", cli=False)
     posterior: str = setting("laplace", "laplace: each particle's latent posterior by a Gauss-Newton step of the "
@@ -94,8 +94,9 @@ class AtomVAEConfig:
     likelihood: str = setting("gaussian", "gaussian: the images' noise model; correlation: 1 - correlation, "
                                           "scaled by the pixel count", choices=("gaussian", "correlation"))
     w_bond: float = setting(1.0, "weight of the bond-length prior, per Å² of change, times the pixel count / 1000")
-    w_local: float = setting(1.0, "weight of the local-distance prior (pairs within 10 Å), as --w-bond")
-    w_clash: float = setting(1.0, "weight of the clash prior (non-bonded pairs closer than 3 Å), as --w-bond")
+    w_local: float = setting(0.1, "weight of the local-distance prior (pairs within 10 Å), as --w-bond (see "
+                                  "AtomVAE.loss: at 1 it outweighed the images' evidence for real motions)")
+    w_clash: float = setting(0.1, "weight of the clash prior (non-bonded pairs closer than 3 Å), as --w-bond")
     prior_samples: int = setting(16, "decoded models of a batch the priors are evaluated on (unbiased, cheaper)",
                                  cli=False)
     local_radius: float = setting(10.0, "Å: pairs closer than this in the starting model keep their distance",
@@ -135,12 +136,10 @@ class AtomDecoder(nn.Module):
     gradients that were mostly noise. Measured on a 6,028-atom hinge (SNR 0.1), training only the decoder with
     the latent set to the true coordinate: after 1,200 steps the per-atom decoder had learnt 19 % of the motion
     (cosine 0.38 with the true one); smoothed over residues at 5 Å, 54 % after 100 steps (cosine 0.83).
-    Yet in training (10 min, one thread) it helped only the global motion: on a morph |rho| 0.94, R^2 0.88, RMSD
-    ratio 0.23 against 0.80-0.93, 0.74-0.82, 0.27-0.30 per atom, but on a domain hinge 0.41, 0.29, 0.94 against
-    0.73-0.77, 0.56-0.65, 0.65-0.67 (3 Å and dec_scale 2 no better). There it learnt motions before the latents
-    carried information, and the hinge ended up spread over two latent dimensions. Slowed down to dec_scale 0.5
-    (20 times slower per step) it did better: morph 0.97, 0.96, 0.24; hinge 0.70, 0.64, 0.58. Off by default
-    until it is measured on more cases.
+    A smoothed decoder learns so fast that at scale 10 it learnt motions before the latents carried information
+    (a domain hinge ended up spread over two latent dimensions: |rho| 0.41); at scale 0.5, 20 times slower per
+    step, it does not. Smoothed at 5 Å with scale 0.5 (and the structural priors at 0.1, see AtomVAE.loss) is the
+    default; ``cryoem train`` on the README's development cases: see the README.
     """
 
     def __init__(self, x0: Tensor, zdim: int, hidden: int, layers: int, scale: float = 10.0,
@@ -570,7 +569,11 @@ class AtomVAE(nn.Module):
         rec = rec_i.mean()
         kl = kl.mean()
         pri = self.prior_terms(coords[: self.cfg.prior_samples])
-        # prior weights are per Å² per 1000 pixels, so they keep their meaning across box sizes
+        # prior weights are per Å² per 1000 pixels, so they keep their meaning across box sizes. The local-distance
+        # and clash weights default to 0.1: at 1, the true structures of the far states of every development case
+        # cost more under the priors (9-138 nats per image; a real hinge or morph changes the distances across
+        # it) than they gained over the decoded models in the images (7-28 nats), and the decoder stopped at
+        # 40-60 % of the motion (RMSD ratios 0.58-0.84)
         w = img.shape[-1] * img.shape[-2] / 1000
         beta = self.kl_weight() * min(1.0, step / max(c.kl_warmup, 1))
         total = rec + beta * kl + w * (c.w_bond * pri["bond"] + c.w_local * pri["local"] + c.w_clash * pri["clash"])
