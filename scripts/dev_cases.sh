@@ -7,6 +7,7 @@
 #   morph     3O21 -> 6FLR linear morph (GluA3 NTD), uniform, one Gaussian per atom
 #   hinge1    6FLR, one C-terminal domain (290-381) opening by 40 degrees, bimodal; Peng's 5 Gaussians per atom,
 #             a per-particle B-factor of 0-60 Å², uniform shifts (std 1.5 px): the model's image formation differs
+#   morphp    the morph with hinge1's image formation (Peng's 5 Gaussians, B 0-60 Å², uniform shifts)
 #   hinge2    6FLR, two independent hinges (a 2-D latent), uniform
 #   ubq       2K39, a real NMR ensemble of ubiquitin (C-alpha only), small amplitude
 #   morph001  the morph at SNR 0.01, 30 minutes
@@ -26,6 +27,8 @@ simulate() {  # case -> simulation folder
   [ -f "$s/particles.star" ] && return
   case $c in
     morph) cryoem simulate --morph $D/3o21.pdb.gz $D/6flr.pdb.gz --n 8000 --snr 0.1 --quiet --out "$s" ;;
+    morphp) cryoem simulate --morph $D/3o21.pdb.gz $D/6flr.pdb.gz --potential peng5 --particle-bfactor 0 60 \
+              --shift-dist uniform --shift-std 1.5 --n 8000 --snr 0.1 --quiet --out "$s" ;;
     morph001) cryoem simulate --morph $D/3o21.pdb.gz $D/6flr.pdb.gz --n 8000 --snr 0.01 --quiet --out "$s" ;;
     hinge1) cryoem simulate --structure $D/6flr.pdb.gz --hinge A:290-381:40 --morph-dist bimodal --potential peng5 \
               --particle-bfactor 0 60 --shift-dist uniform --shift-std 1.5 --n 8000 --quiet --out "$s" ;;
