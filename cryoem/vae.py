@@ -570,10 +570,10 @@ class AtomVAE(nn.Module):
         kl = kl.mean()
         pri = self.prior_terms(coords[: self.cfg.prior_samples])
         # prior weights are per Å² per 1000 pixels, so they keep their meaning across box sizes. The local-distance
-        # and clash weights default to 0.1: at 1, the true structures of the far states of every development case
-        # cost more under the priors (9-138 nats per image; a real hinge or morph changes the distances across
-        # it) than they gained over the decoded models in the images (7-28 nats), and the decoder stopped at
-        # 40-60 % of the motion (RMSD ratios 0.58-0.84)
+        # and clash weights default to 0.1: at 1, the true structures of the far states of the three development cases
+        # probed cost more under the priors (9-138 nats per image; a real hinge or morph changes the distances across
+        # it) than they gained over the decoded models in the images (7-28 nats), and the decoder stopped short
+        # of the motion (RMSD ratios 0.58-0.84)
         w = img.shape[-1] * img.shape[-2] / 1000
         beta = self.kl_weight() * min(1.0, step / max(c.kl_warmup, 1))
         total = rec + beta * kl + w * (c.w_bond * pri["bond"] + c.w_local * pri["local"] + c.w_clash * pri["clash"])
