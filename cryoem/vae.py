@@ -95,7 +95,7 @@ class AtomVAEConfig:
                                           "scaled by the pixel count", choices=("gaussian", "correlation"))
     w_bond: float = setting(1.0, "weight of the bond-length prior, per Å² of change, times the pixel count / 1000")
     w_local: float = setting(0.1, "weight of the local-distance prior (pairs within 10 Å), as --w-bond (see "
-                                  "AtomVAE.loss: at 1 it outweighed the images' evidence for real motions)")
+                                  "AtomVAE.prior_weights: at 1 it outweighed the images' evidence for real motions)")
     w_clash: float = setting(0.1, "weight of the clash prior (non-bonded pairs closer than 3 Å), as --w-bond")
     prior_samples: int = setting(16, "decoded models of a batch the priors are evaluated on (unbiased, cheaper)",
                                  cli=False)
@@ -138,8 +138,8 @@ class AtomDecoder(nn.Module):
     (cosine 0.38 with the true one); smoothed over residues at 5 Å, 54 % after 100 steps (cosine 0.83).
     A smoothed decoder learns so fast that at scale 10 it learnt motions before the latents carried information
     (a domain hinge ended up spread over two latent dimensions: |rho| 0.41); at scale 0.5, 20 times slower per
-    step, it does not. Smoothed at 5 Å with scale 0.5 (and the structural priors at 0.1, see AtomVAE.loss) is the
-    default; ``cryoem train`` on the README's development cases: see the README.
+    step, it does not. Smoothed at 5 Å with scale 0.5 is the default (with the structural priors at 0.1, see
+    AtomVAE.prior_weights); ``cryoem train`` on the README's development cases: see the README.
     """
 
     def __init__(self, x0: Tensor, zdim: int, hidden: int, layers: int, scale: float = 10.0,
@@ -515,6 +515,18 @@ class AtomVAE(nn.Module):
         f = torch.sqrt(fy[:, None] ** 2 + fx[None] ** 2)
         return torch.exp(-math.log(2) * (f * res) ** 2)  # half amplitude at frequency 1 / res
 
+    def prior_weights(self) -> dict[str, float]:
+        """Nats per image per unit of each :meth:`prior_terms` term, as the loss adds them: the term's ``w_*`` times
+        the pixel count / 1000, so that the weights keep their meaning across box sizes.
+
+        The local-distance and clash weights default to 0.1. At 1, the true structures of the far states of the
+        three development cases probed (``scripts/prior_probe.py``) cost more under the priors (9-138 nats per
+        image; a real hinge or morph changes the distances across it) than they gained over the decoded models in
+        the images (7-28 nats), and the decoder stopped short of the motion (RMSD ratios 0.58-0.84).
+        """
+        per = self.box * self.box / 1000
+        return {"bond": self.cfg.w_bond * per, "local": self.cfg.w_local * per, "clash": self.cfg.w_clash * per}
+
     def prior_terms(self, coords: Tensor) -> dict[str, Tensor]:
         p = StructuralPrior(self.prior_bonds, self.prior_bond_d0, self.prior_local, self.prior_local_d0,
                             self.prior_clash_pairs, self.cfg.clash_threshold)
@@ -569,14 +581,9 @@ class AtomVAE(nn.Module):
         rec = rec_i.mean()
         kl = kl.mean()
         pri = self.prior_terms(coords[: self.cfg.prior_samples])
-        # prior weights are per Å² per 1000 pixels, so they keep their meaning across box sizes. The local-distance
-        # and clash weights default to 0.1: at 1, the true structures of the far states of the three development cases
-        # probed cost more under the priors (9-138 nats per image; a real hinge or morph changes the distances across
-        # it) than they gained over the decoded models in the images (7-28 nats), and the decoder stopped short
-        # of the motion (RMSD ratios 0.58-0.84)
-        w = img.shape[-1] * img.shape[-2] / 1000
+        weight = self.prior_weights()
         beta = self.kl_weight() * min(1.0, step / max(c.kl_warmup, 1))
-        total = rec + beta * kl + w * (c.w_bond * pri["bond"] + c.w_local * pri["local"] + c.w_clash * pri["clash"])
+        total = rec + beta * kl + sum(weight[k] * v for k, v in pri.items())
         out = {"rec": rec, "kl": kl, **pri, "scale": torch.exp(self.log_scale).detach(),
                **latent_use(mu, z, rec_i, batch, self, step)}
         if enc_fit is not None:

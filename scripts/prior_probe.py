@@ -72,8 +72,7 @@ def main() -> None:
     offset = (x0 - start).mean(0)  # the run's frame (the box centre) from the simulator's (the centroid)
     batch = ds.batch(far)
     idx = batch["index"]
-    c = model.cfg
-    w = batch["image"].shape[-1] * batch["image"].shape[-2] / 1000
+    weight = model.prior_weights()
     with torch.no_grad():
         models = {"start": x0.expand(len(far), -1, -1), "decoded": model.decode(model.z_last[idx]),
                   "true": coords_of(far).float() + offset}
@@ -81,7 +80,7 @@ def main() -> None:
             image = model.render(x, batch["R"], batch["shift_A"], batch["ctf"], idx)
             rec = model.reconstruction(batch["image"], image, None).mean()
             pri = model.prior_terms(x)
-            cost = {k: w * getattr(c, f"w_{k}") * float(v) for k, v in pri.items()}
+            cost = {k: weight[k] * float(v) for k, v in pri.items()}
             rmsd = float(((x - models["true"]) ** 2).sum(-1).mean().sqrt())
             print(f"{name:8s} image loss {rec:9.2f} nats   priors {sum(cost.values()):8.2f} nats "
                   f"(bond {cost['bond']:.2f}, local {cost['local']:.2f}, clash {cost['clash']:.2f})   "
