@@ -185,12 +185,20 @@ def room_meshes(floor, wall):
     return out
 
 
-def render_pytorch3d(meshes: list, cams: Camera, background) -> np.ndarray:
-    """Rasterise open3d meshes (vertex colours) with PyTorch3D's hard flat shader: (V, H, W, 3) uint8."""
+def render_pytorch3d(meshes: list, cams: Camera, background, specular: float = 0.0,
+                     shininess: float = 32.0) -> np.ndarray:
+    """Rasterise open3d meshes (vertex colours) with PyTorch3D's hard flat shader: (V, H, W, 3) uint8.
+
+    ``specular > 0``: PyTorch3D's hard Phong shader instead (per-pixel normals interpolated from the
+    vertex normals), with a white specular highlight of that strength and ``shininess``: view-dependent
+    appearance, for testing radiance fields.
+    """
     from pytorch3d.renderer import (
         BlendParams,
         DirectionalLights,
         HardFlatShader,
+        HardPhongShader,
+        Materials,
         MeshRasterizer,
         MeshRenderer,
         RasterizationSettings,
@@ -209,10 +217,15 @@ def render_pytorch3d(meshes: list, cams: Camera, background) -> np.ndarray:
     mesh = Meshes([f32(verts)], [torch.tensor(np.concatenate(faces))], TexturesVertex([f32(cols)])).extend(len(cams))
     pc = cams.to(dtype=torch.float32).to_pytorch3d()
     lights = DirectionalLights(direction=[[0.4, 0.6, 0.7]], ambient_color=[[0.45] * 3], diffuse_color=[[0.55] * 3],
-                               specular_color=[[0.0] * 3])
+                               specular_color=[[float(specular)] * 3])
     H, W = cams.image_size
     raster = MeshRasterizer(pc, RasterizationSettings(image_size=(H, W), faces_per_pixel=1))
-    shader = HardFlatShader(cameras=pc, lights=lights, blend_params=BlendParams(background_color=tuple(background)))
+    blend = BlendParams(background_color=tuple(background))
+    if specular > 0:
+        shader = HardPhongShader(cameras=pc, lights=lights, blend_params=blend,
+                                 materials=Materials(shininess=float(shininess)))
+    else:
+        shader = HardFlatShader(cameras=pc, lights=lights, blend_params=blend)
     with torch.no_grad():
         img = MeshRenderer(raster, shader)(mesh)[..., :3]
     return (img.clamp(0, 1) * 255).round().byte().numpy()
