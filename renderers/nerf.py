@@ -17,6 +17,14 @@ when not training). All samples are sorted and composited with ``renderers.voxel
 owning the interval between the midpoints to its neighbours (``near`` and ``far`` at the ends).
 Outputs: colour over the background, opacity ``1 - exp(-integral of density)``, and depth, the expected
 distance along the ray to where it terminates, given that it does (0 where nothing is hit).
+
+Empty-space skipping
+--------------------
+Given an ``occupancy`` grid (:class:`renderers.occupancy.OccupancyGrid`), each ray instead gets
+``n_coarse + n_fine`` stratified samples and no importance pass, and the field is evaluated only at the
+samples in occupied cells (all rays' occupied samples in one field call); the others count as empty
+(density 0). Where the grid is conservative this is the same image as ``n_fine=0`` with that many
+coarse samples, at the cost of the occupied samples only.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from torch import Tensor, nn
 
 from renderers._validate import check_tensor
 from renderers.cameras import Camera
+from renderers.occupancy import OccupancyGrid
 from renderers.voxel import alpha_composite, sample_grid, stratified_depths
 
 __all__ = ["NeRFRenderer", "NeRFOutput", "RadianceMLP", "GridField", "PositionalEncoding", "sample_pdf"]
@@ -185,19 +194,21 @@ class NeRFRenderer(nn.Module):
         self.near, self.far = float(near), float(far)
 
     def forward(self, field: Field, camera: Camera, latent: Tensor | None = None,
-                fine_field: Field | None = None) -> NeRFOutput:
+                fine_field: Field | None = None, occupancy: OccupancyGrid | None = None) -> NeRFOutput:
         """Render every pixel of B cameras: rgb (B, 3, H, W), depth and opacity (B, 1, H, W)."""
         if not isinstance(camera, Camera):
             raise ValueError(f"camera: expected a renderers.cameras.Camera, got {type(camera).__name__}")
         origins, dirs = camera.rays()
         B, (H, W) = len(camera), camera.image_size
-        out = self.render_rays(field, origins.reshape(B, -1, 3), dirs.reshape(B, -1, 3), latent, fine_field)
+        out = self.render_rays(field, origins.reshape(B, -1, 3), dirs.reshape(B, -1, 3), latent, fine_field,
+                               occupancy=occupancy)
         img = lambda x: x.reshape(B, H, W, -1).permute(0, 3, 1, 2)  # noqa: E731
         return NeRFOutput(img(out.rgb), img(out.depth), img(out.opacity), img(out.rgb_coarse))
 
     def render_rays(self, field: Field, origins: Tensor, directions: Tensor, latent: Tensor | None = None,
                     fine_field: Field | None = None, near: Tensor | None = None,
-                    far: Tensor | None = None) -> NeRFOutput:
+                    far: Tensor | None = None, occupancy: OccupancyGrid | None = None,
+                    background: Tensor | None = None) -> NeRFOutput:
         """Render a batch of rays.
 
         Args:
@@ -206,6 +217,8 @@ class NeRFRenderer(nn.Module):
             origins, directions: (B, R, 3) world rays; directions are normalised here.
             latent: (B, Z) passed to the fields.
             near, far: optional (B, R) per-ray distance ranges replacing the scalars.
+            occupancy: skip empty space (module docstring); ``field`` answers every sample.
+            background: optional (3,) colour replacing the renderer's (e.g. a learned one).
         Returns:
             ``NeRFOutput`` with rgb (B, R, 3), depth (B, R), opacity (B, R), rgb_coarse (B, R, 3).
         """
@@ -223,16 +236,39 @@ class NeRFRenderer(nn.Module):
         directions = F.normalize(directions, dim=-1)
         step = max(1, self.chunk // B)
         fine = field if fine_field is None else fine_field
-        parts = [self._render_chunk(field, fine, origins[:, i:i + step], directions[:, i:i + step],
-                                    near[:, i:i + step], far[:, i:i + step], latent) for i in range(0, R, step)]
+        bg = torch.as_tensor(self.background if background is None else background, dtype=origins.dtype,
+                             device=origins.device)
+        render = self._render_chunk if occupancy is None else self._march_chunk
+        extra = fine if occupancy is None else occupancy
+        parts = [render(field, extra, origins[:, i:i + step], directions[:, i:i + step], near[:, i:i + step],
+                        far[:, i:i + step], latent, bg) for i in range(0, R, step)]
         return NeRFOutput(*(torch.cat(p, 1) for p in zip(*parts)))
 
-    def _render_chunk(self, field, fine_field, o, d, near, far, latent) -> NeRFOutput:
+    def _march_chunk(self, field, occupancy, o, d, near, far, latent, bg) -> NeRFOutput:
+        """Stratified samples, the field evaluated only in occupied cells (module docstring)."""
+        t, delta = stratified_depths(near, far, self.n_coarse + self.n_fine, self.jitter and self.training)
+        points = o[:, :, None] + t[..., None] * d[:, :, None]  # (B, r, S, 3)
+        keep = occupancy.occupied(points)  # (B, r, S)
+        dirs = d[:, :, None].expand_as(points)
+        if latent is None:  # one field for every batch item: one call over all occupied samples
+            density, colour = self._call(field, points[keep][None], dirs[keep][None], None)
+            density, colour = density[0], colour[0]
+        else:  # a field per latent: one call per batch item
+            outs = [self._call(field, points[b][keep[b]][None], dirs[b][keep[b]][None], latent[b:b + 1])
+                    for b in range(len(points))]
+            density, colour = torch.cat([x[0][0] for x in outs]), torch.cat([x[1][0] for x in outs])
+        sigma = points.new_zeros(t.shape).masked_scatter(keep, density)
+        rgb = points.new_zeros(*t.shape, 3).masked_scatter(keep[..., None], colour)
+        w, opacity = alpha_composite(sigma, delta)
+        colour = (w[..., None] * rgb).sum(-2) + (1 - opacity[..., None]) * bg
+        return NeRFOutput(colour, self._depth(w, t, opacity), opacity, colour)
+
+    def _render_chunk(self, field, fine_field, o, d, near, far, latent, bg) -> NeRFOutput:
         jitter = self.jitter and self.training
         t, delta = stratified_depths(near, far, self.n_coarse, jitter)
         sigma, rgb = self._query(field, o, d, t, latent)
         w, opacity = alpha_composite(sigma, delta)
-        rgb_coarse = self._over_background((w[..., None] * rgb).sum(-2), opacity)
+        rgb_coarse = (w[..., None] * rgb).sum(-2) + (1 - opacity[..., None]) * bg
         if self.n_fine == 0:
             return NeRFOutput(rgb_coarse, self._depth(w, t, opacity), opacity, rgb_coarse)
         k = torch.arange(self.n_coarse + 1, dtype=t.dtype, device=t.device)
@@ -242,7 +278,7 @@ class NeRFRenderer(nn.Module):
         deltas = torch.diff(torch.cat([near[..., None], mids, far[..., None]], -1), dim=-1)
         sigma, rgb = self._query(fine_field, o, d, t, latent)
         w, opacity = alpha_composite(sigma, deltas)
-        return NeRFOutput(self._over_background((w[..., None] * rgb).sum(-2), opacity),
+        return NeRFOutput((w[..., None] * rgb).sum(-2) + (1 - opacity[..., None]) * bg,
                           self._depth(w, t, opacity), opacity, rgb_coarse)
 
     def _query(self, field, o, d, t, latent) -> tuple[Tensor, Tensor]:
@@ -250,18 +286,20 @@ class NeRFRenderer(nn.Module):
         B, r, S = t.shape
         points = (o[:, :, None] + t[..., None] * d[:, :, None]).reshape(B, r * S, 3)
         dirs = d[:, :, None].expand(B, r, S, 3).reshape(B, r * S, 3)
+        density, rgb = self._call(field, points, dirs, latent)
+        return density.reshape(B, r, S), rgb.reshape(B, r, S, 3)
+
+    @staticmethod
+    def _call(field, points: Tensor, dirs: Tensor, latent) -> tuple[Tensor, Tensor]:
+        """``field`` at (B, N, 3) points and directions, its answer checked: density (B, N), rgb (B, N, 3)."""
         out = field(points, dirs, latent) if latent is not None else field(points, dirs)
         if not (isinstance(out, tuple) and len(out) == 2):
             raise ValueError("field: expected to return a tuple (density (B, N), rgb (B, N, 3))")
         density, rgb = out
-        sizes = {"B": B, "N": r * S}
+        sizes = {"B": points.shape[0], "N": points.shape[1]}
         check_tensor("field density", density, ("B", "N"), sizes, like=points, like_name="the sample points")
         check_tensor("field rgb", rgb, ("B", "N", 3), sizes, like=points, like_name="the sample points")
-        return density.reshape(B, r, S), rgb.reshape(B, r, S, 3)
-
-    def _over_background(self, rgb: Tensor, opacity: Tensor) -> Tensor:
-        bg = torch.as_tensor(self.background, dtype=rgb.dtype, device=rgb.device)
-        return rgb + (1 - opacity[..., None]) * bg
+        return density, rgb
 
     @staticmethod
     def _depth(w: Tensor, t: Tensor, opacity: Tensor) -> Tensor:

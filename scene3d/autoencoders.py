@@ -48,7 +48,9 @@ from plato_core.settings import setting
 from plato_core.trainer import load_checkpoint
 from renderers.cameras import Camera
 from renderers.mesh import MeshRenderer, ico_sphere
+from renderers.gridfield import FeatureGridField
 from renderers.nerf import NeRFRenderer, RadianceMLP
+from renderers.occupancy import OccupancyGrid
 from renderers.voxel import VoxelRenderer, ray_box, sample_grid
 from scene3d.data import CAMERA_KEYS, batch_cameras
 from scene3d.export import density_to_mesh, marching_cubes
@@ -332,21 +334,39 @@ class MeshDecoder(nn.Module):
 
 
 class FieldDecoder(nn.Module):
-    """A latent-conditioned radiance field: the state is z itself, queried by ``renderers.nerf``.
+    """A radiance field queried by ``renderers.nerf``: the state is z itself.
 
-    ``latent_dim=0`` is a classic per-scene NeRF. Rays are clipped to the box ``[lo, hi]^3``.
+    ``latent_dim > 0``: a latent-conditioned ``RadianceMLP`` (amortised). ``latent_dim=0``: one scene, with
+    ``field="mlp"`` (a classic NeRF MLP) or ``field="grid"`` (``renderers.gridfield.FeatureGridField``, grown
+    coarse to fine at the steps of ``GRID_GROWTH``). Rays are clipped to the box ``[lo, hi]^3``.
+
+    With ``occupancy_res > 0`` a ``renderers.occupancy.OccupancyGrid`` skips empty space: the renderer puts
+    ``samples`` stratified samples on each ray and evaluates the field in occupied cells only; the grid is
+    re-measured from the field's density every ``OCC_EVERY`` steps (:meth:`after_step`). Without it,
+    ``n_coarse`` stratified + ``n_fine`` importance samples.
     """
 
     kind = "nerf"
+    OCC_EVERY = 16  # steps between occupancy updates (Instant-NGP: 16)
+    GRID_GROWTH = {250: 48, 500: 64, 1000: 96}  # step -> grid cells per side (coarse to fine; DVGO-style)
 
     def __init__(self, latent_dim: int, lo: float, hi: float, depth: int = 4, width: int = 128,
                  pos_freqs: int = 6, dir_freqs: int = 2, n_coarse: int = 32, n_fine: int = 32,
-                 background=(0.0, 0.0, 0.0), chunk: int = 8192):
+                 background=(0.0, 0.0, 0.0), chunk: int = 8192, field: str = "mlp", occupancy_res: int = 0,
+                 samples: int = 128):
         super().__init__()
-        self.latent_dim, self.lo, self.hi = latent_dim, lo, hi
-        self.field = RadianceMLP(depth, width, skips=(depth // 2,) if depth > 2 else (), pos_freqs=pos_freqs,
-                                 dir_freqs=dir_freqs, latent_dim=latent_dim)
-        self.renderer = NeRFRenderer(n_coarse, n_fine, near=0.0, far=1.0, background=tuple(background), chunk=chunk)
+        if field not in ("mlp", "grid") or (field == "grid" and latent_dim):
+            raise ValueError(f"field: expected 'mlp', or 'grid' for one scene (latent_dim 0), got {field!r}")
+        self.latent_dim, self.lo, self.hi, self.field_kind = latent_dim, lo, hi, field
+        if field == "grid":
+            final = max(self.GRID_GROWTH.values())
+            self.field = FeatureGridField(lo, hi, res=32, final_res=final, dir_freqs=dir_freqs)
+        else:
+            self.field = RadianceMLP(depth, width, skips=(depth // 2,) if depth > 2 else (), pos_freqs=pos_freqs,
+                                     dir_freqs=dir_freqs, latent_dim=latent_dim)
+        self.occ_grid = OccupancyGrid(lo, hi, occupancy_res) if occupancy_res else None
+        coarse, fine = (samples, 0) if occupancy_res else (n_coarse, n_fine)
+        self.renderer = NeRFRenderer(coarse, fine, near=0.0, far=1.0, background=tuple(background), chunk=chunk)
         self.scale = (hi - lo) / 2  # the MLP sees points in box units, [-1, 1]^3
 
     def forward(self, z: Tensor | None) -> dict:
@@ -354,6 +374,8 @@ class FieldDecoder(nn.Module):
 
     def query(self, points: Tensor, dirs: Tensor, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """The field in world units: density (B, N) in 1 / world units, rgb (B, N, 3)."""
+        if self.field_kind == "grid":
+            return self.field(points, dirs)
         c = (self.lo + self.hi) / 2
         sigma, rgb = self.field((points - c) / self.scale, dirs, z)
         return sigma / self.scale, rgb
@@ -366,7 +388,24 @@ class FieldDecoder(nn.Module):
         far = torch.maximum(far, near + 1e-6)
         z = state["z"]
         field = (lambda p, d, zz: self.query(p, d, zz)) if z is not None else (lambda p, d: self.query(p, d))
-        return self.renderer.render_rays(field, origins, dirs, z, near=near, far=far).rgb
+        return self.renderer.render_rays(field, origins, dirs, z, near=near, far=far, occupancy=self.occ_grid).rgb
+
+    def density(self, points: Tensor) -> Tensor:
+        """(N, 3) world points -> (N,) density of the one-scene field, 1 / world units."""
+        if self.field_kind == "grid":
+            return self.field.density_at(points[None])[0]
+        return self.query(points[None], torch.zeros_like(points)[None])[0][0]
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Trainer hook (one scene): grow the grid field on schedule, and re-measure the occupancy grid."""
+        if self.latent_dim:
+            return
+        if self.field_kind == "grid" and step in self.GRID_GROWTH:
+            for p in self.field.upsample(self.GRID_GROWTH[step]):
+                optimizer.state.pop(p, None)  # Adam's moments were for the coarser grid
+        if self.occ_grid is not None and step % self.OCC_EVERY == 0:
+            # the grid's density is cheap everywhere; an MLP re-measures a quarter of the cells each time
+            self.occ_grid.update(self.density, fraction=1.0 if self.field_kind == "grid" else 0.25)
 
     def render(self, state: dict, cameras: Camera, per_scene: int) -> Tensor:
         """Full images (B * per_scene, 3, H, W) (evaluation; training uses random rays)."""
@@ -402,7 +441,7 @@ class FieldDecoder(nn.Module):
         return verts, faces, rgb
 
     def regularisers(self, state: dict) -> dict:
-        return {}
+        return {"tv": self.field.total_variation()} if self.field_kind == "grid" else {}
 
 
 # ---------------------------------------------------------------------------- model
@@ -432,6 +471,12 @@ class AEConfig:
     lift: int = setting(16, "voxel: channels of the pixel-aligned context features per cell (0: the latent alone)")
     level_scale: float = setting(1.0, "occupancy threshold as a multiple of the half-opaque level (see "
                                       "calibrate_level)", cli=False)
+    field: str = setting("mlp", "NeRF, one scene: mlp | grid (renderers.gridfield)", cli=False)
+    occupancy_res: int = setting(0, "NeRF, one scene: occupancy-grid cells per side for empty-space skipping "
+                                    "(0: off)", cli=False)
+    samples: int = setting(128, "NeRF with an occupancy grid: stratified samples per ray", cli=False)
+    tv_weight: float = setting(0.0, "NeRF grid field: total-variation weight, in units of the per-pixel loss",
+                               cli=False)
 
 
 def make_decoder(cfg: AEConfig, per_scene: bool = False) -> nn.Module:
@@ -442,7 +487,8 @@ def make_decoder(cfg: AEConfig, per_scene: bool = False) -> nn.Module:
     if cfg.kind == "mesh":
         return MeshDecoder(L, cfg.lo, cfg.hi, background=cfg.background)
     if cfg.kind == "nerf":
-        return FieldDecoder(L, cfg.lo, cfg.hi, background=cfg.background)
+        return FieldDecoder(L, cfg.lo, cfg.hi, background=cfg.background, field=cfg.field,
+                            occupancy_res=cfg.occupancy_res if per_scene else 0, samples=cfg.samples)
     raise ValueError(f"kind: expected one of {KINDS}, got {cfg.kind!r}")
 
 
@@ -490,6 +536,12 @@ class SceneAE(nn.Module):
         model = cls(AEConfig(**ae), per_scene=bool(settings.get("per_scene")))
         model.load_state_dict(ckpt["model"])
         return model.eval().to(device), settings
+
+    def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
+        """Trainer hook: the decoder's own (a NeRF grows its grid and re-measures its occupancy)."""
+        hook = getattr(self.decoder, "after_step", None)
+        if hook is not None:
+            hook(step, optimizer)
 
     def check_batch(self, batch: dict) -> None:
         images = batch["images"]

@@ -40,11 +40,22 @@ def add_subcommands(sub, models) -> None:
     s.add_argument("--out", required=True, help="run folder")
     s.add_argument("--eval-at", type=float, nargs="+", default=None, metavar="MIN",
                    help="score the test views after each of these many minutes (e.g. 5 10 20)")
-    add_run_args(s, batch_size=4, lr=None, lr_help="learning rate (default: 5e-4 nerf, 5e-2 voxel, 1e-3 mesh)")
-    s.add_argument("--rays", type=int, default=1024, help="NeRF: random rays per step")
+    add_run_args(s, batch_size=4, lr=None, lr_help="learning rate (default: nerf 1e-3 grid / 5e-4 mlp, voxel 5e-2, "
+                                                    "mesh 1e-3)")
+    s.add_argument("--field", choices=["grid", "mlp"], default="grid",
+                   help="NeRF: explicit feature grid (default; renderers.gridfield) or the classic MLP")
+    s.add_argument("--rays", type=int, default=None, help="NeRF: random rays per step (default: grid 4096, mlp 1024)")
+    s.add_argument("--samples", type=int, default=None,
+                   help="NeRF: stratified samples per ray, evaluated only in occupied space (default: grid 192, "
+                        "mlp 128)")
+    s.add_argument("--no-skip", dest="skip", action="store_false",
+                   help="NeRF: no occupancy grid (32 coarse + 32 importance samples per ray, all evaluated)")
+    s.add_argument("--tv-weight", type=float, default=1e-4, help="NeRF grid: total-variation weight")
     s.add_argument("--box", type=float, nargs=2, default=(-4.0, 4.0), metavar=("LO", "HI"),
                    help="world box [LO, HI]^3 holding the scene")
-    s.add_argument("--background", type=float, nargs=3, default=(1.0, 1.0, 1.0))
+    s.add_argument("--background", type=float, nargs=3, default=None, metavar=("R", "G", "B"),
+                   help="background colour in [0, 1] (default: estimated from the training images' borders; "
+                        "RGBA images are composited on white first)")
     s.set_defaults(func=cmd_fit)
     s = sub.add_parser("export", help="a run's 3D scene as a mesh or point cloud file")
     s.add_argument("run")
@@ -142,27 +153,63 @@ def _nerf_root(path: str) -> Path:
     return p.parent if p.is_file() else p
 
 
+def _check_fit_flags(a) -> None:
+    """One-line errors for ``fit``'s own flags, before anything is read or written."""
+    if a.eval_at and (sorted(a.eval_at) != a.eval_at or min(a.eval_at) <= 0):
+        raise UserError(f"--eval-at {' '.join(f'{m:g}' for m in a.eval_at)}: expected increasing positive minutes")
+    if a.eval_at and a.minutes is not None:
+        raise UserError("--eval-at and --minutes: give one (the last --eval-at is the budget)")
+    if not a.eval_at and a.minutes is None and a.train_steps is None and a.epochs is None:
+        raise UserError("give a budget: --minutes, --steps, --epochs or --eval-at")
+    if not a.box[0] < a.box[1]:
+        raise UserError(f"--box {a.box[0]:g} {a.box[1]:g}: expected LO < HI")
+    for flag, v in (("--rays", a.rays), ("--samples", a.samples)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag}: expected a positive number, got {v}")
+    if a.tv_weight < 0:
+        raise UserError(f"--tv-weight: expected a non-negative weight, got {a.tv_weight:g}")
+    if a.background is not None and not all(0 <= c <= 1 for c in a.background):
+        raise UserError(f"--background {' '.join(f'{c:g}' for c in a.background)}: expected three values in [0, 1]")
+
+
+def _fit_config(a, train) -> "AEConfig":  # noqa: F821
+    """The per-scene model's settings from ``fit``'s flags and the training views."""
+    from scene3d.autoencoders import AEConfig
+    from scene3d.data import estimate_background
+
+    lo, hi = a.box
+    grid = a.kind == "nerf" and a.field == "grid"
+    bg = tuple(a.background) if a.background is not None else estimate_background(train[0]["images"])
+    return AEConfig(kind=a.kind, image_size=train.image_size[0], rays=a.rays or (4096 if grid else 1024), lo=lo,
+                    hi=hi, background=bg, contexts=(1,), queries=1, field=a.field if a.kind == "nerf" else "mlp",
+                    occupancy_res=64 if a.kind == "nerf" and a.skip else 0,
+                    samples=a.samples or (192 if grid else 128), tv_weight=a.tv_weight if grid else 0.0)
+
+
 def cmd_fit(a) -> int:
+    """Fit one scene; score the test views at each budget of ``--eval-at`` (or at the end) into metrics.json,
+    keyed by the budget: minutes (``"2"``, ``"10"``), or ``"end"`` for a run stopped by --steps / --epochs."""
     from plato_core.trainer import Trainer
     from scene3d.ae_eval import score_test_views
-    from scene3d.autoencoders import AEConfig, SceneAE, SceneViews
+    from scene3d.autoencoders import SceneAE, SceneViews
     from scene3d.data import load_nerf_folder
 
+    _check_fit_flags(a)
     budgets = a.eval_at or [a.minutes]
-    if budgets == [None] and a.train_steps is None and a.epochs is None:
-        raise UserError("give a budget: --minutes, --steps, --epochs or --eval-at")
-    base = run_config(a, require_budget=False, ckpt_every=100, log_every=5)  # seeds torch before the model
+    base = run_config(a, require_budget=False, ckpt_every=100, log_every=5, grad_clip=None)  # seeds torch
     root = _nerf_root(a.data)
-    train = load_nerf_folder(root, "train", background=tuple(a.background))
-    test = load_nerf_folder(root, "test", background=tuple(a.background))
-    H = train.image_size[0]
-    lr = a.lr or {"nerf": 5e-4, "voxel": 5e-2, "mesh": 1e-3}[a.kind]
-    cfg = AEConfig(kind=a.kind, image_size=H, rays=a.rays, lo=a.box[0], hi=a.box[1], background=tuple(a.background),
-                   contexts=(1,), queries=1)
+    composite = tuple(a.background) if a.background is not None else (1.0, 1.0, 1.0)  # for RGBA images
+    train = load_nerf_folder(root, "train", background=composite)
+    test = load_nerf_folder(root, "test", background=composite)
+    if test.image_size != train.image_size:
+        raise UserError(f"{root}: test views are {test.image_size[1]}x{test.image_size[0]} px, training views "
+                        f"{train.image_size[1]}x{train.image_size[0]}; expected one size")
+    cfg = _fit_config(a, train)
     model = SceneAE(cfg, per_scene=True)
     views = SceneViews(train, 0)
+    lr = a.lr or {"nerf": 1e-3 if cfg.field == "grid" else 5e-4, "voxel": 5e-2, "mesh": 1e-3}[a.kind]
     settings = {"data": str(root.resolve())}
-    results, resume, overwrite = [], a.resume, a.overwrite
+    results, resume, overwrite = {}, a.resume, a.overwrite
     for minutes in budgets:
         tc = replace(base, minutes=minutes, batch_size=min(a.batch_size, len(views)), lr=lr, resume=resume,
                      overwrite=overwrite)
@@ -171,13 +218,15 @@ def cmd_fit(a) -> int:
             remove_outputs(a.out, ["metrics.json", *(p.name for p in Path(a.out).glob("test_*.png"))])
         summary = trainer.fit()
         resume, overwrite = True, False  # the next budget continues this run
+        key = f"{minutes:g}" if minutes is not None else "end"
         strip = f"test_{minutes:g}min.png" if minutes is not None else f"test_{summary['step']}steps.png"
         row = {"minutes": summary["elapsed_s"] / 60, "steps": summary["step"],
                "iterations_per_s": summary["step"] / max(summary["elapsed_s"], 1e-9),
                **score_test_views(model, test, Path(a.out) / strip)}
-        results.append(row)
-        print(json.dumps(row), flush=True)
-    atomic_write(Path(a.out) / "metrics.json", json.dumps({"test": results, "test_views": test.views}, indent=2))
+        results[key] = row
+        print(json.dumps({"budget": key, **row}), flush=True)
+        atomic_write(Path(a.out) / "metrics.json", json.dumps({"test": results, "test_views": test.views,
+                                                               "background": list(cfg.background)}, indent=2))
     return 0
 
 

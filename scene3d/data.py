@@ -356,6 +356,14 @@ def load_nerf_folder(root: str | Path, split: str = "train", background=(1.0, 1.
                             meta={"source": "nerf", "split": split, "background": list(background)})
 
 
+def estimate_background(images: Tensor) -> tuple[float, float, float]:
+    """The background colour of (V, 3, H, W) views in [0, 1]: the per-channel median of their border pixels
+    (objects are framed inside the views), rounded to 1/255."""
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], -1)
+    med = border.transpose(0, 1).reshape(3, -1).median(-1).values
+    return tuple(float(round(float(c) * 255) / 255) for c in med)
+
+
 def _nerf_frames(root: Path, tf: Path, frames: list, background, image_size: int | None):
     """Each frame's image (H, W, 3) uint8 and camera-to-world matrix (4, 4); one UserError line per bad frame."""
     from PIL import Image

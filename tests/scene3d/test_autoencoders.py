@@ -291,7 +291,8 @@ def test_cli_fit_nerf_by_steps_alone_writes_metrics_and_keeps_its_folder(tmp_pat
             "--rays", "32", "--batch-size", "2"]
     assert main(args) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["test"][0]["steps"] == 2 and "psnr" in metrics["test"][0] and (run / "test_2steps.png").is_file()
+    assert metrics["test"]["end"]["steps"] == 2 and "psnr" in metrics["test"]["end"]
+    assert (run / "test_2steps.png").is_file()
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     capsys.readouterr()
     assert main(args) == 2
@@ -299,7 +300,71 @@ def test_cli_fit_nerf_by_steps_alone_writes_metrics_and_keeps_its_folder(tmp_pat
     assert "not empty" in err and "--overwrite" in err and err.count("\n") == 1
     assert {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()} == before
     assert main([*args, "--overwrite"]) == 0
-    assert json.loads((run / "metrics.json").read_text())["test"][0]["steps"] == 2
+    assert json.loads((run / "metrics.json").read_text())["test"]["end"]["steps"] == 2
+
+
+@pytest.mark.parametrize("field", ["grid", "mlp"])
+def test_cli_fit_nerf_eval_at_keys_the_scores_by_minutes(tmp_path, field):
+    """`fit nerf --eval-at A B` scores the test views after A and after B minutes of training (one run that
+    continues): metrics.json maps "A" and "B" to PSNR, masked PSNR and SSIM, with the minutes trained."""
+    from scene3d.cli import main
+
+    write_nerf_folder(tmp_path, n_train=4, n_test=2, size=8)
+    run = tmp_path / "run"
+    assert main(["fit", "nerf", "--data", str(tmp_path), "--out", str(run), "--eval-at", "0.01", "0.02",
+                 "--rays", "16", "--samples", "16", "--batch-size", "2", "--field", field]) == 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert list(m["test"]) == ["0.01", "0.02"] and m["test_views"] == 2
+    first, second = m["test"]["0.01"], m["test"]["0.02"]
+    assert 0.01 <= first["minutes"] < second["minutes"] and first["steps"] < second["steps"]
+    assert {"psnr", "masked_psnr", "ssim"} <= set(second)
+    assert m["background"] == [0.0, 0.0, 0.0]  # estimated from the views: an orange cube on black
+    assert (run / "test_0.01min.png").is_file() and (run / "test_0.02min.png").is_file()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--eval-at", "2", "1"], "--eval-at 2 1: expected increasing positive minutes"),
+    (["--eval-at", "1", "--minutes", "2"], "--eval-at and --minutes"),
+    (["--steps", "1", "--box", "4", "-4"], "--box 4 -4: expected LO < HI"),
+    (["--steps", "1", "--background", "2", "0", "0"], "--background 2 0 0: expected three values in [0, 1]"),
+    (["--steps", "1", "--samples", "0"], "--samples: expected a positive number"),
+    ([], "give a budget"),
+])
+def test_cli_fit_bad_flags_one_line_exit_2(tmp_path, capsys, flags, message):
+    from scene3d.cli import main
+
+    write_nerf_folder(tmp_path, n_train=2, n_test=1, size=8)
+    assert main(["fit", "nerf", "--data", str(tmp_path), "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_fit_grid_grows_and_resumes(tmp_path, monkeypatch):
+    """The grid field grows on schedule during a fit, and a run whose grid grew resumes in a fresh model."""
+    from scene3d.autoencoders import FieldDecoder
+    from scene3d.cli import main
+
+    monkeypatch.setattr(FieldDecoder, "GRID_GROWTH", {2: 40})
+    write_nerf_folder(tmp_path, n_train=4, n_test=1, size=8)
+    run = tmp_path / "run"
+    args = ["fit", "nerf", "--data", str(tmp_path), "--out", str(run), "--rays", "16", "--samples", "16",
+            "--batch-size", "2"]
+    assert main([*args, "--steps", "3"]) == 0
+    assert main([*args, "--steps", "4", "--resume"]) == 0
+    model, _ = SceneAE.from_run(run)
+    assert model.decoder.field.res == 40 and model.cfg.field == "grid"
+    assert json.loads((run / "metrics.json").read_text())["test"]["end"]["steps"] == 4
+
+
+def test_estimate_background_reads_the_border():
+    from scene3d.data import estimate_background
+
+    imgs = torch.zeros(3, 3, 10, 10)
+    imgs[:, 0], imgs[:, 1], imgs[:, 2] = 0.2, 0.6, 1.0
+    imgs[:, :, 2:8, 2:8] = torch.rand(3, 3, 6, 6)  # objects inside the frame
+    imgs[0, :, 0, :3] = 0.0  # a few border pixels of another colour do not move the median
+    assert estimate_background(imgs) == tuple(round(c * 255) / 255 for c in (0.2, 0.6, 1.0))
 
 
 def test_cli_binary_weight_scales_the_binary_term_in_the_loss(tmp_path):
