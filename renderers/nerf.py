@@ -25,6 +25,11 @@ Given an ``occupancy`` grid (:class:`renderers.occupancy.OccupancyGrid`), each r
 samples in occupied cells (all rays' occupied samples in one field call); the others count as empty
 (density 0). Where the grid is conservative this is the same image as ``n_fine=0`` with that many
 coarse samples, at the cost of the occupied samples only.
+
+A field that also has ``density_at(points (1, N, 3)) -> (1, N)`` (cheap density without colour, e.g.
+:class:`renderers.gridfield.FeatureGridField`) is then asked for colour only where a sample's weight
+``T_k alpha_k`` exceeds ``min_weight`` (DVGO's ``fast_color_thres``): the colour that is dropped is at
+most ``min_weight`` per sample.
 """
 
 from __future__ import annotations
@@ -175,10 +180,13 @@ class NeRFRenderer(nn.Module):
         background: ``"white"``, ``"black"``, a grey level or an RGB triple.
         chunk: rays evaluated per field call (over the whole batch), bounding the memory of a call.
         jitter: in training mode, randomise sample positions within bins and the importance quantiles.
+        min_weight: with an occupancy grid and a field with ``density_at``, the sample weight below which
+            no colour is computed (module docstring).
     """
 
     def __init__(self, n_coarse: int = 64, n_fine: int = 128, near: float = 2.0, far: float = 6.0,
-                 background: str | float | Sequence[float] = "white", chunk: int = 4096, jitter: bool = True):
+                 background: str | float | Sequence[float] = "white", chunk: int = 4096, jitter: bool = True,
+                 min_weight: float = 1e-4):
         super().__init__()
         if int(n_coarse) < 1 or int(n_fine) < 0 or int(chunk) < 1:
             raise ValueError("n_coarse, chunk: expected >= 1; n_fine: expected >= 0")
@@ -191,7 +199,7 @@ class NeRFRenderer(nn.Module):
         if torch.as_tensor(self.background).numel() not in (1, 3):
             raise ValueError(f"background: expected 1 or 3 values, got {background}")
         self.n_coarse, self.n_fine, self.chunk, self.jitter = int(n_coarse), int(n_fine), int(chunk), jitter
-        self.near, self.far = float(near), float(far)
+        self.near, self.far, self.min_weight = float(near), float(far), float(min_weight)
 
     def forward(self, field: Field, camera: Camera, latent: Tensor | None = None,
                 fine_field: Field | None = None, occupancy: OccupancyGrid | None = None) -> NeRFOutput:
@@ -250,6 +258,14 @@ class NeRFRenderer(nn.Module):
         points = o[:, :, None] + t[..., None] * d[:, :, None]  # (B, r, S, 3)
         keep = occupancy.occupied(points)  # (B, r, S)
         dirs = d[:, :, None].expand_as(points)
+        if latent is None and hasattr(field, "density_at"):  # density first, colour where it shows
+            sigma = points.new_zeros(t.shape).masked_scatter(keep, field.density_at(points[keep][None])[0])
+            w, opacity = alpha_composite(sigma, delta)
+            shown = keep & (w.detach() > self.min_weight)
+            colour = self._call(field, points[shown][None], dirs[shown][None], None)[1][0]
+            rgb = points.new_zeros(*t.shape, 3).masked_scatter(shown[..., None], colour)
+            out = (w[..., None] * rgb).sum(-2) + (1 - opacity[..., None]) * bg
+            return NeRFOutput(out, self._depth(w, t, opacity), opacity, out)
         if latent is None:  # one field for every batch item: one call over all occupied samples
             density, colour = self._call(field, points[keep][None], dirs[keep][None], None)
             density, colour = density[0], colour[0]

@@ -16,6 +16,11 @@ has any density; the renderer then evaluates the field only at samples in occupi
 A grid is *conservative* for a field when the field has zero density at every point of the unoccupied
 cells; rendering with skipping then equals rendering without it, sample for sample
 (``tests/renderers/test_occupancy.py``). A new grid starts fully occupied.
+
+Before training, :meth:`OccupancyGrid.carve` can rule cells out for good from the training views'
+silhouettes (a visual hull, Laurentini 1994): a cell stays possible only if its centre projects inside
+every silhouette (dilated by ``pad`` pixels) that sees it; the hull is then dilated by one cell. The
+density estimates can only mark cells inside it.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from renderers.cameras import Camera
 
 __all__ = ["OccupancyGrid"]
 
@@ -50,6 +57,7 @@ class OccupancyGrid(nn.Module):
         self.threshold = -math.log(1 - alpha) / self.cell  # density, 1 / world units
         self.register_buffer("density", torch.full((res,) * 3, math.inf))
         self.register_buffer("mask", torch.ones((res,) * 3, dtype=torch.bool))
+        self.register_buffer("allowed", torch.ones((res,) * 3, dtype=torch.bool))  # the carved hull
 
     def cell_index(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """(..., 3) world points -> flat cell index (...) long, and whether the point is inside the box (...)."""
@@ -83,9 +91,40 @@ class OccupancyGrid(nn.Module):
         self.refresh()
 
     def refresh(self) -> None:
-        """Recompute ``mask`` from ``density``: above the threshold, dilated by one cell."""
-        above = (self.density > self.threshold).to(self.density.dtype)[None, None]
-        self.mask.copy_(F.max_pool3d(above, 3, stride=1, padding=1)[0, 0] > 0)
+        """Recompute ``mask`` from ``density``: above the threshold, dilated by one cell, inside the hull."""
+        self.mask.copy_(_dilate(self.density > self.threshold) & self.allowed)
+
+    @torch.no_grad()
+    def carve(self, masks: Tensor, cameras: Camera, pad: int = 2) -> float:
+        """Keep only the visual hull of ``masks`` (V, H, W) bool silhouettes seen by V ``cameras``.
+
+        A cell is carved when its centre lies in front of some camera, inside its image, on a background
+        pixel of that view's silhouette dilated by ``pad`` pixels; the kept cells are dilated by one cell.
+        Returns the fraction of cells kept.
+        """
+        V, H, W = masks.shape
+        if len(cameras) != V or tuple(cameras.image_size) != (H, W):
+            raise ValueError(f"cameras: expected {V} cameras of image size {(H, W)}, got {len(cameras)} of "
+                             f"{tuple(cameras.image_size)}")
+        grown = F.max_pool2d(masks[:, None].float(), 2 * pad + 1, stride=1, padding=pad)[:, 0] > 0
+        c = self.lo + (torch.arange(self.res, dtype=cameras.dtype, device=cameras.device) + 0.5) * self.cell
+        z, y, x = torch.meshgrid(c, c, c, indexing="ij")
+        pts = torch.stack([x, y, z], -1).reshape(-1, 3)
+        keep = torch.ones(len(pts), dtype=torch.bool, device=pts.device)
+        for v in range(V):  # one view at a time bounds the memory
+            uv, depth = cameras[v:v + 1].project(pts[None])
+            col, row = uv[0, :, 0].floor().long(), uv[0, :, 1].floor().long()
+            seen = (col >= 0) & (col < W) & (row >= 0) & (row < H) & (cameras.orthographic or (depth[0] > 0))
+            fg = grown[v].reshape(-1)[row.clamp(0, H - 1) * W + col.clamp(0, W - 1)]
+            keep &= fg | ~seen
+        self.allowed.copy_(_dilate(keep.reshape((self.res,) * 3)))
+        self.refresh()
+        return float(self.allowed.float().mean())
 
     def occupied_fraction(self) -> float:
         return float(self.mask.float().mean())
+
+
+def _dilate(cells: Tensor) -> Tensor:
+    """(R, R, R) bool -> itself grown by one cell in every direction (26-neighbourhood)."""
+    return F.max_pool3d(cells.float()[None, None], 3, stride=1, padding=1)[0, 0] > 0

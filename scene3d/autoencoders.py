@@ -388,6 +388,8 @@ class FieldDecoder(nn.Module):
         far = torch.maximum(far, near + 1e-6)
         z = state["z"]
         field = (lambda p, d, zz: self.query(p, d, zz)) if z is not None else (lambda p, d: self.query(p, d))
+        if self.field_kind == "grid":
+            field = self.field  # world units already; its density_at lets the renderer skip hidden colour
         return self.renderer.render_rays(field, origins, dirs, z, near=near, far=far, occupancy=self.occ_grid).rgb
 
     def density(self, points: Tensor) -> Tensor:
@@ -395,6 +397,19 @@ class FieldDecoder(nn.Module):
         if self.field_kind == "grid":
             return self.field.density_at(points[None])[0]
         return self.query(points[None], torch.zeros_like(points)[None])[0][0]
+
+    def carve(self, images: Tensor, cameras: Camera) -> float | None:
+        """Restrict the occupancy grid to the visual hull of the training views (V, 3, H, W) over the
+        background colour; returns the fraction of the box kept (None without an occupancy grid). A hull of
+        under 0.1 % of the box means the background is not uniform: the grid is then left whole."""
+        if self.occ_grid is None:
+            return None
+        kept = self.occ_grid.carve(foreground_mask(images, self.renderer.background)[:, 0], cameras)
+        if kept < 1e-3:
+            self.occ_grid.allowed.fill_(True)
+            self.occ_grid.refresh()
+            return 1.0
+        return kept
 
     def after_step(self, step: int, optimizer: torch.optim.Optimizer) -> None:
         """Trainer hook (one scene): grow the grid field on schedule, and re-measure the occupancy grid."""

@@ -192,7 +192,7 @@ def cmd_fit(a) -> int:
     from plato_core.trainer import Trainer
     from scene3d.ae_eval import score_test_views
     from scene3d.autoencoders import SceneAE, SceneViews
-    from scene3d.data import load_nerf_folder
+    from scene3d.data import batch_cameras, load_nerf_folder
 
     _check_fit_flags(a)
     budgets = a.eval_at or [a.minutes]
@@ -206,6 +206,11 @@ def cmd_fit(a) -> int:
                         f"{train.image_size[1]}x{train.image_size[0]}; expected one size")
     cfg = _fit_config(a, train)
     model = SceneAE(cfg, per_scene=True)
+    if a.kind == "nerf":
+        item = train[0]
+        kept = model.decoder.carve(item["images"], batch_cameras(item, train.image_size))
+        if kept is not None and not a.quiet:
+            print(f"empty-space skipping: the views' visual hull keeps {100 * kept:.1f} % of the box")
     views = SceneViews(train, 0)
     lr = a.lr or {"nerf": 1e-3 if cfg.field == "grid" else 5e-4, "voxel": 5e-2, "mesh": 1e-3}[a.kind]
     settings = {"data": str(root.resolve())}

@@ -95,10 +95,28 @@ def test_renders_the_same_with_a_measured_occupancy_grid():
     occ.update(lambda p: f.density_at(p[None])[0])
     assert occ.mask.float().mean() < 0.5
     cam = orbit_cameras(2, (10, 10), dist=3.0)
-    r = NeRFRenderer(n_coarse=64, n_fine=0, near=1.0, far=5.0).eval()
+    r = NeRFRenderer(n_coarse=64, n_fine=0, near=1.0, far=5.0, min_weight=0.0).eval()  # colour everywhere
     full, skip = r(f, cam), r(f, cam, occupancy=occ)
     assert full.opacity.max() > 0.9
     # a skipped cell next to the cube can hold the tail of its trilinear ramp, v ~ -12 + shift: optical depth
     # ~ softplus(-16.6) / cell0 * half a cell ~ 3e-8 (4e-9 measured), far below the 1 % opacity threshold
     torch.testing.assert_close(skip.rgb, full.rgb, atol=1e-7, rtol=0)
     torch.testing.assert_close(skip.opacity, full.opacity, atol=1e-7, rtol=0)
+
+
+def test_colour_only_where_it_shows():
+    """With ``density_at`` the renderer skips colour at samples of weight <= min_weight: exact at 0, and
+    within n_samples * min_weight of the full image otherwise."""
+    torch.manual_seed(0)
+    f = FeatureGridField(-1.0, 1.0, res=8, final_res=8).double()
+    with torch.no_grad():
+        f.density.normal_(0, 0.03)
+        f.features.normal_(0, 0.01)
+    occ = OccupancyGrid(-1.0, 1.0, 8).double()  # full: no cell skipped
+    cam = orbit_cameras(1, (8, 8), dist=3.0)
+    full = NeRFRenderer(48, 0, near=1.0, far=5.0).eval()(lambda p, d: f(p, d), cam)  # a plain callable
+    exact = NeRFRenderer(48, 0, near=1.0, far=5.0, min_weight=0.0).eval()(f, cam, occupancy=occ)
+    torch.testing.assert_close(exact.rgb, full.rgb, atol=1e-12, rtol=0)
+    loose = NeRFRenderer(48, 0, near=1.0, far=5.0, min_weight=1e-3).eval()(f, cam, occupancy=occ)
+    assert (loose.rgb - full.rgb).abs().max() <= 48 * 1e-3
+    torch.testing.assert_close(loose.opacity, full.opacity, atol=1e-12, rtol=0)

@@ -102,3 +102,21 @@ def test_skipping_equals_full_rendering_where_the_grid_is_conservative(train):
     empty = OccupancyGrid(-1.0, 1.0, 4).double()
     empty.mask.zero_()  # a grid that is not conservative loses the object: the check above can fail
     assert NeRFRenderer(96, 0, near=2.0, far=6.0).eval().render_rays(field, o, d, occupancy=empty).opacity.max() == 0
+
+
+def test_carving_keeps_every_cell_of_the_object():
+    """Silhouettes of the ball computed analytically (a pixel is foreground iff its ray passes within R of the
+    centre): every cell that meets the ball survives carving, and most of the box does not."""
+    cam = orbit_cameras(6, (24, 24), dist=3.0)
+    o, d = cam.rays()
+    d = d / d.norm(dim=-1, keepdim=True)
+    along = ((CENTRE - o) * d).sum(-1, keepdim=True)
+    miss = (o + along * d - CENTRE).norm(dim=-1)
+    masks = miss < RADIUS
+    g = OccupancyGrid(-1.0, 1.0, 16).double()
+    kept = g.carve(masks, cam)
+    must = conservative_grid(16).mask
+    assert g.allowed[must].all() and g.mask[must].all()
+    assert kept == pytest.approx(g.allowed.double().mean().item()) and kept < 0.35
+    g.update(lambda p: torch.full((len(p),), 1e3, dtype=p.dtype))  # a field dense everywhere
+    assert torch.equal(g.mask, g.allowed)  # stays inside the hull
