@@ -22,7 +22,9 @@ Decoders (one interface, :class:`SceneDecoder`: ``forward(z) -> state``, ``rende
 * :class:`MeshDecoder`: z -> offsets + colours of an ico-sphere template -> ``renderers.mesh.MeshRenderer``
   (soft silhouette + shaded), with PyTorch3D's Laplacian, edge and normal-consistency regularisers.
 * :class:`FieldDecoder`: a latent-conditioned ``renderers.nerf.RadianceMLP`` (CodeNeRF-style conditioning)
-  -> ``renderers.nerf.NeRFRenderer`` on random rays clipped to the scene box.
+  -> ``renderers.nerf.NeRFRenderer`` on random rays clipped to the scene box. Fitted to one scene it is an
+  MLP or a ``renderers.gridfield.FeatureGridField``, with a ``renderers.occupancy.OccupancyGrid`` that
+  starts from the views' visual hull and skips empty space.
 
 World box: every decoder covers ``[lo, hi]^3`` (Shepard–Metzler: the generator's occupancy bounds
 (-4, 4)); grids follow ``renderers.voxel`` ([z, y, x], values at cell centres).

@@ -196,7 +196,9 @@ def cmd_fit(a) -> int:
 
     _check_fit_flags(a)
     budgets = a.eval_at or [a.minutes]
-    base = run_config(a, require_budget=False, ckpt_every=100, log_every=5, grad_clip=None)  # seeds torch
+    # NeRF: no gradient clipping (as the reference NeRF; Adam normalises the grids' large gradients anyway)
+    base = run_config(a, require_budget=False, ckpt_every=100, log_every=5,
+                      **({"grad_clip": None} if a.kind == "nerf" else {}))  # seeds torch before the model
     root = _nerf_root(a.data)
     composite = tuple(a.background) if a.background is not None else (1.0, 1.0, 1.0)  # for RGBA images
     train = load_nerf_folder(root, "train", background=composite)
@@ -287,6 +289,9 @@ def cmd_view(a) -> int:
 
 
 def cmd_render(a) -> int:
+    import time
+
+    import torch
     from PIL import Image
 
     from scene3d.ae_eval import render_turntable, turntable_cameras, turntable_distance
@@ -294,9 +299,12 @@ def cmd_render(a) -> int:
     model, state = _state(a)
     size = a.size or model.cfg.image_size
     cams = turntable_cameras(a.frames, size, distance=turntable_distance(model), fov=0.785)
+    t0 = time.perf_counter()
     frames = render_turntable(model, state, cams)
+    seconds = time.perf_counter() - t0
     with atomic_path(a.out) as tmp:
         imgs = [Image.fromarray(f) for f in frames]
         imgs[0].save(tmp, format="GIF", save_all=True, append_images=imgs[1:], duration=80, loop=0)
-    print(f"wrote {a.out}: {len(frames)} frames of {size}x{size}")
+    print(f"wrote {a.out}: {len(frames)} frames of {size}x{size} ({len(frames) / seconds:.1f} frames/s, "
+          f"{torch.get_num_threads()} thread(s))")
     return 0
