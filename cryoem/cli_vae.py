@@ -42,6 +42,9 @@ def _add_train(sub) -> None:
     p.add_argument("--passthrough", help="cryoSPARC passthrough .cs with fields the particle file lacks "
                                          "(default: found beside it under cryoSPARC's naming)")
     add_run_args(p, batch_size=64, lr=1e-3)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant, or half a cosine from --lr to --lr-final over the whole budget (default: constant)")
+    p.add_argument("--lr-final", type=float, default=5e-5, help="the cosine's last learning rate (default: 5e-05)")
     add_settings(p.add_argument_group("model (AtomVAEConfig)"), AtomVAEConfig)
     p.add_argument("--half-sets", action="store_true", help="train two models on independent halves")
     p.add_argument("--lazy", action="store_true", help="memory-map the stacks instead of loading them")
@@ -110,7 +113,8 @@ def cmd_train(a: argparse.Namespace) -> int:
                     a.lazy, a.passthrough)
     cfg = settings_from_args(AtomVAEConfig, a)
     # the pose warm-up leaves the model unused
-    tcfg = run_config(a, ckpt_every=200, find_unused_parameters=cfg.infer_poses)
+    tcfg = run_config(a, ckpt_every=200, find_unused_parameters=cfg.infer_poses, lr_schedule=a.lr_schedule,
+                      lr_final=a.lr_final, lr_anneal_steps=None)
     for name, s in train(spec, cfg, tcfg, halves=a.half_sets).items():
         print(f"{name}: {s['step']} steps, {s['epoch']} epochs, {s['elapsed_s'] / 60:.1f} min, "
               f"stopped by {s['stopped_by']}")

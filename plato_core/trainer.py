@@ -98,7 +98,7 @@ class TrainConfig:
     lr: float = 5e-4
     lr_schedule: str = "constant"  # constant | linear | cosine  (see lr_factor)
     lr_final: float = 5e-5  # end value of the linear / cosine schedules
-    lr_anneal_steps: int = 10_000  # steps over which lr goes from lr to lr_final
+    lr_anneal_steps: int | None = 10_000  # steps over which lr goes from lr to lr_final; None: the whole budget
     warmup_steps: int = 0
     grad_clip: float | None = 1.0  # max global gradient norm; None = off
     amp: bool = True  # float16 autocast + GradScaler, on CUDA only
@@ -113,17 +113,22 @@ class TrainConfig:
     find_unused_parameters: bool = False  # DDP
 
 
-def lr_factor(step: int, cfg: TrainConfig) -> float:
+def lr_factor(step: int, cfg: TrainConfig, progress: float = 0.0) -> float:
     """Multiplier of ``cfg.lr`` at ``step``.
 
     * ``constant``: 1.
     * ``linear``: GQN's schedule form (Eslami et al. 2018, supplement),
       ``lr_n = max(lr_f + (lr_i - lr_f) (1 - n / N), lr_f)`` with ``N = lr_anneal_steps``.
     * ``cosine``: half a cosine from ``lr`` to ``lr_final`` over ``lr_anneal_steps``, then flat.
+    With ``lr_anneal_steps`` None, the anneal spans the run's budget instead: ``n / N`` is ``progress``, the
+    fraction of the budget spent (:meth:`Trainer.progress`), so that a ``minutes`` budget ends at ``lr_final``.
     A linear warm-up over ``warmup_steps`` multiplies any of them.
     """
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
-    frac = min(step / max(cfg.lr_anneal_steps, 1), 1.0)
+    if cfg.lr_anneal_steps is None:
+        frac = min(max(progress, 0.0), 1.0)
+    else:
+        frac = min(step / max(cfg.lr_anneal_steps, 1), 1.0)
     final = cfg.lr_final / cfg.lr
     if cfg.lr_schedule == "constant":
         f = 1.0
@@ -257,11 +262,11 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids,
                                                            find_unused_parameters=cfg.find_unused_parameters)
+        self.step, self.epoch, self.batch_in_epoch, self.elapsed = 0, 0, 0, 0.0
         self.opt = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)  # PyTorch's betas and eps
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg, self.progress(s)))
         self.use_amp = cfg.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
-        self.step, self.epoch, self.batch_in_epoch, self.elapsed = 0, 0, 0, 0.0
         self._stop_signal = None
 
     # ----------------------------------------------------------------- set-up
@@ -368,9 +373,25 @@ class Trainer:
                 yield start + i, len(batches), batch
             epoch, start = epoch + 1, 0
 
+    def progress(self, step: int) -> float:
+        """The fraction of the budget spent after ``step`` steps: the largest over the budgets given (steps,
+        epochs, minutes), from the current epoch position and wall clock (the same on every DDP rank)."""
+        c, fracs = self.cfg, [0.0]
+        if c.steps:
+            fracs.append(step / c.steps)
+        if c.epochs:  # every epoch has len // batch_size steps (epoch_batches drops the partial one)
+            fracs.append(step / (c.epochs * max(len(self.dataset) // c.batch_size, 1)))
+        if c.minutes:
+            fracs.append(self.elapsed / (60 * c.minutes))
+        return max(fracs)
+
     def _budget_left(self, t0: float, elapsed0: float) -> bool:
         c = self.cfg
         self.elapsed = elapsed0 + time.time() - t0
+        if self.world > 1:  # every rank keeps the slowest clock: the same lr (progress) and the same last step
+            clock = torch.tensor([self.elapsed], dtype=torch.float64, device=self.device)
+            dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+            self.elapsed = float(clock.item())
         done = ((c.steps is not None and self.step >= c.steps) or (c.epochs is not None and self.epoch >= c.epochs)
                 or (c.minutes is not None and self.elapsed >= 60 * c.minutes) or self._stop_signal is not None)
         if self.world > 1:  # every rank must stop at the same step

@@ -1,6 +1,7 @@
 """The shared trainer: exact resume after a kill, DDP (2 gloo processes) == single process, logs."""
 
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -141,6 +142,34 @@ def test_lr_schedules():
     cfg.lr_schedule = "bogus"
     with pytest.raises(UserError):
         lr_factor(0, cfg)
+
+
+@pytest.mark.parametrize("budget", [{"steps": 20}, {"epochs": 4}])  # 40 items / batch 8: 4 epochs = 20 steps
+def test_lr_anneal_over_the_budget(tmp_path, budget):
+    """lr_anneal_steps None: the cosine spans the budget, ending at lr_final on its last step."""
+    cfg = TrainConfig(out=str(tmp_path / "r"), batch_size=8, lr=1.0, lr_final=0.1, lr_schedule="cosine",
+                      lr_anneal_steps=None, log_every=1, progress=False, tensorboard=False, **budget)
+    Trainer(Toy(), ToyData(), cfg).fit()
+    rows = read_log(tmp_path / "r" / "log.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 21))
+    for r in rows:  # the lr logged after step n is the one the next step uses: progress n / 20
+        n = int(r["step"])
+        assert float(r["lr"]) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * n / 20)), rel=1e-9)
+    assert float(rows[-1]["lr"]) == pytest.approx(0.1)
+
+
+def test_lr_anneal_over_minutes(tmp_path):
+    """A minutes budget anneals by the wall clock: the lr falls as the time is spent, to lr_final at the end."""
+    cfg = TrainConfig(out=str(tmp_path / "r"), minutes=0.02, batch_size=8, lr=1.0, lr_final=0.1,
+                      lr_schedule="cosine", lr_anneal_steps=None, log_every=1, progress=False, tensorboard=False)
+    Trainer(Toy(sleep=0.05), ToyData(), cfg).fit()
+    rows = read_log(tmp_path / "r" / "log.csv")
+    lrs, times = [float(r["lr"]) for r in rows], [float(r["time_s"]) for r in rows]
+    assert len(rows) >= 5 and all(a >= b for a, b in zip(lrs, lrs[1:]))
+    for lr, t in zip(lrs, times):  # progress: the clock at the step's start, up to a step (50 ms) before t (to 0.01 s)
+        lo = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min((t + 0.005) / 1.2, 1)))
+        hi = 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * max(t - 0.2, 0) / 1.2))
+        assert lo - 1e-9 <= lr <= hi + 1e-9
 
 
 def test_bad_settings_are_user_errors(tmp_path):
