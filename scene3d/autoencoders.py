@@ -49,8 +49,8 @@ from plato_core.runinfo import UserError
 from plato_core.settings import setting
 from plato_core.trainer import load_checkpoint
 from renderers.cameras import Camera
-from renderers.mesh import MeshRenderer, ico_sphere
 from renderers.gridfield import FeatureGridField
+from renderers.mesh import MeshRenderer, ico_sphere
 from renderers.nerf import NeRFRenderer, RadianceMLP
 from renderers.occupancy import OccupancyGrid
 from renderers.voxel import VoxelRenderer, ray_box, sample_grid

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from plato_core.runinfo import atomic_path, atomic_write, write_config  # noqa: E402
+from renderers.cameras import Camera  # noqa: E402
 from scene3d.generators import (  # noqa: E402
     SM_DIST,
     SM_FOV,
@@ -39,7 +40,6 @@ from scene3d.generators import (  # noqa: E402
     shepard_metzler_scene,
     sphere_cameras,
 )
-from renderers.cameras import Camera  # noqa: E402
 from scene3d.viz import Offscreen  # noqa: E402
 
 
@@ -112,7 +112,8 @@ def main(argv=None) -> None:
             atomic_write(out / f"transforms_{split}.json",
                          json.dumps({"camera_angle_x": SM_FOV, "frames": frames}, indent=1))
             print(f"{split}: {n} views", flush=True)
-    write_config(out, {**vars(a), "object": {"sm": "shepard-metzler-7", "shapes": "sphere-cylinder-cube"}[a.object], "background": "white"})
+    name = {"sm": "shepard-metzler-7", "shapes": "sphere-cylinder-cube"}[a.object]
+    write_config(out, {**vars(a), "object": name, "background": "white"})
 
 
 if __name__ == "__main__":
