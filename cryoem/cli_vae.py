@@ -42,8 +42,10 @@ def _add_train(sub) -> None:
     p.add_argument("--passthrough", help="cryoSPARC passthrough .cs with fields the particle file lacks "
                                          "(default: found beside it under cryoSPARC's naming)")
     add_run_args(p, batch_size=64, lr=1e-3)
-    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
-                   help="constant, or half a cosine from --lr to --lr-final over the whole budget (default: constant)")
+    p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
+                   help="half a cosine from --lr to --lr-final over the whole budget (--minutes, --steps or --epochs: "
+                        "whichever ends first), or constant (default: cosine; a --resume with a larger budget "
+                        "raises the lr again)")
     p.add_argument("--lr-final", type=float, default=5e-5, help="the cosine's last learning rate (default: 5e-05)")
     add_settings(p.add_argument_group("model (AtomVAEConfig)"), AtomVAEConfig)
     p.add_argument("--half-sets", action="store_true", help="train two models on independent halves")

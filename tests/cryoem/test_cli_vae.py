@@ -26,6 +26,14 @@ def test_train_writes_the_run_record(run):
     for term in ("rec", "kl", "bond", "local", "clash"):
         assert term in log[0]
     assert (run / "checkpoint.pt").is_file()
+    # the default lr schedule: a cosine from --lr to --lr-final over the whole budget (4 steps here)
+    assert cfg["settings"]["train"]["lr_schedule"] == "cosine" and cfg["settings"]["train"]["lr_anneal_steps"] is None
+    first = dict(zip(log[0].split(","), log[1].split(",")))
+    assert int(first["step"]) == 1
+    assert float(first["lr"]) == pytest.approx(5e-5 + (1e-3 - 5e-5) * 0.5 * (1 + np.cos(np.pi / 4)))
+    from plato_core.trainer import load_checkpoint
+
+    assert load_checkpoint(run)["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-5)  # after the last step
 
 
 def test_analyze_decode_view(run, sim, tmp_path):
