@@ -6,7 +6,11 @@ case renders with ``MeshRenderer``'s CPU default (Plato's numba rasterizer) agai
 ends the output with one ``speedup`` line per mesh mode; "mesh-scale" times the numba path alone, with its peak
 memory, at larger images and meshes.
 
-``python -m renderers.bench [--repeats N] [--only voxel,mesh,mesh-scale,nerf,gaussian,splat,jvp]`` prints one table.
+The "nerf-fast" case times the per-scene NeRF paths (MLP, MLP with empty-space skipping, feature grid with and
+without skipping) per 4,096 rays against PyTorch3D's ``ImplicitRenderer`` on the same MLP.
+
+``python -m renderers.bench [--repeats N] [--only voxel,mesh,mesh-scale,nerf,nerf-fast,gaussian,splat,jvp]`` prints
+one table.
 Times are the
 best of ``--repeats`` runs, alternating ours and theirs after a warm-up: "fwd" runs under ``torch.no_grad()``,
 "fwd+bwd" builds the graph and back-propagates ``image.sum()`` to the 3D parameters. A ratio is ours / theirs
@@ -321,6 +325,86 @@ def bench_nerf(repeats: int) -> None:
            "same MLP, PyTorch3D EA raymarcher + sample_pdf", f"max |RGB diff| {diff:.1e}")
 
 
+def bench_nerf_fast(repeats: int, rays: int = 4096) -> None:
+    """The per-scene fit's renderers on 4,096 rays (one 64² view) of an object filling ~3 % of its box: the MLP
+    with 32 + 32 samples (the old fit path), with empty-space skipping, the feature-grid field with and without
+    skipping, each against PyTorch3D's ``ImplicitRenderer`` (NDC grid raysampler, 64 samples per ray, EA
+    raymarcher) on the same 4x128 MLP. Gradients go to the field's parameters."""
+    from pytorch3d.renderer import EmissionAbsorptionRaymarcher, ImplicitRenderer, NDCMultinomialRaysampler
+
+    from renderers.gridfield import FeatureGridField
+    from renderers.nerf import NeRFRenderer, RadianceMLP
+    from renderers.occupancy import OccupancyGrid
+    from renderers.voxel import ray_box
+
+    torch.manual_seed(0)
+    size = int(math.isqrt(rays))
+    cam = orbit(1, size)
+    o, d = (x.reshape(1, -1, 3) for x in cam.rays())
+    d = d / d.norm(dim=-1, keepdim=True)
+    near, far = ray_box(o, d, -torch.ones(3), torch.ones(3))
+    near, far = near.clamp_min(0), torch.maximum(far, near.clamp_min(0) + 1e-6)
+    mlp = RadianceMLP(depth=4, width=128, skips=(2,), pos_freqs=6, dir_freqs=2)
+    occ = OccupancyGrid(-1.0, 1.0, 64)
+    c = (torch.arange(64) + 0.5) / 32 - 1
+    zz, yy, xx = torch.meshgrid(c, c, c, indexing="ij")
+    inside = (torch.stack([xx, yy, zz], -1).abs() < 0.3).all(-1)  # a cube of side 0.6: 2.7 % of the box
+    occ.density.copy_(torch.where(inside, 1e3, 0.0))
+    occ.refresh()
+    grid = FeatureGridField(-1.0, 1.0, res=96, final_res=96)
+    with torch.no_grad():
+        gc = (torch.arange(96) + 0.5) / 48 - 1
+        gz, gy, gx = torch.meshgrid(gc, gc, gc, indexing="ij")
+        solid = (torch.stack([gx, gy, gz], -1).abs() < 0.28).all(-1)
+        grid.density[0, 0] = torch.where(solid, 5.0, -10.0) / grid.scale  # an opaque cube, empty around it
+        grid.features.normal_(0, 0.01)
+
+    class P3DField(torch.nn.Module):
+        """The same MLP as a PyTorch3D volumetric function: per-sample opacities 1 - exp(-sigma delta)."""
+
+        def forward(self, ray_bundle, **kw):
+            from pytorch3d.renderer import ray_bundle_to_ray_points
+
+            pts = ray_bundle_to_ray_points(ray_bundle)
+            dirs = torch.nn.functional.normalize(ray_bundle.directions, dim=-1)[..., None, :].expand_as(pts)
+            sigma, rgb = mlp(pts.reshape(1, -1, 3), dirs.reshape(1, -1, 3))
+            ln = ray_bundle.lengths
+            delta = torch.cat([ln[..., 1:] - ln[..., :-1], torch.full_like(ln[..., :1], 1e10)], -1)
+            delta = delta * ray_bundle.directions.norm(dim=-1, keepdim=True)
+            alpha = -torch.expm1(-sigma.reshape(ln.shape) * delta)
+            return alpha[..., None], rgb.reshape(*ln.shape, 3)
+
+    dist = 4.0 * math.sqrt(1 + 0.15**2)  # orbit's camera distance
+    sampler = NDCMultinomialRaysampler(image_width=size, image_height=size, n_pts_per_ray=64,
+                                       min_depth=dist - math.sqrt(3), max_depth=dist + math.sqrt(3))
+    p3d_renderer = ImplicitRenderer(sampler, EmissionAbsorptionRaymarcher())
+    p3d_cam, p3d_fn = cam.to_pytorch3d(), P3DField()
+
+    def p3d():
+        return p3d_renderer(cameras=p3d_cam, volumetric_function=p3d_fn)[0]
+
+    old = NeRFRenderer(32, 32, chunk=rays)
+    march_mlp = NeRFRenderer(128, 0, chunk=rays)
+    march_grid = NeRFRenderer(192, 0, chunk=rays)
+    cases = [
+        ("NeRF MLP 32+32", "4x128 MLP, 32 coarse + 32 importance", lambda: old.render_rays(mlp, o, d, near=near,
+                                                                                            far=far).rgb, mlp),
+        ("NeRF MLP + skip", "4x128 MLP, 128 samples, 64³ occupancy", lambda: march_mlp.render_rays(
+            mlp, o, d, near=near, far=far, occupancy=occ).rgb, mlp),
+        ("NeRF grid", "96³ grid + 12 feat, 192 samples", lambda: march_grid.render_rays(
+            lambda p, dd: grid(p, dd), o, d, near=near, far=far).rgb, grid),
+        ("NeRF grid + skip", "96³ grid + 12 feat, 192 samples, 64³ occ", lambda: march_grid.render_rays(
+            grid, o, d, near=near, far=far, occupancy=occ).rgb, grid),
+    ]
+    for case, settings, fn, module in cases:
+        params = list(module.parameters()) + list(mlp.parameters())
+        skip = "skip" in case
+        note = f"{100 * occ.occupied_fraction():.1f} % cells occupied" if skip else ""
+        record(case, f"{rays} rays, {settings}", *compare(fn, p3d, params, repeats),
+               "ImplicitRenderer, 4x128 MLP, 64 samples", note,
+               speedup=f"nerf-{case.split()[1].lower()}-{'skip' if skip else 'all'}")
+
+
 # ------------------------------------------------------------------------ Gaussian
 def _atoms_in_a_ball(N: int, B: int, box: int, ps: float, seed: int) -> tuple[torch.Tensor, Camera]:
     """N atom centres (N, 3) uniform in a ball of radius 0.3 box (world units, requiring grad) and B random
@@ -447,7 +531,7 @@ def print_speedups() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m renderers.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed runs per measurement (best of)")
-    parser.add_argument("--only", default="voxel,mesh,nerf,gaussian,splat,jvp",
+    parser.add_argument("--only", default="voxel,mesh,nerf,nerf-fast,gaussian,splat,jvp",
                         help="comma-separated cases (also: mesh-scale)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (default: torch's choice); 1 is steadier on an oversubscribed machine")
@@ -460,6 +544,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, pytorch3d {pytorch3d.__version__}, {torch.get_num_threads()} threads, "
           f"{os.cpu_count()} CPUs{load}; float32 on CPU")
     cases = {"voxel": bench_voxel, "mesh": bench_mesh, "mesh-scale": bench_mesh_scale, "nerf": bench_nerf,
+             "nerf-fast": bench_nerf_fast,
              "gaussian": bench_gaussian, "splat": bench_splat, "jvp": bench_jvp}
     for name in args.only.split(","):
         if name not in cases:

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The scene path end to end: render Shepard-Metzler data, train a GQN for a few minutes,
+# GQN end to end: render Shepard-Metzler data, train a GQN for a few minutes,
 # score it against the trivial baselines, and probe its representation.
 # (The acceptance run used 2,000 train / 200 test scenes and MINUTES=25.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/demo_scene}
+OUT=${OUT:-runs/demo_gqn}
 MINUTES=${MINUTES:-3}
 SCENES=${SCENES:-400}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
