@@ -109,11 +109,14 @@ def cmd_explore(a: argparse.Namespace) -> int:
 def cmd_train(a: argparse.Namespace) -> int:
     from cryoem.train import DataSpec, train
     from cryoem.vae import AtomVAEConfig
+    from plato_core.runinfo import UserError
     from plato_core.settings import run_config, settings_from_args
 
     spec = DataSpec(a.particles, a.structure, a.atoms, a.poses, a.ctf, a.pixel_size, a.datadir, a.center, a.chains,
                     a.lazy, a.passthrough)
     cfg = settings_from_args(AtomVAEConfig, a)
+    if not 0 < a.lr_final <= a.lr:
+        raise UserError(f"--lr-final: expected a learning rate above 0 and at most --lr ({a.lr:g}), got {a.lr_final:g}")
     # the pose warm-up leaves the model unused
     tcfg = run_config(a, ckpt_every=200, find_unused_parameters=cfg.infer_poses, lr_schedule=a.lr_schedule,
                       lr_final=a.lr_final, lr_anneal_steps=None)

@@ -374,8 +374,9 @@ class Trainer:
             epoch, start = epoch + 1, 0
 
     def progress(self, step: int) -> float:
-        """The fraction of the budget spent after ``step`` steps: the largest over the budgets given (steps,
-        epochs, minutes), from the current epoch position and wall clock (the same on every DDP rank)."""
+        """The fraction of the budget spent after ``step`` steps: the largest over the budgets given, with steps
+        as ``step / steps``, epochs as ``step / (epochs x batches per epoch)`` and minutes by the wall clock
+        (the slowest rank's under DDP, see ``_budget_left``)."""
         c, fracs = self.cfg, [0.0]
         if c.steps:
             fracs.append(step / c.steps)

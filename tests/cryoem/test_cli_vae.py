@@ -349,6 +349,11 @@ def test_model_setting_errors_are_value_errors_named_by_their_flag_on_the_comman
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
         "error: --likelihood: correlation has no Laplace posterior; use it with posterior amortized")
     assert not (tmp_path / "r").exists()
+    for bad in (0, 2e-3):  # not above 0, or above --lr (1e-3 by default)
+        r = cryoem("train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms",
+                   "ca", "--center", "none", "--steps", 1, "--lr-final", bad, "--out", tmp_path / "r")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--lr-final" in r.stderr, r.stderr
+        assert not (tmp_path / "r").exists()
 
 
 def test_smoothed_decoder_trains_and_reloads(sim, tmp_path):
