@@ -359,6 +359,54 @@ def test_prior_weights_scale_their_terms_in_the_loss():
                                rtol=1e-4, atol=1e-4)
 
 
+class _Decoder(torch.nn.Module):
+    """x0 + a (z . q) + b (z . q)^2 e: linear in z for b = 0, quadratic along q otherwise."""
+
+    def __init__(self, x0, q, e, a, b):
+        super().__init__()
+        self.x0, self.q, self.e, self.a, self.b = x0, q, e, a, b
+
+    def forward(self, z):
+        t = (z @ self.q)[:, None, None]
+        return self.x0 + self.a * t * self.e + self.b * t**2 * self.e
+
+
+def test_nonlinearity_is_zero_for_a_linear_decoder_and_analytic_for_a_quadratic_one():
+    """--w-linear's term: the midpoint of each latent and the one half a batch away, decoded, against the mean of
+    their two structures. For x(z) = x0 + b (z.q)^2 e the deviation is -b (t_i - t_j)^2 / 4 e per atom."""
+    x0, bonds = toy_model()
+    model = make_model(x0, bonds, 1.0, w_linear=1.0)
+    g = torch.Generator().manual_seed(0)
+    q, e = torch.tensor([0.6]), torch.randn(40, 3, generator=g)
+    z = torch.randn(6, 1, generator=g)
+    model.decoder = _Decoder(x0, q, e, 1.5, 0.0)
+    assert model.nonlinearity(z, model.decode(z)).item() < 1e-10
+    model.decoder = _Decoder(x0, q, e, 1.5, 0.7)
+    t = (z @ q)
+    d = 0.7 * (t - t.roll(3)) ** 2 / 4  # (6,): each pair's deviation per unit of e
+    expected = (d**2).mean() * (e**2).sum(-1).mean()
+    torch.testing.assert_close(model.nonlinearity(z, model.decode(z)), expected, rtol=1e-5, atol=0)
+
+
+def test_w_linear_adds_its_weight_times_the_nonlinearity_to_the_loss():
+    """--w-linear: the loss grows by w x (pixels / 1000) x the logged nonlinearity, from the same start and draws."""
+    batch, u, x0, bonds = toy_data(n=8)
+    losses = {}
+    for w in (0.0, 3.0):
+        torch.manual_seed(0)
+        model = make_model(x0, bonds, 1.0, w_linear=w)
+        with torch.no_grad():  # a decoder far from linear: large first-layer weights
+            model.decoder.mlp[0].weight.mul_(50)
+            model.decoder.out.weight.normal_(0, 0.05)
+        torch.manual_seed(1)
+        losses[w] = model.loss(batch, 1000)
+    assert "linear" not in losses[0.0]
+    term = losses[3.0]["linear"]
+    assert term.item() > 1e-3
+    torch.testing.assert_close(losses[3.0]["loss"] - losses[0.0]["loss"], 3.0 * BOX * BOX / 1000 * term,
+                               rtol=1e-4, atol=1e-3)
+
+
 def test_refine_poses_applies_learned_rotation_and_shift_corrections():
     """--refine-poses: particle i's pose becomes exp(0.1 d_i[:3]) R_i and shift_i + d_i[3:5] (Å)."""
     x0, bonds = toy_model()
