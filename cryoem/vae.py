@@ -254,6 +254,9 @@ class AtomVAE(nn.Module):
             raise SettingError("posterior", f"expected laplace or amortized, got {cfg.posterior!r}")
         if cfg.posterior == "laplace" and cfg.likelihood != "gaussian":
             raise SettingError("likelihood", "correlation has no Laplace posterior; use it with posterior amortized")
+        for name in ("w_bond", "w_local", "w_clash", "w_linear"):
+            if not getattr(cfg, name) >= 0:
+                raise SettingError(name, f"{getattr(cfg, name)} is negative; a weight must be 0 (off) or more")
         self.cfg, self.box, self.apix = cfg, int(box), float(apix)
         x0 = x0.float()
         self.enc_pool = cfg.enc_downsample or enc_pooling(self.box)

@@ -354,6 +354,12 @@ def test_model_setting_errors_are_value_errors_named_by_their_flag_on_the_comman
                    "ca", "--center", "none", "--steps", 1, "--lr-final", bad, "--out", tmp_path / "r")
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--lr-final" in r.stderr, r.stderr
         assert not (tmp_path / "r").exists()
+    for flag in ("--w-linear", "--w-clash"):  # a negative weight would reward what its term measures
+        r = cryoem("train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms",
+                   "ca", "--center", "none", "--steps", 1, flag, -1, "--out", tmp_path / "r")
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(f"error: {flag}: -1.0 is negative"), \
+            r.stderr
+        assert not (tmp_path / "r").exists()
 
 
 def test_smoothed_decoder_trains_and_reloads(sim, tmp_path):
