@@ -183,7 +183,7 @@ def encode_all(model, ds, batch_size: int = 256, progress: bool = True) -> np.nd
     with torch.no_grad():
         for i in tqdm(range(0, len(ds), batch_size), desc="encode", disable=not progress, unit="batch"):
             idx = np.arange(i, min(i + batch_size, len(ds)))
-            batch = {k: v.to(model.log_scale.device) for k, v in ds.batch(idx).items()}
+            batch = {k: v.to(model.log_scale.device) for k, v in ds.read_batch(idx).items()}
             mu, _ = model.encode(batch)
             out.append(mu.cpu().numpy())
     return np.concatenate(out)

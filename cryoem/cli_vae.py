@@ -49,7 +49,12 @@ def _add_train(sub) -> None:
     p.add_argument("--lr-final", type=float, default=5e-5, help="the cosine's last learning rate (default: 5e-05)")
     add_settings(p.add_argument_group("model (AtomVAEConfig)"), AtomVAEConfig)
     p.add_argument("--half-sets", action="store_true", help="train two models on independent halves")
-    p.add_argument("--lazy", action="store_true", help="memory-map the stacks instead of loading them")
+    p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the images from their memory-mapped stacks during training (memory: a few batches, "
+                        "whatever the number of particles) instead of loading them (default: when they would fill "
+                        "more than a quarter of the available memory)")
+    p.add_argument("--workers", type=int, help="processes that read batches ahead of the training step (default: 1 "
+                                               "when the images are read from the stacks, else 0)")
     p.set_defaults(func=cmd_train)
 
 
@@ -120,7 +125,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     # the pose warm-up leaves the model unused
     tcfg = run_config(a, ckpt_every=200, find_unused_parameters=cfg.infer_poses, lr_schedule=a.lr_schedule,
                       lr_final=a.lr_final, lr_anneal_steps=None)
-    for name, s in train(spec, cfg, tcfg, halves=a.half_sets).items():
+    if a.workers is not None and a.workers < 0:
+        raise UserError(f"--workers: expected 0 or more, got {a.workers}")
+    for name, s in train(spec, cfg, tcfg, halves=a.half_sets, workers=a.workers).items():
         print(f"{name}: {s['step']} steps, {s['epoch']} epochs, {s['elapsed_s'] / 60:.1f} min, "
               f"stopped by {s['stopped_by']}")
     print(f"run folder: {a.out}")

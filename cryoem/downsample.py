@@ -119,7 +119,7 @@ def _load_source(particles: Path, datadir, pixel_size, box: int):
     """The source set (lazy, pixels unchecked: each batch is checked as it is read), with box checks."""
     from cryoem.particles import load_particles
 
-    ds = load_particles(particles, pixel_size=pixel_size, datadir=datadir, lazy=True, check_pixels=False)
+    ds = load_particles(particles, pixel_size=pixel_size, datadir=datadir, lazy=True, pixels="none")
     if box > ds.box:
         raise UserError(f"--box {box}: larger than the input box ({ds.box} px); downsample only makes images "
                         "smaller (Fourier padding adds no information)")

@@ -35,7 +35,7 @@ import torch
 
 from cryoem.ctf import CTFParams, unphysical_ctf
 from cryoem.formats.mrc import open_mrc, stack_shape
-from plato_core.runinfo import UserError
+from plato_core.runinfo import DataError, UserError
 
 __all__ = ["ParticleMeta", "ParticleSet", "load_particles", "validate", "search_roots", "resolve_stacks",
            "choose_pixel_size", "check_ctf"]
@@ -159,13 +159,22 @@ def check_ctf(ctf: np.ndarray, where: dict[str, tuple], path: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- validation
-def validate(meta: ParticleMeta, check_pixels: bool = True, chunk: int = 1024) -> ParticleMeta:
+PIXEL_CHECKS = ("all", "sample", "none")
+PIXEL_SAMPLE = 1024  # images whose pixels ``pixels="sample"`` checks
+
+
+def validate(meta: ParticleMeta, pixels: str = "sample", chunk: int = 1024, progress: bool = False) -> ParticleMeta:
     """Check a particle set before use; raise ``UserError`` naming file and row on the first problem.
 
     Checks: stacks exist and are square MRC with one box size; the box agrees with the
     metadata; every index is in range; no particle is listed twice; metadata are finite;
-    and (``check_pixels``) no image holds NaN or inf. Fills in ``meta.box`` when unknown.
+    and that no image holds NaN or inf: ``pixels`` "all" reads every image (``chunk`` at a time, a progress bar
+    with ``progress``), "sample" ``PIXEL_SAMPLE`` images spread over the set (the time to start stays seconds at
+    10^6 particles; :class:`ParticleSet` checks every other image as it reads it), "none" none.
+    Fills in ``meta.box`` when unknown.
     """
+    if pixels not in PIXEL_CHECKS:
+        raise ValueError(f"pixels: expected one of {PIXEL_CHECKS}, got {pixels!r}")
     src = meta.source
     sizes, box = {}, None
     for k, f in enumerate(meta.files):
@@ -199,41 +208,52 @@ def validate(meta: ParticleMeta, check_pixels: bool = True, chunk: int = 1024) -
             bad = np.flatnonzero(~np.isfinite(arr.reshape(len(arr), -1)).all(1))
             if len(bad):
                 raise UserError(f"{src}: row {meta.rows[bad[0]]}: {name} is NaN or inf")
-    if check_pixels:
-        _check_pixels(meta, chunk)
+    if pixels == "all":
+        _check_all_pixels(meta, chunk, progress)
+    elif pixels == "sample":
+        ParticleSet(meta, lazy=True).images(np.unique(np.linspace(0, len(meta) - 1, PIXEL_SAMPLE).astype(int)))
     return meta
 
 
-def _check_pixels(meta: ParticleMeta, chunk: int) -> None:
-    for k, f in enumerate(meta.files):
-        m = open_mrc(f)
-        try:
-            data = m.data if m.data.ndim == 3 else m.data[None]
-            for s in range(0, data.shape[0], chunk):
-                ok = np.isfinite(data[s:s + chunk]).reshape(min(chunk, data.shape[0] - s), -1).all(1)
-                if not ok.all():
-                    img = s + int(np.argmin(ok))
-                    rows = meta.rows[(meta.file_idx == k) & (meta.image_idx == img)]
-                    where = f"row {rows[0]}: " if len(rows) else ""
-                    raise UserError(f"{meta.source}: {where}image {img + 1} of {f} contains NaN or inf")
-        finally:
-            m.close()
+def _check_all_pixels(meta: ParticleMeta, chunk: int, progress: bool) -> None:
+    """Read every image of every stack (also those the metadata do not list), ``chunk`` at a time."""
+    from tqdm import tqdm
+
+    total = sum(stack_shape(f)[0] for f in meta.files)
+    with tqdm(total=total, desc="check pixels", unit="img", disable=not progress) as bar:
+        for k, f in enumerate(meta.files):
+            m = open_mrc(f)
+            try:
+                data = m.data if m.data.ndim == 3 else m.data[None]
+                for s in range(0, data.shape[0], chunk):
+                    ok = np.isfinite(data[s:s + chunk]).reshape(min(chunk, data.shape[0] - s), -1).all(1)
+                    if not ok.all():
+                        img = s + int(np.argmin(ok))
+                        rows = meta.rows[(meta.file_idx == k) & (meta.image_idx == img)]
+                        where = f"row {rows[0]}: " if len(rows) else ""
+                        raise UserError(f"{meta.source}: {where}image {img + 1} of {f} contains NaN or inf")
+                    bar.update(len(ok))
+            finally:
+                m.close()
 
 
 # ----------------------------------------------------------------------------- the dataset
 class ParticleSet(torch.utils.data.Dataset):
-    """Particles in file order; ``lazy=True`` memory-maps the stacks, else loads them all.
+    """Particles in file order; ``lazy=True`` memory-maps the stacks (memory O(batch), whatever N), else loads
+    them all (N x D x D float32).
 
     ``ps[i]`` -> dict with ``image`` (1, D, D) float32, ``R`` (3, 3), ``shift_A`` (2,),
     ``ctf`` (9,) (float32 tensors; pose / CTF keys only when known) and ``index``.
-    ``ps.images(idx)`` reads a batch (B, 1, D, D) directly.
+    ``ps.read_batch(idx)`` reads a batch (the trainer's whole-batch reads); ``ps.images(idx)`` the images only.
+    Every image is checked as it is read: one that holds NaN or inf raises ``DataError`` naming its file, its
+    index there and its row in the metadata.
     """
 
-    def __init__(self, meta: ParticleMeta, lazy: bool = True):
+    def __init__(self, meta: ParticleMeta, lazy: bool = True, progress: bool = False):
         self.meta = meta
         self.lazy = lazy
         self._maps: dict[int, object] = {}
-        self._data = None if lazy else np.stack([self._read(i) for i in range(len(meta))])
+        self._data = None if lazy else self._load_all(progress)
         self._R = None if meta.R is None else torch.as_tensor(meta.R, dtype=torch.float32)
         self._shift = None if meta.shift_A is None else torch.as_tensor(meta.shift_A, dtype=torch.float32)
         self._ctf = None if meta.ctf is None else torch.as_tensor(meta.ctf, dtype=torch.float32)
@@ -255,17 +275,41 @@ class ParticleSet(torch.utils.data.Dataset):
             self._maps[k] = m.data if m.data.ndim == 3 else m.data[None]
         return self._maps[k]
 
-    def _read(self, i: int) -> np.ndarray:
-        return np.asarray(self._stack(int(self.meta.file_idx[i]))[int(self.meta.image_idx[i])], dtype=np.float32)
+    def _load_all(self, progress: bool) -> np.ndarray:
+        """Every image (N, D, D) float32, read stack by stack in file order (one copy in memory)."""
+        from tqdm import tqdm
+
+        out = np.empty((len(self.meta), self.meta.box, self.meta.box), np.float32)
+        with tqdm(total=len(out), desc="load images", unit="img", disable=not progress) as bar:
+            for s in range(0, len(out), 4096):
+                idx = np.arange(s, min(s + 4096, len(out)))
+                out[idx] = self._read(idx)
+                bar.update(len(idx))
+        return out
+
+    def _read(self, idx: np.ndarray) -> np.ndarray:
+        """Images ``idx`` (B,) -> (B, D, D) float32, read from the stacks in file order, checked to be finite."""
+        out = np.empty((len(idx), self.meta.box, self.meta.box), np.float32)
+        f, j = self.meta.file_idx[idx], self.meta.image_idx[idx]
+        for k in np.unique(f):
+            sel = np.flatnonzero(f == k)
+            sel = sel[np.argsort(j[sel], kind="stable")]  # ascending offsets: sequential reads where the batch allows
+            out[sel] = self._stack(int(k))[j[sel]]
+        bad = ~np.isfinite(out.reshape(len(out), -1)).all(1)
+        if bad.any():
+            i = int(idx[np.argmax(bad)])
+            raise DataError(f"{self.meta.source}: row {self.meta.rows[i]}: image {int(self.meta.image_idx[i]) + 1} "
+                            f"of {self.meta.files[int(self.meta.file_idx[i])]} contains NaN or inf")
+        return out
 
     def images(self, idx) -> torch.Tensor:
         """(B, 1, D, D) float32 images of the particles ``idx`` (ints, slice or array)."""
         idx = np.arange(len(self))[idx] if isinstance(idx, slice) else np.atleast_1d(np.asarray(idx))
         if self._data is not None:
             return torch.from_numpy(self._data[idx])[:, None]
-        return torch.from_numpy(np.stack([self._read(int(i)) for i in idx]))[:, None]
+        return torch.from_numpy(self._read(idx))[:, None]
 
-    def batch(self, idx) -> dict:
+    def read_batch(self, idx) -> dict:
         """The items ``idx`` (ints or array) stacked: image (B, 1, D, D) and, where known, R, shift_A, ctf."""
         idx = np.atleast_1d(np.asarray(idx))
         out = {"image": self.images(idx), "index": torch.as_tensor(idx)}
@@ -295,7 +339,7 @@ class ParticleSet(torch.utils.data.Dataset):
 
 class ParticleSubset(torch.utils.data.Dataset):
     """The particles ``idx`` (M,) of a :class:`ParticleSet`, with its ``__getitem__`` (whose ``index`` stays the
-    index in the full set) and ``batch``."""
+    index in the full set) and ``read_batch``."""
 
     def __init__(self, ds: ParticleSet, idx):
         self.ds, self.idx = ds, np.asarray(idx)
@@ -306,12 +350,13 @@ class ParticleSubset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         return self.ds[int(self.idx[i])]
 
-    def batch(self, i) -> dict:
-        return self.ds.batch(self.idx[i])
+    def read_batch(self, i) -> dict:
+        return self.ds.read_batch(self.idx[i])
 
 
 def load_particles(path: str | Path, *, pixel_size: float | None = None, poses=None, ctf=None, datadir=None,
-                   passthrough=None, lazy: bool = True, check_pixels: bool = True) -> ParticleSet:
+                   passthrough=None, lazy: bool = True, pixels: str = "sample", progress: bool = False
+                   ) -> ParticleSet:
     """Read and validate a particle set from ``.star``, ``.cs``, or ``.mrcs`` (+ cryoDRGN ``.pkl``).
 
     ``datadir``: the folder stack names are relative to (STAR and .cs; see
@@ -334,4 +379,4 @@ def load_particles(path: str | Path, *, pixel_size: float | None = None, poses=N
         meta = meta_from_stack(path, pixel_size, poses, ctf)
     else:
         raise UserError(f"{path}: unknown particle file type (expected .star, .cs or .mrcs)")
-    return ParticleSet(validate(meta, check_pixels=check_pixels), lazy=lazy)
+    return ParticleSet(validate(meta, pixels=pixels, progress=progress), lazy=lazy, progress=progress)

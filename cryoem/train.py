@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ import torch
 from cryoem.particles import ParticleSet, ParticleSubset, load_particles
 from cryoem.structure import Structure, bonded_pairs, read_structure, residue_groups, scattering_gaussians
 from cryoem.vae import AtomVAE, AtomVAEConfig, estimate_noise_sigma, latent_diagnostics
-from plato_core.runinfo import UserError, atomic_write, check_out_dir, read_json, remove_outputs, settings_diff
+from plato_core.runinfo import UserError, atomic_write, available_memory, check_out_dir, read_json, remove_outputs, settings_diff
 from plato_core.settings import SettingError
 from plato_core.trainer import CHECKPOINT, RUN_FILES, TrainConfig, Trainer, load_checkpoint
 
@@ -52,7 +52,7 @@ class DataSpec:
     datadir: str | None = None
     center: str = "centroid"  # centroid | map | none: how the model sits relative to the box centre
     chains: str | None = None  # comma-separated chain ids to model (default: all)
-    lazy: bool = False
+    lazy: bool | None = None  # memory-map the stacks; None: when they would not fit (see stream_images)
     passthrough: str | None = None  # a cryoSPARC passthrough .cs (None: found beside the particle file)
 
 
@@ -62,11 +62,16 @@ def absolute_spec(spec: DataSpec) -> DataSpec:
                                           if getattr(spec, k) is not None}})
 
 
-def load_data(spec: DataSpec, check_pixels: bool = True, need_poses: bool = True) -> ParticleSet:
-    """Read and validate the particles; require the CTF, and poses unless ``need_poses`` is False."""
+def load_data(spec: DataSpec, pixels: str = "sample", need_poses: bool = True, progress: bool = False
+              ) -> ParticleSet:
+    """Read and validate the particles (``pixels``: see ``cryoem.particles.validate``); require the CTF, and poses
+    unless ``need_poses`` is False. ``spec.lazy`` None: memory-map the stacks when the images would fill more
+    than a quarter of the memory available now (:func:`stream_images`), else load them."""
     ds = load_particles(spec.particles, pixel_size=spec.pixel_size, poses=spec.poses, ctf=spec.ctf,
-                        datadir=spec.datadir, passthrough=spec.passthrough, lazy=spec.lazy,
-                        check_pixels=check_pixels)
+                        datadir=spec.datadir, passthrough=spec.passthrough, lazy=True, pixels=pixels)
+    lazy = stream_images(ds) if spec.lazy is None else spec.lazy
+    if not lazy:
+        ds = ParticleSet(ds.meta, lazy=False, progress=progress)
     if ds.meta.R is None and need_poses:
         raise SettingError("poses", f"{spec.particles} has no poses; run a consensus refinement first "
                                     "(RELION / cryoSPARC), give a poses file (`poses` pose.pkl), or try the "
@@ -74,6 +79,13 @@ def load_data(spec: DataSpec, check_pixels: bool = True, need_poses: bool = True
     if ds.meta.ctf is None:
         raise SettingError("ctf", f"{spec.particles} has no CTF parameters; give a CTF file (`ctf` ctf.pkl)")
     return ds
+
+
+def stream_images(ds: ParticleSet, share: float = 0.25) -> bool:
+    """Whether to read ``ds``'s images from their memory-mapped stacks during training (memory O(batch), read
+    ahead by DataLoader workers) rather than load them: when they would fill more than ``share`` of the memory
+    available now, as float32."""
+    return len(ds) * ds.box**2 * 4 > share * available_memory()
 
 
 def atom_selection(atoms: str, s: Structure) -> str:
@@ -147,17 +159,24 @@ def _split_halves(ds: ParticleSet, seed: int) -> list[np.ndarray]:
     return [np.sort(perm[: len(ds) // 2]), np.sort(perm[len(ds) // 2:])]
 
 
-def train(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, halves: bool = False) -> dict:
+def train(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, halves: bool = False, workers: int | None = None
+          ) -> dict:
     """Train one model (or two on independent halves); returns the trainer summaries.
+
+    ``workers``: DataLoader processes that read batches ahead; None: one when the images stream from their
+    stacks (``spec.lazy``, or too large to load: :func:`stream_images`), else none.
 
     Every check (output folder, data, starting model, ``--resume`` settings) runs before anything is written;
     ``tcfg.overwrite`` then deletes the previous run's files (:data:`RUN_OUTPUTS` and the trainer's).
     """
     spec = absolute_spec(spec)
     out = check_out_dir(tcfg.out, tcfg.resume, tcfg.overwrite, run_file="half1/model.json" if halves else "model.json")
-    ds = load_data(spec, need_poses=not cfg.infer_poses)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"particles: {len(ds)} read from {ds.meta.provenance_line()}")
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    ds = load_data(spec, need_poses=not cfg.infer_poses, progress=tcfg.progress and rank0)
+    tcfg = replace(tcfg, workers=(1 if ds.lazy else 0) if workers is None else workers)
+    if rank0:
+        print(f"particles: {len(ds)} read from {ds.meta.provenance_line()}"
+              + (f"; streamed from the stacks by {tcfg.workers} reader process(es)" if ds.lazy else ""))
     parts = {"full": (out, None)} if not halves else {
         f"half{h}": (out / f"half{h}", idx) for h, idx in enumerate(_split_halves(ds, tcfg.seed), start=1)}
     for folder, idx in parts.values():
@@ -304,7 +323,7 @@ def load_model(run: str | os.PathLike, device: str = "cpu") -> tuple[AtomVAE, di
     if has_shape:
         model, s, _ = _model(spec, cfg, rec["box"], rec["pixel_size"], rec["n_particles"], rec["noise_sigma"])
     else:  # runs that predate these records: the particle file's header says
-        model, s, _ = build_model(spec, cfg, load_data(spec, check_pixels=False, need_poses=False),
+        model, s, _ = build_model(spec, cfg, load_data(spec, pixels="none", need_poses=False),
                                   noise_sigma=rec["noise_sigma"])
     _load_weights(model, run, device)
     return model.to(device).eval(), rec, s
@@ -319,7 +338,7 @@ def load_run(run: str | os.PathLike, device: str = "cpu", particles: str | None 
     """
     model, rec, s = load_model(run, device)
     spec = run_spec(run, rec, particles, datadir)
-    ds = load_data(spec, check_pixels=False, need_poses=not model.cfg.infer_poses)
+    ds = load_data(spec, pixels="none", need_poses=not model.cfg.infer_poses)
     for key, now in (("n_particles", len(ds)), ("box", ds.box)):
         if key in rec and rec[key] != now:
             raise UserError(f"{spec.particles}: {key} {now}, but the run {run} was trained on {rec[key]}; "

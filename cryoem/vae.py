@@ -819,7 +819,7 @@ def collapse_warning(spread_A: float, shuffle_nats: float, active: float, zdim: 
 
 def latent_diagnostics(model: AtomVAE, ds, pool=None, n: int = 1024, batch_size: int = 128) -> dict:
     """Is the latent used? On up to ``n`` particles of ``ds`` (a fixed sample of the indices ``pool``,
-    default all; ``ds.batch(idx)`` gives a batch):
+    default all; ``ds.read_batch(idx)`` gives a batch):
 
     * ``kl_per_dim`` (zdim,): mean KL(q(z_d | x) || N(0, v_d)) in nats, v = the model's ``prior_var``;
     * ``active_units``: dimensions whose posterior mean varies across particles (variance > 0.01 v_d);
@@ -835,7 +835,7 @@ def latent_diagnostics(model: AtomVAE, ds, pool=None, n: int = 1024, batch_size:
     model.eval()
     with torch.no_grad():
         for i in range(0, len(idx), batch_size):
-            batch = {k: v.to(model.log_scale.device) for k, v in ds.batch(idx[i:i + batch_size]).items()}
+            batch = {k: v.to(model.log_scale.device) for k, v in ds.read_batch(idx[i:i + batch_size]).items()}
             mu, logvar = model.encode(batch)
             batch = model.with_poses(batch)
             x = model.decode(mu)

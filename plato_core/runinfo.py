@@ -33,6 +33,16 @@ class UserError(Exception):
     """Bad user input. The CLI prints ``error: <message>`` on one line and exits with code 2."""
 
 
+class DataError(UserError):
+    """An item of the data that a run cannot use, found while reading it (a NaN image, say). The trainer writes
+    a checkpoint first, so the run resumes once the data are fixed."""
+
+    def __str__(self) -> str:
+        """The message, without the traceback that a DataLoader worker adds when it passes the error on."""
+        text = str(self.args[0]) if self.args else ""
+        return text.strip().splitlines()[-1].split("DataError: ", 1)[-1] if "Traceback" in text else text
+
+
 def versions() -> dict[str, str]:
     """Installed versions of Plato and its main dependencies."""
     out = {"python": platform.python_version()}
@@ -265,6 +275,17 @@ def auto_threads() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     return max(1, min(cores, round(cores - load)))
+
+
+def available_memory() -> int:
+    """Bytes of memory available to new allocations now (Linux ``MemAvailable``; elsewhere the free pages)."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def cli_main(build_parser, argv=None) -> int:

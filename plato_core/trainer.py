@@ -34,6 +34,11 @@ What the trainer owns
   position is ``(epoch, batch index)``, so a resumed run sees exactly the batches the
   uninterrupted run would. Datasets should be deterministic (put randomness in
   ``model.loss``, which draws from the torch RNG that checkpoints save).
+* **Reading:** a dataset with ``read_batch(indices) -> batch`` is read a whole batch per call (memory-mapped
+  particle stacks read their images in file order); others item by item, through the collate function.
+  With ``workers`` > 0, that many processes read batches ahead (``prefetch`` each) while the step runs. A
+  ``runinfo.DataError`` raised while reading (an image that holds NaN, say) stops the run after a checkpoint,
+  with the error's one line.
 * **Checkpoints:** ``out/checkpoint.pt`` every ``ckpt_every`` steps, at the end, and on
   SIGINT / SIGTERM. ``resume=True`` restores model, optimiser, scheduler, AMP scaler,
   RNG states (torch, CUDA, numpy, python), data position and elapsed time.
@@ -72,6 +77,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from plato_core.runinfo import (
+    DataError,
     UserError,
     atomic_path,
     atomic_write,
@@ -111,6 +117,8 @@ class TrainConfig:
     progress: bool = True
     tensorboard: bool = True
     find_unused_parameters: bool = False  # DDP
+    workers: int = 0  # DataLoader processes that read batches ahead of the step (0: read in the training process)
+    prefetch: int = 2  # batches each worker reads ahead
 
 
 def lr_factor(step: int, cfg: TrainConfig, progress: float = 0.0) -> float:
@@ -210,6 +218,19 @@ def module_grad_norms(model: nn.Module) -> dict[str, float]:
         if grads:
             out[f"gnorm_{name}"] = float(torch.stack(grads).norm())
     return out
+
+
+class _BatchReader(torch.utils.data.Dataset):
+    """A dataset with ``read_batch`` as a DataLoader dataset whose keys are whole batches (lists of indices)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, indices):
+        return self.dataset.read_batch(indices)
 
 
 class _LossModule(nn.Module):
@@ -367,8 +388,15 @@ class Trainer:
             mine = [b[self.rank * per_rank:(self.rank + 1) * per_rank] for b in batches[start:]]
             # its own generator: making a DataLoader iterator must not consume the global torch RNG
             g = torch.Generator().manual_seed(self.cfg.seed + epoch)
-            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=mine, collate_fn=self.collate_fn,
-                                                 generator=g)
+            ahead = {"num_workers": self.cfg.workers}
+            if self.cfg.workers > 0:
+                ahead["prefetch_factor"] = self.cfg.prefetch
+            if hasattr(self.dataset, "read_batch"):  # one call per batch; batch_size=None: no collation
+                loader = torch.utils.data.DataLoader(_BatchReader(self.dataset), batch_size=None, sampler=mine,
+                                                     generator=g, **ahead)
+            else:
+                loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=mine, collate_fn=self.collate_fn,
+                                                     generator=g, **ahead)
             for i, batch in enumerate(loader):
                 yield start + i, len(batches), batch
             epoch, start = epoch + 1, 0
@@ -436,6 +464,15 @@ class Trainer:
         out.update(gnorms)
         return out
 
+    def _next_batch(self, batches):
+        """The next batch; a ``DataError`` while reading it writes a checkpoint first (at the batch before)."""
+        try:
+            return next(batches)
+        except DataError as e:
+            self.save_checkpoint()
+            raise DataError(f"{e} (stopped at step {self.step}, checkpoint written: fix or remove that particle, "
+                            "then --resume)") from None
+
     def fit(self) -> dict:
         """Train until the budget is spent or a signal arrives; returns a summary dict."""
         c = self.cfg
@@ -453,7 +490,7 @@ class Trainer:
         terms: dict[str, float] = {}
         try:
             while self._budget_left(t0, elapsed0):
-                i, n, batch = first if first is not None else next(batches)
+                i, n, batch = first if first is not None else self._next_batch(batches)
                 first = None
                 terms = self.train_step(batch)
                 self.batch_in_epoch = i + 1

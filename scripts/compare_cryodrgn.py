@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--train-only", action="store_true", help="only train cryoDRGN (while Plato trains)")
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
-    meta = load_particles(a.sim / "particles.star", check_pixels=False)
+    meta = load_particles(a.sim / "particles.star", pixels="none")
     z_drgn, drgn_pps = train_cryodrgn(a.cryodrgn, a.sim, a.out, meta.box, meta.pixel_size, a.zdim, a.epochs,
                                       a.threads)
     if a.train_only:

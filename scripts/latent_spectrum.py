@@ -41,8 +41,8 @@ class _Head:
     def __len__(self):
         return self.n
 
-    def batch(self, idx):
-        return self.ds.batch(idx)
+    def read_batch(self, idx):
+        return self.ds.read_batch(idx)
 
 
 def main() -> None:

@@ -70,7 +70,7 @@ def main() -> None:
     if start.shape != x0.shape:
         raise SystemExit(f"{a.run}: its model has {len(x0)} atoms, the simulation {len(start)}")
     offset = (x0 - start).mean(0)  # the run's frame (the box centre) from the simulator's (the centroid)
-    batch = ds.batch(far)
+    batch = ds.read_batch(far)
     idx = batch["index"]
     weight = model.prior_weights()
     with torch.no_grad():

@@ -280,7 +280,7 @@ def backproject(star: Path, pixel_size: float | None = None, batch: int = 16) ->
 
     ps = load_particles(star)
     apix, D, N = pixel_size or ps.pixel_size, ps.box, len(ps)
-    b = ps.batch(np.arange(N))
+    b = ps.read_batch(np.arange(N))
     flip = torch.sign(ctf_2d(ps.meta.ctf_params(), D, apix, dtype=torch.float64))
     img = ramp_filter(fourier_filter(b["image"].double(), apix, -b["shift_A"].double(), flip)[:, 0]).float()
     r = torch.arange(D, dtype=torch.float32) - D // 2

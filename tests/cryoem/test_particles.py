@@ -160,7 +160,7 @@ def test_particle_set_items_lazy_and_in_memory():
     batch = next(iter(torch.utils.data.DataLoader(lazy, batch_size=8)))
     assert batch["image"].shape == (8, 1, 30, 30) and batch["shift_A"].shape == (8, 2)
     assert torch.equal(lazy.images([3, 1]), mem.images([3, 1]))
-    picked = lazy.batch([3, 1])  # the same particles as the items, in the order asked
+    picked = lazy.read_batch([3, 1])  # the same particles as the items, in the order asked
     for key in ("image", "R", "shift_A"):
         assert torch.equal(picked[key], torch.stack([lazy[3][key], lazy[1][key]]))
     assert picked["index"].tolist() == [3, 1] and np.array_equal(picked["image"][1, 0].numpy(), raw[1])
