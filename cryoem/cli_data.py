@@ -13,7 +13,11 @@ pixel_size_in * box_in / box (200 px at 1 Å/px -> --box 64 at 3.125 Å/px; down
 the STAR to RELION's 6 decimals), whether or not --box divides the input box; an odd input box works too.
 --box must be even and at most the input box. Shifts (Å), poses and CTF are copied; rlnPlatoSourceRow
 (0-based) and downsample.json record where each particle came from, for `cryoem select`.
-Memory: one --chunk of output plus ~64 MB, whatever the number of particles."""
+Memory: one --chunk of output plus ~64 MB, whatever the number of particles.
+
+For training at scale, --dtype float16 (with or without --box) writes the set as a cache that `cryoem train`
+reads with no flag: Fourier-cropped, scaled to a standard deviation of 1 (the factor is in downsample.json),
+in contiguous stacks of --chunk particles, half the bytes of float32 to read per particle."""
 
 SELECT_HELP = """Write the particles of a selection as a subset of the ORIGINAL particle file (the one before any
 `cryoem downsample`, followed through rlnPlatoSourceRow and downsample.json): a .star keeps every line and
@@ -24,12 +28,16 @@ runs that is half 1's model applied to every particle, so a subset spans both ha
 
 def add_subcommands(sub) -> None:
     """Register ``downsample`` and ``select`` on an argparse sub-parser collection."""
-    p = sub.add_parser("downsample", help="Fourier-crop a .star / .cs particle set to a smaller box (RELION STAR out)",
+    p = sub.add_parser("downsample", help="Fourier-crop a .star / .cs particle set to a smaller box (RELION STAR "
+                                          "out), or write it as a float16 training cache",
                        description=DOWNSAMPLE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--particles", type=Path, required=True, help="RELION .star or cryoSPARC .cs")
     p.add_argument("--datadir", type=Path, help="folder the stack paths in --particles are relative to")
     p.add_argument("--pixel-size", type=float, help="input pixel size in Å/px, when the metadata lack it")
-    p.add_argument("--box", type=int, required=True, help="new box in pixels (even, at most the input box)")
+    p.add_argument("--box", type=int, help="new box in pixels (even, at most the input box; default: the input box)")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="of the written stacks; float16 also scales the images to standard deviation 1 "
+                        "(default: float32, unscaled)")
     p.add_argument("--out", type=Path, required=True, help="output folder (new or empty, unless --overwrite)")
     p.add_argument("--chunk", type=int, default=10000, help="particles per .mrcs stack (default: 10000)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier downsample in --out (its files only)")
@@ -61,7 +69,7 @@ def cmd_downsample(a: argparse.Namespace) -> int:
     from cryoem.downsample import downsample
 
     star = downsample(a.particles, a.out, a.box, datadir=a.datadir, pixel_size=a.pixel_size, chunk=a.chunk,
-                      overwrite=a.overwrite, progress=not a.quiet)
+                      overwrite=a.overwrite, progress=not a.quiet, dtype=a.dtype)
     import json
 
     rec = json.loads((star.parent / "downsample.json").read_text())

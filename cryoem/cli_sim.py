@@ -73,6 +73,10 @@ def add_subcommands(sub) -> None:
     c.add_argument("--datadir", type=Path, help="folder that the stack names in a .star or .cs file are relative to "
                                                 "(default: the metadata file's folder, then each folder above it)")
     c.add_argument("--passthrough", type=Path, help="cryoSPARC passthrough .cs (default: found beside the .cs file)")
+    c.add_argument("--full", action="store_true", help="read every pixel of every stack, with a progress bar (default: "
+                                                       "the metadata in full and the pixels of 1,024 images, as "
+                                                       "`cryoem train` does before it reads every image as it trains)")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=cmd_check)
 
 
@@ -161,14 +165,17 @@ def write_preview(path: Path, conf, args, n: int = 8) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from cryoem.particles import load_particles
+    from cryoem.particles import PIXEL_SAMPLE, load_particles
 
     ps = load_particles(args.particles, pixel_size=args.apix, poses=args.poses, ctf=args.ctf, datadir=args.datadir,
-                        passthrough=args.passthrough)
+                        passthrough=args.passthrough, pixels="all" if args.full else "sample",
+                        progress=not args.quiet)
     m = ps.meta
     print(f"{args.particles}: {len(ps)} particles in {len(m.files)} stack(s), {m.box} px, {m.pixel_size:.4f} Å/px, "
           f"poses: {'yes' if m.R is not None else 'no'}, CTF: {'yes' if m.ctf is not None else 'no'}")
     print(f"read from: {m.provenance_line()}")
+    print("pixels: every image is finite" if args.full else
+          f"pixels: {min(len(ps), PIXEL_SAMPLE)} sampled images are finite (--full reads them all)")
     return 0
 
 

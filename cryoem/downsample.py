@@ -18,7 +18,8 @@ box works, odd or not dividing by d.
 ``cryoem downsample`` (:func:`downsample`) reads a RELION STAR or cryoSPARC .cs set lazily and writes, into
 an output folder::
 
-    particles_000.mrcs, particles_001.mrcs, ...   at most ``chunk`` particles each (float32)
+    particles_000.mrcs, particles_001.mrcs, ...   at most ``chunk`` particles each (float32; or float16, scaled
+                         to standard deviation 1: the cache to train on at scale, half the bytes per particle)
     particles.star       RELION 3.1 (optics + particles): new box and pixel size (to the 6 decimals RELION
                          writes; downsample.json holds it in full), the source's poses,
                          shifts (Å, unchanged) and CTF, and ``rlnPlatoSourceRow``: each particle's 0-based
@@ -102,25 +103,25 @@ def fourier_crop(images: Tensor, box: int) -> Tensor:
 
 # ----------------------------------------------------------------------------- the STAR of the output
 # ----------------------------------------------------------------------------- the command
-def _check_inputs(particles: Path, out: Path, box: int, chunk: int, overwrite: bool) -> None:
+def _check_inputs(particles: Path, out: Path, box: int | None, chunk: int, overwrite: bool) -> None:
     """Argument checks that need no file reading (one ``UserError`` line each)."""
     if particles.suffix.lower() not in (".star", ".cs"):
         raise UserError(f"--particles {particles}: expected a RELION .star or cryoSPARC .cs file")
     if not particles.is_file():
         raise UserError(f"--particles {particles}: file not found")
-    if box < 2 or box % 2:
+    if box is not None and (box < 2 or box % 2):
         raise UserError(f"--box {box}: expected an even number of pixels >= 2 (RELION expects even boxes)")
     if chunk < 1:
         raise UserError(f"--chunk {chunk}: expected at least 1 particle per stack")
     check_out_dir(out, overwrite=overwrite)
 
 
-def _load_source(particles: Path, datadir, pixel_size, box: int):
+def _load_source(particles: Path, datadir, pixel_size, box: int | None):
     """The source set (lazy, pixels unchecked: each batch is checked as it is read), with box checks."""
     from cryoem.particles import load_particles
 
     ds = load_particles(particles, pixel_size=pixel_size, datadir=datadir, lazy=True, pixels="none")
-    if box > ds.box:
+    if box is not None and box > ds.box:
         raise UserError(f"--box {box}: larger than the input box ({ds.box} px); downsample only makes images "
                         "smaller (Fourier padding adds no information)")
     return ds
@@ -142,9 +143,18 @@ def _check_not_source(out: Path, ds, particles: Path, names: list[str]) -> None:
                             "choose another folder")
 
 
+def _float16_scale(ds, box: int, n: int = 1024) -> float:
+    """The factor that brings the cropped images' standard deviation to 1 (over ``n`` images spread over the
+    set): float16 keeps 11 bits wherever the values lie, but only within 6e-5..65504."""
+    idx = np.unique(np.linspace(0, len(ds) - 1, min(n, len(ds))).astype(int))
+    sd = float(fourier_crop(ds.images(idx)[:, 0], box).double().std())
+    return 1.0 / sd if sd > 0 else 1.0
+
+
 def _write_stacks(ds, out: Path, box: int, chunk: int, names: list[str], pixel_size: float,
-                  progress: bool) -> None:
-    """Crop every particle in source order into ``names`` (``chunk`` particles each); NaN/inf -> UserError."""
+                  progress: bool, dtype: str = "float32", scale: float = 1.0) -> None:
+    """Crop every particle in source order into ``names`` (``chunk`` particles each), times ``scale``, as
+    ``dtype``; an image holding NaN/inf raises ``DataError`` (``ParticleSet`` checks each as it reads it)."""
     from tqdm import tqdm
 
     from cryoem.formats.mrc import write_mrcs
@@ -157,30 +167,35 @@ def _write_stacks(ds, out: Path, box: int, chunk: int, names: list[str], pixel_s
             stack = np.empty((hi - lo, box, box), dtype=np.float32)
             for s in range(lo, hi, batch):
                 idx = np.arange(s, min(hi, s + batch))
-                imgs = ds.images(idx)[:, 0]
-                ok = torch.isfinite(imgs).flatten(1).all(1)
-                if not ok.all():
-                    i = int(idx[int(torch.argmin(ok.int()))])
-                    m = ds.meta
-                    raise UserError(f"{m.source}: row {m.rows[i]}: image {m.image_idx[i] + 1} of "
-                                    f"{m.files[m.file_idx[i]]} contains NaN or inf")
-                stack[s - lo:s - lo + len(idx)] = fourier_crop(imgs, box).numpy()
+                stack[s - lo:s - lo + len(idx)] = fourier_crop(ds.images(idx)[:, 0], box).numpy()
                 bar.update(len(idx))
-            write_mrcs(out / name, stack, pixel_size)
+            if scale != 1.0:
+                stack *= scale
+            write_mrcs(out / name, stack, pixel_size, dtype=dtype)
 
 
-def downsample(particles: str | Path, out: str | Path, box: int, *, datadir: str | Path | None = None,
+def downsample(particles: str | Path, out: str | Path, box: int | None = None, *, datadir: str | Path | None = None,
                pixel_size: float | None = None, chunk: int = 10000, overwrite: bool = False,
-               progress: bool = True) -> Path:
-    """Fourier-crop a RELION .star or cryoSPARC .cs particle set to ``box`` px; returns ``out/particles.star``.
+               progress: bool = True, dtype: str = "float32") -> Path:
+    """Fourier-crop a RELION .star or cryoSPARC .cs particle set to ``box`` px (None: the input box, a copy);
+    returns ``out/particles.star``.
+
+    ``dtype`` "float16" writes MRC mode-12 stacks (half the bytes to read per particle), with the images
+    scaled so that their standard deviation is 1 (``scale`` in downsample.json; Plato's models fit their own
+    image scale and noise, so training is unchanged by it).
 
     Every input is checked before anything is written; ``out`` must be new or empty unless ``overwrite``
     (then only the files this command writes are replaced). On a failure part-way (an image holding NaN),
     the stacks written so far are removed. See the module docstring for what is written.
     """
     particles, out = Path(particles), Path(out)
+    if dtype not in ("float32", "float16"):
+        raise UserError(f"--dtype {dtype}: expected float32 or float16")
     _check_inputs(particles, out, box, chunk, overwrite)
     ds = _load_source(particles, datadir, pixel_size, box)
+    box = ds.box if box is None else box
+    if box % 2:
+        raise UserError(f"the input box is {box} px, odd: give an even --box (RELION expects even boxes)")
     N, D, apix_in = len(ds), ds.box, ds.pixel_size
     apix = apix_in * D / box  # same field of view, exactly
     names = _stack_names(N, chunk)
@@ -191,7 +206,8 @@ def downsample(particles: str | Path, out: str | Path, box: int, *, datadir: str
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        _write_stacks(ds, out, box, chunk, names, apix, progress)
+        scale = _float16_scale(ds, box) if dtype == "float16" else 1.0
+        _write_stacks(ds, out, box, chunk, names, apix, progress, dtype, scale)
     except BaseException:
         remove_outputs(out, names)
         if created and not any(out.iterdir()):
@@ -210,8 +226,9 @@ def downsample(particles: str | Path, out: str | Path, box: int, *, datadir: str
     record = {"kind": "plato-downsample", "version": 1, "star": STAR_NAME, "row_column": ROW_COLUMN,
               "source": source, "source_relative": os.path.relpath(source, os.path.abspath(out)),
               "source_format": particles.suffix.lower()[1:], "n_particles": N,
-              "box_in": D, "pixel_size_in": apix_in, "box_out": box, "pixel_size_out": apix, "stacks": names}
+              "box_in": D, "pixel_size_in": apix_in, "box_out": box, "pixel_size_out": apix, "stacks": names,
+              "dtype": dtype, "scale": scale}
     atomic_write(out / RECORD, json.dumps(record, indent=2))
     write_config(out, {"particles": source, "datadir": None if datadir is None else os.path.abspath(datadir),
-                       "pixel_size": pixel_size, "box": box, "chunk": chunk, "overwrite": overwrite})
+                       "pixel_size": pixel_size, "box": box, "chunk": chunk, "overwrite": overwrite, "dtype": dtype})
     return out / STAR_NAME

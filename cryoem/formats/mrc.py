@@ -64,16 +64,20 @@ def read_mrc(path: str | Path) -> tuple[np.ndarray, float, np.ndarray]:
 
 
 def write_mrc(path: str | Path, data: np.ndarray, voxel_size: float, origin=(0.0, 0.0, 0.0),
-              stack: bool = False) -> None:
-    """Write a map (D, H, W) (or an image stack with ``stack=True``) as float32 MRC, atomically.
+              stack: bool = False, dtype: str = "float32") -> None:
+    """Write a map (D, H, W) (or an image stack with ``stack=True``) as float32 MRC (or float16, MRC2014 mode 12,
+    with ``dtype``), atomically.
 
     ``origin`` (x, y, z) Å is the position of voxel (0, 0, 0), as in the MRC2014 header.
     """
     import mrcfile
 
-    data = np.ascontiguousarray(np.asarray(data, dtype=np.float32))
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"write_mrc: dtype must be float32 or float16, got {dtype!r}")
+    data = np.ascontiguousarray(np.asarray(data, dtype=dtype))
     if not np.isfinite(data).all():
-        raise ValueError("write_mrc: data contains NaN or inf")
+        raise ValueError("write_mrc: data contains NaN or inf" + (" (beyond float16's range?)" if dtype == "float16"
+                                                                  else ""))
     with atomic_path(path) as tmp:
         with mrcfile.new(tmp, overwrite=True) as m:
             m.set_data(data)
@@ -84,10 +88,10 @@ def write_mrc(path: str | Path, data: np.ndarray, voxel_size: float, origin=(0.0
             m.update_header_stats()
 
 
-def write_mrcs(path: str | Path, images: np.ndarray, pixel_size: float) -> None:
-    """Write an image stack (N, D, D) as an ``.mrcs`` (float32), atomically."""
+def write_mrcs(path: str | Path, images: np.ndarray, pixel_size: float, dtype: str = "float32") -> None:
+    """Write an image stack (N, D, D) as an ``.mrcs`` (float32, or float16: MRC mode 12), atomically."""
     images = np.asarray(images)
     if images.ndim != 3 or images.shape[1] != images.shape[2]:
         raise ValueError(f"write_mrcs: expected (N, D, D) images, got {images.shape}")
-    write_mrc(path, images, pixel_size, stack=True)
+    write_mrc(path, images, pixel_size, stack=True, dtype=dtype)
 
