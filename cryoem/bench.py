@@ -1,9 +1,10 @@
-"""Simulator benchmark: ``python -m cryoem.bench [--n 4096] [--atoms 2000] [--box 64] [--threads T]``.
+"""Benchmarks of cryoem (not tests: a shared machine's load changes the numbers, so compare within one run).
 
-Prints one table of particles per second for each stage of ``cryoem.simulate`` (projection,
-Fourier shift + CTF, noise) and for the whole simulation, best of ``--repeats`` runs, on the
-bundled 3O21 model (the first ``--atoms`` heavy atoms). Not a timed test: a shared machine's
-load changes the numbers, so compare within one run.
+``python -m cryoem.bench [--n 4096] [--atoms 2000] [--box 64] [--threads T]``: the simulator. One table of
+particles per second for each stage of ``cryoem.simulate`` (projection, Fourier shift + CTF, noise) and for
+the whole simulation, best of ``--repeats`` runs, on the bundled 3O21 model (the first ``--atoms`` heavy atoms).
+
+``python -m cryoem.bench train [--n 1000000] [--small 100000] ...``: training at scale (``cryoem.bench_train``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ from renderers.bench import best_of
 
 
 def main(argv=None) -> int:
+    import sys
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["train"]:
+        from cryoem.bench_train import main as train_main
+
+        return train_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m cryoem.bench", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=4096, help="particles per timed run (default: 4096)")
     p.add_argument("--atoms", type=int, default=2000, help="atoms in the model (default: 2000)")

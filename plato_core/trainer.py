@@ -281,6 +281,10 @@ class Trainer:
         self.net = _LossModule(self.model)
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
+            # DDP cannot broadcast sparse tensors; a model's sparse buffers (the atom decoder's smoothing kernel)
+            # are built from its settings, the same on every rank
+            sparse = [n for n, b in self.net.named_buffers() if b.is_sparse]
+            nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.net, sparse)
             self.net = nn.parallel.DistributedDataParallel(self.net, device_ids=ids,
                                                            find_unused_parameters=cfg.find_unused_parameters)
         self.step, self.epoch, self.batch_in_epoch, self.elapsed = 0, 0, 0, 0.0

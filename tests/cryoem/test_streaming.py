@@ -125,3 +125,38 @@ def test_float16_cache_keeps_the_images_to_float16_precision_and_trains_with_no_
                "--atoms", "ca", "--center", "none", "--zdim", 2, "--steps", 2, "--batch-size", 16, "--threads", 1,
                "--quiet", "--out", tmp_path / "run")
     assert t.returncode == 0, t.stderr
+
+
+def _torchrun(sim, out, steps, *flags):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "cryoem.cli",
+           "train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms", "ca",
+           "--center", "none", "--zdim", 2, "--steps", steps, "--batch-size", 16, "--threads", 1, "--quiet",
+           "--out", out, *flags]
+    return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_two_processes_infer_the_latents_of_one_and_resume_with_another_count(sim, tmp_path):
+    """Two gloo processes (torchrun) split each global batch of 16: after one step, every particle of that batch
+    has the posterior mean a one-process run gives it (the Gauss-Newton step is per particle, from the same
+    starting weights), gathered from both ranks into rank 0's checkpoint. A run of two processes then resumes
+    in one, and the other way round."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert _train(sim, one, steps=1).returncode == 0
+    r = _torchrun(sim, two, 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load_checkpoint(one)["model"], load_checkpoint(two)["model"]
+    first = epoch_batches(N, 16, 0, 0)[0]
+    assert b["z_seen"].sum() == 16 and b["z_seen"][first].all() and torch.equal(a["z_seen"], b["z_seen"])
+    torch.testing.assert_close(b["z_last"][first], a["z_last"][first], rtol=1e-4, atol=1e-5)
+    assert a["z_last"][first].abs().max() > 1e-3  # not the zeros of particles never seen
+    r = _train(sim, two, "--resume", steps=4)  # 2 processes -> 1
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = _torchrun(sim, two, 6, "--resume")  # 1 -> 2
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = load_checkpoint(two)
+    assert ck["step"] == 6 and ck["model"]["z_seen"].all()  # 6 steps of 16: two epochs of the 48 particles
