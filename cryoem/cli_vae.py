@@ -50,7 +50,7 @@ def _add_train(sub) -> None:
     add_settings(p.add_argument_group("model (AtomVAEConfig)"), AtomVAEConfig)
     p.add_argument("--half-sets", action="store_true", help="train two models on independent halves")
     p.add_argument("--lazy", action=argparse.BooleanOptionalAction, default=None,
-                   help="read the images from their memory-mapped stacks during training (memory: a few batches, "
+                   help="read the images from their stacks during training (memory: a few batches, "
                         "whatever the number of particles) instead of loading them (default: when they would fill "
                         "more than a quarter of the available memory)")
     p.add_argument("--workers", type=int, help="processes that read batches ahead of the training step (default: 1 "

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from cryoem.ctf import CTFParams, unphysical_ctf
-from cryoem.formats.mrc import open_mrc, stack_shape
+from cryoem.formats.mrc import StackReader, open_mrc, stack_shape
 from plato_core.runinfo import DataError, UserError
 
 __all__ = ["ParticleMeta", "ParticleSet", "load_particles", "validate", "search_roots", "resolve_stacks",
@@ -239,8 +239,8 @@ def _check_all_pixels(meta: ParticleMeta, chunk: int, progress: bool) -> None:
 
 # ----------------------------------------------------------------------------- the dataset
 class ParticleSet(torch.utils.data.Dataset):
-    """Particles in file order; ``lazy=True`` memory-maps the stacks (memory O(batch), whatever N), else loads
-    them all (N x D x D float32).
+    """Particles in file order; ``lazy=True`` reads the images from their stacks as they are asked for (memory
+    O(batch), whatever N; :class:`cryoem.formats.mrc.StackReader`), else loads them all (N x D x D float32).
 
     ``ps[i]`` -> dict with ``image`` (1, D, D) float32, ``R`` (3, 3), ``shift_A`` (2,),
     ``ctf`` (9,) (float32 tensors; pose / CTF keys only when known) and ``index``.
@@ -252,7 +252,7 @@ class ParticleSet(torch.utils.data.Dataset):
     def __init__(self, meta: ParticleMeta, lazy: bool = True, progress: bool = False):
         self.meta = meta
         self.lazy = lazy
-        self._maps: dict[int, object] = {}
+        self._stacks: dict[int, StackReader] = {}
         self._data = None if lazy else self._load_all(progress)
         self._R = None if meta.R is None else torch.as_tensor(meta.R, dtype=torch.float32)
         self._shift = None if meta.shift_A is None else torch.as_tensor(meta.shift_A, dtype=torch.float32)
@@ -269,11 +269,10 @@ class ParticleSet(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.meta)
 
-    def _stack(self, k: int):
-        if k not in self._maps:
-            m = open_mrc(self.meta.files[k])
-            self._maps[k] = m.data if m.data.ndim == 3 else m.data[None]
-        return self._maps[k]
+    def _stack(self, k: int) -> StackReader:
+        if k not in self._stacks:
+            self._stacks[k] = StackReader(self.meta.files[k])
+        return self._stacks[k]
 
     def _load_all(self, progress: bool) -> np.ndarray:
         """Every image (N, D, D) float32, read stack by stack in file order (one copy in memory)."""
@@ -294,7 +293,7 @@ class ParticleSet(torch.utils.data.Dataset):
         for k in np.unique(f):
             sel = np.flatnonzero(f == k)
             sel = sel[np.argsort(j[sel], kind="stable")]  # ascending offsets: sequential reads where the batch allows
-            out[sel] = self._stack(int(k))[j[sel]]
+            out[sel] = self._stack(int(k)).read(j[sel])
         bad = ~np.isfinite(out.reshape(len(out), -1)).all(1)
         if bad.any():
             i = int(idx[np.argmax(bad)])
@@ -331,10 +330,6 @@ class ParticleSet(torch.utils.data.Dataset):
             item["ctf"] = self._ctf[i]
         return item
 
-    def __getstate__(self):  # DataLoader workers re-open their own memory maps
-        state = self.__dict__.copy()
-        state["_maps"] = {}
-        return state
 
 
 class ParticleSubset(torch.utils.data.Dataset):

@@ -27,7 +27,15 @@ import torch
 from cryoem.particles import ParticleSet, ParticleSubset, load_particles
 from cryoem.structure import Structure, bonded_pairs, read_structure, residue_groups, scattering_gaussians
 from cryoem.vae import AtomVAE, AtomVAEConfig, estimate_noise_sigma, latent_diagnostics
-from plato_core.runinfo import UserError, atomic_write, available_memory, check_out_dir, read_json, remove_outputs, settings_diff
+from plato_core.runinfo import (
+    UserError,
+    atomic_write,
+    available_memory,
+    check_out_dir,
+    read_json,
+    remove_outputs,
+    settings_diff,
+)
 from plato_core.settings import SettingError
 from plato_core.trainer import CHECKPOINT, RUN_FILES, TrainConfig, Trainer, load_checkpoint
 
@@ -52,7 +60,7 @@ class DataSpec:
     datadir: str | None = None
     center: str = "centroid"  # centroid | map | none: how the model sits relative to the box centre
     chains: str | None = None  # comma-separated chain ids to model (default: all)
-    lazy: bool | None = None  # memory-map the stacks; None: when they would not fit (see stream_images)
+    lazy: bool | None = None  # read the images from the stacks as needed; None: when they would not fit
     passthrough: str | None = None  # a cryoSPARC passthrough .cs (None: found beside the particle file)
 
 
@@ -65,7 +73,7 @@ def absolute_spec(spec: DataSpec) -> DataSpec:
 def load_data(spec: DataSpec, pixels: str = "sample", need_poses: bool = True, progress: bool = False
               ) -> ParticleSet:
     """Read and validate the particles (``pixels``: see ``cryoem.particles.validate``); require the CTF, and poses
-    unless ``need_poses`` is False. ``spec.lazy`` None: memory-map the stacks when the images would fill more
+    unless ``need_poses`` is False. ``spec.lazy`` None: read the images from the stacks when the images would fill more
     than a quarter of the memory available now (:func:`stream_images`), else load them."""
     ds = load_particles(spec.particles, pixel_size=spec.pixel_size, poses=spec.poses, ctf=spec.ctf,
                         datadir=spec.datadir, passthrough=spec.passthrough, lazy=True, pixels=pixels)
@@ -82,7 +90,7 @@ def load_data(spec: DataSpec, pixels: str = "sample", need_poses: bool = True, p
 
 
 def stream_images(ds: ParticleSet, share: float = 0.25) -> bool:
-    """Whether to read ``ds``'s images from their memory-mapped stacks during training (memory O(batch), read
+    """Whether to read ``ds``'s images from their stacks during training (memory O(batch), read
     ahead by DataLoader workers) rather than load them: when they would fill more than ``share`` of the memory
     available now, as float32."""
     return len(ds) * ds.box**2 * 4 > share * available_memory()
@@ -337,7 +345,7 @@ def load_run(run: str | os.PathLike, device: str = "cpu", particles: str | None 
     the particles must still be the run's (same count and box).
     """
     model, rec, s = load_model(run, device)
-    spec = run_spec(run, rec, particles, datadir)
+    spec = replace(run_spec(run, rec, particles, datadir), lazy=True)  # each image is read once: no need to load
     ds = load_data(spec, pixels="none", need_poses=not model.cfg.infer_poses)
     for key, now in (("n_particles", len(ds)), ("box", ds.box)):
         if key in rec and rec[key] != now:
