@@ -6,7 +6,7 @@ particles in float32 stacks of 100,000 with their RELION STAR files, and the flo
 ``cryoem downsample --dtype float16`` writes from them. Tiling repeats the images: the benchmark measures
 reading and training speed, not what is learnt.
 
-Then it trains the atom VAE with the default settings (batch 32) for ``--steps`` steps on each set, each
+Then it trains the atom VAE with the default settings (batch 64) for ``--steps`` steps on each set, each
 run in a fresh process through ``cryoem.train.train`` (the path ``cryoem train`` takes), after dropping the
 page cache where the system allows it (cold reads), and prints one table: the start-up (process start to the
 first step), particles per second over the last four fifths of the steps, the ratio to the in-memory run (the
@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 BASE_N = 10_000
+BATCH = 64  # cryoem train's default --batch-size
 STACK = 100_000  # particles per stack file
 
 
@@ -124,15 +125,15 @@ def _one(star: Path, structure: Path, lazy: bool, steps: int, launch: float) -> 
     Trainer.train_step = timed
     with tempfile.TemporaryDirectory() as tmp:
         spec = DataSpec(str(star), str(structure), atoms="ca", center="none", lazy=lazy)
-        tcfg = TrainConfig(out=str(Path(tmp) / "run"), steps=steps, progress=False, tensorboard=False,
-                           ckpt_every=10**9, lr=1e-4)
+        tcfg = TrainConfig(out=str(Path(tmp) / "run"), steps=steps, batch_size=BATCH, progress=False,
+                           tensorboard=False, ckpt_every=10**9)
         train(spec, AtomVAEConfig(), tcfg)
     # from a fifth of the way in: after the dropped page cache, the libraries' code pages are read in again as
     # the first steps run them, which is no part of reading particles
     w = len(marks) // 5
     (t0, (b0, r0)), (t1, (b1, r1)) = marks[w], marks[-1]
     k = len(marks) - 1 - w
-    return {"startup_s": marks[0][0] - launch, "particles_per_s": 32 * k / (t1 - t0),
+    return {"startup_s": marks[0][0] - launch, "particles_per_s": BATCH * k / (t1 - t0),
             "mb_per_step": (b1 - b0) / k / 1e6,
             "reads_per_step": (r1 - r0) / k}
 
@@ -177,7 +178,7 @@ def _ranks(star: Path, structure: Path, steps: int, world: int) -> float:
 
     with tempfile.TemporaryDirectory() as tmp:
         args = ["train", "--particles", str(star), "--structure", str(structure), "--atoms", "ca", "--center", "none",
-                "--steps", str(steps), "--quiet", "--out", str(Path(tmp) / "run")]
+                "--steps", str(steps), "--batch-size", str(BATCH), "--quiet", "--out", str(Path(tmp) / "run")]
         env = {**os.environ, "OMP_NUM_THREADS": "1"} if world > 1 else dict(os.environ)
         if world > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world),
@@ -190,7 +191,7 @@ def _ranks(star: Path, structure: Path, steps: int, world: int) -> float:
         with open(Path(tmp) / "run/log.csv") as f:
             rows = list(csv.DictReader(f))
     a, b = rows[1], rows[-1]  # from the second logged step: start-up and the first step's warm-up excluded
-    return 32 * (int(b["step"]) - int(a["step"])) / (float(b["time_s"]) - float(a["time_s"]))
+    return BATCH * (int(b["step"]) - int(a["step"])) / (float(b["time_s"]) - float(a["time_s"]))
 
 
 def main(argv=None) -> int:
@@ -220,7 +221,7 @@ def main(argv=None) -> int:
     import torch
 
     print(f"\ncryoem training at scale: atom VAE defaults, 3O21 C-alpha ({BASE_N} simulated particles tiled), 64 px, "
-          f"batch 32, {a.steps} steps per run, torch {torch.__version__}, {os.cpu_count()} cores")
+          f"batch {BATCH}, {a.steps} steps per run, torch {torch.__version__}, {os.cpu_count()} cores")
     print(f"{'data':<26} {'N':>9} {'start-up s':>10} {'particles/s':>11} {'ratio':>6} {'memory GB':>9} "
           f"{'disk MB/step':>12} {'reads/step':>10} {'cache':>5}")
     ref = None
@@ -232,7 +233,7 @@ def main(argv=None) -> int:
               f"{m['mb_per_step']:>12.2f} {m['reads_per_step']:>10.1f} {'cold' if m['cold'] else 'warm':>5}",
               flush=True)
     one, two = _ranks(small16, structure, a.steps, 1), _ranks(small16, structure, a.steps, 2)
-    print(f"\nprocesses on the {a.small:,d}-particle cache (global batch 32): 1 process x 2 threads {one:.0f} "
+    print(f"\nprocesses on the {a.small:,d}-particle cache (global batch {BATCH}): 1 process x 2 threads {one:.0f} "
           f"particles/s; 2 processes x 1 thread (torchrun, gloo) {two:.0f} particles/s ({two / one:.2f}x)")
     return 0
 

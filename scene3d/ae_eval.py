@@ -69,11 +69,11 @@ def surface(model: SceneAE, state: dict, level: float | None = None) -> tuple[Te
 
 
 # ---------------------------------------------------------------------- metrics
-def mean_image_metrics(pred: Tensor, target: Tensor, background) -> dict[str, float]:
+def mean_image_metrics(pred: Tensor, target: Tensor, background, tol: float = 4 / 255) -> dict[str, float]:
     """Means of ``scene3d.metrics.image_metrics`` (PSNR, masked PSNR, SSIM) over (N, 3, H, W) images."""
     from scene3d import metrics
 
-    return {k: float(v.nanmean()) for k, v in metrics.image_metrics(pred, target, background).items()}
+    return {k: float(v.nanmean()) for k, v in metrics.image_metrics(pred, target, background, tol).items()}
 
 
 def gt_occupancy(dataset: MultiViewDataset, i: int) -> Tensor:
@@ -166,7 +166,7 @@ def evaluate(model: SceneAE, dataset: MultiViewDataset, root: str | Path, contex
             state = decode_scene(model, dataset, i, k)
             imgs, cams = scene_views(dataset, i, model.cfg.image_size)
             pred = model.render(state, cams[q_idx], queries).clamp(0, 1)
-            row = mean_image_metrics(pred, imgs[0, q_idx], bg)
+            row = mean_image_metrics(pred, imgs[0, q_idx], bg, dataset.background_tol)
             if dataset.occupancy is not None:
                 row["iou"] = float(voxel_iou(predicted_occupancy(model, state, gt_occupancy(dataset, i).shape[-1])[0],
                                              gt_occupancy(dataset, i)))

@@ -9,13 +9,42 @@ from plato_core.runinfo import UserError, cli_main, cmd_info, version_string
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    """Render a procedural multi-view dataset."""
+    """Render a procedural multi-view dataset, or import gqn-datasets tfrecord files."""
+    if args.kind == "import-gqn":
+        return _import_gqn(args)
+    if args.files:
+        raise UserError(f"scene3d data {args.kind} takes no input files (got {args.files[0]}); did you mean "
+                        "import-gqn?")
     from scene3d.generators import generate
 
-    out = generate(args.kind, args.out, args.scenes, args.views, args.size, args.seed, n_cubes=args.cubes,
+    scenes = 1000 if args.scenes is None else args.scenes
+    out = generate(args.kind, args.out, scenes, args.views, args.size or 64, args.seed, n_cubes=args.cubes,
                    shard_size=args.shard_size, meshes=not args.no_meshes, renderer=args.renderer,
                    progress=not args.quiet)
-    print(f"wrote {args.scenes} scenes to {out}")
+    print(f"wrote {scenes} scenes to {out}")
+    return 0
+
+
+def _import_gqn(args: argparse.Namespace) -> int:
+    """``scene3d data import-gqn FILES --out DIR``: DeepMind gqn-datasets tfrecords -> a dataset folder."""
+    import math
+    from pathlib import Path
+
+    from plato_core.runinfo import check_out_dir
+    from scene3d.data import load_gqn_tfrecord
+
+    if not args.files:
+        raise UserError("scene3d data import-gqn: give the .tfrecord files to import")
+    if not 0 < args.fov < 180:
+        raise UserError(f"--fov {args.fov}: expected degrees in (0, 180)")
+    check_out_dir(Path(args.out))
+    ds = load_gqn_tfrecord(args.files, image_size=args.size, fov=math.radians(args.fov), max_scenes=args.scenes)
+    out = ds.save(args.out, shard_size=args.shard_size)
+    bg = ds.background
+    print(f"wrote {len(ds)} scenes of {ds.views} views at {ds.image_size[0]} px to {out}; "
+          + (f"background {tuple(round(c * 255) for c in bg)}/255 (tolerance {ds.background_tol * 255:.1f}/255), "
+             "from the views' borders: masked PSNR is measured against it" if bg is not None else
+             "the views' borders are not one colour, so no background: no masked PSNR"))
     return 0
 
 
@@ -116,12 +145,19 @@ def cmd_probe(args: argparse.Namespace) -> int:
 
 
 def _add_data(sub) -> None:
-    s = sub.add_parser("data", help="render a procedural multi-view dataset",
-                       description="Render Shepard-Metzler objects or rooms into sharded uint8 files.")
-    s.add_argument("kind", choices=["shepard-metzler", "rooms"])
-    s.add_argument("--scenes", type=int, default=1000)
+    s = sub.add_parser("data", help="render a procedural multi-view dataset, or import gqn-datasets tfrecords",
+                       description="Render Shepard-Metzler objects or rooms into sharded uint8 files, or import "
+                                   "DeepMind gqn-datasets .tfrecord files (scene3d data import-gqn FILES --out DIR; "
+                                   "their background colour, for the masked PSNR, is taken from the views' borders).")
+    s.add_argument("kind", choices=["shepard-metzler", "rooms", "import-gqn"])
+    s.add_argument("files", nargs="*", help="import-gqn: the .tfrecord files")
+    s.add_argument("--scenes", type=int, default=None, help="scenes to render (default 1000), or at most to import "
+                                                            "(default: all)")
     s.add_argument("--views", type=int, default=None, help="views per scene (default 15 / 10)")
-    s.add_argument("--size", type=int, default=64, help="image side in pixels: 64 (default), 32 or 16")
+    s.add_argument("--size", type=int, default=None, help="image side in pixels: 64 (default), 32 or 16; import-gqn: "
+                                                          "resize the frames to it (default: keep)")
+    s.add_argument("--fov", type=float, default=45.0, help="import-gqn: the cameras' horizontal field of view, "
+                                                          "degrees (default: 45, gqn-datasets')")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.add_argument("--cubes", type=int, default=7, help="Shepard-Metzler cubes: 5 or 7")

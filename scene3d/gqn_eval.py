@@ -75,7 +75,7 @@ def evaluate(model: GQN, data: MultiViewDataset, contexts=(1, 3, 5), train_mean:
             base = {"mean_image": mean_img.expand_as(q_x),
                     "nearest_context": ctx_x[torch.arange(len(ctx_x)), near]}
             for name, p in [("gqn", pred), *base.items()]:
-                for m, val in image_metrics(p, q_x, bg).items():
+                for m, val in image_metrics(p, q_x, bg, data.background_tol).items():
                     acc[name].setdefault(m, []).append(val)
             terms = model.elbo_terms(ctx_x, ctx_v, q_x, q_v, sigma)
             acc["gqn"].setdefault("elbo_bits_per_dim", []).append(
@@ -116,7 +116,8 @@ def evaluate_fixed_views(model: GQN, data: MultiViewDataset, contexts=(1, 3), qu
             x = batch["images"]
             pred = model.predict(x[:, :k].repeat_interleave(queries, 0), v[:, :k].repeat_interleave(queries, 0),
                                  v[:, q_idx].flatten(0, 1), mean_latents=True)
-            for m, val in image_metrics(pred, x[:, q_idx].flatten(0, 1), data.background).items():
+            for m, val in image_metrics(pred, x[:, q_idx].flatten(0, 1), data.background,
+                                               data.background_tol).items():
                 acc.setdefault(m, []).append(val)
         out[str(k)] = {m: float(torch.cat(vals).nanmean()) for m, vals in acc.items()} | {"scenes": n}
     return out

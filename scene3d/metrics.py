@@ -55,11 +55,12 @@ def ssim(pred: Tensor, target: Tensor, window: int = 11, sigma: float = 1.5) -> 
     return s.flatten(1).mean(1)
 
 
-def image_metrics(pred: Tensor, target: Tensor, background=None) -> dict[str, Tensor]:
-    """MSE, PSNR, foreground-masked PSNR (if ``background`` is known) and SSIM, each (B,)."""
+def image_metrics(pred: Tensor, target: Tensor, background=None, tol: float = 4 / 255) -> dict[str, Tensor]:
+    """MSE, PSNR, foreground-masked PSNR (if ``background`` is known; foreground: more than ``tol`` from it) and
+    SSIM, each (B,)."""
     out = {"mse": mse(pred, target), "psnr": psnr(pred, target), "ssim": ssim(pred, target)}
     if background is not None:
-        out["masked_psnr"] = masked_psnr(pred, target, foreground_mask(target, background))
+        out["masked_psnr"] = masked_psnr(pred, target, foreground_mask(target, background, tol))
     return out
 
 

@@ -186,3 +186,38 @@ def test_bad_nerf_folder_is_one_line(tmp_path):
     bad[0, 3] = np.nan
     _nerf_scene(tmp_path, matrix=bad)
     _one_line_error(lambda: load_nerf_folder(tmp_path), "frame 0: transform_matrix holds NaN")
+
+
+def test_import_gqn_takes_the_background_from_the_borders(tmp_path, capsys):
+    """gqn-datasets tfrecords carry no masks. ``scene3d data import-gqn`` takes the background colour from the
+    views' borders, with a tolerance that covers JPEG noise: on Shepard-Metzler views written as JPEG records,
+    the foreground it finds matches the renderer's own (the exact images against the known background), where
+    the fixed tolerance of rendered data does not."""
+    from scene3d.cli import main
+    from scene3d.metrics import foreground_mask
+
+    generate("shepard-metzler", tmp_path / "sm", 4, views=3, size=64, seed=2, renderer="pytorch3d",
+             progress=False, meshes=False)
+    sm = MultiViewDataset.load(tmp_path / "sm")
+    cams5 = np.stack([sm.scene(i).cameras.to_gqn().numpy() for i in range(len(sm))]).astype(np.float32)
+    write_gqn_tfrecord(tmp_path / "sm.tfrecord", sm.images, cams5)
+    assert main(["data", "import-gqn", str(tmp_path / "sm.tfrecord"), "--out", str(tmp_path / "imp")]) == 0
+    assert "from the views' borders" in capsys.readouterr().out
+    imp = MultiViewDataset.load(tmp_path / "imp")
+    assert np.abs(np.array(imp.background) - np.array(sm.background)).max() <= 2 / 255
+    as_float = lambda d: torch.from_numpy(d.images.reshape(-1, *d.images.shape[2:])).permute(0, 3, 1, 2) / 255.0
+    truth = foreground_mask(as_float(sm), sm.background)
+    found = foreground_mask(as_float(imp), imp.background, imp.background_tol)
+    iou = float((truth & found).sum() / (truth | found).sum())
+    fixed = foreground_mask(as_float(imp), imp.background)
+    assert float((truth & fixed).sum() / (truth | fixed).sum()) < 0.9  # JPEG ringing around the edges
+    assert iou > 0.97 and float((truth == found).float().mean()) > 0.99
+    # a room has no backdrop: its borders are not one colour, and no background is claimed
+    rng = np.random.default_rng(0)
+    write_gqn_tfrecord(tmp_path / "room.tfrecord", rng.integers(0, 255, (2, 3, 16, 16, 3), dtype=np.uint8),
+                       cams5[:2])
+    assert main(["data", "import-gqn", str(tmp_path / "room.tfrecord"), "--out", str(tmp_path / "room")]) == 0
+    assert "no masked PSNR" in capsys.readouterr().out
+    assert MultiViewDataset.load(tmp_path / "room").background is None
+    assert main(["data", "import-gqn", "--out", str(tmp_path / "none")]) == 2
+    assert main(["data", "import-gqn", str(tmp_path / "sm.tfrecord"), "--out", str(tmp_path / "imp")]) == 2
