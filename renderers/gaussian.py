@@ -197,8 +197,10 @@ def gaussian_projection_jvp(centers: Tensor, tangents: Tensor, amplitudes: Tenso
     tang = (tangents.to(c.dtype) @ camera.R[:, None, :2].transpose(-1, -2)) * camera.focal[:, None, None]  # (B,K,N,2)
     K = tangents.shape[1]
     out, out_jvp = uv.new_zeros(B, H, W), uv.new_zeros(B, H, W, K)
-    _splat_kernels().splat_jvp(uv.numpy(), width.numpy(), weight.numpy(), tang.transpose(1, 2).contiguous().numpy(),
-                               _default_tail(c.dtype), out.numpy(), out_jvp.numpy(), out.dtype == torch.float32)
+    a = [uv.numpy(), width.numpy(), weight.numpy(), tang.transpose(1, 2).contiguous().numpy()]
+    o = [out.numpy(), out_jvp.numpy()]
+    tail, fast = _default_tail(c.dtype), out.dtype == torch.float32
+    _over_batch(lambda i, j: _splat_kernels().splat_jvp(*(x[i:j] for x in a), tail, *(x[i:j] for x in o), fast), B)
     return out[:, None], out_jvp.permute(0, 3, 1, 2)
 
 
@@ -291,6 +293,27 @@ def _splat_kernels():
 
 
 _SPLAT = False  # not yet imported
+_POOL = None  # the threads of _over_batch, made on first use
+
+
+def _over_batch(run, B: int) -> None:
+    """``run(i, j)`` on slices ``[i, j)`` of a batch of B images, one slice per torch CPU thread, in parallel
+    threads: the numba kernels release the GIL and write disjoint images. Why threads, not numba's parallel
+    loops: numba's OpenMP pool kept a second core busy even when told to use one thread (see
+    ``renderers.splat``); idle threads of a pool wait without spinning. Measured on the atom VAE's encoding
+    (2 cores): the Gauss-Newton Jacobian's splat ran 1.8x faster."""
+    global _POOL
+    n = min(torch.get_num_threads(), B)
+    if n <= 1:
+        run(0, B)
+        return
+    if _POOL is None or _POOL._max_workers < n:
+        from concurrent.futures import ThreadPoolExecutor
+
+        _POOL = ThreadPoolExecutor(max_workers=n, thread_name_prefix="plato-splat")
+    cuts = [B * k // n for k in range(n + 1)]
+    for f in [_POOL.submit(run, i, j) for i, j in zip(cuts[:-1], cuts[1:])]:
+        f.result()
 
 
 class _NumbaSplat(torch.autograd.Function):
@@ -303,7 +326,8 @@ class _NumbaSplat(torch.autograd.Function):
         args = tuple(x.detach().contiguous() for x in (uv, width, weight))
         out = uv.new_zeros(uv.shape[0], *size)
         kernels = _splat_kernels()
-        kernels.splat_forward(*(x.numpy() for x in args), tail, out.numpy(), out.dtype == torch.float32)
+        a, o, fast = [x.numpy() for x in args], out.numpy(), out.dtype == torch.float32
+        _over_batch(lambda i, j: kernels.splat_forward(*(x[i:j] for x in a), tail, o[i:j], fast), len(o))
         ctx.save_for_backward(*args)
         ctx.tail = tail
         return out
@@ -314,8 +338,10 @@ class _NumbaSplat(torch.autograd.Function):
         uv, width, weight = ctx.saved_tensors
         grad_uv, grad_weight = torch.empty_like(uv), torch.empty_like(weight)
         kernels = _splat_kernels()
-        kernels.splat_backward(uv.numpy(), width.numpy(), weight.numpy(), ctx.tail, grad.contiguous().numpy(),
-                               grad_uv.numpy(), grad_weight.numpy())
+        a = [x.numpy() for x in (uv, width, weight)]
+        g, o = grad.contiguous().numpy(), [grad_uv.numpy(), grad_weight.numpy()]
+        _over_batch(lambda i, j: kernels.splat_backward(*(x[i:j] for x in a), ctx.tail, g[i:j], *(x[i:j] for x in o)),
+                    len(g))
         return grad_uv, None, grad_weight, None, None
 
 
