@@ -73,13 +73,24 @@ def traversal(p: PCA, latents: np.ndarray, pc: int, n: int = 10) -> np.ndarray:
     return p.mean_[None] + steps[:, None] * p.components_[pc][None]
 
 
+DENSITY_ABOVE = 20_000  # points: scatter_png draws their density instead
+
+
 def scatter_png(path: Path, xy: np.ndarray, title: str, color: np.ndarray | None = None,
                 color_label: str | None = None, centres: np.ndarray | None = None) -> None:
+    """Points ``xy`` (N, 2), coloured by ``color`` (N,) if given; above ``DENSITY_ABOVE`` uncoloured points, the
+    log density instead (10^5-10^6 points as dots are one saturated blob)."""
+    from matplotlib.colors import LogNorm
+
     fig, ax = _pyplot().subplots(figsize=(5, 4.5), dpi=110)
-    colour = {"c": color, "cmap": "viridis"} if color is not None else {"c": "tab:blue"}
-    sc = ax.scatter(xy[:, 0], xy[:, 1], s=3, alpha=0.6, linewidths=0, **colour)
-    if color is not None:
-        fig.colorbar(sc, ax=ax, label=color_label)
+    if color is None and len(xy) > DENSITY_ABOVE:
+        *_, img = ax.hist2d(xy[:, 0], xy[:, 1], bins=200, norm=LogNorm(), cmap="viridis", cmin=1)
+        fig.colorbar(img, ax=ax, label="particles per bin")
+    else:
+        colour = {"c": color, "cmap": "viridis"} if color is not None else {"c": "tab:blue"}
+        sc = ax.scatter(xy[:, 0], xy[:, 1], s=3, alpha=0.6, linewidths=0, **colour)
+        if color is not None:
+            fig.colorbar(sc, ax=ax, label=color_label)
     if centres is not None:
         ax.scatter(centres[:, 0], centres[:, 1], c="red", marker="x", s=40, label="k-means centres")
         for i, (x, y) in enumerate(centres):
