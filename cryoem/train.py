@@ -70,16 +70,11 @@ def absolute_spec(spec: DataSpec) -> DataSpec:
                                           if getattr(spec, k) is not None}})
 
 
-def load_data(spec: DataSpec, pixels: str = "sample", need_poses: bool = True, progress: bool = False
-              ) -> ParticleSet:
-    """Read and validate the particles (``pixels``: see ``cryoem.particles.validate``); require the CTF, and poses
-    unless ``need_poses`` is False. ``spec.lazy`` None: read the images from the stacks when the images would fill more
-    than a quarter of the memory available now (:func:`stream_images`), else load them."""
+def load_data(spec: DataSpec, pixels: str = "sample", need_poses: bool = True) -> ParticleSet:
+    """Read and validate the particles (``pixels``: see ``cryoem.particles.validate``), images left in their
+    stacks (:func:`load_images` loads them); require the CTF, and poses unless ``need_poses`` is False."""
     ds = load_particles(spec.particles, pixel_size=spec.pixel_size, poses=spec.poses, ctf=spec.ctf,
                         datadir=spec.datadir, passthrough=spec.passthrough, lazy=True, pixels=pixels)
-    lazy = stream_images(ds) if spec.lazy is None else spec.lazy
-    if not lazy:
-        ds = ParticleSet(ds.meta, lazy=False, progress=progress)
     if ds.meta.R is None and need_poses:
         raise SettingError("poses", f"{spec.particles} has no poses; run a consensus refinement first "
                                     "(RELION / cryoSPARC), give a poses file (`poses` pose.pkl), or try the "
@@ -87,6 +82,13 @@ def load_data(spec: DataSpec, pixels: str = "sample", need_poses: bool = True, p
     if ds.meta.ctf is None:
         raise SettingError("ctf", f"{spec.particles} has no CTF parameters; give a CTF file (`ctf` ctf.pkl)")
     return ds
+
+
+def load_images(ds: ParticleSet, lazy: bool | None, progress: bool = False) -> ParticleSet:
+    """``ds`` with its images loaded into memory, unless ``lazy`` (None: :func:`stream_images` decides)."""
+    if lazy or (lazy is None and stream_images(ds)):
+        return ds
+    return ParticleSet(ds.meta, lazy=False, progress=progress and len(ds) >= 100_000)  # a bar where it takes seconds
 
 
 def stream_images(ds: ParticleSet, share: float = 0.25) -> bool:
@@ -180,11 +182,8 @@ def train(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, halves: bool = 
     spec = absolute_spec(spec)
     out = check_out_dir(tcfg.out, tcfg.resume, tcfg.overwrite, run_file="half1/model.json" if halves else "model.json")
     rank0 = int(os.environ.get("RANK", "0")) == 0
-    ds = load_data(spec, need_poses=not cfg.infer_poses, progress=tcfg.progress and rank0)
-    tcfg = replace(tcfg, workers=(1 if ds.lazy else 0) if workers is None else workers)
-    if rank0:
-        print(f"particles: {len(ds)} read from {ds.meta.provenance_line()}"
-              + (f"; streamed from the stacks by {tcfg.workers} reader process(es)" if ds.lazy else ""))
+    ds = load_data(spec, need_poses=not cfg.infer_poses)
+    starting_model(spec, ds.box, ds.pixel_size)  # fits the box: checked before any image is loaded
     parts = {"full": (out, None)} if not halves else {
         f"half{h}": (out / f"half{h}", idx) for h, idx in enumerate(_split_halves(ds, tcfg.seed), start=1)}
     for folder, idx in parts.values():
@@ -192,6 +191,11 @@ def train(spec: DataSpec, cfg: AtomVAEConfig, tcfg: TrainConfig, halves: bool = 
             raise SettingError("batch_size", f"{tcfg.batch_size}, but {folder.name} has only {len(idx)} particles")
         if tcfg.resume and (folder / "model.json").is_file():
             check_same_run(folder, spec, cfg, ds)
+    ds = load_images(ds, spec.lazy, progress=tcfg.progress and rank0)
+    tcfg = replace(tcfg, workers=(1 if ds.lazy else 0) if workers is None else workers)
+    if rank0:
+        print(f"particles: {len(ds)} read from {ds.meta.provenance_line()}"
+              + (f"; streamed from the stacks by {tcfg.workers} reader process(es)" if ds.lazy else ""))
     summary = {}
     for i, (name, (folder, idx)) in enumerate(parts.items()):
         # a half-set run stopped during half 1 has no half2 yet: that half starts afresh
@@ -345,8 +349,8 @@ def load_run(run: str | os.PathLike, device: str = "cpu", particles: str | None 
     the particles must still be the run's (same count and box).
     """
     model, rec, s = load_model(run, device)
-    spec = replace(run_spec(run, rec, particles, datadir), lazy=True)  # each image is read once: no need to load
-    ds = load_data(spec, pixels="none", need_poses=not model.cfg.infer_poses)
+    spec = run_spec(run, rec, particles, datadir)
+    ds = load_data(spec, pixels="none", need_poses=not model.cfg.infer_poses)  # streamed: each image is read once
     for key, now in (("n_particles", len(ds)), ("box", ds.box)):
         if key in rec and rec[key] != now:
             raise UserError(f"{spec.particles}: {key} {now}, but the run {run} was trained on {rec[key]}; "
