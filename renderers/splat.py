@@ -12,9 +12,10 @@ Only the cells that meet ``[u - tail s, u + tail s]`` and lie inside the image a
 multiply-adds and ``2 tail (s_x + s_y) + 4`` erf calls, whatever the image size. Arithmetic is float64 for
 every input dtype; images are accumulated in the output's dtype.
 
-The kernels run on the calling thread only. Measured: numba's OpenMP pool, even when told to use one thread,
-kept a second core busy (1.7 CPU-seconds per second), so two single-thread training runs on a 2-core
-machine each ran at half speed; a parallel loop gained little over torch's own threads anyway.
+Each kernel runs on its calling thread; ``renderers.gaussian`` calls them on slices of the batch from a pool of
+Python threads, one per torch thread (they release the GIL). Measured: numba's own OpenMP pool, even when told
+to use one thread, kept a second core busy (1.7 CPU-seconds per second), so two single-thread training runs
+on a 2-core machine each ran at half speed.
 """
 
 from __future__ import annotations
