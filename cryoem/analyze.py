@@ -185,6 +185,38 @@ def summary_table(summary: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- the workflow
+REFINE_MAX = 50_000  # above this many particles, analyze keeps the posterior means stored by training
+
+
+def posterior_means(model, ds, refine: bool | None = None, progress: bool = True) -> tuple[np.ndarray, str]:
+    """Each particle's posterior mean (N, zdim), in input order, and a phrase that says where they came from.
+
+    Training stores every particle's posterior mean at its last visit (``AtomVAE.z_last``, kept in the latent's
+    current coordinates by every re-expression), as cryoDRGN writes its ``z.N.pkl``. With ``refine`` one more
+    Gauss-Newton step from there (:func:`encode_all`) is taken for every particle; without it only the particles
+    that training never reached are encoded. ``refine=None``: refine up to ``REFINE_MAX`` particles.
+
+    Why: encoding runs at 160-750 particles/s on 2 cores (one Gauss-Newton step costs zdim + 1 renderings), 24
+    of the 25 minutes of an analysis of 10^6 particles. Measured on two 10-minute runs (8,000 particles, every
+    one seen): the stored means gave |rho| 0.986 / R² 0.971 / RMSD ratio 0.217 on the morph and 0.829 / 0.763 /
+    0.466 on the hinge, against 0.987 / 0.972 / 0.216 and 0.832 / 0.773 / 0.449 with the extra step.
+    """
+    n = len(ds)
+    seen = getattr(model, "z_seen", None)
+    if seen is None or len(seen) != n:  # another particle set than the run's: encode them all
+        return encode_all(model, ds, progress=progress), "encoded here"
+    refine = n <= REFINE_MAX if refine is None else refine
+    todo = np.arange(n) if refine else np.flatnonzero(~seen.cpu().numpy())
+    z = model.z_last.detach().cpu().numpy().astype(np.float32, copy=True)
+    if len(todo):
+        from cryoem.particles import ParticleSubset
+
+        z[todo] = encode_all(model, ParticleSubset(ds, todo), progress=progress)
+    if refine:
+        return z, "one Gauss-Newton step from the means stored by training"
+    return z, f"as stored by training ({len(todo)} particles that training never reached were encoded here)"
+
+
 def encode_all(model, ds, batch_size: int = 256, progress: bool = True) -> np.ndarray:
     """Posterior means (N, zdim) of every particle, in the input particle order."""
     import torch
@@ -289,11 +321,13 @@ def load_color(spec: str | None, n: int) -> tuple[np.ndarray | None, str | None]
 
 
 def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device: str = "cpu",
-                 snapshots: bool = True, particles: str | None = None, datadir: str | None = None) -> Path:
+                 snapshots: bool = True, particles: str | None = None, datadir: str | None = None,
+                 refine: bool | None = None) -> Path:
     """Write ``RUN/analysis/`` (latents, PCA/t-SNE, k-means models and maps, traversals, RMSF, index.html).
 
     ``particles`` / ``datadir`` say where the run's data are now, when they have moved (see ``load_run``).
-    Every input (``k``, ``color``, the run) is checked before anything is written.
+    Every input (``k``, ``color``, the run) is checked before anything is written. ``refine``: see
+    :func:`posterior_means`.
     """
     from sklearn.manifold import TSNE
 
@@ -321,9 +355,9 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
                                             "the decoded structures (under 0.25 Å = collapsed); 'shuffled z' is "
                                             "how much worse particles are reconstructed from other particles' "
                                             "latents (nats per particle)"))
-    z = encode_all(model, ds)
+    z, how = posterior_means(model, ds, refine)
     np.save(out / "latents.npy", z)
-    items.append(("latents.npy", f"posterior means, {z.shape[0]} particles x zdim {z.shape[1]}, input order"))
+    items.append(("latents.npy", f"posterior means, {z.shape[0]} particles x zdim {z.shape[1]}, input order; {how}"))
     scores, p = pca(z, 2)
     if scores.shape[1] < 2:
         scores = np.concatenate([scores, np.zeros_like(scores)], 1)

@@ -66,6 +66,10 @@ def _add_analysis(sub) -> None:
     p.add_argument("--no-snapshots", action="store_true", help="skip the open3d pictures")
     p.add_argument("--particles", help="the run's particles, when they have moved since training")
     p.add_argument("--datadir", help="folder of the stacks, when they have moved since training")
+    p.add_argument("--refine", action=argparse.BooleanOptionalAction, default=None,
+                   help="one more Gauss-Newton step for every particle's latent (default: up to 50,000 particles; "
+                        "above, the means stored by training are kept and only particles it never reached are "
+                        "encoded)")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("decode", help="decode latents to atomic models")
@@ -138,7 +142,7 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     from cryoem.analyze import run_analysis
 
     index = run_analysis(a.run, k=a.k, color=a.color, snapshots=not a.no_snapshots, particles=a.particles,
-                         datadir=a.datadir)
+                         datadir=a.datadir, refine=a.refine)
     print(f"open {index}")
     return 0
 

@@ -195,7 +195,7 @@ def print_table(result: dict) -> None:
 def main(argv=None) -> int:
     import argparse
 
-    from cryoem.analyze import encode_all
+    from cryoem.analyze import posterior_means
     from cryoem.train import load_run
 
     p = argparse.ArgumentParser(prog="python -m cryoem.evaluate", description=__doc__.splitlines()[0])
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     model, rec, ds, s = load_run(a.run)
     lat_path = Path(a.run) / "analysis" / "latents.npy"
-    z = np.load(lat_path) if lat_path.is_file() else encode_all(model, ds)
+    z = np.load(lat_path) if lat_path.is_file() else posterior_means(model, ds)[0]
     res = evaluate(model, rec, s, z, a.sim, decoded_maps=not a.no_maps)
     print_table(res)
     atomic_write(Path(a.run) / "evaluation.json", json.dumps(res, indent=2))

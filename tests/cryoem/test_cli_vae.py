@@ -381,3 +381,22 @@ def test_smoothed_decoder_trains_and_reloads(sim, tmp_path):
     with torch.no_grad():
         raw = dec.out(dec.mlp(z)).view(4, -1, 3)
         torch.testing.assert_close(model.decode(z), dec.x0 + dec.scale * torch.einsum("rs,bsc->brc", K, raw))
+
+
+def test_analysis_keeps_the_means_stored_by_training_and_encodes_the_rest(run):
+    from cryoem.analyze import encode_all, posterior_means
+    from cryoem.particles import ParticleSubset
+    from cryoem.train import load_run
+
+    model, _, ds, _ = load_run(run)
+    assert bool(model.z_seen.all())  # 4 steps of 16 visit all 48 particles
+    model.z_seen[::3] = False  # as if training had never reached every third particle
+    unseen = np.arange(0, 48, 3)
+    z, how = posterior_means(model, ds, refine=False, progress=False)
+    kept = np.setdiff1d(np.arange(48), unseen)
+    np.testing.assert_array_equal(z[kept], model.z_last[kept].numpy())
+    np.testing.assert_allclose(z[unseen], encode_all(model, ParticleSubset(ds, unseen), progress=False), atol=1e-6)
+    assert "16 particles that training never reached" in how
+    z_ref, _ = posterior_means(model, ds, refine=True, progress=False)
+    np.testing.assert_allclose(z_ref, encode_all(model, ds, progress=False), atol=1e-6)
+    assert np.abs(z_ref[kept] - z[kept]).max() > 1e-4  # the extra Gauss-Newton step moved the stored means
