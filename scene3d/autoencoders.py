@@ -58,6 +58,7 @@ from scene3d.data import CAMERA_KEYS, batch_cameras
 from scene3d.export import density_to_mesh, marching_cubes
 from scene3d.geometry_metrics import mesh_occupancy, voxel_centers
 from scene3d.metrics import foreground_mask
+from scene3d.views import ViewFeatures, camera_axes, sample_views
 
 CALIBRATION = "calibration.json"  # RUN/calibration.json: the occupancy level chosen by ``scene3d calibrate``
 
@@ -123,40 +124,30 @@ class ContextEncoder(nn.Module):
         return mu, -torch.log(prec.sum(1))
 
 
-class PixelLifter(nn.Module):
+class PixelLifter(ViewFeatures):
     """k context views + cameras -> a (B, C, G, G, G) feature volume over the box ``[lo, hi]^3``.
 
-    A small 2D ConvNet gives features at 1, 1/2 and 1/4 of the image size. Every cell centre is projected
-    into each view and reads the features there (bilinear, zero outside the image); with the cell's position
-    in that camera's axes (``R p`` in box half-sizes, so depth along the view is explicit) a per-cell MLP
-    makes C features per view, and the views are averaged (any k).
+    The views' feature maps (:class:`scene3d.views.ViewFeatures`) are read at every cell centre's projection
+    (:func:`scene3d.views.sample_views`); with the cell's position in that camera's axes (``R p`` in box
+    half-sizes, so depth along the view is explicit) a per-cell MLP makes C features per view, and the views
+    are averaged (any k).
     """
 
     def __init__(self, res: int, lo: float, hi: float, channels: int = 16, width: int = 32):
-        super().__init__()
-        conv = lambda a, b, s=1: nn.Sequential(nn.Conv2d(a, b, 3, s, 1), nn.ReLU())  # noqa: E731
-        self.levels = nn.ModuleList([nn.Sequential(conv(3, width), conv(width, width)),
-                                     nn.Sequential(conv(width, 2 * width, 2), conv(2 * width, 2 * width)),
-                                     nn.Sequential(conv(2 * width, 2 * width, 2), conv(2 * width, 2 * width))])
-        self.reduce = nn.ModuleList([nn.Conv2d(c, channels, 1) for c in (width, 2 * width, 2 * width)])
+        super().__init__(channels, width)
         self.mlp = nn.Sequential(nn.Linear(3 * channels + 3, 2 * channels), nn.ReLU(),
                                  nn.Linear(2 * channels, channels))
         self.register_buffer("cells", voxel_centers(res, lo, hi).reshape(-1, 3), persistent=False)  # [z, y, x] order
-        self.res, self.scale, self.channels = res, (hi - lo) / 2, channels
+        self.res, self.scale = res, (hi - lo) / 2
 
     def forward(self, images: Tensor, cameras: Camera) -> Tensor:
         """images (B, k, 3, H, W), B * k cameras (scene-major) -> (B, C, G, G, G)."""
         B, k, _, H, W = images.shape
-        x, maps = images.reshape(B * k, 3, H, W), []
-        for level, reduce in zip(self.levels, self.reduce):
-            x = level(x)
-            maps.append(reduce(x))
+        maps = self.feature_maps(images.reshape(B * k, 3, H, W))
         pts = self.cells.to(images.dtype)[None].expand(B * k, -1, -1)
-        uv, _ = cameras.project(pts)  # (B k, N, 2) pixels
-        grid = (uv / uv.new_tensor([W, H]) * 2 - 1)[:, :, None]  # grid_sample's [-1, 1], align_corners=False
-        feats = [F.grid_sample(m, grid, align_corners=False)[..., 0] for m in maps]  # (B k, C, N) each
-        local = pts @ cameras.R.transpose(1, 2) / self.scale  # the cell in the camera's axes
-        h = self.mlp(torch.cat([*feats, local.transpose(1, 2)], 1).transpose(1, 2))  # (B k, N, C)
+        feats, _ = sample_views(maps, cameras, pts)  # (B k, 3C, N)
+        local = camera_axes(cameras, pts) / self.scale
+        h = self.mlp(torch.cat([feats, local.transpose(1, 2)], 1).transpose(1, 2))  # (B k, N, C)
         G = self.res
         return h.reshape(B, k, G, G, G, self.channels).mean(1).permute(0, 4, 1, 2, 3)
 

@@ -40,6 +40,7 @@ from plato_core.settings import setting
 from renderers.cameras import Camera
 from renderers.gqn import ConvDRAW
 from scene3d.data import CAMERA_KEYS, batch_cameras
+from scene3d.views import sample_views
 
 
 @dataclass
@@ -66,7 +67,9 @@ class GQNConfig:
     v_dim: int = setting(7, "viewpoint vector length", cli=False)
     position_scale: float = setting(1.0, "camera positions are multiplied by this (training sets 1 / mean camera "
                                          "distance)", cli=False)
-    depth_samples: int = setting(32, "epipolar: points per query ray")
+    depth_samples: int = setting(16, "epipolar: points per query ray")
+    epipolar_features: int = setting(16, "epipolar: ConvNet features per context pixel read at each ray point (the "
+                                         "image's own channels are read too)")
     scene_radius: float = setting(4.0, "epipolar: rays are sampled within this distance (world units) of the origin",
                                   cli=False)
 
@@ -129,8 +132,8 @@ class Epipolar(nn.Module):
     the rays to r (B, c, H/4, W/4) in the query's image grid.
     """
 
-    def __init__(self, channels: int = 3, c: int = 32, image_size: int = 32, depth_samples: int = 32,
-                 scene_radius: float = 4.0, feat: int = 32, hidden: int = 64):
+    def __init__(self, channels: int = 3, c: int = 32, image_size: int = 32, depth_samples: int = 16,
+                 scene_radius: float = 4.0, feat: int = 16, hidden: int = 64):
         super().__init__()
         self.size, self.D, self.radius = image_size, depth_samples, scene_radius
         self.enc = nn.Sequential(nn.Conv2d(channels, feat, 3, padding=1), nn.ReLU(),
@@ -162,47 +165,53 @@ class Epipolar(nn.Module):
         return pts.reshape(len(q), -1, 3), frac.expand_as(depth).reshape(len(q), -1)
 
     def gather(self, x: Tensor, v: Tensor, q_v: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Context features at the query rays' points.
+        """Context features at the query rays' points (:func:`scene3d.views.sample_views`), channel-first.
 
         Args:
             x: contexts (B, K, C, H, W); v: their extended viewpoints (B, K, 23); q_v: the query's (B, 23).
         Returns:
             feats (B*K, F, H, W) context feature maps (ConvNet features, then the C image channels);
-            f (B, K, N, F) features at the N = (H/2)² * D ray points, zero where a view does not see the point;
-            seen (B, K, N, 1) 1 where the point projects into the view in front of its camera;
+            f (B, K, F, N) features at the N = (H/2)² * D ray points, zero where a view does not see the point;
+            seen (B, K, 1, N) 1 where the point projects into the view in front of its camera;
             frac (B, N) the point's position along its ray segment, in (0, 1).
         """
         B, K, C, H, W = x.shape
         feats = torch.cat([self.enc(x.flatten(0, 1)), x.flatten(0, 1)], 1)
         pts, frac = self._ray_points(self._cameras(q_v))
         N = pts.shape[1]
-        uv, depth = self._cameras(v.flatten(0, 1)).project(pts.repeat_interleave(K, 0))
-        grid = uv / torch.tensor([W, H], dtype=uv.dtype, device=uv.device) * 2 - 1
-        seen = ((grid.abs() <= 1).all(-1) & (depth > 0)).to(x.dtype).view(B, K, N, 1)
-        f = F.grid_sample(feats, grid[:, :, None], align_corners=False)[..., 0]  # (B*K, F, N)
-        return feats, f.view(B, K, -1, N).transpose(2, 3) * seen, seen, frac
+        f, seen = sample_views([feats], self._cameras(v.flatten(0, 1)), pts.repeat_interleave(K, 0))
+        return feats, f.view(B, K, -1, N), seen.view(B, K, 1, N), frac
+
+    def _point_mlp(self, x: Tensor) -> Tensor:
+        """``self.point`` applied channel-first: (B, 2F + 2, N) -> (B, 1 + F, N), without transposing N."""
+        layers = [m for m in self.point if isinstance(m, nn.Linear)]
+        for i, layer in enumerate(layers):
+            x = torch.baddbmm(layer.bias[:, None], layer.weight.expand(len(x), -1, -1), x)
+            if i < len(layers) - 1:
+                x = torch.relu(x)
+        return x
 
     def forward(self, x: Tensor, v: Tensor, q_v: Tensor) -> Tensor:
         """Contexts x (B, K, C, H, W), extended viewpoints v (B, K, 23), query q_v (B, 23) -> (B, c, H/4, W/4)."""
         B, K, C, H, W = x.shape
         feats, f, seen, frac = self.gather(x, v, q_v)
-        n = seen.sum(1).clamp_min(1.0)
+        n = seen.sum(1).clamp_min(1.0)  # (B, 1, N)
         mean = f.sum(1) / n
-        var = ((f - mean[:, None]) ** 2 * seen).sum(1) / n
-        out = self.point(torch.cat([mean, var, seen.mean(1), frac[..., None]], -1))  # (B, N, 1 + F)
+        var = ((f * f).sum(1) / n - mean * mean).clamp_min(0.0)  # over the views that see the point
+        out = self._point_mlp(torch.cat([mean, var, seen.mean(1), frac[:, None]], 1))  # (B, 1 + F, N)
         h = H // 2
-        out = out.view(B, h * h, self.D, -1)
-        w = torch.softmax(out[..., 0], -1)[..., None]
-        ray = (w * out[..., 1:]).sum(2)  # (B, h*h, F)
-        expected_depth = (w[..., 0] * frac.view(B, h * h, self.D)).sum(-1, keepdim=True)
-        glob = feats.view(B, K, -1, H * W).mean((1, 3))[:, None].expand_as(ray)
-        grid_feats = torch.cat([ray, glob, expected_depth], -1).transpose(1, 2).reshape(B, -1, h, h)
-        return self.out(grid_feats)
+        out = out.view(B, -1, h * h, self.D)
+        w = torch.softmax(out[:, :1], -1)  # (B, 1, h*h, D) along each ray
+        ray = (w * out[:, 1:]).sum(-1)  # (B, F, h*h)
+        expected_depth = (w * frac.view(B, 1, h * h, self.D)).sum(-1)
+        glob = feats.view(B, K, -1, H * W).mean((1, 3))[..., None].expand_as(ray)
+        return self.out(torch.cat([ray, glob, expected_depth], 1).view(B, -1, h, h))
 
 
 def representation_net(cfg: GQNConfig) -> nn.Module:
     if cfg.representation == "epipolar":
-        return Epipolar(cfg.channels, cfg.r_channels, cfg.image_size, cfg.depth_samples, cfg.scene_radius)
+        return Epipolar(cfg.channels, cfg.r_channels, cfg.image_size, cfg.depth_samples, cfg.scene_radius,
+                        feat=cfg.epipolar_features)
     if cfg.representation == "tower":
         return Tower(cfg.channels, cfg.r_channels, cfg.v_dim)
     if cfg.representation == "pool":
@@ -351,8 +360,10 @@ class GQN(nn.Module):
 
 
 def _renamed(settings: dict) -> dict:
-    """GQN settings of older runs under today's names (``steps`` became ``gen_steps``)."""
+    """GQN settings of older runs under today's names (``steps`` became ``gen_steps``) and values (epipolar runs
+    from before ``epipolar_features`` read 32 features)."""
     settings = dict(settings)
+    settings.setdefault("epipolar_features", 32)
     if "steps" in settings:
         settings.setdefault("gen_steps", settings.pop("steps"))
     return settings
