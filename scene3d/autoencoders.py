@@ -58,6 +58,7 @@ from scene3d.data import CAMERA_KEYS, batch_cameras
 from scene3d.export import density_to_mesh, marching_cubes
 from scene3d.geometry_metrics import mesh_occupancy, voxel_centers
 from scene3d.metrics import foreground_mask
+from scene3d.pixelnerf import ContextViews, PixelField
 from scene3d.views import ViewFeatures, camera_axes, sample_views
 
 CALIBRATION = "calibration.json"  # RUN/calibration.json: the occupancy level chosen by ``scene3d calibrate``
@@ -329,7 +330,10 @@ class MeshDecoder(nn.Module):
 class FieldDecoder(nn.Module):
     """A radiance field queried by ``renderers.nerf``: the state is z itself.
 
-    ``latent_dim > 0``: a latent-conditioned ``RadianceMLP`` (amortised). ``latent_dim=0``: one scene, with
+    ``latent_dim > 0`` (amortised): with ``lift > 0`` a ``scene3d.pixelnerf.PixelField``, conditioned on the context
+    views' pixel-aligned features (``lift`` per pyramid level) and on z, that skips each scene's space outside the
+    context views' visual hull (the state is then z and the ``ContextViews``); with ``lift=0`` a latent-conditioned
+    ``RadianceMLP`` (CodeNeRF-style). ``latent_dim=0``: one scene, with
     ``field="mlp"`` (a classic NeRF MLP) or ``field="grid"`` (``renderers.gridfield.FeatureGridField``, grown
     coarse to fine at the steps of ``GRID_GROWTH``). Rays are clipped to the box ``[lo, hi]^3``.
 
@@ -347,12 +351,15 @@ class FieldDecoder(nn.Module):
     def __init__(self, latent_dim: int, lo: float, hi: float, depth: int = 4, width: int = 128,
                  pos_freqs: int = 6, dir_freqs: int = 2, n_coarse: int = 32, n_fine: int = 32,
                  background=(0.0, 0.0, 0.0), chunk: int = 8192, field: str = "mlp", occupancy_res: int = 0,
-                 samples: int = 128):
+                 samples: int = 128, lift: int = 0):
         super().__init__()
         if field not in ("mlp", "grid") or (field == "grid" and latent_dim):
             raise ValueError(f"field: expected 'mlp', or 'grid' for one scene (latent_dim 0), got {field!r}")
         self.latent_dim, self.lo, self.hi, self.field_kind = latent_dim, lo, hi, field
-        if field == "grid":
+        self.pixel = PixelField(latent_dim, lo, hi, background, channels=lift) if latent_dim and lift else None
+        if self.pixel is not None:
+            self.field = None
+        elif field == "grid":
             final = max(self.GRID_GROWTH.values())
             self.field = FeatureGridField(lo, hi, res=32, final_res=final, dir_freqs=dir_freqs)
         else:
@@ -363,11 +370,15 @@ class FieldDecoder(nn.Module):
         self.renderer = NeRFRenderer(coarse, fine, near=0.0, far=1.0, background=tuple(background), chunk=chunk)
         self.scale = (hi - lo) / 2  # the MLP sees points in box units, [-1, 1]^3
 
-    def forward(self, z: Tensor | None) -> dict:
-        return {"z": z}
+    def forward(self, z: Tensor | None, views: ContextViews | None = None) -> dict:
+        """The state: z (B, L) and, for a pixel-conditioned field, the context views (``PixelField.context``)."""
+        return {"z": z} if views is None else {"z": z, "views": views}
 
-    def query(self, points: Tensor, dirs: Tensor, z: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def query(self, points: Tensor, dirs: Tensor, z: Tensor | None = None,
+              views: ContextViews | None = None) -> tuple[Tensor, Tensor]:
         """The field in world units: density (B, N) in 1 / world units, rgb (B, N, 3)."""
+        if self.pixel is not None:
+            return self.pixel(points, dirs, z, views)
         if self.field_kind == "grid":
             return self.field(points, dirs)
         c = (self.lo + self.hi) / 2
@@ -380,8 +391,8 @@ class FieldDecoder(nn.Module):
         near, far = ray_box(origins, dirs, lo, lo + (self.hi - self.lo))
         near = near.clamp_min(0)
         far = torch.maximum(far, near + 1e-6)
-        z = state["z"]
-        field = (lambda p, d, zz: self.query(p, d, zz)) if z is not None else (lambda p, d: self.query(p, d))
+        z, views = state["z"], state.get("views")
+        field = (lambda p, d, zz: self.query(p, d, zz, views)) if z is not None else (lambda p, d: self.query(p, d))
         if self.field_kind == "grid":
             field = self.field  # world units already; its density_at lets the renderer skip hidden colour
         return self.renderer.render_rays(field, origins, dirs, z, near=near, far=far, occupancy=self.occ_grid).rgb
@@ -424,29 +435,33 @@ class FieldDecoder(nn.Module):
         if z is None:  # one scene: all rays in one batch
             rgb = self.render_rays(state, o.reshape(1, -1, 3), d.reshape(1, -1, 3))
         else:
-            rgb = self.render_rays({"z": z.repeat_interleave(per_scene, 0)}, o.reshape(N, -1, 3), d.reshape(N, -1, 3))
+            views = state.get("views")
+            rep = self.forward(z.repeat_interleave(per_scene, 0), None if views is None else views.repeat(per_scene))
+            rgb = self.render_rays(rep, o.reshape(N, -1, 3), d.reshape(N, -1, 3))
         return rgb.reshape(N, H, W, 3).permute(0, 3, 1, 2)
 
     def occupancy(self, state: dict, points: Tensor, level: float) -> Tensor:
-        z = state["z"]
+        z, views = state["z"], state.get("views")
         B = 1 if z is None else len(z)
         with torch.no_grad():
             d = torch.zeros_like(points)[None].expand(B, -1, -1)
-            sigma = torch.cat([self.query(points[None, i:i + 8192].expand(B, -1, -1), d[:, i:i + 8192], z)[0]
+            sigma = torch.cat([self.query(points[None, i:i + 8192].expand(B, -1, -1), d[:, i:i + 8192], z, views)[0]
                                for i in range(0, len(points), 8192)], 1)
         return sigma > level
 
     def surface(self, state: dict, i: int, level: float, res: int = 64) -> tuple[Tensor, Tensor, Tensor]:
-        z = state["z"]
+        z, views = state["z"], state.get("views")
         zi = None if z is None else z[i:i + 1]
+        vi = None if views is None else ContextViews([m[i * views.k:(i + 1) * views.k] for m in views.maps],
+                                                     views.cameras[slice(i * views.k, (i + 1) * views.k)], views.k)
         up = torch.tensor([[0.0, 0.0, 1.0]])
 
         def density(p):
-            return self.query(p[None], up.expand(len(p), 3)[None], zi)[0][0]
+            return self.query(p[None], up.expand(len(p), 3)[None], zi, vi)[0][0]
 
         verts, faces = density_to_mesh(density, res, level, self.lo, self.hi)
         with torch.no_grad():  # colour seen from above the vertex along its outward direction
-            rgb = self.query(verts[None], -F.normalize(verts, dim=-1)[None], zi)[1][0] if len(verts) else verts
+            rgb = self.query(verts[None], -F.normalize(verts, dim=-1)[None], zi, vi)[1][0] if len(verts) else verts
         return verts, faces, rgb
 
     def regularisers(self, state: dict) -> dict:
@@ -478,7 +493,8 @@ class AEConfig:
     encoder_width: int = setting(32, "channels of the encoder's first stage", cli=False)
     binary_weight: float = setting(0.0, "voxel: push cells to be empty or opaque (weight, in units of the "
                                         "per-pixel loss)")
-    lift: int = setting(16, "voxel: channels of the pixel-aligned context features per cell (0: the latent alone)")
+    lift: int = setting(16, "voxel, nerf: channels of the pixel-aligned context features (per cell, or per pyramid "
+                            "level at each NeRF sample; 0: the latent alone)")
     level_scale: float = setting(1.0, "occupancy threshold as a multiple of the half-opaque level (see "
                                       "calibrate_level)", cli=False)
     field: str = setting("mlp", "NeRF, one scene: mlp | grid (renderers.gridfield)", cli=False)
@@ -498,7 +514,8 @@ def make_decoder(cfg: AEConfig, per_scene: bool = False) -> nn.Module:
         return MeshDecoder(L, cfg.lo, cfg.hi, background=cfg.background)
     if cfg.kind == "nerf":
         return FieldDecoder(L, cfg.lo, cfg.hi, background=cfg.background, field=cfg.field,
-                            occupancy_res=cfg.occupancy_res if per_scene else 0, samples=cfg.samples)
+                            occupancy_res=cfg.occupancy_res if per_scene else 0, samples=cfg.samples,
+                            lift=cfg.lift if L else 0)
     raise ValueError(f"kind: expected one of {KINDS}, got {cfg.kind!r}")
 
 
@@ -540,6 +557,8 @@ class SceneAE(nn.Module):
         known = {f.name for f in fields(AEConfig)}
         ae = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings["ae"].items() if k in known}
         ae.setdefault("lift", 0)  # runs from before the pixel-aligned features
+        if ae.get("kind") == "nerf" and not any(k.startswith("decoder.pixel.") for k in ckpt["model"]):
+            ae["lift"] = 0  # NeRF-AE runs from before the pixel-conditioned field recorded a lift they did not use
         calib = Path(run) / CALIBRATION
         if calib.is_file():
             ae["level_scale"] = float(json.loads(calib.read_text())["level_scale"])
@@ -577,9 +596,12 @@ class SceneAE(nn.Module):
 
     def _decode(self, z: Tensor, images: Tensor, cameras: Camera) -> dict:
         """z (B, L) and the context views (B, k, 3, S, S) it came from -> the decoder's 3D state."""
-        if self.lifter is None:
-            return self.decoder(z)
-        return self.decoder(z, self.lifter(images, cameras))
+        if self.lifter is not None:
+            return self.decoder(z, self.lifter(images, cameras))
+        pixel = getattr(self.decoder, "pixel", None)
+        if pixel is not None:
+            return self.decoder(z, pixel.context(images, cameras))
+        return self.decoder(z)
 
     def loss(self, batch: dict, step: int) -> dict:
         images, cams = batch_views(batch, self.cfg.image_size)
