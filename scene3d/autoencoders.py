@@ -58,8 +58,8 @@ from scene3d.data import CAMERA_KEYS, batch_cameras
 from scene3d.export import density_to_mesh, marching_cubes
 from scene3d.geometry_metrics import mesh_occupancy, voxel_centers
 from scene3d.metrics import foreground_mask
-from scene3d.pixelnerf import ContextViews, PixelField
-from scene3d.views import ViewFeatures, camera_axes, sample_views
+from scene3d.pixelnerf import PixelField
+from scene3d.views import ContextViews, ViewFeatures, camera_axes, context_views, sample_views
 
 CALIBRATION = "calibration.json"  # RUN/calibration.json: the occupancy level chosen by ``scene3d calibrate``
 
@@ -275,13 +275,18 @@ class MeshDecoder(nn.Module):
     The template is an ico-sphere of ``subdivisions`` (3: 642 vertices, 1,280 faces) and radius
     ``radius`` world units. ``latent_dim=0`` makes free per-scene offsets (mesh deformation). Rendered
     as a soft silhouette (for the foreground mask) and a shaded image (for the colours).
+
+    ``lift > 0`` (amortised): a second stage reads the context views at each vertex (``scene3d.views``: the
+    views' features and foreground mask at the vertex's projection after the first, z-only stage, with the
+    vertex in that camera's axes), averages an MLP of them over the views, and adds an offset and a colour
+    (``forward(z, views)``): a vertex can move to the silhouette it sees and take the colour under it.
     """
 
     kind = "mesh"
 
     def __init__(self, latent_dim: int, lo: float, hi: float, subdivisions: int = 3, radius: float | None = None,
                  hidden: int = 256, background=(0.0, 0.0, 0.0), faces_per_pixel: int = 4, sigma: float = 1e-4,
-                 light_direction=(0.3, -0.5, 1.0), max_offset: float | None = None):
+                 light_direction=(0.3, -0.5, 1.0), max_offset: float | None = None, lift: int = 0):
         super().__init__()
         self.latent_dim, self.lo, self.hi = latent_dim, lo, hi
         radius = radius or 0.3 * (hi - lo)
@@ -297,15 +302,39 @@ class MeshDecoder(nn.Module):
             nn.init.zeros_(self.net[-1].bias)
         else:
             self.params = nn.Parameter(torch.zeros(1, V, 6))
+        self.features = ViewFeatures(lift) if latent_dim and lift else None
+        if self.features is not None:
+            self.per_view = nn.Sequential(nn.Linear(3 * lift + 4, hidden // 2), nn.ReLU(),
+                                          nn.Linear(hidden // 2, hidden // 2), nn.ReLU())
+            self.refine = nn.Sequential(nn.Linear(hidden // 2 + 3, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, 6))
+            nn.init.zeros_(self.refine[-1].weight)
+            nn.init.zeros_(self.refine[-1].bias)
+            self.register_buffer("background", torch.as_tensor(background, dtype=torch.float32), persistent=False)
         # one soft rasterization: shaded RGB plus its SoftRas opacity (the soft silhouette) as alpha
         self.shaded = MeshRenderer("shaded", faces_per_pixel=faces_per_pixel, sigma=sigma, gamma=sigma,
                                    background=tuple(background), light_direction=light_direction, specular=0.0,
                                    alpha=True)
 
-    def forward(self, z: Tensor | None) -> dict:
+    def context(self, images: Tensor, cameras: Camera) -> ContextViews | None:
+        """The context views (B, k, 3, H, W) with B * k cameras, ready for ``forward`` (None without ``lift``)."""
+        return None if self.features is None else context_views(self.features, images, cameras, self.background)
+
+    def forward(self, z: Tensor | None, views: ContextViews | None = None) -> dict:
         raw = self.net(z).reshape(len(z), -1, 6) if self.latent_dim else self.params
         verts = self.template + self.max_offset * torch.tanh(raw[..., :3])
+        if views is not None:
+            raw = raw + self._refine(verts, views)
+            verts = self.template + self.max_offset * torch.tanh(raw[..., :3])
         return {"verts": verts, "rgb": torch.sigmoid(raw[..., 3:])}
+
+    def _refine(self, verts: Tensor, views: ContextViews) -> Tensor:
+        """(B, V, 6) additions to the raw offsets and colours from the context views at ``verts`` (B, V, 3)."""
+        B, V, _ = verts.shape
+        pts = verts.repeat_interleave(views.k, 0)  # (B k, V, 3)
+        feats, _ = sample_views(views.maps, views.cameras, pts)  # (B k, 3C + 1, V)
+        local = camera_axes(views.cameras, pts) / (0.5 * (self.hi - self.lo))
+        h = self.per_view(torch.cat([feats.transpose(1, 2), local], -1)).view(B, views.k, V, -1).mean(1)
+        return self.refine(torch.cat([h, self.template.expand(B, -1, -1) / self.max_offset], -1))
 
     def render(self, state: dict, cameras: Camera, per_scene: int) -> Tensor:
         """(B * per_scene, 4, H, W): shaded RGB and the soft silhouette as a 4th channel."""
@@ -369,6 +398,10 @@ class FieldDecoder(nn.Module):
         coarse, fine = (samples, 0) if occupancy_res else (n_coarse, n_fine)
         self.renderer = NeRFRenderer(coarse, fine, near=0.0, far=1.0, background=tuple(background), chunk=chunk)
         self.scale = (hi - lo) / 2  # the MLP sees points in box units, [-1, 1]^3
+
+    def context(self, images: Tensor, cameras: Camera) -> ContextViews | None:
+        """The context views (B, k, 3, H, W) with B * k cameras, ready for ``forward`` (None without ``lift``)."""
+        return None if self.pixel is None else self.pixel.context(images, cameras)
 
     def forward(self, z: Tensor | None, views: ContextViews | None = None) -> dict:
         """The state: z (B, L) and, for a pixel-conditioned field, the context views (``PixelField.context``)."""
@@ -511,7 +544,7 @@ def make_decoder(cfg: AEConfig, per_scene: bool = False) -> nn.Module:
     if cfg.kind == "voxel":
         return VoxelDecoder(L, cfg.lo, cfg.hi, background=cfg.background, lift=cfg.lift if L else 0)
     if cfg.kind == "mesh":
-        return MeshDecoder(L, cfg.lo, cfg.hi, background=cfg.background)
+        return MeshDecoder(L, cfg.lo, cfg.hi, background=cfg.background, lift=cfg.lift if L else 0)
     if cfg.kind == "nerf":
         return FieldDecoder(L, cfg.lo, cfg.hi, background=cfg.background, field=cfg.field,
                             occupancy_res=cfg.occupancy_res if per_scene else 0, samples=cfg.samples,
@@ -557,8 +590,9 @@ class SceneAE(nn.Module):
         known = {f.name for f in fields(AEConfig)}
         ae = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings["ae"].items() if k in known}
         ae.setdefault("lift", 0)  # runs from before the pixel-aligned features
-        if ae.get("kind") == "nerf" and not any(k.startswith("decoder.pixel.") for k in ckpt["model"]):
-            ae["lift"] = 0  # NeRF-AE runs from before the pixel-conditioned field recorded a lift they did not use
+        feature_keys = {"nerf": "decoder.pixel.", "mesh": "decoder.features."}
+        if ae.get("kind") in feature_keys and not any(k.startswith(feature_keys[ae["kind"]]) for k in ckpt["model"]):
+            ae["lift"] = 0  # NeRF and mesh runs from before their pixel features recorded a lift they did not use
         calib = Path(run) / CALIBRATION
         if calib.is_file():
             ae["level_scale"] = float(json.loads(calib.read_text())["level_scale"])
@@ -598,10 +632,9 @@ class SceneAE(nn.Module):
         """z (B, L) and the context views (B, k, 3, S, S) it came from -> the decoder's 3D state."""
         if self.lifter is not None:
             return self.decoder(z, self.lifter(images, cameras))
-        pixel = getattr(self.decoder, "pixel", None)
-        if pixel is not None:
-            return self.decoder(z, pixel.context(images, cameras))
-        return self.decoder(z)
+        context = getattr(self.decoder, "context", None)  # NeRF and mesh decoders with pixel-aligned features
+        views = None if context is None else context(images, cameras)
+        return self.decoder(z) if views is None else self.decoder(z, views)
 
     def loss(self, batch: dict, step: int) -> dict:
         images, cams = batch_views(batch, self.cfg.image_size)

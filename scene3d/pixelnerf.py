@@ -13,35 +13,15 @@ outside the views' visual hull, has no density, and the MLPs are not evaluated t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from renderers.cameras import Camera
 from renderers.nerf import PositionalEncoding
-from scene3d.metrics import foreground_mask
-from scene3d.views import ViewFeatures, sample_views
+from scene3d.views import ContextViews, ViewFeatures, context_views, sample_views
 
 HULL_LEVEL = 0.5  # a point with a bilinear foreground reading below this in a view that sees it is carved away
-
-
-@dataclass
-class ContextViews:
-    """The context views of B scenes, ready to be read: ``maps`` (B*k, C, h, w) each (ViewFeatures' maps, then
-    the foreground mask as the last one), ``cameras`` (B*k, scene-major), ``k`` views per scene."""
-
-    maps: list[Tensor]
-    cameras: Camera
-    k: int
-
-    def repeat(self, n: int) -> "ContextViews":
-        """Each scene's views ``n`` times in a row (for B * n query cameras, scene-major)."""
-        B = len(self.cameras) // self.k
-        scene = torch.arange(B, device=self.maps[0].device).repeat_interleave(n)
-        idx = (scene[:, None] * self.k + torch.arange(self.k, device=scene.device)).reshape(-1)
-        return ContextViews([m[idx] for m in self.maps], self.cameras[idx], self.k)
 
 
 class PixelField(nn.Module):
@@ -65,10 +45,7 @@ class PixelField(nn.Module):
 
     def context(self, images: Tensor, cameras: Camera) -> ContextViews:
         """images (B, k, 3, H, W) over the background, B * k cameras (scene-major) -> :class:`ContextViews`."""
-        B, k = images.shape[:2]
-        flat = images.flatten(0, 1)
-        mask = foreground_mask(flat, self.background.to(flat.dtype)).to(flat.dtype)
-        return ContextViews([*self.features.feature_maps(flat), mask], cameras, k)
+        return context_views(self.features, images, cameras, self.background)
 
     def forward(self, points: Tensor, dirs: Tensor, z: Tensor, views: ContextViews) -> tuple[Tensor, Tensor]:
         """World points and unit directions (B, N, 3), latents z (B, L) -> density (B, N) in 1 / world units and

@@ -9,11 +9,14 @@ feature maps of any resolution cover the camera's whole image, so a point is rea
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from renderers.cameras import Camera
+from scene3d.metrics import foreground_mask
 
 OUTSIDE = 2.0  # a grid_sample coordinate outside [-1, 1]: reads zero with padding "zeros"
 
@@ -67,3 +70,29 @@ class ViewFeatures(nn.Module):
             x = level(x)
             maps.append(reduce(x))
         return maps
+
+
+@dataclass
+class ContextViews:
+    """The context views of B scenes, ready to be read: ``maps`` (B*k, C, h, w) each (ViewFeatures' maps, then
+    the foreground mask as the last one), ``cameras`` (B*k, scene-major), ``k`` views per scene."""
+
+    maps: list[Tensor]
+    cameras: Camera
+    k: int
+
+    def repeat(self, n: int) -> "ContextViews":
+        """Each scene's views ``n`` times in a row (for B * n query cameras, scene-major)."""
+        B = len(self.cameras) // self.k
+        scene = torch.arange(B, device=self.maps[0].device).repeat_interleave(n)
+        idx = (scene[:, None] * self.k + torch.arange(self.k, device=scene.device)).reshape(-1)
+        return ContextViews([m[idx] for m in self.maps], self.cameras[idx], self.k)
+
+
+def context_views(features: ViewFeatures, images: Tensor, cameras: Camera, background: Tensor) -> ContextViews:
+    """images (B, k, 3, H, W) over ``background`` (3,), B * k cameras (scene-major) -> :class:`ContextViews`:
+    the views' feature maps and, last, their foreground masks (1 where a pixel differs from the background)."""
+    k = images.shape[1]
+    flat = images.flatten(0, 1)
+    mask = foreground_mask(flat, background.to(flat.dtype)).to(flat.dtype)
+    return ContextViews([*features.feature_maps(flat), mask], cameras, k)
