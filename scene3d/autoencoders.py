@@ -51,7 +51,7 @@ from plato_core.trainer import load_checkpoint
 from renderers.cameras import Camera
 from renderers.gridfield import FeatureGridField
 from renderers.mesh import MeshRenderer, ico_sphere
-from renderers.nerf import NeRFRenderer, RadianceMLP
+from renderers.nerf import NeRFOutput, NeRFRenderer, RadianceMLP
 from renderers.occupancy import OccupancyGrid
 from renderers.voxel import VoxelRenderer, ray_box, sample_grid
 from scene3d.data import CAMERA_KEYS, batch_cameras
@@ -418,8 +418,9 @@ class FieldDecoder(nn.Module):
         sigma, rgb = self.field((points - c) / self.scale, dirs, z)
         return sigma / self.scale, rgb
 
-    def render_rays(self, state: dict, origins: Tensor, dirs: Tensor) -> Tensor:
-        """(B, R, 3) world rays -> (B, R, 3) colours, sampled only inside the box."""
+    def render_rays(self, state: dict, origins: Tensor, dirs: Tensor) -> NeRFOutput:
+        """(B, R, 3) world rays -> ``renderers.nerf.NeRFOutput`` (rgb (B, R, 3), opacity (B, R), ...), sampled only
+        inside the box."""
         lo = origins.new_full((3,), self.lo)
         near, far = ray_box(origins, dirs, lo, lo + (self.hi - self.lo))
         near = near.clamp_min(0)
@@ -428,7 +429,7 @@ class FieldDecoder(nn.Module):
         field = (lambda p, d, zz: self.query(p, d, zz, views)) if z is not None else (lambda p, d: self.query(p, d))
         if self.field_kind == "grid":
             field = self.field  # world units already; its density_at lets the renderer skip hidden colour
-        return self.renderer.render_rays(field, origins, dirs, z, near=near, far=far, occupancy=self.occ_grid).rgb
+        return self.renderer.render_rays(field, origins, dirs, z, near=near, far=far, occupancy=self.occ_grid)
 
     def density(self, points: Tensor) -> Tensor:
         """(N, 3) world points -> (N,) density of the one-scene field, 1 / world units."""
@@ -466,11 +467,11 @@ class FieldDecoder(nn.Module):
         N, (H, W) = len(cameras), cameras.image_size
         z = state["z"]
         if z is None:  # one scene: all rays in one batch
-            rgb = self.render_rays(state, o.reshape(1, -1, 3), d.reshape(1, -1, 3))
+            rgb = self.render_rays(state, o.reshape(1, -1, 3), d.reshape(1, -1, 3)).rgb
         else:
             views = state.get("views")
             rep = self.forward(z.repeat_interleave(per_scene, 0), None if views is None else views.repeat(per_scene))
-            rgb = self.render_rays(rep, o.reshape(N, -1, 3), d.reshape(N, -1, 3))
+            rgb = self.render_rays(rep, o.reshape(N, -1, 3), d.reshape(N, -1, 3)).rgb
         return rgb.reshape(N, H, W, 3).permute(0, 3, 1, 2)
 
     def occupancy(self, state: dict, points: Tensor, level: float) -> Tensor:
@@ -519,7 +520,7 @@ class AEConfig:
     hi: float = setting(4.0, "world box [lo, hi]^3 (from the data)", cli=False)
     background: tuple[float, float, float] = setting((0.0, 0.0, 0.0), "background colour (from the data)",
                                                      cli=False)
-    silhouette_weight: float = setting(1.0, "mesh: silhouette loss weight", cli=False)
+    silhouette_weight: float = setting(1.0, "voxel, mesh, amortised NeRF: silhouette loss weight", cli=False)
     laplacian_weight: float = setting(0.1, "mesh regulariser, in units of the per-pixel loss", cli=False)
     edge_weight: float = setting(0.1, "mesh regulariser, in units of the per-pixel loss", cli=False)
     normal_weight: float = setting(0.01, "mesh regulariser, in units of the per-pixel loss", cli=False)
@@ -672,7 +673,13 @@ class SceneAE(nn.Module):
         sigma = self.cfg.sigma
         if self.kind == "nerf":
             scale = Q * target.shape[-1] * target.shape[-2] / self.cfg.rays  # rays -> all query pixels
-            return {"nll": -gaussian_log_likelihood(*self._ray_batch(state, target, cams), sigma) * scale}
+            colors, out = self._ray_batch(state, target, cams)
+            terms = {"nll": -gaussian_log_likelihood(colors, out.rgb, sigma) * scale}
+            if self.encoder is not None:  # amortised: the rays' opacity fits the query views' foreground too
+                mask = foreground_mask(colors.transpose(1, 2)[..., None], self.cfg.background)[:, 0, :, 0]
+                terms["silhouette"] = (self.cfg.silhouette_weight * F.mse_loss(out.opacity, mask.to(colors.dtype))
+                                       / (2 * sigma**2))
+            return terms
         pred = self.decoder.render(state, cams, Q)
         flat = target.reshape(B * Q, *target.shape[2:])
         nll = -gaussian_log_likelihood(flat, pred[:, :3], sigma).reshape(B, Q).sum(1)
@@ -682,8 +689,8 @@ class SceneAE(nn.Module):
         sil = self.cfg.silhouette_weight * F.mse_loss(pred[:, 3], mask) / (2 * sigma**2)  # per pixel, like the nll
         return {"nll": nll, "silhouette": sil}
 
-    def _ray_batch(self, state: dict, target: Tensor, cams: Camera) -> tuple[Tensor, Tensor]:
-        """Random rays of the query views: target and rendered colours, (B, R, 3) each."""
+    def _ray_batch(self, state: dict, target: Tensor, cams: Camera) -> tuple[Tensor, NeRFOutput]:
+        """Random rays of the query views: target colours (B, R, 3) and the rendered rays (``NeRFOutput``)."""
         B, Q, _, H, W = target.shape
         o, d = cams.rays()
         o, d = o.reshape(B, Q * H * W, 3), d.reshape(B, Q * H * W, 3)

@@ -2,7 +2,7 @@
 the scene's global latent: the NeRF-AE's decoder field (``scene3d.autoencoders.FieldDecoder`` with ``lift``).
 
 For a sample point p seen along direction d, each context view contributes an MLP of
-    [its features at p's projection (``scene3d.views``), its foreground mask there,
+    [its features at p's projection (``scene3d.views``), its colour and foreground mask there,
      gamma(p in that camera's axes, box half-sizes), d in that camera's axes];
 the views' outputs are averaged (any k), joined with the latent z and gamma(p), and a second MLP gives the
 density (1 / world units) and the colour.
@@ -33,7 +33,7 @@ class PixelField(nn.Module):
         super().__init__()
         self.features = ViewFeatures(channels)
         self.pos_enc, self.dir_enc = PositionalEncoding(pos_freqs), PositionalEncoding(dir_freqs)
-        view_in = 3 * channels + 1 + self.pos_enc.out_dim + self.dir_enc.out_dim
+        view_in = 3 * channels + 4 + self.pos_enc.out_dim + self.dir_enc.out_dim
         self.per_view = nn.Sequential(nn.Linear(view_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
         self.head = nn.Sequential(nn.Linear(width + latent_dim + self.pos_enc.out_dim, width), nn.ReLU(),
                                   nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4))
@@ -45,7 +45,7 @@ class PixelField(nn.Module):
 
     def context(self, images: Tensor, cameras: Camera) -> ContextViews:
         """images (B, k, 3, H, W) over the background, B * k cameras (scene-major) -> :class:`ContextViews`."""
-        return context_views(self.features, images, cameras, self.background)
+        return context_views(self.features, images, cameras, self.background, rgb=True)
 
     def forward(self, points: Tensor, dirs: Tensor, z: Tensor, views: ContextViews) -> tuple[Tensor, Tensor]:
         """World points and unit directions (B, N, 3), latents z (B, L) -> density (B, N) in 1 / world units and
@@ -53,7 +53,7 @@ class PixelField(nn.Module):
         B, N, _ = points.shape
         k = views.k
         pts = points.repeat_interleave(k, 0)  # (B k, N, 3)
-        feats, seen = sample_views(views.maps, views.cameras, pts)  # (B k, 3C + 1, N), (B k, 1, N)
+        feats, seen = sample_views(views.maps, views.cameras, pts)  # (B k, 3C + 4, N), (B k, 1, N)
         fg = feats[:, -1:]
         carved = ((fg < HULL_LEVEL) & (seen > 0)).view(B, k, N).any(1)  # (B, N)
         keep = ~carved
@@ -64,7 +64,7 @@ class PixelField(nn.Module):
         b_idx, n_idx = keep.nonzero(as_tuple=True)  # the points inside the hull, scene by scene
         M = len(b_idx)
         v_rows = (b_idx[:, None] * k + torch.arange(k, device=points.device)).reshape(-1)  # (M k,) view of each
-        f = feats.transpose(1, 2)[v_rows, n_idx.repeat_interleave(k)]  # (M k, 3C + 1)
+        f = feats.transpose(1, 2)[v_rows, n_idx.repeat_interleave(k)]  # (M k, 3C + 4)
         p = points[b_idx, n_idx]  # (M, 3)
         R = views.cameras.R[v_rows]  # (M k, 3, 3)
         local = (R @ p.repeat_interleave(k, 0)[:, :, None])[..., 0] / self.scale

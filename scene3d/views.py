@@ -89,10 +89,12 @@ class ContextViews:
         return ContextViews([m[idx] for m in self.maps], self.cameras[idx], self.k)
 
 
-def context_views(features: ViewFeatures, images: Tensor, cameras: Camera, background: Tensor) -> ContextViews:
+def context_views(features: ViewFeatures, images: Tensor, cameras: Camera, background: Tensor,
+                  rgb: bool = False) -> ContextViews:
     """images (B, k, 3, H, W) over ``background`` (3,), B * k cameras (scene-major) -> :class:`ContextViews`:
-    the views' feature maps and, last, their foreground masks (1 where a pixel differs from the background)."""
+    the views' feature maps, with ``rgb`` the images themselves (3 channels), and, last, their foreground masks
+    (1 where a pixel differs from the background)."""
     k = images.shape[1]
     flat = images.flatten(0, 1)
     mask = foreground_mask(flat, background.to(flat.dtype)).to(flat.dtype)
-    return ContextViews([*features.feature_maps(flat), mask], cameras, k)
+    return ContextViews([*features.feature_maps(flat), *([flat] if rgb else []), mask], cameras, k)

@@ -58,3 +58,17 @@ def test_nerf_runs_from_before_the_pixel_field_load_as_latent_only(tmp_path):
     torch.save({"settings": settings, "model": old.state_dict()}, tmp_path / "checkpoint.pt")
     model, _ = SceneAE.from_run(tmp_path)
     assert model.decoder.pixel is None and model.cfg.lift == 0
+
+
+def test_amortised_nerf_fits_the_query_views_foreground_with_its_opacity():
+    # a context all background carves every sample, so the opacity is 0; a query view all foreground then costs
+    # silhouette_weight * mean((0 - 1)^2) / (2 sigma^2) = 1 / (2 * 0.1^2) = 50 per ray
+    torch.manual_seed(0)
+    cfg = AEConfig(kind="nerf", latent_dim=8, image_size=16, rays=64, lo=-4.0, hi=4.0)
+    model = SceneAE(cfg)
+    img, cam = one_view()
+    state = model.infer(torch.zeros_like(img), cam)
+    terms = model._reconstruction(state, torch.ones_like(img), cam)
+    assert float(terms["silhouette"]) == 50.0
+    fit = SceneAE(cfg, per_scene=True)  # a per-scene fit has no silhouette term
+    assert set(fit._reconstruction(fit.decoder(None), torch.ones_like(img), cam)) == {"nll"}
