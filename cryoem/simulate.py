@@ -98,12 +98,14 @@ class Conformations:
 @dataclass
 class Hinge:
     """A rigid rotation of the atoms ``mask`` (N,) bool by ``t * angle`` radians about the axis through
-    ``pivot`` (3,) Å along the unit vector ``axis`` (3,)."""
+    ``pivot`` (3,) Å along the unit vector ``axis`` (3,). ``clash`` (Å²): the summed squared overlap of the
+    domain with the rest at t = 1 (pairs that come closer than :data:`CLASH_A`; 0 for a clear path)."""
 
     mask: Tensor
     pivot: Tensor
     axis: Tensor
     angle: float
+    clash: float = 0.0
 
     def apply(self, x: Tensor, t: Tensor) -> Tensor:
         """Coordinates (B, N, 3) float64 with the hinge opened to ``t`` (B,) in [0, 1]."""
@@ -112,13 +114,21 @@ class Hinge:
         return torch.where(self.mask.to(x.device)[None, :, None], moved, x)
 
 
+CLASH_A = 3.0  # Å: a domain atom and an atom of the rest closer than this overlap (4 Å for C-alpha-only models)
+AXIS_CANDIDATES = 256  # directions tried for a domain joined to the rest at one end
+
+
 def parse_hinge(spec: str, s: Structure, coords: Tensor) -> Hinge:
     """A :class:`Hinge` from ``CHAIN:FIRST-LAST:DEGREES`` (residue numbers of ``s``; coords (N, 3) Å).
 
-    The residues FIRST..LAST of CHAIN turn as a rigid domain about an axis through the C-alpha of
-    residue FIRST (the hinge), perpendicular to the plane of the hinge and the centroids of the domain
-    and of the rest, so that a positive angle swings the domain away from the rest (opening; closing
-    would drive it through its neighbours).
+    The residues FIRST..LAST of CHAIN turn as a rigid domain about the C-alpha of the residue that joins it to
+    the rest of its chain (FIRST, or LAST for an N-terminal domain), so the chain stays connected there. The
+    axis is chosen so that the domain's path does not run through the rest of the protein, as no real motion
+    does: of :data:`AXIS_CANDIDATES` directions, the one whose path (t = 1/4, 1/2, 3/4, 1) has the least
+    overlap with the rest (:func:`path_clash`), then the one that moves the domain furthest from the rest.
+    A domain joined at both ends turns about the line through both joints, in the sign with less overlap.
+    Why: about the old fixed axis (perpendicular to the hinge and the two centroids) 6FLR's A:290-381 at 40
+    degrees passed within 0.3 Å of 300 atoms, and the atom VAE's clash prior, rightly, fought the truth.
     """
     try:
         chain, span, deg = spec.split(":")
@@ -130,14 +140,84 @@ def parse_hinge(spec: str, s: Structure, coords: Tensor) -> Hinge:
     if not mask.any() or mask.all():
         raise UserError(f"--hinge {spec!r}: residues {first}-{last} of chain {chain} select "
                         f"{int(mask.sum())} of {s.n_atoms} atoms; the domain must be part of the model")
-    pivot_atoms = torch.as_tensor((s.chain == chain) & (s.resnum == first))
-    ca = pivot_atoms & torch.as_tensor(s.name == "CA")
-    pivot = coords[ca if ca.any() else pivot_atoms].double().mean(0)
-    arm, rest = coords[mask].double().mean(0) - pivot, coords[~mask].double().mean(0) - pivot
-    axis = torch.linalg.cross(rest, arm)
-    if axis.norm() < 1e-6:
-        raise UserError(f"--hinge {spec!r}: the hinge, the domain and the rest are in a line; choose another FIRST")
-    return Hinge(mask, pivot, axis / axis.norm(), angle)
+    in_chain = s.chain == chain
+    before, after = bool((in_chain & (s.resnum < first)).any()), bool((in_chain & (s.resnum > last)).any())
+    joint = first if before or not after else last
+    pivot = _residue_centre(s, coords, chain, joint)
+    x = coords.double()
+    if before and after:  # joined at both ends: turn about the line through both joints
+        line = _residue_centre(s, coords, chain, last) - pivot
+        if line.norm() < 1e-6:
+            raise UserError(f"--hinge {spec!r}: residues {first} and {last} are at the same place; choose others")
+        candidates = torch.stack([line, -line]) / line.norm()
+    else:
+        candidates = _sphere(AXIS_CANDIDATES)
+    scores = [(round(path_clash(x, mask, pivot, a, angle), 1), -_opening(x, mask, pivot, a, angle), i)
+              for i, a in enumerate(candidates)]
+    best = min(scores)
+    axis = candidates[best[2]]
+    clash = path_clash(x, mask, pivot, axis, angle, ts=(1.0,))
+    return Hinge(mask, pivot, axis, angle, clash)
+
+
+def _residue_centre(s: Structure, coords: Tensor, chain: str, resnum: int) -> Tensor:
+    """(3,) float64: the C-alpha of a residue, or the mean of its atoms when it has none."""
+    atoms = torch.as_tensor((s.chain == chain) & (s.resnum == resnum))
+    ca = atoms & torch.as_tensor(s.name == "CA")
+    return coords[ca if ca.any() else atoms].double().mean(0)
+
+
+def _sphere(n: int) -> Tensor:
+    """(n, 3) float64 unit vectors spread evenly over the sphere (Fibonacci lattice; deterministic)."""
+    i = torch.arange(n, dtype=torch.float64) + 0.5
+    zc = 1 - 2 * i / n
+    phi = math.pi * (3 - math.sqrt(5)) * i
+    r = (1 - zc**2).sqrt()
+    return torch.stack([r * phi.cos(), r * phi.sin(), zc], 1)
+
+
+def _turn(x: Tensor, pivot: Tensor, axis: Tensor, angle: float) -> Tensor:
+    """x (M, 3) turned by ``angle`` radians about the axis through pivot (3,) along ``axis`` (3,), float64."""
+    R = axis_angle_to_matrix((angle * axis / axis.norm())[None].double())[0]
+    return (x - pivot) @ R.T + pivot
+
+
+def path_clash(x: Tensor, mask: Tensor, pivot: Tensor, axis: Tensor, angle: float,
+               ts: tuple[float, ...] = (0.25, 0.5, 0.75, 1.0)) -> float:
+    """Summed squared overlap (Å²) of the domain ``x[mask]`` with the rest along its path: over the ``ts``,
+    pairs (domain atom, other atom) closer than :data:`CLASH_A` Å (4 Å in a C-alpha-only model) that were not
+    already that close at t = 0, each adding (CLASH_A - d)². x (N, 3) Å."""
+    from scipy.spatial import cKDTree
+
+    xn = x.numpy()
+    rest, dom = cKDTree(xn[~mask.numpy()]), xn[mask.numpy()]
+    limit = _clash_distance(xn)
+
+    def close_pairs(y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # keys (domain * M + rest) and distances
+        d = cKDTree(y).sparse_distance_matrix(rest, limit, output_type="coo_matrix")
+        return d.row.astype(np.int64) * rest.n + d.col, d.data
+
+    before, _ = close_pairs(dom)
+    total = 0.0
+    for t in ts:
+        key, d = close_pairs(_turn(torch.as_tensor(dom), pivot, axis, t * angle).numpy())
+        new = ~np.isin(key, before)
+        total += float(((limit - d[new]) ** 2).sum())
+    return total
+
+
+def _clash_distance(x: np.ndarray) -> float:
+    """:data:`CLASH_A`, or 4 Å when atoms are sparse (C-alpha-only models: neighbours 3.8 Å apart)."""
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(x).query(x[: min(len(x), 500)], k=2)
+    return CLASH_A if np.median(d[:, 1]) < 3.0 else 4.0
+
+
+def _opening(x: Tensor, mask: Tensor, pivot: Tensor, axis: Tensor, angle: float) -> float:
+    """Å: how far the domain's centroid moves from the centroid of the rest at t = 1."""
+    dom, rest = x[mask].mean(0), x[~mask].mean(0)
+    return float((_turn(dom[None], pivot, axis, angle)[0] - rest).norm() - (dom - rest).norm())
 
 
 def hinge_conformations(s: Structure, specs: list[str], dist: str = "uniform", bfactor: float = 30.0,

@@ -5,10 +5,12 @@
 #
 # Cases differ in protein, motion, distribution, image formation and SNR:
 #   morph     3O21 -> 6FLR linear morph (GluA3 NTD), uniform, one Gaussian per atom
-#   hinge1    6FLR, one C-terminal domain (290-381) opening by 40 degrees, bimodal; Peng's 5 Gaussians per atom,
+#   hinge1    6FLR, chain A's C-terminal domain (323-403) turning by 40 degrees, bimodal; Peng's 5 Gaussians per atom,
 #             a per-particle B-factor of 0-60 Å², uniform shifts (std 1.5 px): the model's image formation differs
 #   morphp    the morph with hinge1's image formation (Peng's 5 Gaussians, B 0-60 Å², uniform shifts)
-#   hinge2    6FLR, two independent hinges (a 2-D latent), uniform
+#   hinge2    6FLR, two independent hinges (a 2-D latent: A 323-403 by 40 and B 352-402 by 50 degrees), uniform
+# The hinges turn about the axis whose path clashes least with the rest (cryoem.simulate.parse_hinge). Until
+# session 16 they were A:290-381 and B:290-380, whose far states ran through the protein (issue 13's note).
 #   ubq       2K39, a real NMR ensemble of ubiquitin (C-alpha only), small amplitude
 #   morph001  the morph at SNR 0.01, 30 minutes
 # Every case: 8,000 particles, 64 px, 2 Å/px. Plato and cryoDRGN run side by side (one thread each),
@@ -30,9 +32,9 @@ simulate() {  # case -> simulation folder
     morphp) cryoem simulate --morph $D/3o21.pdb.gz $D/6flr.pdb.gz --potential peng5 --particle-bfactor 0 60 \
               --shift-dist uniform --shift-std 1.5 --n 8000 --snr 0.1 --quiet --out "$s" ;;
     morph001) cryoem simulate --morph $D/3o21.pdb.gz $D/6flr.pdb.gz --n 8000 --snr 0.01 --quiet --out "$s" ;;
-    hinge1) cryoem simulate --structure $D/6flr.pdb.gz --hinge A:290-381:40 --morph-dist bimodal --potential peng5 \
+    hinge1) cryoem simulate --structure $D/6flr.pdb.gz --hinge A:323-403:40 --morph-dist bimodal --potential peng5 \
               --particle-bfactor 0 60 --shift-dist uniform --shift-std 1.5 --n 8000 --quiet --out "$s" ;;
-    hinge2) cryoem simulate --structure $D/6flr.pdb.gz --hinge A:290-381:40 --hinge B:290-380:50 --n 8000 --quiet \
+    hinge2) cryoem simulate --structure $D/6flr.pdb.gz --hinge A:323-403:40 --hinge B:352-402:50 --n 8000 --quiet \
               --out "$s" ;;
     ubq) cryoem simulate --structure $D/2k39_ca_ensemble.pdb.gz --atoms ca --n 8000 --quiet --out "$s" ;;
     *) echo "unknown case $c" >&2; exit 2 ;;

@@ -2,12 +2,14 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import starfile
 import torch
 
+import cryoem
 from cryoem.cli import main
 from cryoem.ctf import CTFParams
 from cryoem.imaging import ImageFormation
@@ -154,6 +156,57 @@ def test_hinge_swings_a_rigid_domain_by_its_angle():
     pivot = (s.resnum == 60) & (s.name == "CA")
     assert np.allclose(x[1][pivot], x[0][pivot], atol=1e-4)  # the hinge atom stays put
     assert conf.output_labels().shape == (25, 2) and conf.models_for_output().n_models == 25
+
+
+def _new_overlap(x0: np.ndarray, x1: np.ndarray, dom: np.ndarray, limit: float = 3.0) -> float:
+    """Summed (limit - d)² over (domain, rest) atom pairs closer than ``limit`` Å in x1 but not in x0 (brute force)."""
+    d0 = np.linalg.norm(x0[dom][:, None] - x0[~dom][None], axis=-1)
+    d1 = np.linalg.norm(x1[dom][:, None] - x1[~dom][None], axis=-1)
+    new = (d1 < limit) & (d0 >= limit)
+    return float(((limit - d1[new]) ** 2).sum())
+
+
+def test_hinge_path_keeps_the_domain_clear_of_the_rest():
+    """6FLR's C-terminal domain, turned 40 degrees: about the chosen axis it stays clear of the rest at every t;
+    about the old fixed axis (perpendicular to the hinge and the two centroids) it ran through the protein."""
+    from cryoem.simulate import Hinge, hinge_conformations
+
+    s = read_structure(Path(cryoem.__file__).parent / "data" / "6flr.pdb.gz").select("heavy").subset(models=0)
+    conf = hinge_conformations(s, ["A:323-403:40"])
+    dom = (s.chain == "A") & (s.resnum >= 323) & (s.resnum <= 403)
+    x0 = conf.atom_coords(torch.zeros(1, 1, dtype=torch.float64))[0].double().numpy()
+    h = conf.hinges[0]
+    arm, rest = x0[dom].mean(0) - h.pivot.numpy(), x0[~dom].mean(0) - h.pivot.numpy()
+    old = Hinge(h.mask, h.pivot, torch.as_tensor(np.cross(rest, arm) / np.linalg.norm(np.cross(rest, arm))), h.angle)
+    for t in (0.5, 1.0):
+        lab = torch.tensor([t], dtype=torch.float64)
+        new_x = conf.atom_coords(lab[:, None])[0].double().numpy()
+        old_x = old.apply(torch.as_tensor(x0)[None], lab)[0].numpy()
+        assert _new_overlap(x0, new_x, dom) < 5.0
+        assert _new_overlap(x0, old_x, dom) > 50.0
+    assert h.clash == pytest.approx(_new_overlap(x0, new_x, dom), rel=1e-3, abs=1e-3)
+    ca = (s.chain == "A") & (s.resnum == 323) & (s.name == "CA")
+    assert np.allclose(new_x[ca], x0[ca], atol=1e-4)  # turns about the residue that joins it to the chain
+
+
+def test_hinge_joined_at_both_ends_turns_about_its_joints():
+    from cryoem.simulate import hinge_conformations
+
+    s = read_structure(DATA / "1ubi.pdb").select("heavy")
+    conf = hinge_conformations(s, ["A:20-40:30"])
+    x = conf.atom_coords(torch.tensor([[0.0], [1.0]], dtype=torch.float64)).double().numpy()
+    dom = (s.resnum >= 20) & (s.resnum <= 40)
+    for r in (20, 40):
+        ca = (s.resnum == r) & (s.name == "CA")
+        assert np.allclose(x[1][ca], x[0][ca], atol=1e-4)
+    assert _rotation_angle(x[0][dom], x[1][dom]) == pytest.approx(30, abs=0.01)
+
+
+def test_cli_warns_of_a_hinge_through_the_protein(tmp_path, capsys):
+    code = main(["simulate", "--structure", str(Path(cryoem.__file__).parent / "data" / "6flr.pdb.gz"),
+                 "--hinge", "A:290-381:40", "--n", "4", "--quiet", "--out", str(tmp_path / "x")])
+    err = capsys.readouterr().err
+    assert code == 0 and len(err.strip().splitlines()) == 1 and "--hinge A:290-381:40" in err and "overlaps" in err
 
 
 def test_cli_hinge_bad_spec_is_one_line(tmp_path, capsys):
