@@ -1,5 +1,6 @@
 """The Bayes ceiling of a ``cryoem simulate`` run: how well could any method order its particles by their true
-morph or hinge coordinate, knowing the true structures, poses, shifts, CTFs, per-particle B-factors and noise?
+morph or hinge coordinate (an ensemble: by their model's score on the ensemble's PC1), knowing the true
+structures, poses, shifts, CTFs, per-particle B-factors and noise?
 
     python scripts/bayes_ceiling.py SIM_DIR [--n 1000] [--grid 31] [--bfactors B.npy]
 
@@ -23,14 +24,19 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
+from cryoem.analyze import pca
 from cryoem.ctf import CTFParams
 from cryoem.imaging import fourier_filter, project
-from cryoem.simulate import Conformations, hinge_conformations, morph_conformations
+from cryoem.simulate import Conformations, ensemble_conformations, hinge_conformations, morph_conformations
 from cryoem.structure import read_structure
 
 
 def conformations(cfg: dict) -> tuple[Conformations, str]:
     """The simulation's conformations, rebuilt from its recorded settings, and the truth's key."""
+    if cfg.get("structure") and not cfg.get("hinge"):  # an ensemble (weights: uniform unless recorded)
+        s = read_structure(cfg["structure"]).select(cfg["select"])
+        w = np.loadtxt(cfg["weights"], ndmin=1) if cfg.get("weights") else None
+        return ensemble_conformations(s, w, cfg["bfactor"], cfg.get("potential", "single")), "model_index"
     if cfg.get("hinge"):
         s = read_structure(cfg["structure"]).select(cfg["select"]).subset(models=0)
         return hinge_conformations(s, cfg["hinge"], cfg["morph_dist"], cfg["bfactor"], cfg["potential"]), "hinge_t"
@@ -51,12 +57,20 @@ def posterior_means(sim: Path, n: int, grid_n: int, bfactors: np.ndarray | None)
     cfg = json.loads((sim / "config.json").read_text())["settings"]
     gt = np.load(sim / "ground_truth.npz")
     conf, key = conformations(cfg)
-    truth = gt[key].reshape(len(gt[key]), -1)[:n]
+    if conf.mode == "ensemble":  # the grid is every model; the coordinate its PC1 score (as cryoem.evaluate)
+        xyz = conf.states.reshape(conf.states.shape[0], -1).double().numpy()
+        score = pca(xyz - xyz.mean(0), 1)[0][:, :1]  # (K, 1)
+        truth, grid = score[gt[key][:n]], torch.as_tensor(score)
+        coords = conf.coords(torch.arange(len(score)))
+        w = conf.weights if conf.weights is not None else torch.ones(len(score))
+        lp = np.log(w.double().numpy() / float(w.sum()) + 1e-300)
+    else:
+        truth = gt[key].reshape(len(gt[key]), -1)[:n]
+        axis = torch.linspace(0, 1, grid_n, dtype=torch.float64)
+        grid = torch.cartesian_prod(*[axis] * truth.shape[1]).reshape(-1, truth.shape[1])
+        coords = conf.coords(grid if conf.mode == "hinge" else grid[:, 0])  # (G, K, 3) Å
+        lp = log_prior(grid.numpy(), cfg["morph_dist"])
     H = truth.shape[1]
-    axis = torch.linspace(0, 1, grid_n, dtype=torch.float64)
-    grid = torch.cartesian_prod(*[axis] * H).reshape(-1, H)
-    coords = conf.coords(grid if conf.mode == "hinge" else grid[:, 0])  # (G, K, 3) Å
-    lp = log_prior(grid.numpy(), cfg["morph_dist"])
     extra_b = gt["particle_bfactor"] if "particle_bfactor" in gt else bfactors
     extra_b = np.zeros(len(gt["R"])) if extra_b is None else extra_b
     images = mrcfile.mmap(sim / "particles.mrcs", "r").data
@@ -77,7 +91,7 @@ def posterior_means(sim: Path, n: int, grid_n: int, bfactors: np.ndarray | None)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("sim", type=Path, help="a cryoem simulate output folder (morph or hinges)")
+    p.add_argument("sim", type=Path, help="a cryoem simulate output folder (morph, hinges or ensemble)")
     p.add_argument("--n", type=int, default=1000, help="particles (the first N)")
     p.add_argument("--grid", type=int, default=31, help="values of t per coordinate")
     p.add_argument("--bfactors", type=Path, help="per-particle B (Å², .npy) for simulations that lack them")
