@@ -127,8 +127,9 @@ def parse_hinge(spec: str, s: Structure, coords: Tensor) -> Hinge:
     does: of :data:`AXIS_CANDIDATES` directions, the one whose path (t = 1/4, 1/2, 3/4, 1) has the least
     overlap with the rest (:func:`path_clash`), then the one that moves the domain furthest from the rest.
     A domain joined at both ends turns about the line through both joints, in the sign with less overlap.
-    Why: about the old fixed axis (perpendicular to the hinge and the two centroids) 6FLR's A:290-381 at 40
-    degrees passed within 0.3 Å of 300 atoms, and the atom VAE's clash prior, rightly, fought the truth.
+    Why: about the old fixed axis (perpendicular to the hinge and the two centroids), 6FLR's A:290-381 at 40
+    degrees brought up to 332 new atom pairs closer than 3 Å, the closest 0.26 Å apart, and the atom VAE's clash
+    prior, rightly, fought the truth (11.7 nats per image, more than the truth gained in the images).
     """
     try:
         chain, span, deg = spec.split(":")
