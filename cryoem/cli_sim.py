@@ -142,8 +142,9 @@ def warn_hinge_clashes(conf, specs: list[str]) -> None:
     for spec, h in zip(specs, conf.hinges or []):
         if h.clash > 10.0:
             print(f"warning: --hinge {spec}: fully turned, the domain overlaps the rest of the protein by "
-                  f"{h.clash:.0f} Å² (summed squared overlap of atom pairs under 3 Å); no real motion does this, "
-                  "and the atom VAE's clash prior will resist it: choose a smaller angle or another domain",
+                  f"{h.clash:.0f} Å² (summed squared overlap of atom pairs under 3 Å, 4 Å in C-alpha-only models); "
+                  "no real motion does this, and the atom VAE's clash prior will resist it: choose a smaller angle "
+                  "or another domain",
                   file=sys.stderr)
 
 
