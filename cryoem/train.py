@@ -154,9 +154,11 @@ def _model(spec: DataSpec, cfg: AtomVAEConfig, box: int, apix: float, n_particle
     s, x0, offset = starting_model(spec, box, apix)
     idx, amp, sig = scattering_gaussians(s, mode="single")
     bonds = bonded_pairs(s)
+    groups, labels = residue_groups(s)
+    chains = np.unique([lab.split(":")[0] for lab in labels], return_inverse=True)[1]  # (R,) each residue's chain
     model = AtomVAE(cfg, torch.as_tensor(x0), torch.as_tensor(amp), torch.as_tensor(sig),
                     torch.as_tensor(bonds), box, apix, n_particles, noise_sigma,
-                    torch.as_tensor(residue_groups(s)[0]))
+                    torch.as_tensor(groups), torch.as_tensor(chains))
     return model, s, offset
 
 

@@ -74,6 +74,9 @@ class AtomVAEConfig:
                                     "optimiser step (see AtomDecoder)")
     dec_smooth: float = setting(5.0, "Å: the decoder moves residues, smoothed over this distance (see AtomDecoder); "
                                      "0: every atom on its own (use --dec-scale 10 with it)")
+    dec_rigid: tuple[int, ...] = setting((), "residues per rigid block, one number per level (e.g. 40 10): the "
+                                              "decoder also turns and moves blocks of that many consecutive "
+                                              "residues of a chain as rigid bodies (see AtomDecoder); none: off")
     beta: float | None = setting(None, "KL weight (default 1 / zdim, as cryoDRGN)")
     kl_warmup: int = setting(500, "steps over which the KL weight ramps up from 0", cli=False)
     posterior: str = setting("laplace", "laplace: each particle's latent posterior by a Gauss-Newton step of the "
@@ -146,7 +149,8 @@ class AtomDecoder(nn.Module):
     """
 
     def __init__(self, x0: Tensor, zdim: int, hidden: int, layers: int, scale: float = 10.0,
-                 groups: Tensor | None = None, smooth: float = 0.0):
+                 groups: Tensor | None = None, smooth: float = 0.0, chains: Tensor | None = None,
+                 rigid: tuple[int, ...] = ()):
         super().__init__()
         self.register_buffer("x0", x0.clone())
         self.scale = float(scale)
@@ -168,6 +172,11 @@ class AtomDecoder(nn.Module):
         # near-zero start: the starting model to within ~0.01 Å, yet z already reaches the output
         nn.init.normal_(self.out.weight, std=1e-3 / (self.scale * hidden**0.5))
         nn.init.zeros_(self.out.bias)
+        self.blocks = nn.ModuleList()
+        if rigid:
+            group = torch.arange(len(x0)) if groups is None else torch.as_tensor(groups).long()
+            chain = torch.zeros(int(group.max()) + 1, dtype=torch.long) if chains is None else chains.long()
+            self.blocks.extend(RigidBlocks(x0, group, chain, k, hidden, self.scale) for k in rigid)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.x0 + self.displacement(z)
@@ -175,12 +184,88 @@ class AtomDecoder(nn.Module):
     def displacement(self, z: Tensor) -> Tensor:
         """(B, zdim) -> (B, N, 3) Å from the starting model."""
         h = self.mlp(z)
+        rigid = sum(block(h) for block in self.blocks)
         if self.group is None:
-            return self.scale * self.out(h).view(len(z), -1, 3)
+            return self.scale * self.out(h).view(len(z), -1, 3) + rigid
         R, H = self.kernel.shape[0], h.shape[-1]  # the kernel is folded into the last layer: once per call, not per z
         w = torch.sparse.mm(self.kernel, self.out.weight.view(R, 3 * H)).view(3 * R, H)
         b = torch.sparse.mm(self.kernel, self.out.bias.view(R, 3)).view(3 * R)
-        return self.scale * nn.functional.linear(h, w, b).view(len(z), R, 3)[:, self.group]
+        return self.scale * nn.functional.linear(h, w, b).view(len(z), R, 3)[:, self.group] + rigid
+
+
+class RigidBlocks(nn.Module):
+    """One level of rigid blocks: each chain cut into blocks of about ``length`` consecutive residues, each block
+    turned by a rotation vector and moved by a translation decoded from the hidden features h (B, H).
+
+    A residue's displacement blends its two nearest blocks' rigid motions (linear in its position along the chain,
+    so neighbouring residues never tear apart): u = sum_j w_j ((R_j - I)(x - c_j) + t_j), with c_j the block's
+    centre in the starting model. Translations are in units of ``scale`` Å, rotations in units of scale / r_j
+    radians (r_j the block's RMS radius), so that a unit moves the block's atoms about ``scale`` Å either way.
+
+    Why: a residue's gradient from one particle image is mostly noise, and the sum over a block's residues of their
+    forces and torques is not. Measured on the 6FLR hinge (SNR 0.1, 256 far particles, the decoder at 60 % of the
+    motion): the split-half agreement of the summed image gradient was 0.21 per residue and 0.35 for blocks of 20
+    residues, and its cosine with the remaining motion 0.12 against 0.28.
+    """
+
+    def __init__(self, x0: Tensor, group: Tensor, chain: Tensor, length: int, hidden: int, scale: float):
+        super().__init__()
+        if length < 1:
+            raise SettingError("dec_rigid", f"a block needs at least 1 residue, got {length}")
+        block, weight = chain_blocks(chain, length)  # (R, 2), (R, 2)
+        S = int(block.max()) + 1
+        w_atom = weight[group].to(x0.dtype)  # (N, 2)
+        mass = torch.zeros(S, dtype=x0.dtype).index_add_(0, block[group].flatten(), w_atom.flatten())
+        centre = torch.zeros(S, 3, dtype=x0.dtype).index_add_(
+            0, block[group].flatten(), (w_atom[..., None] * x0[:, None]).flatten(0, 1)) / mass[:, None]
+        r2 = torch.zeros(S, dtype=x0.dtype).index_add_(
+            0, block[group].flatten(), (w_atom * ((x0[:, None] - centre[block[group]]) ** 2).sum(-1)).flatten())
+        self.register_buffer("centre", centre, persistent=False)  # (S, 3) Å
+        self.register_buffer("radius", (r2 / mass).sqrt().clamp_min(2.0), persistent=False)  # (S,) Å
+        # u (N, 3) = sum over blocks s and k of phi[n, 4s + k] A_s[:, k], with A_s = [R_s - I | t_s - (R_s - I) c_s]
+        # (3, 4) and phi[n, 4s + k] = w_ns (x_n, 1)[k]: one sparse product for every block and batch at once
+        N = len(x0)
+        rows = torch.arange(N).repeat_interleave(8)
+        cols = (4 * block[group][:, :, None] + torch.arange(4)).flatten()
+        vals = (w_atom[:, :, None] * torch.cat([x0, torch.ones(N, 1, dtype=x0.dtype)], 1)[:, None]).flatten()
+        with torch.sparse.check_sparse_tensor_invariants():  # checked once, here (as residue_kernel)
+            phi = torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (N, 4 * S)).coalesce()
+        self.register_buffer("phi", phi, persistent=False)
+        self.scale = scale
+        self.out = nn.Linear(hidden, 6 * S)
+        nn.init.normal_(self.out.weight, std=1e-3 / (scale * hidden**0.5))
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, h: Tensor) -> Tensor:
+        """Hidden features (B, H) -> displacements (B, N, 3) Å."""
+        B = len(h)
+        o = self.scale * self.out(h).view(B, -1, 6)
+        M = axis_angle_to_matrix(o[..., 3:] / self.radius[:, None]) - torch.eye(3, dtype=h.dtype, device=h.device)
+        a = o[..., :3] - (M @ self.centre[:, :, None])[..., 0]
+        A = torch.cat([M, a[..., None]], -1)  # (B, S, 3, 4)
+        u = torch.sparse.mm(self.phi, A.permute(1, 3, 0, 2).reshape(-1, 3 * B))  # (N, 3B)
+        return u.view(-1, B, 3).transpose(0, 1)
+
+
+def chain_blocks(chain: Tensor, length: int) -> tuple[Tensor, Tensor]:
+    """Cut each chain (``chain``: (R,) chain index of each residue, residues in chain order) into
+    round(n / length) blocks (at least 1). Returns each residue's two nearest blocks (R, 2) int64 and their
+    weights (R, 2), which sum to 1 and change linearly along the chain between block centres."""
+    block = torch.zeros(len(chain), 2, dtype=torch.long)
+    weight = torch.zeros(len(chain), 2, dtype=torch.float32)
+    first = 0
+    for c in torch.unique(chain, sorted=True):
+        idx = torch.nonzero(chain == c)[:, 0]
+        n = len(idx)
+        nb = max(1, round(n / length))
+        u = (torch.arange(n, dtype=torch.float32) + 0.5) * nb / n - 0.5  # position in block units
+        lo = u.floor().clamp(0, nb - 1)
+        f = (u - lo).clamp(0, 1) * (lo < nb - 1)
+        block[idx, 0] = first + lo.long()
+        block[idx, 1] = first + (lo.long() + 1).clamp_max(nb - 1)
+        weight[idx, 0], weight[idx, 1] = 1 - f, f
+        first += nb
+    return block, weight
 
 
 def residue_kernel(x0: Tensor, groups: Tensor, width: float) -> Tensor:
@@ -239,6 +324,7 @@ class AtomVAE(nn.Module):
         noise_sigma: pixel noise standard deviation of the images (image units).
         groups: (N,) residue index of each atom (``cryoem.structure.residue_groups``), for ``dec_smooth``;
             None: every atom its own residue.
+        chains: (R,) chain index of each residue of ``groups``, for ``dec_rigid``; None: one chain.
     A batch is a dict with ``image`` (B, 1, D, D), ``R`` (B, 3, 3), ``shift_A`` (B, 2) Å,
     ``ctf`` (B, 9) (``CTFParams.as_tensor``) and ``index`` (B,).
     """
@@ -246,7 +332,8 @@ class AtomVAE(nn.Module):
     kind = "atom-vae"  # run kind (config.json)
 
     def __init__(self, cfg: AtomVAEConfig, x0: Tensor, amplitudes: Tensor, sigmas: Tensor, bonds: Tensor,
-                 box: int, apix: float, n_particles: int, noise_sigma: float, groups: Tensor | None = None):
+                 box: int, apix: float, n_particles: int, noise_sigma: float, groups: Tensor | None = None,
+                 chains: Tensor | None = None):
         super().__init__()
         if cfg.likelihood not in ("gaussian", "correlation"):
             raise SettingError("likelihood", f"expected gaussian or correlation, got {cfg.likelihood!r}")
@@ -264,7 +351,8 @@ class AtomVAE(nn.Module):
             raise SettingError("enc_downsample", f"{cfg.enc_downsample} must divide the box size {self.box}")
         channels = 2 if cfg.enc_reference else 1
         self.encoder = ConvEncoder(channels, self.box // self.enc_pool, cfg.zdim, width=cfg.enc_width)
-        self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers, cfg.dec_scale, groups, cfg.dec_smooth)
+        self.decoder = AtomDecoder(x0, cfg.zdim, cfg.dec_hidden, cfg.dec_layers, cfg.dec_scale, groups, cfg.dec_smooth,
+                                   chains, cfg.dec_rigid)
         self.register_buffer("amplitudes", amplitudes.float())
         self.register_buffer("sigmas", sigmas.float())
         self.register_buffer("noise_sigma", torch.tensor(float(noise_sigma)))

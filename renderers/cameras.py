@@ -445,15 +445,19 @@ def matrix_to_euler_zyz(A: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def axis_angle_to_matrix(v: Tensor) -> Tensor:
-    """(B, 3) rotation vectors (axis * angle, radians) -> (B, 3, 3) by Rodrigues' formula."""
-    theta = v.norm(dim=-1, keepdim=True)
-    k = v / theta.clamp_min(1e-12)
-    K = torch.zeros(*v.shape[:-1], 3, 3, dtype=v.dtype, device=v.device)
-    K[..., 0, 1], K[..., 0, 2], K[..., 1, 2] = -k[..., 2], k[..., 1], -k[..., 0]
-    K = K - K.transpose(-1, -2)
-    s, c = torch.sin(theta)[..., None], torch.cos(theta)[..., None]
-    eye = torch.eye(3, dtype=v.dtype, device=v.device).expand_as(K)
-    return eye + s * K + (1 - c) * (K @ K)
+    """(..., 3) rotation vectors (axis * angle, radians) -> (..., 3, 3) by Rodrigues' formula,
+    R = I + sin(t)/t W + (1 - cos(t))/t^2 W^2 with W the cross-product matrix of v and t = |v|.
+    Finite, with finite gradients, at v = 0 (the two coefficients by their Taylor series below 1e-3 rad)."""
+    t2 = (v * v).sum(-1)[..., None, None]
+    small = t2 < 1e-6
+    t = torch.where(small, torch.ones_like(t2), t2).sqrt()  # no sqrt(0): its gradient is infinite
+    a = torch.where(small, 1 - t2 / 6, torch.sin(t) / t)
+    b = torch.where(small, 0.5 - t2 / 24, (1 - torch.cos(t)) / t**2)
+    W = torch.zeros(*v.shape[:-1], 3, 3, dtype=v.dtype, device=v.device)
+    W[..., 0, 1], W[..., 0, 2], W[..., 1, 2] = -v[..., 2], v[..., 1], -v[..., 0]
+    W = W - W.transpose(-1, -2)
+    eye = torch.eye(3, dtype=v.dtype, device=v.device).expand_as(W)
+    return eye + a * W + b * (W @ W)
 
 
 def rotation_6d_to_matrix(x: Tensor) -> Tensor:

@@ -475,3 +475,57 @@ def test_smooth_decoder_moves_residues_by_the_smoothed_last_layer():
         dec.out.weight.zero_()
         dec.out.bias.copy_(torch.tensor([0.1, -0.2, 0.3]).repeat(10))
     torch.testing.assert_close(dec.displacement(z), torch.tensor([1.0, -2.0, 3.0]).expand(5, 40, 3))
+
+
+def test_chain_blocks_blend_two_neighbouring_blocks_linearly_within_each_chain():
+    from cryoem.vae import chain_blocks
+
+    chain = torch.tensor([0] * 12 + [1] * 5)
+    block, weight = chain_blocks(chain, 4)
+    # chain 0: 3 blocks of 4 residues, centres at residues 1.5, 5.5, 9.5; chain 1: round(5 / 4) = 1 block (index 3)
+    u = (torch.arange(12) + 0.5) / 4 - 0.5  # position in block units
+    want = torch.stack([u.floor().clamp(0, 2), (u.floor() + 1).clamp(0, 2)], 1).long()
+    frac = (u - u.floor()).where((u > 0) & (u < 2), torch.zeros(12))
+    torch.testing.assert_close(block[:12, 0], want[:, 0])
+    torch.testing.assert_close(block[:12, 1][frac > 0], want[:, 1][frac > 0])  # the second block where it counts
+    torch.testing.assert_close(weight[:12, 1], frac)
+    torch.testing.assert_close(weight.sum(1), torch.ones(17))
+    assert (block[12:] == 3).all() and (weight[12:, 0] == 1).all()  # never a block of the other chain
+
+
+def test_rigid_blocks_turn_and_move_each_block_as_a_rigid_body():
+    from cryoem.vae import AtomDecoder
+
+    torch.manual_seed(0)
+    x0 = 15 * torch.randn(120, 3, dtype=torch.float64)
+    groups = torch.arange(120) // 2  # 60 residues of 2 atoms, one chain: 3 blocks of 20
+    dec = AtomDecoder(x0, 2, 16, 2, scale=0.5, groups=groups, smooth=0.0, rigid=(20,)).double()
+    blocks = dec.blocks[0]
+    with torch.no_grad():
+        dec.out.weight.zero_()
+        blocks.out.weight.zero_()
+        rotvec, shift = torch.tensor([0.3, -0.5, 0.4], dtype=torch.float64), torch.tensor([2.0, -1.0, 3.0],
+                                                                                         dtype=torch.float64)
+        bias = torch.zeros(3, 6, dtype=torch.float64)
+        bias[0, :3], bias[0, 3:] = shift / 0.5, rotvec * blocks.radius[0] / 0.5  # block 0 only
+        blocks.out.bias.copy_(bias.flatten())
+    x = dec(torch.zeros(1, 2, dtype=torch.float64))[0]
+    core = groups < 10  # residues 0-9: before block 0's centre (9.5), all in block 0
+    c = blocks.centre[0]
+    angle = rotvec.norm()
+    k = rotvec / angle
+    rel = x0[core] - c
+    rodrigues = (rel * torch.cos(angle) + torch.linalg.cross(k.expand_as(rel), rel) * torch.sin(angle)
+                 + k * (rel @ k)[:, None] * (1 - torch.cos(angle)))
+    torch.testing.assert_close(x[core], c + rodrigues + shift)
+    torch.testing.assert_close(x[groups >= 30], x0[groups >= 30])  # blocks 1 and 2 did not move: block 2 stays
+    mid = (groups >= 10) & (groups < 30)  # between block 0's centre and block 1's: a linear blend of the two
+    w0 = 1 - ((groups[mid] + 0.5) / 20 - 0.5)
+    torch.testing.assert_close(x[mid], x0[mid] + w0[:, None] * (c + (x0[mid] - c) @ dec_rotation(rotvec).T + shift
+                                                                 - x0[mid]))
+
+
+def dec_rotation(v):
+    from renderers.cameras import axis_angle_to_matrix
+
+    return axis_angle_to_matrix(v[None])[0]
