@@ -500,7 +500,7 @@ def test_rigid_blocks_turn_and_move_each_block_as_a_rigid_body():
     x0 = 15 * torch.randn(120, 3, dtype=torch.float64)
     groups = torch.arange(120) // 2  # 60 residues of 2 atoms, one chain: 3 blocks of 20
     dec = AtomDecoder(x0, 2, 16, 2, scale=0.5, groups=groups, smooth=0.0, rigid=(20,)).double()
-    blocks = dec.blocks[0]
+    blocks = dec.rigid
     with torch.no_grad():
         dec.out.weight.zero_()
         blocks.out.weight.zero_()
