@@ -44,7 +44,8 @@ PATH_FIELDS = ("particles", "structure", "poses", "ctf", "datadir", "passthrough
 RUN_OUTPUTS = ("model.json", "train_log.csv", "half1", "half2", "analysis", *RUN_FILES)
 # settings of runs written before they existed: the behaviour those runs had
 OLD_MODEL_DEFAULTS = {"enc_reference": False, "posterior": "amortized", "dec_scale": 1.0, "whiten_every": 0,
-                      "warm_start": False, "particle_nuisance": False, "dec_smooth": 0.0}
+                      "warm_start": False, "particle_nuisance": False, "dec_smooth": 0.0,
+                      "dec_rigid": (), "search": 0}
 
 
 @dataclass

@@ -74,7 +74,7 @@ class AtomVAEConfig:
                                     "optimiser step (see AtomDecoder)")
     dec_smooth: float = setting(5.0, "Å: the decoder moves residues, smoothed over this distance (see AtomDecoder); "
                                      "0: every atom on its own (use --dec-scale 10 with it)")
-    dec_rigid: tuple[int, ...] = setting((), "residues per rigid block, one number per level (e.g. 40 10): the "
+    dec_rigid: tuple[int, ...] = setting((20,), "residues per rigid block, one number per level (e.g. 40 10): the "
                                               "decoder also turns and moves blocks of that many consecutive "
                                               "residues of a chain as rigid bodies (see RigidBlocks); 0: off")
     beta: float | None = setting(None, "KL weight (default 1 / zdim, as cryoDRGN)")
@@ -88,6 +88,8 @@ class AtomVAEConfig:
                                             "(see AtomVAE.laplace)")
     warm_start: bool = setting(True, "laplace: start each particle's Gauss-Newton step from its posterior mean at "
                                      "its last visit")
+    search: int = setting(8, "laplace: other particles' posterior means tried as each particle's start, per step "
+                             "(see AtomVAE.search); 0: off")
     whiten_every: int = setting(100, "laplace: steps between re-expressions of the latent (PX-EM, see "
                                      "AtomVAE.whiten): axes along the decoder's directions of structural change, "
                                      "largest first, prior = aggregate posterior; 0: off")
@@ -415,7 +417,7 @@ class AtomVAE(nn.Module):
         batch = self.with_poses(batch)
         mu, logvar = self._encode(batch)
         if self.cfg.posterior == "laplace":
-            mu, precision, _ = self.laplace(batch, self.warm_start(batch, mu))
+            mu, precision, _ = self.laplace(batch, self.search(batch, self.warm_start(batch, mu), mu))
             return mu, torch.linalg.inv(precision).diagonal(dim1=-2, dim2=-1).log()
         return mu, logvar
 
@@ -487,6 +489,43 @@ class AtomVAE(nn.Module):
             return guess
         seen = self.z_seen[index]
         return torch.where(seen[:, None], self.z_last[index], guess)
+
+    @torch.no_grad()
+    def search(self, batch: dict, z: Tensor, guess: Tensor) -> Tensor:
+        """The most probable start for each particle's Gauss-Newton steps (B, zdim): of its warm start ``z``, the
+        encoder's ``guess`` (both (B, zdim)) and the stored posterior means of ``search`` other particles drawn at
+        random, the one with the highest log posterior (the image's log-likelihood plus the log prior), each
+        rendered at the particle's pose, CTF and stored nuisance.
+
+        Why: a particle's log posterior along the latent often has more than one maximum (the same image fits
+        a domain turned a little one way or the other), and Gauss-Newton steps only climb the one they start in.
+        Measured on the 6FLR hinge after 10 minutes (blocks of 20 residues, 1,000 particles, a grid of 41 points
+        along latent PC1): half the particles had two or more maxima, one in ten sat more than 0.9 prior standard
+        deviations from its best, and the grid's best ordered the particles with |rho| 0.90 where the stored
+        means gave 0.81. Other particles' means sample where the particles are (both states of a bimodal
+        motion), at the cost of ``search`` renderings per particle, without derivatives. Outside training the
+        draws are seeded, so that encoding is repeatable.
+        """
+        G = self.cfg.search
+        seen = torch.nonzero(self.z_seen)[:, 0]
+        if G <= 0 or len(seen) == 0:
+            return z
+        B, K = z.shape
+        gen = None if self.training else torch.Generator(device=seen.device).manual_seed(0)
+        pick = seen[torch.randint(len(seen), (B, G), generator=gen, device=seen.device)]
+        cand = torch.cat([z[:, None], guess[:, None], self.z_last[pick].to(z.dtype)], 1)  # (B, G + 2, K)
+        C = cand.shape[1]
+
+        def rep(t: Tensor | None) -> Tensor | None:
+            return None if t is None else t.repeat_interleave(C, 0)
+
+        index = batch.get("index")
+        nu = self.stored_nuisance(index)
+        img = self.render(self.decoder(cand.reshape(B * C, K)), rep(batch["R"]), rep(batch["shift_A"]),
+                          rep(batch["ctf"]), rep(index), None, rep(nu if nu is not None else None))
+        nll = self.reconstruction(rep(batch["image"]), img, None).view(B, C)
+        log_post = -nll - 0.5 * (cand**2 / self.prior_var.to(z.dtype)).sum(-1)
+        return cand[torch.arange(B, device=z.device), log_post.argmax(1)]
 
     @torch.no_grad()
     def _remember(self, batch: dict, mu: Tensor, nuisance: Tensor | None = None) -> None:
@@ -706,7 +745,8 @@ class AtomVAE(nn.Module):
         enc_fit, nuisance = None, None
         if c.posterior == "laplace":  # the encoder learns to predict the Laplace posterior it starts from
             mu_enc, logvar_enc = mu, logvar
-            mu, precision, nuisance = self.laplace(batch, self.warm_start(batch, mu_enc.detach()))
+            guess = mu_enc.detach()
+            mu, precision, nuisance = self.laplace(batch, self.search(batch, self.warm_start(batch, guess), guess))
             z, kl = sample_precision(mu, precision, self.prior_var)
             cov = torch.linalg.inv(precision)
             logvar = cov.diagonal(dim1=-2, dim2=-1).log()

@@ -371,7 +371,8 @@ def test_smoothed_decoder_trains_and_reloads(sim, tmp_path):
 
     out = tmp_path / "smooth"
     r = cryoem("train", "--particles", sim / "particles.star", "--structure", sim / "gt_models.pdb", "--atoms", "ca",
-               "--center", "none", "--zdim", 2, "--steps", 3, "--batch-size", 16, "--dec-smooth", 6, "--out", out)
+               "--center", "none", "--zdim", 2, "--steps", 3, "--batch-size", 16, "--dec-smooth", 6, "--dec-rigid", 0,
+               "--out", out)
     assert r.returncode == 0, r.stderr
     assert json.loads((out / "model.json").read_text())["model"]["dec_smooth"] == 6
     model, _, s = load_model(out)
