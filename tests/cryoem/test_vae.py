@@ -540,7 +540,7 @@ def dec_rotation(v):
 
 @pytest.mark.parametrize("truth", [1.5, -1.5])
 def test_search_starts_from_the_candidate_that_explains_the_image(truth):
-    """Particles imaged at z = ``truth``, warm-started and guessed at -1.5, with one other particle's stored mean
+    """Particles imaged at z = ``truth``, warm-started at -1.5, with one other particle's stored mean
     at +1.5 on offer: the search must start every particle from the true latent, whichever it is."""
     torch.manual_seed(0)
     batch, u, x0, bonds = toy_data(n=6, snr=1.0)
@@ -553,7 +553,7 @@ def test_search_starts_from_the_candidate_that_explains_the_image(truth):
         batch["image"] = clean + 0.3 * clean.std() * torch.randn_like(clean)
         model.z_last[100], model.z_seen[100] = 1.5, True  # the only stored mean on offer
         wrong = torch.full((6, 1), -1.5)
-        start = model.search(batch, wrong, wrong)
+        start = model.search(batch, wrong)
         torch.testing.assert_close(start, torch.full((6, 1), truth))
         model.cfg.search = 0
-        assert model.search(batch, wrong, wrong) is wrong
+        assert model.search(batch, wrong) is wrong
