@@ -532,7 +532,7 @@ class AtomVAE(nn.Module):
         index = batch.get("index")
         nu = self.stored_nuisance(index)
         img = self.render(self.decoder(cand.reshape(B * C, K)), rep(batch["R"]), rep(batch["shift_A"]),
-                          rep(batch["ctf"]), rep(index), None, rep(nu if nu is not None else None))
+                          rep(batch["ctf"]), rep(index), None, rep(nu))
         nll = self.reconstruction(rep(batch["image"]), img, None).view(B, C)
         log_post = -nll - 0.5 * (cand**2 / self.prior_var.to(z.dtype)).sum(-1)
         return cand[torch.arange(B, device=z.device), log_post.argmax(1)]
