@@ -33,7 +33,7 @@ def project(coords: Tensor, amplitudes: Tensor, sigmas: Tensor, R: Tensor, pixel
     """Noise-free projections (B, 1, box, box) of atoms at poses R (B, 3, 3).
 
     Args:
-        coords: (N, 3) or (B, N, 3) Å, relative to the rotation centre.
+        coords: (N, 3) or (B, N, 3) Å, relative to the rotation centre, or ``renderers.gaussian.AffineUnits``.
         amplitudes, sigmas: (N,) or (B, N): Gaussian masses and widths (Å).
         shift_A: optional (B, 2) exact in-plane shift (Å); ``None`` renders centred.
     Returns:
@@ -48,7 +48,8 @@ def project(coords: Tensor, amplitudes: Tensor, sigmas: Tensor, R: Tensor, pixel
 def project_jvp(coords: Tensor, tangents: Tensor, amplitudes: Tensor, sigmas: Tensor, R: Tensor, pixel_size: float,
                 box: int, shift_A: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """:func:`project` (B, 1, box, box) and its derivatives (B, K, box, box) along ``tangents`` (B, K, N, 3) Å per
-    unit (``renderers.gaussian.gaussian_projection_jvp``); coords (B, N, 3) Å. No gradients."""
+    unit (``renderers.gaussian.gaussian_projection_jvp``); coords (B, N, 3) Å, or ``AffineUnits`` with tangent maps
+    (B, K, U, 3, 4). No gradients."""
     if shift_A is None:
         shift_A = R.new_zeros(R.shape[0], 2)
     cam = Camera.from_pose(R, shift_A, pixel_size, box)

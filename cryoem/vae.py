@@ -61,6 +61,7 @@ from plato_core.objective import active_units, gaussian_kl, gaussian_log_likelih
 from plato_core.runinfo import UserError
 from plato_core.settings import SettingError, setting
 from renderers.cameras import axis_angle_to_matrix, rotation_6d_to_matrix
+from renderers.gaussian import AffineUnits
 
 
 @dataclass
@@ -194,19 +195,37 @@ class AtomDecoder(nn.Module):
     def forward(self, z: Tensor) -> Tensor:
         return self.x0 + self.displacement(z)
 
-    def displacement(self, z: Tensor) -> Tensor:
-        """(B, zdim) -> (B, N, 3) Å from the starting model."""
+    def _fine(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, zdim) -> the hidden features (B, H) and the fine displacement of each unit (B, U, 3) Å."""
         h = self.mlp(z)
         if self.group is None:
-            fine = self.scale * self.out(h).view(len(z), -1, 3)
-        else:  # the kernel is folded into the last layer: once per call, not per z
-            R, H = self.kernel.shape[0], h.shape[-1]
-            w = torch.sparse.mm(self.kernel, self.out.weight.view(R, 3 * H)).view(3 * R, H)
-            b = torch.sparse.mm(self.kernel, self.out.bias.view(R, 3)).view(3 * R)
-            fine = self.scale * nn.functional.linear(h, w, b).view(len(z), R, 3)
+            return h, self.scale * self.out(h).view(len(z), -1, 3)
+        R, H = self.kernel.shape[0], h.shape[-1]  # the kernel is folded into the last layer: once per call, not per z
+        w = torch.sparse.mm(self.kernel, self.out.weight.view(R, 3 * H)).view(3 * R, H)
+        b = torch.sparse.mm(self.kernel, self.out.bias.view(R, 3)).view(3 * R)
+        return h, self.scale * nn.functional.linear(h, w, b).view(len(z), R, 3)
+
+    def displacement(self, z: Tensor) -> Tensor:
+        """(B, zdim) -> (B, N, 3) Å from the starting model."""
+        h, fine = self._fine(z)
         if self.rigid is not None:
             return self.rigid(h, fine)
         return fine if self.group is None else fine[:, self.group]
+
+    @property
+    def unit(self) -> Tensor:
+        """(N,) each atom's unit: its residue (smoothed decoder) or itself."""
+        return torch.arange(len(self.x0), device=self.x0.device) if self.group is None else self.group
+
+    def units(self, z: Tensor) -> AffineUnits:
+        """The structures of :meth:`forward` as affine maps of the units (B, U, 3, 4): atom n of structure b is
+        at ``maps[b, unit[n]] @ (x0[n], 1)``. Renderers place the atoms themselves (``renderers.gaussian``), so
+        a Gauss-Newton step or a search never builds (B, N, 3) arrays: U is the residue count, N the atoms'."""
+        h, fine = self._fine(z)
+        if self.rigid is not None:
+            return AffineUnits(self.x0, self.unit, self.rigid.unit_motion(h, fine, identity=True))
+        eye = torch.eye(3, dtype=fine.dtype, device=fine.device).expand(*fine.shape[:2], 3, 3)
+        return AffineUnits(self.x0, self.unit, torch.cat([eye, fine[..., None]], -1))
 
 
 class RigidBlocks(nn.Module):
@@ -246,11 +265,10 @@ class RigidBlocks(nn.Module):
         unit_res = torch.zeros(U, dtype=torch.long).index_copy_(0, unit, residue)  # each unit's residue
         block = torch.cat(blocks, 1)[unit_res]  # (U, 2 levels) blocks and weights of each unit
         weight = torch.cat(weights, 1)[unit_res].to(x0.dtype)
+        # a unit's rigid motion is sum_j weight[u, j] A_block[u, j]: two blocks per level
+        self.register_buffer("block", block, persistent=False)  # (U, 2 levels)
+        self.register_buffer("weight", weight, persistent=False)  # (U, 2 levels)
         with torch.sparse.check_sparse_tensor_invariants():  # checked once, here (as residue_kernel)
-            # blend (U, S): a unit's rigid motion is sum_s blend[u, s] A_s
-            rows = torch.arange(U).repeat_interleave(block.shape[1])
-            self.register_buffer("blend", torch.sparse_coo_tensor(
-                torch.stack([rows, block.flatten()]), weight.flatten(), (U, S)).coalesce(), persistent=False)
             # place (N, 4U): an atom's displacement is sum_k place[n, 4u + k] A_u[:, k], A_u = [M_u | a_u] (3, 4)
             N = len(x0)
             rows = torch.arange(N).repeat_interleave(4)
@@ -259,7 +277,8 @@ class RigidBlocks(nn.Module):
             self.register_buffer("place", torch.sparse_coo_tensor(
                 torch.stack([rows, cols]), vals, (N, 4 * U)).coalesce(), persistent=False)
         # each block's centre and RMS radius in the starting model, over its atoms weighted by their blend
-        wa = self.blend.to_dense()[unit]  # (N, S); built once
+        blend = torch.zeros(U, S, dtype=x0.dtype).scatter_add_(1, block, weight)  # (U, S); built once
+        wa = blend[unit]  # (N, S)
         mass = wa.sum(0)
         self.register_buffer("centre", (wa.T @ x0) / mass[:, None], persistent=False)  # (S, 3) Å
         r2 = (wa * ((x0[:, None] - self.centre[None]) ** 2).sum(-1)).sum(0) / mass
@@ -272,14 +291,24 @@ class RigidBlocks(nn.Module):
     def forward(self, h: Tensor, fine: Tensor) -> Tensor:
         """Hidden features (B, H) and the fine displacement of each unit (B, U, 3) Å -> displacements (B, N, 3) Å."""
         B = len(h)
+        A = self.unit_motion(h, fine).permute(1, 3, 0, 2)  # (U, 4, B, 3): [unit, column k, batch, row i]
+        u = torch.sparse.mm(self.place, A.reshape(-1, 3 * B))  # (N, 3B)
+        return u.view(-1, B, 3).transpose(0, 1)
+
+    def unit_motion(self, h: Tensor, fine: Tensor, identity: bool = False) -> Tensor:
+        """Each unit's affine displacement (B, U, 3, 4): an atom x of unit u moves by ``A[:, u] @ (x, 1)`` Å; from
+        hidden features (B, H) and fine displacements (B, U, 3) Å. ``identity``: plus [I | 0], the unit's map."""
+        B = len(h)
         o = self.scale * self.out(h).view(B, -1, 6)
         M = axis_angle_to_matrix(o[..., 3:] / self.radius[:, None]) - torch.eye(3, dtype=h.dtype, device=h.device)
         a = o[..., :3] - (M @ self.centre[:, :, None])[..., 0]  # u = M x + a
-        A = torch.cat([M, a[..., None]], -1).permute(1, 3, 0, 2)  # (S, 4, B, 3): [block, column k, batch, row i]
-        A = torch.sparse.mm(self.blend, A.reshape(len(A), -1)).view(-1, 4, B, 3)  # (U, 4, B, 3) per unit
-        A = torch.cat([A[:, :3], A[:, 3:] + fine.transpose(0, 1)[:, None]], 1)  # the fine part: a translation
-        u = torch.sparse.mm(self.place, A.reshape(-1, 3 * B))  # (N, 3B)
-        return u.view(-1, B, 3).transpose(0, 1)
+        A = torch.cat([M, a[..., None]], -1)  # (B, S, 3, 4) per block
+        fine = torch.nn.functional.pad(fine[..., None], (3, 0))  # the fine part: a translation
+        if identity:
+            fine = fine + torch.eye(3, 4, dtype=h.dtype, device=h.device)
+        for j in range(self.block.shape[1]):
+            fine = fine + A[:, self.block[:, j]] * self.weight[:, j, None, None]
+        return fine
 
 
 def chain_blocks(chain: Tensor, length: int) -> tuple[Tensor, Tensor]:
@@ -463,10 +492,11 @@ class AtomVAE(nn.Module):
         A = P
         for _ in range(max(1, self.cfg.gn_steps)):
             zz = torch.cat([z[:, None], z[:, None] + torch.diag(steps)], 1).reshape(B * (K + 1), K)
-            u = self.decoder.displacement(zz).reshape(B, K + 1, -1, 3)
-            tangents = (u[:, 1:] - u[:, :1]) / steps[:, None, None]  # (B, K, N, 3) Å per unit of z_k
-            m, J = self.render_jvp(self.decoder.x0 + u[:, 0], tangents, batch["R"], batch["shift_A"],
-                                   batch["ctf"], index, nu)
+            units = self.decoder.units(zz)
+            maps = units.maps.reshape(B, K + 1, *units.maps.shape[1:])
+            tangents = (maps[:, 1:] - maps[:, :1]) / steps[:, None, None, None]  # (B, K, U, 3, 4) per unit of z_k
+            units.maps = maps[:, 0]
+            m, J = self.render_jvp(units, tangents, batch["R"], batch["shift_A"], batch["ctf"], index, nu)
             m, J = m.reshape(B, -1), J.reshape(B, K, -1)
             theta = z if nu is None else torch.cat([z, nu.to(z.dtype)], 1)
             if nu is not None:
@@ -531,7 +561,7 @@ class AtomVAE(nn.Module):
 
         index = batch.get("index")
         nu = self.stored_nuisance(index)
-        img = self.render(self.decoder(cand.reshape(B * C, K)), rep(batch["R"]), rep(batch["shift_A"]),
+        img = self.render(self.decoder.units(cand.reshape(B * C, K)), rep(batch["R"]), rep(batch["shift_A"]),
                           rep(batch["ctf"]), rep(index), None, rep(nu))
         nll = self.reconstruction(rep(batch["image"]), img, None).view(B, C)
         log_post = -nll - 0.5 * (cand**2 / self.prior_var.to(z.dtype)).sum(-1)
@@ -632,9 +662,10 @@ class AtomVAE(nn.Module):
             shift = shift + d[:, 3:5]
         return R, shift
 
-    def render(self, coords: Tensor, R: Tensor, shift: Tensor, ctf: Tensor, index: Tensor | None = None,
+    def render(self, coords: Tensor | AffineUnits, R: Tensor, shift: Tensor, ctf: Tensor, index: Tensor | None = None,
                step: int | None = None, nuisance: Tensor | None = None) -> Tensor:
-        """Model images (B, 1, D, D): projection of ``coords`` (B, N, 3), CTF, scale (and the curriculum).
+        """Model images (B, 1, D, D): projection of ``coords`` (B, N, 3) Å or of the decoder's
+        :meth:`AtomDecoder.units`, CTF, scale (and the curriculum).
 
         ``nuisance`` (B, 2): per-image log contrast and B-factor (Å²), applied as ``exp(c - B k^2 / 4)``
         in Fourier space (k in 1/Å); None: the particles' stored ones (:meth:`stored_nuisance`).
@@ -646,9 +677,10 @@ class AtomVAE(nn.Module):
         return torch.exp(self.log_scale) * fourier_filter(proj, self.apix, None, c)
 
     @torch.no_grad()
-    def render_jvp(self, coords: Tensor, tangents: Tensor, R: Tensor, shift: Tensor, ctf: Tensor,
+    def render_jvp(self, coords: Tensor | AffineUnits, tangents: Tensor, R: Tensor, shift: Tensor, ctf: Tensor,
                    index: Tensor | None = None, nuisance: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """:meth:`render` of ``coords`` (B, N, 3) and its derivatives along ``tangents`` (B, K, N, 3) (Å per unit):
+        """:meth:`render` of ``coords`` (B, N, 3) and its derivatives along ``tangents`` (B, K, N, 3) (Å per unit),
+        or of :class:`AffineUnits` and tangent maps (B, K, U, 3, 4):
         model images (B, 1, D, D) and (B, K, D, D), through the same pose, CTF, nuisance and scale (no curriculum)."""
         R, shift = self.pose(R, shift, index)
         img, jvp = project_jvp(coords, tangents, self.amplitudes, self.sigmas, R, self.apix, self.box, shift)

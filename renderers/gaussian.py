@@ -39,7 +39,9 @@ summing the map along z times ``voxel_size`` gives the projection at R = I.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
@@ -47,7 +49,7 @@ from torch import Tensor
 from renderers._validate import check_tensor
 from renderers.cameras import Camera
 
-__all__ = ["GaussianProjector", "gaussian_projection", "gaussian_projection_jvp", "gaussian_density_map",
+__all__ = ["AffineUnits", "GaussianProjector", "gaussian_projection", "gaussian_projection_jvp", "gaussian_density_map",
            "pixel_integrals"]
 
 _SQRT1_2 = 1.0 / math.sqrt(2.0)
@@ -135,12 +137,49 @@ def _prepare(centers: Tensor, amplitudes, sigmas, B: int, like: Tensor | None = 
     return centers.expand(B, N, 3), a, s
 
 
+@dataclass
+class AffineUnits:
+    """Gaussian centres that move with affine units: centre n of view b is ``maps[b, unit[n]] @ (points[n], 1)``.
+
+    Args:
+        points: (N, 3) reference positions (world units).
+        unit: (N,) int64, each Gaussian's unit in ``[0, U)``.
+        maps: (B, U, 3, 4) each unit's affine map per view (world units).
+
+    A model that moves atoms by residues or rigid blocks (``cryoem``'s decoder) gives U x 12 numbers per view
+    instead of N x 3 centres, and the numba backend places each Gaussian inside its compiled loop: neither the
+    centres nor their tangents (:func:`gaussian_projection_jvp`) are built per Gaussian. Measured on a
+    6,028-atom model in 750 units, a Gauss-Newton step's decode, projection and splat ran in 0.16 s against
+    0.40 s from centres. The torch backend renders :meth:`centers`.
+    """
+
+    points: Tensor
+    unit: Tensor
+    maps: Tensor
+
+    def __post_init__(self) -> None:
+        N = check_tensor("points", self.points, [("N", 3)])["N"]
+        check_tensor("maps", self.maps, [("B", "U", 3, 4)], like=self.points)
+        if self.unit.dtype != torch.long or tuple(self.unit.shape) != (N,):
+            raise ValueError(f"unit: expected int64 of shape ({N},), got {self.unit.dtype} {tuple(self.unit.shape)}")
+        if N and (int(self.unit.min()) < 0 or int(self.unit.max()) >= self.maps.shape[1]):
+            raise ValueError(f"unit: expected indices in [0, {self.maps.shape[1]}), got "
+                             f"[{int(self.unit.min())}, {int(self.unit.max())}]")
+
+    def centers(self, maps: Tensor | None = None) -> Tensor:
+        """(B, N, 3) centres of ``maps`` (default this object's); with tangent maps (B, K, U, 3, 4), the
+        tangents (B, K, N, 3)."""
+        m = self.maps if maps is None else maps
+        return (m[..., self.unit, :, :3] @ self.points[:, :, None] + m[..., self.unit, :, 3:])[..., 0]
+
+
 def gaussian_projection(centers: Tensor, amplitudes: Tensor | float, sigmas: Tensor | float,
                         camera: Camera, backend: str = "auto") -> Tensor:
     """Exact pixel-integrated line-integral images of isotropic Gaussians.
 
     Args:
-        centers: (N, 3) shared by every view, or (B, N, 3) one set per view; world units (Å).
+        centers: (N, 3) shared by every view, or (B, N, 3) one set per view; world units (Å); or
+            :class:`AffineUnits` (differentiable with respect to its maps).
         amplitudes: scalar, (N,) or (B, N): mass of each Gaussian.
         sigmas: scalar, (N,) or (B, N): standard deviation, world units (Å), > 0.
         camera: B orthographic cameras (``Camera.from_pose`` / ``from_relion`` for cryo-EM).
@@ -154,8 +193,15 @@ def gaussian_projection(centers: Tensor, amplitudes: Tensor | float, sigmas: Ten
     if not isinstance(camera, Camera) or not camera.orthographic:
         raise ValueError("camera: expected an orthographic renderers.cameras.Camera")
     B = len(camera)
-    c, a, s = _prepare(centers, amplitudes, sigmas, B, like=camera.R)
     H, W = camera.image_size
+    if isinstance(centers, AffineUnits):
+        shared = _units_shared(centers, amplitudes, sigmas, B, camera)
+        if shared is not None and _select_backend(backend, centers.maps, *shared, camera) == "numba":
+            out = _NumbaUnits.apply(centers.maps, _camera_map(camera), centers, *shared, camera.focal.detach(),
+                                    (H, W), _default_tail(camera.dtype))
+            return out[:, None]
+        centers = centers.centers()
+    c, a, s = _prepare(centers, amplitudes, sigmas, B, like=camera.R)
     if _select_backend(backend, c, a, s, camera) == "numba":
         return _NumbaSplat.apply(*_to_pixels(c, a, s, camera), (H, W), _default_tail(c.dtype))[:, None]
     step = max(1, _CHUNK_FLOATS // (c.shape[1] * max(H, W)))
@@ -170,8 +216,10 @@ def gaussian_projection_jvp(centers: Tensor, tangents: Tensor, amplitudes: Tenso
     """The images of :func:`gaussian_projection` and their derivatives along K directions of the centres.
 
     Args:
-        centers: (N, 3) or (B, N, 3), world units; amplitudes, sigmas, camera: as :func:`gaussian_projection`.
-        tangents: (B, K, N, 3): direction k moves centre n by ``tangents[:, k, n]`` world units per unit.
+        centers: (N, 3) or (B, N, 3), world units, or :class:`AffineUnits`; amplitudes, sigmas, camera: as
+            :func:`gaussian_projection`.
+        tangents: (B, K, N, 3): direction k moves centre n by ``tangents[:, k, n]`` world units per unit; for
+            :class:`AffineUnits`, (B, K, U, 3, 4): direction k changes unit u's map by ``tangents[:, k, u]``.
         backend: "numba" (one pass over each Gaussian's window for the image and all K derivatives), "torch"
             (forward-mode autodiff through the torch path, one pass per direction) or "auto" (numba on CPU when
             it is installed).
@@ -182,6 +230,13 @@ def gaussian_projection_jvp(centers: Tensor, tangents: Tensor, amplitudes: Tenso
     if not isinstance(camera, Camera) or not camera.orthographic:
         raise ValueError("camera: expected an orthographic renderers.cameras.Camera")
     B = len(camera)
+    if isinstance(centers, AffineUnits):
+        U = centers.maps.shape[1]
+        check_tensor("tangents", tangents, [(B, "K", U, 3, 4)], like=centers.maps)
+        shared = _units_shared(centers, amplitudes, sigmas, B, camera)
+        if shared is not None and backend != "torch" and not _numba_unusable(shared[1], camera):
+            return _units_jvp(centers, tangents, *shared, camera)
+        centers, tangents = centers.centers(), centers.centers(tangents)
     c, a, s = _prepare(centers, amplitudes, sigmas, B, like=camera.R)
     if tangents.dim() != 4 or tangents.shape[0] != B or tangents.shape[2:] != c.shape[1:]:
         raise ValueError(f"tangents: expected (B={B}, K, N={c.shape[1]}, 3), got {tuple(tangents.shape)}")
@@ -201,6 +256,50 @@ def gaussian_projection_jvp(centers: Tensor, tangents: Tensor, amplitudes: Tenso
     o = [out.numpy(), out_jvp.numpy()]
     tail, fast = _default_tail(c.dtype), out.dtype == torch.float32
     _over_batch(lambda i, j: _splat_kernels().splat_jvp(*(x[i:j] for x in a), tail, *(x[i:j] for x in o), fast), B)
+    return out[:, None], out_jvp.permute(0, 3, 1, 2)
+
+
+def _camera_map(camera: Camera) -> Tensor:
+    """The orthographic ``camera``'s affine map (B, 2, 4) from world positions to continuous pixel coordinates
+    (as :func:`_to_pixels`): ``uv = focal * (R[:2] x + t[:2]) + principal``."""
+    f = camera.focal[..., None]
+    return torch.cat([camera.R[:, :2] * f, (camera.t[:, :2] * camera.focal + camera.principal)[..., None]], -1)
+
+
+def _units_shared(units: AffineUnits, amplitudes, sigmas, B: int, camera: Camera) -> tuple[Tensor, Tensor] | None:
+    """Amplitudes and sigmas (N,) of ``units`` when every view shares them and the amplitudes need no gradient
+    (what the units kernels take), else None (the caller renders the centres)."""
+    if units.maps.shape[0] != B:
+        raise ValueError(f"maps: batch size {units.maps.shape[0]} does not match the {B} cameras/poses")
+    N = len(units.points)
+    a = torch.as_tensor(amplitudes, dtype=camera.dtype, device=camera.device)
+    s = torch.as_tensor(sigmas, dtype=camera.dtype, device=camera.device)
+    if a.dim() > 1 or s.dim() > 1 or (torch.is_grad_enabled() and a.requires_grad):
+        return None
+    a, s = a.expand(N).contiguous(), s.expand(N).contiguous()
+    if (s <= 0).any():
+        raise ValueError("sigmas: expected positive widths")
+    return a, s
+
+
+def _units_arrays(units: AffineUnits, a: Tensor, s: Tensor, focal: Tensor) -> list:
+    """The numpy arguments shared by the units kernels: points, unit, sigma, amp, focal, scale (focal's dtype)."""
+    f = focal.detach()
+    args = (units.points.detach(), units.unit, s.detach(), a.detach(), f, 0.25 * f[:, 0] * f[:, 1])
+    return [x.to(f.dtype if x.is_floating_point() else x.dtype).contiguous().numpy() for x in args]
+
+
+def _units_jvp(units: AffineUnits, tangents: Tensor, a: Tensor, s: Tensor, camera: Camera) -> tuple[Tensor, Tensor]:
+    """:func:`gaussian_projection_jvp` of :class:`AffineUnits` by the numba units kernel."""
+    H, W = camera.image_size
+    B, K = tangents.shape[:2]
+    maps, tmaps, proj = (x.detach().contiguous() for x in (units.maps, tangents, _camera_map(camera)))
+    out, out_jvp = maps.new_zeros(B, H, W), maps.new_zeros(B, H, W, K)
+    points, unit, sigma, amp, focal, scale = _units_arrays(units, a, s, camera.focal)
+    m, t, P, o, oj = maps.numpy(), tmaps.numpy(), proj.numpy(), out.numpy(), out_jvp.numpy()
+    tail, fast = _default_tail(maps.dtype), out.dtype == torch.float32
+    _over_batch(lambda i, j: _splat_kernels().units_jvp(points, unit, m[i:j], t[i:j], P[i:j], sigma, amp, focal[i:j],
+                                                         scale[i:j], tail, o[i:j], oj[i:j], fast), B)
     return out[:, None], out_jvp.permute(0, 3, 1, 2)
 
 
@@ -343,6 +442,40 @@ class _NumbaSplat(torch.autograd.Function):
         _over_batch(lambda i, j: kernels.splat_backward(*(x[i:j] for x in a), ctx.tail, g[i:j], *(x[i:j] for x in o)),
                     len(g))
         return grad_uv, None, grad_weight, None, None
+
+
+class _NumbaUnits(torch.autograd.Function):
+    """The numba backend for :class:`AffineUnits`: images (B, H, W) from the unit maps (B, U, 3, 4) and the camera
+    map (B, 2, 4) of :func:`_camera_map`; the backward pass returns the gradients with respect to both."""
+
+    @staticmethod
+    def forward(ctx, maps: Tensor, proj: Tensor, units: AffineUnits, a: Tensor, s: Tensor, focal: Tensor,
+                size: tuple[int, int], tail: float) -> Tensor:
+        m, P = maps.detach().contiguous(), proj.detach().contiguous()
+        B, U = m.shape[:2]
+        out = m.new_zeros(B, *size)
+        arrays = _units_arrays(units, a, s, focal)
+        points, unit, sigma, amp, f, scale = arrays
+        mn, Pn, o, fast = m.numpy(), P.numpy(), out.numpy(), out.dtype == torch.float32
+        none, oj = np.zeros((B, 0, U, 3, 4), dtype=mn.dtype), np.zeros((B, *size, 0), dtype=o.dtype)
+        _over_batch(lambda i, j: _splat_kernels().units_jvp(points, unit, mn[i:j], none[i:j], Pn[i:j], sigma, amp,
+                                                             f[i:j], scale[i:j], tail, o[i:j], oj[i:j], fast), B)
+        ctx.save_for_backward(m, P)
+        ctx.arrays, ctx.tail = arrays, tail
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        m, P = ctx.saved_tensors
+        points, unit, sigma, amp, f, scale = ctx.arrays
+        g_maps, g_proj = torch.zeros(m.shape, dtype=torch.float64), torch.zeros(P.shape, dtype=torch.float64)
+        mn, Pn, g, fast = m.numpy(), P.numpy(), grad.contiguous().numpy(), m.dtype == torch.float32
+        om, op = g_maps.numpy(), g_proj.numpy()
+        _over_batch(lambda i, j: _splat_kernels().units_backward(points, unit, mn[i:j], Pn[i:j], sigma, amp, f[i:j],
+                                                                  scale[i:j], ctx.tail, g[i:j], om[i:j], op[i:j],
+                                                                  fast), len(g))
+        return g_maps.to(m.dtype), g_proj.to(P.dtype), None, None, None, None, None, None
 
 
 def gaussian_density_map(centers: Tensor, amplitudes: Tensor | float, sigmas: Tensor | float,

@@ -39,7 +39,7 @@ def window_size(width: np.ndarray, tail: float) -> int:
 _AS = (0.0705230784, 0.0422820123, 0.0092705272, 0.0001520143, 0.0002765672, 0.0000430638)
 
 
-@numba.njit(cache=True, nogil=True, inline="always")
+@numba.njit(cache=True, nogil=True, inline="always", fastmath=True)
 def erf_fast(x: float) -> float:
     """erf to 3e-7 (absolute) without a transcendental call, for float32 images (their precision is 6e-8
     relative to the pixel, and every pixel sums several differences): ~3x cheaper than ``math.erf``."""
@@ -52,7 +52,7 @@ def erf_fast(x: float) -> float:
     return e if x >= 0.0 else -e
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, fastmath=True)
 def _window(u: float, s: float, tail: float, n: int, vals: np.ndarray, dvals: np.ndarray, deriv: bool,
             fast: bool = False) -> tuple[int, int]:
     """Erf differences of one 1-D Gaussian (centre ``u``, width ``s`` px) on its cells inside ``[0, n)``.
@@ -90,6 +90,23 @@ def splat_forward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: f
     splat_jvp(uv, width, weight, np.zeros((B, N, 0, 2)), tail, out, np.zeros((B, 1, 1, 0), out.dtype), fast)
 
 
+@numba.njit(cache=True, nogil=True, inline="always")
+def _pull(grad: np.ndarray, b: int, x0: int, nx: int, X: np.ndarray, dX: np.ndarray, y0: int, ny: int,
+          Y: np.ndarray, dY: np.ndarray) -> tuple[float, float, float]:
+    """``sum(grad[b] * window)`` of one unit-weight window and its derivatives along u and v."""
+    s = su = sv = 0.0
+    for i in range(ny):
+        gx = gdx = 0.0
+        for j in range(nx):
+            g = grad[b, y0 + i, x0 + j]
+            gx += g * X[j]
+            gdx += g * dX[j]
+        s += Y[i] * gx
+        su += Y[i] * gdx
+        sv += dY[i] * gx
+    return s, su, sv
+
+
 @numba.njit(cache=True, nogil=True)
 def splat_backward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: float, grad: np.ndarray,
                    grad_uv: np.ndarray, grad_weight: np.ndarray) -> None:
@@ -103,16 +120,7 @@ def splat_backward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: 
         for n in range(N):
             x0, nx = _window(uv[b, n, 0], width[b, n, 0], tail, W, X, dX, True)
             y0, ny = _window(uv[b, n, 1], width[b, n, 1], tail, H, Y, dY, True)
-            s = su = sv = 0.0
-            for i in range(ny):
-                gx = gdx = 0.0
-                for j in range(nx):
-                    g = grad[b, y0 + i, x0 + j]
-                    gx += g * X[j]
-                    gdx += g * dX[j]
-                s += Y[i] * gx
-                su += Y[i] * gdx
-                sv += dY[i] * gx
+            s, su, sv = _pull(grad, b, x0, nx, X, dX, y0, ny, Y, dY)
             a = weight[b, n]
             grad_weight[b, n] = s
             grad_uv[b, n, 0] = a * su
@@ -142,14 +150,120 @@ def splat_jvp(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tangents: n
                 continue
             x0, nx = _window(uv[b, n, 0], width[b, n, 0], tail, W, X, dX, deriv, fast)
             y0, ny = _window(uv[b, n, 1], width[b, n, 1], tail, H, Y, dY, deriv, fast)
-            for i in range(ny):
-                ay = a * Y[i]
-                for j in range(nx):
-                    out[b, y0 + i, x0 + j] += ay * X[j]
-                if deriv:
-                    ady = a * dY[i]
-                    for j in range(nx):
-                        du = ay * dX[j]
-                        dv = ady * X[j]
-                        for k in range(K):
-                            out_jvp[b, y0 + i, x0 + j, k] += du * tangents[b, n, k, 0] + dv * tangents[b, n, k, 1]
+            _push(out, out_jvp, b, a, x0, nx, X, dX, y0, ny, Y, dY, tangents[b, n], deriv)
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _push(out: np.ndarray, out_jvp: np.ndarray, b: int, a: float, x0: int, nx: int, X: np.ndarray, dX: np.ndarray,
+          y0: int, ny: int, Y: np.ndarray, dY: np.ndarray, t: np.ndarray, deriv: bool) -> None:
+    """Add one window of weight ``a`` to image ``b`` and, with ``deriv``, its derivatives along the K pixel
+    displacements ``t`` (K, 2) of its centre to ``out_jvp``."""
+    K = t.shape[0]
+    for i in range(ny):
+        ay = a * Y[i]
+        for j in range(nx):
+            out[b, y0 + i, x0 + j] += ay * X[j]
+        if deriv:
+            ady = a * dY[i]
+            for j in range(nx):
+                du = ay * dX[j]
+                dv = ady * X[j]
+                for k in range(K):
+                    out_jvp[b, y0 + i, x0 + j, k] += du * t[k, 0] + dv * t[k, 1]
+
+
+# ------------------------------------------------------------------ Gaussians that move with affine units
+# Gaussian n belongs to unit ``unit[n]`` and has reference position p = ``points[n]`` (3,). In image b it sits at
+# world position x = ``maps[b, unit[n]] @ (p, 1)`` and pixel coordinates ``proj[b] @ (x, 1)`` (``proj`` (B, 2, 4):
+# the camera's affine map); ``tmaps[b, k, unit[n]] @ (p, 1)`` is its world displacement along direction k.
+# Its widths are ``sigma[n] * focal[b]`` pixels and its weight ``amp[n] * scale[b]``. The maps are U x 12 numbers
+# per image where the centres would be N x 3 (and N x K x 3 tangents): a model that moves atoms by residues or
+# rigid blocks need never build per-atom arrays, and the kernels place each Gaussian on the fly.
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _affine(m: np.ndarray, b: int, u: int, row: int, x: float, y: float, z: float) -> float:
+    """Row ``row`` of ``m[b, u]`` applied to (x, y, z, 1); scalar indexing (views cost more here)."""
+    return m[b, u, row, 0] * x + m[b, u, row, 1] * y + m[b, u, row, 2] * z + m[b, u, row, 3]
+
+
+@numba.njit(cache=True, nogil=True, inline="always")
+def _linear(m: np.ndarray, b: int, k: int, u: int, row: int, x: float, y: float, z: float) -> float:
+    """Row ``row`` of ``m[b, k, u]`` applied to (x, y, z, 1)."""
+    return m[b, k, u, row, 0] * x + m[b, k, u, row, 1] * y + m[b, k, u, row, 2] * z + m[b, k, u, row, 3]
+
+
+@numba.njit(cache=True, nogil=True)
+def units_jvp(points: np.ndarray, unit: np.ndarray, maps: np.ndarray, tmaps: np.ndarray, proj: np.ndarray,
+              sigma: np.ndarray, amp: np.ndarray, focal: np.ndarray, scale: np.ndarray, tail: float,
+              out: np.ndarray, out_jvp: np.ndarray, fast: bool = False) -> None:
+    """:func:`splat_jvp` of Gaussians placed by unit maps (see above): ``maps`` (B, U, 3, 4), ``tmaps``
+    (B, K, U, 3, 4) (K may be 0), ``proj`` (B, 2, 4), ``focal`` (B, 2) pixels per world unit, ``scale`` (B,);
+    images into ``out`` (B, H, W) and derivatives into ``out_jvp`` (B, H, W, K), zeroed by the caller."""
+    B, N = maps.shape[0], points.shape[0]
+    H, W = out.shape[1], out.shape[2]
+    K = tmaps.shape[1]
+    deriv = K > 0
+    C = int(math.floor(2.0 * tail * sigma.max() * focal.max())) + 2
+    X, dX, Y, dY = np.empty(C), np.empty(C), np.empty(C), np.empty(C)
+    t = np.empty((K, 2))
+    for b in range(B):
+        fx, fy, sb = focal[b, 0], focal[b, 1], scale[b]
+        p00, p01, p02, p03 = proj[b, 0, 0], proj[b, 0, 1], proj[b, 0, 2], proj[b, 0, 3]
+        p10, p11, p12, p13 = proj[b, 1, 0], proj[b, 1, 1], proj[b, 1, 2], proj[b, 1, 3]
+        for n in range(N):
+            a = amp[n] * sb
+            if a == 0.0:
+                continue
+            u, x, y, z = unit[n], points[n, 0], points[n, 1], points[n, 2]
+            wx, wy, wz = (_affine(maps, b, u, 0, x, y, z), _affine(maps, b, u, 1, x, y, z),
+                          _affine(maps, b, u, 2, x, y, z))
+            x0, nx = _window(p00 * wx + p01 * wy + p02 * wz + p03, sigma[n] * fx, tail, W, X, dX, deriv, fast)
+            y0, ny = _window(p10 * wx + p11 * wy + p12 * wz + p13, sigma[n] * fy, tail, H, Y, dY, deriv, fast)
+            for k in range(K):
+                dx = _linear(tmaps, b, k, u, 0, x, y, z)
+                dy = _linear(tmaps, b, k, u, 1, x, y, z)
+                dz = _linear(tmaps, b, k, u, 2, x, y, z)
+                t[k, 0] = p00 * dx + p01 * dy + p02 * dz
+                t[k, 1] = p10 * dx + p11 * dy + p12 * dz
+            _push(out, out_jvp, b, a, x0, nx, X, dX, y0, ny, Y, dY, t, deriv)
+
+
+@numba.njit(cache=True, nogil=True)
+def units_backward(points: np.ndarray, unit: np.ndarray, maps: np.ndarray, proj: np.ndarray, sigma: np.ndarray,
+                   amp: np.ndarray, focal: np.ndarray, scale: np.ndarray, tail: float, grad: np.ndarray,
+                   grad_maps: np.ndarray, grad_proj: np.ndarray, fast: bool = False) -> None:
+    """Gradients of ``sum(grad * image)`` of :func:`units_jvp`'s images with respect to ``maps`` and ``proj``,
+    added into ``grad_maps`` (B, U, 3, 4) and ``grad_proj`` (B, 2, 4) (zeroed by the caller), for the upstream
+    gradient ``grad`` (B, H, W). ``fast``: the erf values from :func:`erf_fast` (float32 images)."""
+    B, N = maps.shape[0], points.shape[0]
+    H, W = grad.shape[1], grad.shape[2]
+    C = int(math.floor(2.0 * tail * sigma.max() * focal.max())) + 2
+    X, dX, Y, dY = np.empty(C), np.empty(C), np.empty(C), np.empty(C)
+    for b in range(B):
+        fx, fy, sb = focal[b, 0], focal[b, 1], scale[b]
+        for n in range(N):
+            a = amp[n] * sb
+            u, x, y, z = unit[n], points[n, 0], points[n, 1], points[n, 2]
+            wx, wy, wz = (_affine(maps, b, u, 0, x, y, z), _affine(maps, b, u, 1, x, y, z),
+                          _affine(maps, b, u, 2, x, y, z))
+            px = proj[b, 0, 0] * wx + proj[b, 0, 1] * wy + proj[b, 0, 2] * wz + proj[b, 0, 3]
+            py = proj[b, 1, 0] * wx + proj[b, 1, 1] * wy + proj[b, 1, 2] * wz + proj[b, 1, 3]
+            x0, nx = _window(px, sigma[n] * fx, tail, W, X, dX, True, fast)
+            y0, ny = _window(py, sigma[n] * fy, tail, H, Y, dY, True, fast)
+            _, su, sv = _pull(grad, b, x0, nx, X, dX, y0, ny, Y, dY)
+            gu, gv = a * su, a * sv  # d loss / d (u, v) pixels
+            for r in range(3):  # d loss / d world row r, then its outer product with (p, 1)
+                g = proj[b, 0, r] * gu + proj[b, 1, r] * gv
+                grad_maps[b, u, r, 0] += g * x
+                grad_maps[b, u, r, 1] += g * y
+                grad_maps[b, u, r, 2] += g * z
+                grad_maps[b, u, r, 3] += g
+            grad_proj[b, 0, 0] += gu * wx
+            grad_proj[b, 0, 1] += gu * wy
+            grad_proj[b, 0, 2] += gu * wz
+            grad_proj[b, 0, 3] += gu
+            grad_proj[b, 1, 0] += gv * wx
+            grad_proj[b, 1, 1] += gv * wy
+            grad_proj[b, 1, 2] += gv * wz
+            grad_proj[b, 1, 3] += gv

@@ -532,6 +532,28 @@ def test_rigid_blocks_turn_and_move_each_block_as_a_rigid_body():
                                                                  - x0[mid]))
 
 
+@pytest.mark.parametrize("kind", ["atoms", "residues", "blocks"])
+def test_decoder_units_place_the_atoms_where_the_decoder_does(kind):
+    """``AtomDecoder.units`` (affine maps per unit, for the renderers to place the atoms) gives the structures of
+    ``AtomDecoder.forward`` for a per-atom, a residue-smoothed and a two-level rigid-block decoder."""
+    from cryoem.vae import AtomDecoder
+
+    torch.manual_seed(1)
+    x0 = 15 * torch.randn(120, 3, dtype=torch.float64)
+    groups = torch.arange(120) // 2
+    chains = (torch.arange(60) >= 35).long()  # two chains
+    opts = {"atoms": {}, "residues": {"smooth": 6.0}, "blocks": {"smooth": 6.0, "rigid": (20, 7)}}[kind]
+    dec = AtomDecoder(x0, 3, 16, 2, scale=0.5, groups=groups, chains=chains, **opts).double()
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.normal_(0, 0.3)  # far from the near-zero start: rotations of tens of degrees
+    z = torch.randn(5, 3, dtype=torch.float64)
+    units = dec.units(z)
+    assert units.maps.shape == (5, {"atoms": 120}.get(kind, 60), 3, 4)
+    torch.testing.assert_close(units.centers(), dec(z), rtol=0, atol=1e-10)
+    assert (dec(z) - x0).abs().max() > 0.1  # the atoms moved (10^9 times the tolerance)
+
+
 def dec_rotation(v):
     from renderers.cameras import axis_angle_to_matrix
 
