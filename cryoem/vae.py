@@ -265,9 +265,12 @@ class RigidBlocks(nn.Module):
         unit_res = torch.zeros(U, dtype=torch.long).index_copy_(0, unit, residue)  # each unit's residue
         block = torch.cat(blocks, 1)[unit_res]  # (U, 2 levels) blocks and weights of each unit
         weight = torch.cat(weights, 1)[unit_res].to(x0.dtype)
-        # a unit's rigid motion is sum_j weight[u, j] A_block[u, j]: two blocks per level
-        self.register_buffer("block", block, persistent=False)  # (U, 2 levels)
-        self.register_buffer("weight", weight, persistent=False)  # (U, 2 levels)
+        # a unit's rigid motion is sum_s blend[u, s] A_s: two blocks per level (dense: one matrix product per batch)
+        self.register_buffer("blend", torch.zeros(U, S, dtype=x0.dtype).scatter_add_(1, block, weight),
+                             persistent=False)
+        level0 = torch.zeros(S, dtype=torch.bool)
+        level0[blocks[0].unique()] = True  # a unit's level-0 weights sum to 1: the identity rides on them
+        self.register_buffer("level0", level0, persistent=False)
         with torch.sparse.check_sparse_tensor_invariants():  # checked once, here (as residue_kernel)
             # place (N, 4U): an atom's displacement is sum_k place[n, 4u + k] A_u[:, k], A_u = [M_u | a_u] (3, 4)
             N = len(x0)
@@ -277,8 +280,7 @@ class RigidBlocks(nn.Module):
             self.register_buffer("place", torch.sparse_coo_tensor(
                 torch.stack([rows, cols]), vals, (N, 4 * U)).coalesce(), persistent=False)
         # each block's centre and RMS radius in the starting model, over its atoms weighted by their blend
-        blend = torch.zeros(U, S, dtype=x0.dtype).scatter_add_(1, block, weight)  # (U, S); built once
-        wa = blend[unit]  # (N, S)
+        wa = self.blend[unit]  # (N, S)
         mass = wa.sum(0)
         self.register_buffer("centre", (wa.T @ x0) / mass[:, None], persistent=False)  # (S, 3) Å
         r2 = (wa * ((x0[:, None] - self.centre[None]) ** 2).sum(-1)).sum(0) / mass
@@ -303,12 +305,11 @@ class RigidBlocks(nn.Module):
         M = axis_angle_to_matrix(o[..., 3:] / self.radius[:, None]) - torch.eye(3, dtype=h.dtype, device=h.device)
         a = o[..., :3] - (M @ self.centre[:, :, None])[..., 0]  # u = M x + a
         A = torch.cat([M, a[..., None]], -1)  # (B, S, 3, 4) per block
-        fine = torch.nn.functional.pad(fine[..., None], (3, 0))  # the fine part: a translation
         if identity:
-            fine = fine + torch.eye(3, 4, dtype=h.dtype, device=h.device)
-        for j in range(self.block.shape[1]):
-            fine = fine + A[:, self.block[:, j]] * self.weight[:, j, None, None]
-        return fine
+            A = A + self.level0[:, None, None] * torch.eye(3, 4, dtype=h.dtype, device=h.device)
+        A = (self.blend @ A.reshape(B, len(self.blend.T), 12)).view(B, -1, 3, 4)  # (B, U, 3, 4) per unit
+        A[..., 3] += fine  # the fine part: a translation
+        return A
 
 
 def chain_blocks(chain: Tensor, length: int) -> tuple[Tensor, Tensor]:

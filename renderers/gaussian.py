@@ -438,9 +438,9 @@ class _NumbaSplat(torch.autograd.Function):
         grad_uv, grad_weight = torch.empty_like(uv), torch.empty_like(weight)
         kernels = _splat_kernels()
         a = [x.numpy() for x in (uv, width, weight)]
-        g, o = grad.contiguous().numpy(), [grad_uv.numpy(), grad_weight.numpy()]
-        _over_batch(lambda i, j: kernels.splat_backward(*(x[i:j] for x in a), ctx.tail, g[i:j], *(x[i:j] for x in o)),
-                    len(g))
+        g, o, fast = grad.contiguous().numpy(), [grad_uv.numpy(), grad_weight.numpy()], grad.dtype == torch.float32
+        _over_batch(lambda i, j: kernels.splat_backward(*(x[i:j] for x in a), ctx.tail, g[i:j], *(x[i:j] for x in o),
+                                                        fast), len(g))
         return grad_uv, None, grad_weight, None, None
 
 

@@ -109,17 +109,18 @@ def _pull(grad: np.ndarray, b: int, x0: int, nx: int, X: np.ndarray, dX: np.ndar
 
 @numba.njit(cache=True, nogil=True)
 def splat_backward(uv: np.ndarray, width: np.ndarray, weight: np.ndarray, tail: float, grad: np.ndarray,
-                   grad_uv: np.ndarray, grad_weight: np.ndarray) -> None:
+                   grad_uv: np.ndarray, grad_weight: np.ndarray, fast: bool = False) -> None:
     """Gradients of ``sum(grad * image)`` with respect to ``uv`` (into ``grad_uv`` (B, N, 2)) and ``weight``
-    (into ``grad_weight`` (B, N)), for the upstream gradient ``grad`` (B, H, W): one pass over the windows."""
+    (into ``grad_weight`` (B, N)), for the upstream gradient ``grad`` (B, H, W): one pass over the windows.
+    ``fast``: the erf values from :func:`erf_fast` (float32 images)."""
     B, N = weight.shape
     H, W = grad.shape[1], grad.shape[2]
     K = window_size(width, tail)
     for b in range(B):
         X, dX, Y, dY = np.empty(K), np.empty(K), np.empty(K), np.empty(K)
         for n in range(N):
-            x0, nx = _window(uv[b, n, 0], width[b, n, 0], tail, W, X, dX, True)
-            y0, ny = _window(uv[b, n, 1], width[b, n, 1], tail, H, Y, dY, True)
+            x0, nx = _window(uv[b, n, 0], width[b, n, 0], tail, W, X, dX, True, fast)
+            y0, ny = _window(uv[b, n, 1], width[b, n, 1], tail, H, Y, dY, True, fast)
             s, su, sv = _pull(grad, b, x0, nx, X, dX, y0, ny, Y, dY)
             a = weight[b, n]
             grad_weight[b, n] = s
