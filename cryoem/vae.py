@@ -493,10 +493,9 @@ class AtomVAE(nn.Module):
         A = P
         for _ in range(max(1, self.cfg.gn_steps)):
             zz = torch.cat([z[:, None], z[:, None] + torch.diag(steps)], 1).reshape(B * (K + 1), K)
-            units = self.decoder.units(zz)
-            maps = units.maps.reshape(B, K + 1, *units.maps.shape[1:])
+            maps = self.decoder.units(zz).maps.reshape(B, K + 1, -1, 3, 4)  # each unit's map (no (B, N, 3) arrays)
             tangents = (maps[:, 1:] - maps[:, :1]) / steps[:, None, None, None]  # (B, K, U, 3, 4) per unit of z_k
-            units.maps = maps[:, 0]
+            units = AffineUnits(self.decoder.x0, self.decoder.unit, maps[:, 0])
             m, J = self.render_jvp(units, tangents, batch["R"], batch["shift_A"], batch["ctf"], index, nu)
             m, J = m.reshape(B, -1), J.reshape(B, K, -1)
             theta = z if nu is None else torch.cat([z, nu.to(z.dtype)], 1)
