@@ -40,8 +40,6 @@ def main() -> None:
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("step")
             ax.set_yscale(scale)
-    axes[2].axhline(1.0, color="gray", ls="--", lw=0.8)
-    axes[2].annotate("collapse warning below", (0, 1.0), fontsize=7, color="gray", va="bottom")
     axes[0].legend(fontsize=8)
     fig.suptitle(a.title, fontsize=10)
     fig.tight_layout()
