@@ -61,7 +61,7 @@ from plato_core.objective import active_units, gaussian_kl, gaussian_log_likelih
 from plato_core.runinfo import UserError
 from plato_core.settings import SettingError, setting
 from renderers.cameras import axis_angle_to_matrix, rotation_6d_to_matrix
-from renderers.gaussian import AffineUnits
+from renderers.gaussian import AffineUnits, merge_units
 
 
 @dataclass
@@ -94,6 +94,8 @@ class AtomVAEConfig:
                                      "its last visit")
     search: int = setting(4, "laplace: other particles' posterior means tried as each particle's start, per step "
                              "(see AtomVAE.search); 0: off")
+    coarse_search: bool = setting(True, "laplace: the search renders each candidate with one Gaussian per residue "
+                                        "(see AtomVAE.search)")
     whiten_every: int = setting(100, "laplace: steps between re-expressions of the latent (PX-EM, see "
                                      "AtomVAE.whiten): axes along the decoder's directions of structural change, "
                                      "largest first, prior = aggregate posterior; 0: off")
@@ -435,6 +437,10 @@ class AtomVAE(nn.Module):
         fy = torch.fft.fftfreq(self.box, d=self.apix)
         fx = torch.fft.rfftfreq(self.box, d=self.apix)
         self.register_buffer("k2", fy[:, None] ** 2 + fx[None] ** 2, persistent=False)  # (D, D//2+1), 1/Å²
+        # coarse_search: one Gaussian per decoder unit (residue), for the search's renderings
+        for k, v in zip(("points", "amplitudes", "sigmas"), merge_units(x0, self.decoder.unit, self.amplitudes,
+                                                                          self.sigmas)):
+            self.register_buffer(f"coarse_{k}", v, persistent=False)
         self.pose_delta = nn.Embedding(n_particles, 5) if cfg.refine_poses else None
         if self.pose_delta is not None:
             nn.init.zeros_(self.pose_delta.weight)
@@ -545,6 +551,12 @@ class AtomVAE(nn.Module):
         particles from those stored means, searching 2, 4 or 8 others, gave |rho| 0.86, 0.88 and 0.89 (two passes
         0.88, 0.89, 0.89); 4 is the default. Outside training the draws are seeded, so that encoding is
         repeatable.
+
+        With ``coarse_search`` each candidate is rendered with one Gaussian per residue (:meth:`gaussians`), and
+        the Gauss-Newton step that follows renders the atoms. Measured on two hinge runs (256 particles, 5
+        candidates each): it picked the atoms' best candidate for 84 % and 95 % of the particles, and where it
+        did not, the pick was worse by 0.15-0.26 nats on average (the candidates spanned 27-30 nats); a training
+        step took 0.47 s instead of 0.58 s.
         """
         G = self.cfg.search
         seen = torch.nonzero(self.z_seen)[:, 0]
@@ -562,7 +574,7 @@ class AtomVAE(nn.Module):
         index = batch.get("index")
         nu = self.stored_nuisance(index)
         img = self.render(self.decoder.units(cand.reshape(B * C, K)), rep(batch["R"]), rep(batch["shift_A"]),
-                          rep(batch["ctf"]), rep(index), None, rep(nu))
+                          rep(batch["ctf"]), rep(index), None, rep(nu), coarse=self.cfg.coarse_search)
         nll = self.reconstruction(rep(batch["image"]), img, None).view(B, C)
         log_post = -nll - 0.5 * (cand**2 / self.prior_var.to(z.dtype)).sum(-1)
         return cand[torch.arange(B, device=z.device), log_post.argmax(1)]
@@ -662,16 +674,29 @@ class AtomVAE(nn.Module):
             shift = shift + d[:, 3:5]
         return R, shift
 
+    def gaussians(self, coords: Tensor | AffineUnits, coarse: bool = False) -> tuple[Tensor | AffineUnits, Tensor,
+                                                                                       Tensor]:
+        """What the projector splats: ``coords`` with the atoms' masses and widths (N,); with ``coarse``, the
+        decoder units' merged Gaussians (``renderers.gaussian.merge_units``: one per residue) moved by the maps of
+        ``coords`` (an :class:`AffineUnits`), with their masses and widths (U,)."""
+        if not coarse:
+            return coords, self.amplitudes, self.sigmas
+        if not isinstance(coords, AffineUnits):
+            raise TypeError("coarse rendering needs the decoder's units (AtomDecoder.units), not coordinates")
+        unit = torch.arange(len(self.coarse_points), device=self.coarse_points.device)
+        return AffineUnits(self.coarse_points, unit, coords.maps), self.coarse_amplitudes, self.coarse_sigmas
+
     def render(self, coords: Tensor | AffineUnits, R: Tensor, shift: Tensor, ctf: Tensor, index: Tensor | None = None,
-               step: int | None = None, nuisance: Tensor | None = None) -> Tensor:
+               step: int | None = None, nuisance: Tensor | None = None, coarse: bool = False) -> Tensor:
         """Model images (B, 1, D, D): projection of ``coords`` (B, N, 3) Å or of the decoder's
-        :meth:`AtomDecoder.units`, CTF, scale (and the curriculum).
+        :meth:`AtomDecoder.units` (``coarse``: one Gaussian per unit, :meth:`gaussians`), CTF, scale (and the
+        curriculum).
 
         ``nuisance`` (B, 2): per-image log contrast and B-factor (Å²), applied as ``exp(c - B k^2 / 4)``
         in Fourier space (k in 1/Å); None: the particles' stored ones (:meth:`stored_nuisance`).
         """
         R, shift = self.pose(R, shift, index)
-        proj = project(coords, self.amplitudes, self.sigmas, R, self.apix, self.box, shift)
+        proj = project(*self.gaussians(coords, coarse), R, self.apix, self.box, shift)
         c = ctf_2d(CTFParams.from_tensor(ctf), self.box, self.apix, dtype=proj.dtype, device=proj.device)
         c = c * self.lowpass(step) * self.envelope(self.stored_nuisance(index) if nuisance is None else nuisance)
         return torch.exp(self.log_scale) * fourier_filter(proj, self.apix, None, c)

@@ -561,6 +561,31 @@ def dec_rotation(v):
 
 
 @pytest.mark.parametrize("truth", [1.5, -1.5])
+def test_coarse_search_of_a_residue_model_starts_from_the_candidate_that_explains_the_image(truth):
+    """As below, with a decoder that moves residues of four atoms: the search renders one merged Gaussian per residue,
+    and must still pick the true latent of images made from the atoms."""
+    torch.manual_seed(0)
+    batch, u, x0, bonds = toy_data(n=6, snr=1.0)
+    cfg = AtomVAEConfig(zdim=1, enc_width=8, dec_hidden=64, dec_layers=2, particle_nuisance=False, dec_smooth=4.0,
+                        dec_rigid=(0,), search=4)
+    model = AtomVAE(cfg, x0, torch.linspace(0.5, 1.5, 40), torch.full((40,), 1.0), bonds, BOX, APIX, 256, 1.0,
+                    groups=torch.arange(40) // 4)
+    assert cfg.coarse_search and len(model.coarse_points) == 10
+    torch.nn.init.normal_(model.decoder.out.weight, std=0.1 / model.decoder.scale)
+    model.init_scale(batch)
+    with torch.no_grad():
+        units = model.decoder.units(torch.full((6, 1), truth))
+        clean = model.render(units, batch["R"], batch["shift_A"], batch["ctf"])
+        coarse = model.render(units, batch["R"], batch["shift_A"], batch["ctf"], coarse=True)
+        model.noise_sigma.fill_(0.3 * clean.std())
+        batch["image"] = clean + 0.3 * clean.std() * torch.randn_like(clean)
+        model.z_last[100], model.z_seen[100] = 1.5, True  # the only stored mean on offer
+        start = model.search(batch, torch.full((6, 1), -1.5))
+    torch.testing.assert_close(start, torch.full((6, 1), truth))
+    assert (coarse - clean).norm() / clean.norm() > 0.4  # these residues span 7 Å: their merged images are far off
+
+
+@pytest.mark.parametrize("truth", [1.5, -1.5])
 def test_search_starts_from_the_candidate_that_explains_the_image(truth):
     """Particles imaged at z = ``truth``, warm-started at -1.5, with one other particle's stored mean
     at +1.5 on offer: the search must start every particle from the true latent, whichever it is."""

@@ -15,6 +15,7 @@ from renderers.gaussian import (
     GaussianProjector,
     gaussian_density_map,
     gaussian_projection,
+    merge_units,
     pixel_integrals,
 )
 
@@ -400,3 +401,46 @@ def test_affine_units_refuse_bad_input():
         AffineUnits(units.points, units.unit, units.maps[..., :3])
     with pytest.raises(ValueError, match="batch size"):
         gaussian_projection(AffineUnits(units.points, units.unit, units.maps[:2]), amps, sigmas, cam)
+
+
+def image_moments(img: Tensor) -> Tensor:
+    """(B, 1, H, W) -> (B, 5): mass, centroid (x, y) and variances (x, y) in pixels, from the pixel values."""
+    y, x = torch.meshgrid(*(torch.arange(n, dtype=img.dtype) + 0.5 for n in img.shape[-2:]), indexing="ij")
+    m = img[:, 0].sum((1, 2))
+    cx, cy = (img[:, 0] * x).sum((1, 2)) / m, (img[:, 0] * y).sum((1, 2)) / m
+    vx = (img[:, 0] * (x - cx[:, None, None]) ** 2).sum((1, 2)) / m
+    vy = (img[:, 0] * (y - cy[:, None, None]) ** 2).sum((1, 2)) / m
+    return torch.stack([m, cx, cy, vx, vy], 1)
+
+
+def test_merge_units_keeps_each_units_mass_centre_and_spread():
+    """Units of six Gaussians at the vertices of an octahedron (radius d, masses equal): the merged Gaussian has the
+    unit's mass, its centre and width sqrt(sigma^2 + d^2 / 3) (analytic); moved by random rigid maps, the merged
+    images have the atoms' mass, centroid and per-axis variance (an octahedron's spread is the same along every
+    axis, whatever the rotation)."""
+    g = torch.Generator().manual_seed(3)
+    U, d, sigma = 4, 1.5, 0.8
+    octa = torch.cat([torch.eye(3), -torch.eye(3)]).double() * d
+    centre = 6 * torch.randn(U, 3, generator=g, dtype=torch.float64)
+    points = (centre[:, None] + octa).reshape(-1, 3)
+    unit = torch.arange(U).repeat_interleave(6)
+    amps = torch.linspace(1, 2, U, dtype=torch.float64).repeat_interleave(6)
+    c, a, s = merge_units(points, unit, amps, torch.full((6 * U,), sigma, dtype=torch.float64))
+    torch.testing.assert_close(c, centre, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a, 6 * torch.linspace(1, 2, U, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(s, torch.full((U,), math.sqrt(sigma**2 + d**2 / 3), dtype=torch.float64))
+    B = 3
+    maps = torch.cat([random_rotations(B * U, seed=4).view(B, U, 3, 3),
+                      torch.randn(B, U, 3, 1, generator=g, dtype=torch.float64)], -1)
+    cam = Camera.from_pose(random_rotations(B, seed=5), torch.zeros(B, 2, dtype=torch.float64), 1.0, 64)
+    for u in range(U):  # one unit at a time: its image moments are its own
+        keep = unit == u
+        fine = gaussian_projection(AffineUnits(points[keep], torch.zeros(6, dtype=torch.long), maps[:, u:u + 1]),
+                                   amps[keep], sigma, cam, "numba")
+        merged = gaussian_projection(AffineUnits(c[u:u + 1], torch.zeros(1, dtype=torch.long), maps[:, u:u + 1]),
+                                     a[u:u + 1], s[u:u + 1], cam, "numba")
+        torch.testing.assert_close(image_moments(merged), image_moments(fine), rtol=1e-5, atol=1e-6)  # pixel sampling
+    with pytest.raises(ValueError, match="mass"):
+        merge_units(points, unit + 1, amps, torch.ones(6 * U, dtype=torch.float64))  # unit 0 has no Gaussian
+    with pytest.raises(ValueError, match="expected"):
+        merge_units(points, unit, amps[:-1], torch.ones(6 * U, dtype=torch.float64))
