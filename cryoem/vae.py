@@ -556,7 +556,8 @@ class AtomVAE(nn.Module):
         the Gauss-Newton step that follows renders the atoms. Measured on two hinge runs (256 particles, 5
         candidates each): it picked the atoms' best candidate for 84 % and 95 % of the particles, and where it
         did not, the pick was worse by 0.15-0.26 nats on average (the candidates spanned 27-30 nats); a training
-        step took 0.47 s instead of 0.58 s.
+        step took 0.47 s instead of 0.58 s. At finer sampling, where a residue's shape shows more (the same
+        decoder's atoms rendered at SNR 0.1, 128 px at 1 Å/px and 256 px at 0.8 Å/px), it agreed for 91 % and 93 %.
         """
         G = self.cfg.search
         seen = torch.nonzero(self.z_seen)[:, 0]
