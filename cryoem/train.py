@@ -371,8 +371,10 @@ def _run_model_config(run: Path, rec: dict) -> AtomVAEConfig:
 
 def _load_weights(model: AtomVAE, run: Path, device: str) -> None:
     state = load_checkpoint(run, map_location=device)["model"]
-    for k in ("z_last", "z_seen", "prior_var", "nuisance"):  # runs written before the warm starts (none
-        state.setdefault(k, getattr(model, k))  # remembered), the latent's axes (prior N(0, I)) or the nuisance
+    # runs written before the warm starts (none remembered), their ages (all fresh), the latent's axes (prior
+    # N(0, I)) or the nuisance
+    for k in ("z_last", "z_seen", "z_visit", "n_whiten", "prior_var", "nuisance"):
+        state.setdefault(k, getattr(model, k))
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

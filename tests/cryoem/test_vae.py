@@ -604,3 +604,33 @@ def test_search_starts_from_the_candidate_that_explains_the_image(truth):
         torch.testing.assert_close(start, torch.full((6, 1), truth))
         model.cfg.search = 0
         assert model.search(batch, wrong) is wrong
+
+
+def test_stale_stored_means_are_neither_warm_starts_nor_search_candidates(monkeypatch):
+    """A stored posterior mean older than MAX_STALE_WHITENS re-expressions is not used: the warm start falls back to
+    the encoder's guess, the search does not offer it, and the analysis encodes that particle again."""
+    import cryoem.analyze as analyze
+    import cryoem.particles
+    from cryoem.vae import MAX_STALE_WHITENS
+
+    batch, u, x0, bonds = toy_data(n=6)
+    model = make_model(x0, bonds, 1.0, particle_nuisance=False, search=4)
+    model._remember(batch, torch.full((6, 1), 2.0))  # visited at re-expression 0
+    guess = torch.zeros(6, 1)
+    for n, fresh in ((MAX_STALE_WHITENS, True), (MAX_STALE_WHITENS + 1, False)):
+        model.n_whiten.fill_(n)
+        assert bool((model.warm_start(batch, guess) == 2.0).all()) is fresh
+        assert model.fresh()[:6].all().item() is fresh and not model.fresh()[6:].any()
+    assert model.search(batch, guess) is guess  # nothing fresh to offer
+    model._remember({"index": torch.tensor([100])}, torch.full((1, 1), -3.0))  # one fresh visit
+    assert model.z_visit[100] == MAX_STALE_WHITENS + 1 and model.fresh().nonzero()[:, 0].tolist() == [100]
+    assert set(model.search(batch, guess).flatten().tolist()) <= {0.0, -3.0}  # never the stale 2.0
+    encoded = []
+    monkeypatch.setattr(cryoem.particles, "ParticleSubset", lambda ds, idx: idx)
+    monkeypatch.setattr(analyze, "encode_all",
+                        lambda m, idx, progress=True: encoded.append(idx) or np.zeros((len(idx), 1)))
+    z, how = analyze.posterior_means(model, range(256), refine=False, progress=False)
+    assert len(encoded[0]) == 255 and 100 not in encoded[0] and z[100, 0] == -3.0 and "re-expressions" in how
+    before = int(model.n_whiten)
+    model.whiten(torch.zeros(1), torch.eye(1))
+    assert int(model.n_whiten) == before + 1
