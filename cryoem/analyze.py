@@ -222,7 +222,7 @@ def posterior_means(model, ds, refine: bool | None = None, progress: bool = True
                f"{MAX_STALE_WHITENS}+ re-expressions of the latent, were encoded here)")
 
 
-def encode_all(model, ds, batch_size: int = 256, progress: bool = True) -> np.ndarray:
+def encode_all(model, ds, batch_size: int = 128, progress: bool = True) -> np.ndarray:
     """Posterior means (N, zdim) of every particle, in the input particle order."""
     import torch
     from tqdm import tqdm
@@ -376,9 +376,10 @@ def run_analysis(run: str | Path, k: int = 10, color: str | None = None, device:
     items.append(("pca.png", f"latent PCA (explained variance {ev}), coloured by {clabel or 'nothing'}; "
                              "red crosses: k-means centres"))
     sub = np.random.default_rng(0).choice(len(z), min(len(z), 3000), replace=False)
-    emb = TSNE(2, init="pca", random_state=0, perplexity=min(30, len(sub) - 1)).fit_transform(z[sub])
-    scatter_png(out / "tsne.png", emb, "t-SNE of the latents", None if cvals is None else cvals[sub], clabel)
-    items.append(("tsne.png", f"t-SNE of {len(sub)} particles' latents"))
+    if np.ptp(z[sub], axis=0).max() > 0:  # scikit-learn's t-SNE crashes the process on identical points
+        emb = TSNE(2, init="pca", random_state=0, perplexity=min(30, len(sub) - 1)).fit_transform(z[sub])
+        scatter_png(out / "tsne.png", emb, "t-SNE of the latents", None if cvals is None else cvals[sub], clabel)
+        items.append(("tsne.png", f"t-SNE of {len(sub)} particles' latents"))
 
     items += decoded_models(model, s, z, p, centres, labels, offset, out)
 
@@ -421,6 +422,7 @@ def decoded_models(model, s, z: np.ndarray, p: PCA, centres: np.ndarray, labels:
 
     items = []
     km_models = decode(model, centres, offset)
+    _check_in_range(km_models, "the k-means centres")
     write_pdb(out / "kmeans.pdb", s.with_coords(km_models))
     write_maps(model, km_models, offset, out, "kmeans")
     counts = np.bincount(labels, minlength=len(centres))
@@ -428,11 +430,23 @@ def decoded_models(model, s, z: np.ndarray, p: PCA, centres: np.ndarray, labels:
                                 f"cluster: {counts.tolist()}); maps kmeans_XX.mrc"))
     for pc in range(min(2, z.shape[1])):
         trav = decode(model, traversal(p if p.n_components_ > pc else pca(z, 2)[1], z, pc), offset)
+        _check_in_range(trav, f"latent PC{pc + 1}")
         write_pdb(out / f"pc{pc + 1}.pdb", s.with_coords(trav))
         write_maps(model, trav, offset, out, f"pc{pc + 1}")
         items.append((f"pc{pc + 1}.pdb", f"10 models along latent PC{pc + 1} (5th to 95th percentile); "
                                          f"maps pc{pc + 1}_XX.mrc"))
     return items
+
+
+def _check_in_range(coords: np.ndarray, where: str) -> None:
+    """A UserError (one line) when decoded models (M, N, 3) Å hold atoms beyond what a PDB file can hold: latents
+    that far outside the prior mean that the run's stored means are unusable, and ``--refine`` encodes every
+    particle again."""
+    far = float(np.abs(coords).max(initial=0))
+    if not np.isfinite(far) or far >= 1e4:
+        raise UserError(f"analyze: the models decoded at {where} have atoms {far:.3g} Å from the origin: the "
+                        "latents are far outside the prior; run `cryoem analyze RUN --refine` to encode every "
+                        "particle again")
 
 
 def _view(pdb: Path, out: Path, color: str, timeout: float = 120) -> bool:

@@ -401,3 +401,40 @@ def test_analysis_keeps_the_means_stored_by_training_and_encodes_the_rest(run):
     z_ref, _ = posterior_means(model, ds, refine=True, progress=False)
     np.testing.assert_allclose(z_ref, encode_all(model, ds, progress=False), atol=1e-6)
     assert np.abs(z_ref[kept] - z[kept]).max() > 1e-4  # the extra Gauss-Newton step moved the stored means
+
+
+def test_analyze_of_latents_far_outside_the_prior_is_one_line(run, tmp_path, capsys):
+    """Stored means a million prior SDs out decode to models no PDB file can hold (|x| >= 10^4 Å): analyze says
+    so in one line and suggests --refine, instead of a traceback from the PDB writer."""
+    import torch
+
+    from cryoem.cli import main
+    from plato_core.trainer import load_checkpoint
+
+    r = copy_run(run, tmp_path / "r")
+    ckpt = load_checkpoint(r)
+    ckpt["model"]["z_last"] = 1e6 * torch.randn_like(ckpt["model"]["z_last"])
+    torch.save(ckpt, r / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["analyze", str(r), "--k", "2", "--no-snapshots", "--no-refine"]) == 2
+    err = capsys.readouterr().err.splitlines()  # the tiny run's latent is collapsed: a warning line comes first
+    assert "Traceback" not in "".join(err) and err[-1].startswith("error:"), err
+    assert "Å from the origin" in err[-1] and "--refine" in err[-1]
+    assert not (r / "analysis" / "kmeans.pdb").exists()
+
+
+def test_analyze_of_identical_latents_skips_only_the_t_sne(run, tmp_path):
+    """Every particle at the same latent (a latent that carries nothing): the analysis still completes; scikit-
+    learn's t-SNE, which crashes the process on identical points, is skipped."""
+    import torch
+
+    from cryoem.cli import main
+    from plato_core.trainer import load_checkpoint
+
+    r = copy_run(run, tmp_path / "r")
+    ckpt = load_checkpoint(r)
+    ckpt["model"]["z_last"] = torch.zeros_like(ckpt["model"]["z_last"])
+    torch.save(ckpt, r / "checkpoint.pt")
+    assert main(["analyze", str(r), "--k", "2", "--no-snapshots", "--no-refine"]) == 0
+    assert np.ptp(np.load(r / "analysis" / "latents.npy")) == 0 and (r / "analysis" / "kmeans.pdb").is_file()
+    assert not (r / "analysis" / "tsne.png").exists() and "tsne.png" not in (r / "analysis" / "index.html").read_text()

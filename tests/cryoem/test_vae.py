@@ -634,3 +634,30 @@ def test_stale_stored_means_are_neither_warm_starts_nor_search_candidates(monkey
     before = int(model.n_whiten)
     model.whiten(torch.zeros(1), torch.eye(1))
     assert int(model.n_whiten) == before + 1
+
+
+def test_on_a_large_data_set_re_expression_waits_for_a_quarter_epoch_so_stored_means_stay_fresh():
+    """Up to WHITEN_EARLY_STEPS the latent is re-expressed every whiten_every steps; after that only when
+    1 / WHITENS_PER_EPOCH of the particles have been visited since the last time. With 40,000 particles at batch 64
+    (625 steps per epoch, a quarter epoch = 156.25 steps) that is at steps 100, ..., 1000, then every 200 steps, and
+    every particle visited in the last epoch still has a usable stored mean."""
+    from cryoem.vae import WHITEN_EARLY_STEPS, WHITENS_PER_EPOCH
+
+    _, _, x0, bonds = toy_data(n=6)
+    n, batch_size, every = 40_000, 64, 100
+    model = AtomVAE(AtomVAEConfig(zdim=1, enc_width=8, dec_hidden=64, dec_layers=2, whiten_every=every), x0,
+                    torch.ones(40), torch.full((40,), 2.0), bonds, BOX, APIX, n, 1.0)
+    opt = torch.optim.Adam(model.parameters())
+    whitened, order = [], torch.randperm(n)
+    for step in range(1, 3 * n // batch_size + 1):
+        idx = order[(step - 1) * batch_size % n:][:batch_size]
+        mu = torch.randn(batch_size, 1)
+        model._remember({"index": idx}, mu)
+        model._accumulate(mu, torch.full((batch_size, 1, 1), 0.1))
+        before = int(model.n_whiten)
+        model.after_step(step, opt)
+        if int(model.n_whiten) > before:
+            whitened.append(step)
+    assert WHITENS_PER_EPOCH == 4 and whitened[:10] == list(range(every, WHITEN_EARLY_STEPS + 1, every))
+    assert whitened[10:] == [1200, 1400, 1600, 1800]  # 1100 is 100 steps (6,400 particles) after 1000: too soon
+    assert bool(model.fresh().all())  # each particle was visited in the last epoch, at most 4 re-expressions ago
