@@ -280,6 +280,13 @@ class MeshDecoder(nn.Module):
     views' features and foreground mask at the vertex's projection after the first, z-only stage, with the
     vertex in that camera's axes), averages an MLP of them over the views, and adds an offset and a colour
     (``forward(z, views)``): a vertex can move to the silhouette it sees and take the colour under it.
+    That colour is also read directly: the context pixels at the final vertex's projection, averaged over the
+    views that show the object there, enter the colour's logit with a learned gain ``view_colour`` (1 at the
+    start; runs from before it load with 0, their old colours).
+
+    Why the direct read: with the colour left to the MLP, 30 minutes of training gave every vertex the mean
+    colour (grey turntables); the features at a vertex's projection carried its cube's hue, but the MLP did
+    not learn to pass it through.
     """
 
     kind = "mesh"
@@ -309,6 +316,7 @@ class MeshDecoder(nn.Module):
             self.refine = nn.Sequential(nn.Linear(hidden // 2 + 3, hidden // 2), nn.ReLU(), nn.Linear(hidden // 2, 6))
             nn.init.zeros_(self.refine[-1].weight)
             nn.init.zeros_(self.refine[-1].bias)
+            self.view_colour = nn.Parameter(torch.ones(()))
             self.register_buffer("background", torch.as_tensor(background, dtype=torch.float32), persistent=False)
         # one soft rasterization: shaded RGB plus its SoftRas opacity (the soft silhouette) as alpha
         self.shaded = MeshRenderer("shaded", faces_per_pixel=faces_per_pixel, sigma=sigma, gamma=sigma,
@@ -317,7 +325,9 @@ class MeshDecoder(nn.Module):
 
     def context(self, images: Tensor, cameras: Camera) -> ContextViews | None:
         """The context views (B, k, 3, H, W) with B * k cameras, ready for ``forward`` (None without ``lift``)."""
-        return None if self.features is None else context_views(self.features, images, cameras, self.background)
+        if self.features is None:
+            return None
+        return context_views(self.features, images, cameras, self.background, rgb=True)
 
     def forward(self, z: Tensor | None, views: ContextViews | None = None) -> dict:
         raw = self.net(z).reshape(len(z), -1, 6) if self.latent_dim else self.params
@@ -325,16 +335,32 @@ class MeshDecoder(nn.Module):
         if views is not None:
             raw = raw + self._refine(verts, views)
             verts = self.template + self.max_offset * torch.tanh(raw[..., :3])
+            raw = torch.cat([raw[..., :3], raw[..., 3:] + self.view_colour * self._view_logit(verts, views)], -1)
         return {"verts": verts, "rgb": torch.sigmoid(raw[..., 3:])}
 
     def _refine(self, verts: Tensor, views: ContextViews) -> Tensor:
         """(B, V, 6) additions to the raw offsets and colours from the context views at ``verts`` (B, V, 3)."""
         B, V, _ = verts.shape
         pts = verts.repeat_interleave(views.k, 0)  # (B k, V, 3)
-        feats, _ = sample_views(views.maps, views.cameras, pts)  # (B k, 3C + 1, V)
+        feats, _ = sample_views(views.maps, views.cameras, pts)  # (B k, 3C + 3 + 1, V): features, RGB, mask
+        feats = torch.cat([feats[:, :-4], feats[:, -1:]], 1)  # the MLP reads the features and the mask
         local = camera_axes(views.cameras, pts) / (0.5 * (self.hi - self.lo))
         h = self.per_view(torch.cat([feats.transpose(1, 2), local], -1)).view(B, views.k, V, -1).mean(1)
         return self.refine(torch.cat([h, self.template.expand(B, -1, -1) / self.max_offset], -1))
+
+    def _view_logit(self, verts: Tensor, views: ContextViews) -> Tensor:
+        """(B, V, 3): the logit of the object's colour in the context pixels at each vertex's projection, averaged
+        over the views that show the object there (foreground, in front of the camera); 0 where none does.
+
+        A bilinear read m of the foreground mask and c of the image mixes the object's colour with the background
+        bg (c = m rgb + (1 - m) bg), so rgb = sum over views of (c - (1 - m) bg) / sum of m."""
+        B, V, _ = verts.shape
+        read, seen = sample_views(views.maps[-2:], views.cameras, verts.repeat_interleave(views.k, 0))
+        m = (read[:, 3:] * seen).view(B, views.k, 1, V)  # (B, k, 1, V): the mask there, 0 outside the view
+        c = read[:, :3].view(B, views.k, 3, V) - (1 - m) * self.background.to(read.dtype)[:, None]
+        m, c = m.sum(1), (c * seen.view(B, views.k, 1, V)).sum(1)  # (B, 1, V), (B, 3, V)
+        logit = torch.logit((c / m.clamp_min(1e-6)).clamp(0.02, 0.98))
+        return torch.where(m > 1e-3, logit, torch.zeros_like(logit)).transpose(1, 2)
 
     def render(self, state: dict, cameras: Camera, per_scene: int) -> Tensor:
         """(B * per_scene, 4, H, W): shaded RGB and the soft silhouette as a 4th channel."""
@@ -598,6 +624,8 @@ class SceneAE(nn.Module):
         if calib.is_file():
             ae["level_scale"] = float(json.loads(calib.read_text())["level_scale"])
         model = cls(AEConfig(**ae), per_scene=bool(settings.get("per_scene")))
+        if isinstance(getattr(model.decoder, "view_colour", None), nn.Parameter):
+            ckpt["model"].setdefault("decoder.view_colour", torch.zeros(()))  # mesh runs from before it: off
         model.load_state_dict(ckpt["model"])
         return model.eval().to(device), settings
 

@@ -388,3 +388,33 @@ def test_cli_binary_weight_scales_the_binary_term_in_the_loss(tmp_path):
             first[w] = {k: float(v) for k, v in next(csv.DictReader(f)).items() if k in ("loss", "binary", "kl")}
     assert first["3"]["binary"] == first["0"]["binary"] > 0 and first["3"]["kl"] == first["0"]["kl"]
     assert first["3"]["loss"] - first["0"]["loss"] == pytest.approx(3 * first["0"]["binary"], rel=1e-4)
+
+
+def test_amortised_mesh_vertices_take_the_colour_of_the_context_pixels_under_them():
+    """Before any training (the colour MLPs start at zero) each vertex's colour is the object's colour in the
+    context views at its projection: one view shows the left half of its image in (0.8, 0.2, 0.1) on a grey
+    background, the other shows only background. Vertices over the coloured half get that colour exactly, also
+    where the bilinear read mixes it with the background; vertices over the background keep the neutral 0.5.
+    With the gain at 0 (runs from before it) every vertex is neutral."""
+    from scene3d.autoencoders import MeshDecoder
+
+    torch.manual_seed(0)
+    S, bg, colour = 16, torch.tensor([0.3, 0.3, 0.3]), torch.tensor([0.8, 0.2, 0.1])
+    eye = torch.tensor([[0.0, 0.0, -6.0], [6.0, 0.0, 0.0]])
+    R, t = look_at(eye, torch.zeros(2, 3))
+    cams = Camera(R, t, torch.full((2, 2), 10.0), torch.full((2, 2), S / 2), (S, S))
+    images = bg[None, None, :, None, None].expand(1, 2, 3, S, S).clone()
+    images[0, 0, :, :, : S // 2] = colour[:, None, None]
+    dec = MeshDecoder(4, -4.0, 4.0, lift=4, background=tuple(bg.tolist()))
+    out = dec(torch.randn(1, 4), dec.context(images, cams))
+    u = cams.project(out["verts"].expand(2, -1, -1))[0][0, :, 0]  # each vertex's column in view 0 (pixels)
+    rgb = out["rgb"][0].detach()
+    assert (u < 7.5).sum() > 50 and (u > 8.5).sum() > 50
+    torch.testing.assert_close(rgb[u < 7.5], colour.expand(int((u < 7.5).sum()), 3), atol=1e-5, rtol=0)
+    mixed = (u > 7.6) & (u < 8.4)
+    torch.testing.assert_close(rgb[mixed], colour.expand(int(mixed.sum()), 3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(rgb[u > 8.5], torch.full((int((u > 8.5).sum()), 3), 0.5))
+    with torch.no_grad():
+        dec.view_colour.zero_()
+    neutral = dec(torch.randn(1, 4), dec.context(images, cams))["rgb"]
+    torch.testing.assert_close(neutral, torch.full_like(neutral, 0.5))
