@@ -59,7 +59,15 @@ from scene3d.export import density_to_mesh, marching_cubes
 from scene3d.geometry_metrics import mesh_occupancy, voxel_centers
 from scene3d.metrics import foreground_mask
 from scene3d.pixelnerf import PixelField
-from scene3d.views import ContextViews, ViewFeatures, camera_axes, context_views, sample_views
+from scene3d.views import (
+    ContextViews,
+    ViewFeatures,
+    camera_axes,
+    colour_maps,
+    context_views,
+    object_colour_logit,
+    sample_views,
+)
 
 CALIBRATION = "calibration.json"  # RUN/calibration.json: the occupancy level chosen by ``scene3d calibrate``
 
@@ -197,8 +205,11 @@ class VoxelDecoder(nn.Module):
     ``latent_dim=0`` makes a free per-scene grid (B = 1). Densities are ``softplus`` of the network output
     times ``density_scale / cell``, so a raw value of ~1 makes a cell about opaque.
 
-    ``lift > 0``: ``forward(z, lifted)`` also takes a :class:`PixelLifter` volume (B, lift, G/2, G/2, G/2),
-    merged by a 3^3 convolution into the features before the last transposed convolution.
+    ``lift > 0``: ``forward(z, lifted, colour)`` also takes a :class:`PixelLifter` volume (B, lift, G/2, G/2, G/2),
+    merged by a 3^3 convolution into the features before the last transposed convolution, and the logit of the
+    object's colour in the context views at each cell (``context_colour``, (B, 3, G, G, G)), added to the colour's
+    logit with a learned gain ``view_colour`` (1 at the start; runs from before it load with 0). Why: see
+    :class:`MeshDecoder`.
     """
 
     kind = "voxel"
@@ -221,13 +232,17 @@ class VoxelDecoder(nn.Module):
             self.c0 = c[0]
             if lift:  # merges the lifted features into the (res / 2)^3 features before the output layer
                 self.mix = nn.Sequential(nn.Conv3d(c[-1] + lift, c[-1], 3, 1, 1), nn.ReLU())
+                self.view_colour = nn.Parameter(torch.ones(()))
+                self.register_buffer("background", torch.as_tensor(background, dtype=torch.float32),
+                                     persistent=False)
+                self.register_buffer("cells", voxel_centers(res, lo, hi).reshape(-1, 3), persistent=False)
         else:
             self.grid = nn.Parameter(torch.cat([torch.zeros(1, 1, res, res, res),
                                                 torch.zeros(1, 3, res, res, res)], 1))
         self.renderer = VoxelRenderer("emission_absorption", n_samples, center=(lo + hi) / 2, size=hi - lo,
                                       background=background, alpha=True)  # alpha: the silhouette the loss also fits
 
-    def forward(self, z: Tensor | None, lifted: Tensor | None = None) -> dict:
+    def forward(self, z: Tensor | None, lifted: Tensor | None = None, colour: Tensor | None = None) -> dict:
         if self.latent_dim:
             g = self.res // 8
             h = self.up[:-1](self.fc(z).reshape(-1, self.c0, g, g, g))
@@ -237,7 +252,17 @@ class VoxelDecoder(nn.Module):
         else:
             raw = self.grid
         density = F.softplus(raw[:, :1] - 2.0) * (self.density_scale / self.cell)  # -2: start as a faint fog
-        return {"density": density, "rgb": torch.sigmoid(raw[:, 1:])}
+        logit = raw[:, 1:] if colour is None else raw[:, 1:] + self.view_colour * colour
+        return {"density": density, "rgb": torch.sigmoid(logit)}
+
+    def context_colour(self, images: Tensor, cameras: Camera) -> Tensor:
+        """Context views (B, k, 3, H, W) and their B * k cameras -> (B, 3, G, G, G): the logit of the object's
+        colour in the views at each cell centre (:func:`scene3d.views.object_colour_logit`)."""
+        B, k = images.shape[:2]
+        cells = self.cells.to(images.dtype)[None].expand(B, -1, -1)
+        logit = object_colour_logit(colour_maps(images, self.background), cameras, k, cells, self.background)
+        G = self.res
+        return logit.reshape(B, G, G, G, 3).permute(0, 4, 1, 2, 3)
 
     def render(self, state: dict, cameras: Camera, per_scene: int) -> Tensor:
         """Render ``per_scene`` cameras of each scene in ``state`` -> (B * per_scene, 4, H, W): colour over the
@@ -335,7 +360,8 @@ class MeshDecoder(nn.Module):
         if views is not None:
             raw = raw + self._refine(verts, views)
             verts = self.template + self.max_offset * torch.tanh(raw[..., :3])
-            raw = torch.cat([raw[..., :3], raw[..., 3:] + self.view_colour * self._view_logit(verts, views)], -1)
+            seen = object_colour_logit(views.maps[-2:], views.cameras, views.k, verts, self.background)
+            raw = torch.cat([raw[..., :3], raw[..., 3:] + self.view_colour * seen], -1)
         return {"verts": verts, "rgb": torch.sigmoid(raw[..., 3:])}
 
     def _refine(self, verts: Tensor, views: ContextViews) -> Tensor:
@@ -347,20 +373,6 @@ class MeshDecoder(nn.Module):
         local = camera_axes(views.cameras, pts) / (0.5 * (self.hi - self.lo))
         h = self.per_view(torch.cat([feats.transpose(1, 2), local], -1)).view(B, views.k, V, -1).mean(1)
         return self.refine(torch.cat([h, self.template.expand(B, -1, -1) / self.max_offset], -1))
-
-    def _view_logit(self, verts: Tensor, views: ContextViews) -> Tensor:
-        """(B, V, 3): the logit of the object's colour in the context pixels at each vertex's projection, averaged
-        over the views that show the object there (foreground, in front of the camera); 0 where none does.
-
-        A bilinear read m of the foreground mask and c of the image mixes the object's colour with the background
-        bg (c = m rgb + (1 - m) bg), so rgb = sum over views of (c - (1 - m) bg) / sum of m."""
-        B, V, _ = verts.shape
-        read, seen = sample_views(views.maps[-2:], views.cameras, verts.repeat_interleave(views.k, 0))
-        m = (read[:, 3:] * seen).view(B, views.k, 1, V)  # (B, k, 1, V): the mask there, 0 outside the view
-        c = read[:, :3].view(B, views.k, 3, V) - (1 - m) * self.background.to(read.dtype)[:, None]
-        m, c = m.sum(1), (c * seen.view(B, views.k, 1, V)).sum(1)  # (B, 1, V), (B, 3, V)
-        logit = torch.logit((c / m.clamp_min(1e-6)).clamp(0.02, 0.98))
-        return torch.where(m > 1e-3, logit, torch.zeros_like(logit)).transpose(1, 2)
 
     def render(self, state: dict, cameras: Camera, per_scene: int) -> Tensor:
         """(B * per_scene, 4, H, W): shaded RGB and the soft silhouette as a 4th channel."""
@@ -625,7 +637,7 @@ class SceneAE(nn.Module):
             ae["level_scale"] = float(json.loads(calib.read_text())["level_scale"])
         model = cls(AEConfig(**ae), per_scene=bool(settings.get("per_scene")))
         if isinstance(getattr(model.decoder, "view_colour", None), nn.Parameter):
-            ckpt["model"].setdefault("decoder.view_colour", torch.zeros(()))  # mesh runs from before it: off
+            ckpt["model"].setdefault("decoder.view_colour", torch.zeros(()))  # runs from before it: off
         model.load_state_dict(ckpt["model"])
         return model.eval().to(device), settings
 
@@ -660,7 +672,7 @@ class SceneAE(nn.Module):
     def _decode(self, z: Tensor, images: Tensor, cameras: Camera) -> dict:
         """z (B, L) and the context views (B, k, 3, S, S) it came from -> the decoder's 3D state."""
         if self.lifter is not None:
-            return self.decoder(z, self.lifter(images, cameras))
+            return self.decoder(z, self.lifter(images, cameras), self.decoder.context_colour(images, cameras))
         context = getattr(self.decoder, "context", None)  # NeRF and mesh decoders with pixel-aligned features
         views = None if context is None else context(images, cameras)
         return self.decoder(z) if views is None else self.decoder(z, views)

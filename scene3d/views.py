@@ -94,7 +94,31 @@ def context_views(features: ViewFeatures, images: Tensor, cameras: Camera, backg
     """images (B, k, 3, H, W) over ``background`` (3,), B * k cameras (scene-major) -> :class:`ContextViews`:
     the views' feature maps, with ``rgb`` the images themselves (3 channels), and, last, their foreground masks
     (1 where a pixel differs from the background)."""
-    k = images.shape[1]
+    flat, mask = colour_maps(images, background)
+    return ContextViews([*features.feature_maps(flat), *([flat] if rgb else []), mask], cameras, images.shape[1])
+
+
+def object_colour_logit(maps: list[Tensor], cameras: Camera, k: int, points: Tensor, background: Tensor) -> Tensor:
+    """The logit of the object's colour in the context views at world ``points`` (B, P, 3) -> (B, P, 3).
+
+    ``maps``: each view's image (B k, 3, H, W) and its foreground mask (B k, 1, H, W), views scene-major, with
+    B * k ``cameras``. The colour is averaged over the views that show the object at the point's projection; the
+    logit is 0 (colour 0.5) where none does. A pixel mixes the object's colour with the ``background`` bg (3,),
+    p = m rgb + (1 - m) bg, so p - bg = m (rgb - bg): bilinear reads d of p - bg and m of the mask (both zero
+    outside the image and behind the camera, that is, background) give rgb = bg + sum of d / sum of m over the
+    views. Occlusion is not modelled: a point takes the colour of whatever the views show in front of it.
+    """
+    B, P, _ = points.shape
+    bg = background.to(maps[0].dtype)
+    read, _ = sample_views([maps[0] - bg[:, None, None], maps[1]], cameras, points.repeat_interleave(k, 0))
+    read = read.view(B, k, 4, P).sum(1)  # (B, 4, P): sum of d, sum of m
+    m = read[:, 3:]
+    logit = torch.logit((bg[:, None] + read[:, :3] / m.clamp_min(1e-6)).clamp(0.02, 0.98))
+    return torch.where(m > 1e-3, logit, torch.zeros_like(logit)).transpose(1, 2)
+
+
+def colour_maps(images: Tensor, background: Tensor) -> list[Tensor]:
+    """images (B, k, 3, H, W) over ``background`` (3,) -> [images (B k, 3, H, W), foreground masks
+    (B k, 1, H, W)], the ``maps`` of :func:`object_colour_logit`."""
     flat = images.flatten(0, 1)
-    mask = foreground_mask(flat, background.to(flat.dtype)).to(flat.dtype)
-    return ContextViews([*features.feature_maps(flat), *([flat] if rgb else []), mask], cameras, k)
+    return [flat, foreground_mask(flat, background.to(flat.dtype)).to(flat.dtype)]

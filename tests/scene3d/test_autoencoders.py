@@ -390,31 +390,61 @@ def test_cli_binary_weight_scales_the_binary_term_in_the_loss(tmp_path):
     assert first["3"]["loss"] - first["0"]["loss"] == pytest.approx(3 * first["0"]["binary"], rel=1e-4)
 
 
-def test_amortised_mesh_vertices_take_the_colour_of_the_context_pixels_under_them():
-    """Before any training (the colour MLPs start at zero) each vertex's colour is the object's colour in the
-    context views at its projection: one view shows the left half of its image in (0.8, 0.2, 0.1) on a grey
-    background, the other shows only background. Vertices over the coloured half get that colour exactly, also
-    where the bilinear read mixes it with the background; vertices over the background keep the neutral 0.5.
-    With the gain at 0 (runs from before it) every vertex is neutral."""
-    from scene3d.autoencoders import MeshDecoder
-
-    torch.manual_seed(0)
-    S, bg, colour = 16, torch.tensor([0.3, 0.3, 0.3]), torch.tensor([0.8, 0.2, 0.1])
-    eye = torch.tensor([[0.0, 0.0, -6.0], [6.0, 0.0, 0.0]])
-    R, t = look_at(eye, torch.zeros(2, 3))
+def half_coloured_views(S: int = 16):
+    """Two cameras 6 units from the origin, and their views: the first shows the left half of its image in
+    (0.8, 0.2, 0.1) on a grey background, the second only the background."""
+    bg, colour = torch.tensor([0.3, 0.3, 0.3]), torch.tensor([0.8, 0.2, 0.1])
+    R, t = look_at(torch.tensor([[0.0, 0.0, -6.0], [6.0, 0.0, 0.0]]), torch.zeros(2, 3))
     cams = Camera(R, t, torch.full((2, 2), 10.0), torch.full((2, 2), S / 2), (S, S))
     images = bg[None, None, :, None, None].expand(1, 2, 3, S, S).clone()
     images[0, 0, :, :, : S // 2] = colour[:, None, None]
-    dec = MeshDecoder(4, -4.0, 4.0, lift=4, background=tuple(bg.tolist()))
-    out = dec(torch.randn(1, 4), dec.context(images, cams))
-    u = cams.project(out["verts"].expand(2, -1, -1))[0][0, :, 0]  # each vertex's column in view 0 (pixels)
-    rgb = out["rgb"][0].detach()
+    return images, cams, bg, colour
+
+
+def assert_half_coloured(points, rgb, cams, colour):
+    """Points (P, 3) over the coloured half of view 0 have ``colour`` exactly (also where the bilinear read mixes
+    it with the background), points over the background the neutral 0.5."""
+    uv = cams.project(points.expand(2, -1, -1))[0][0]  # each point's pixel in view 0
+    inside = ((uv > 0.5) & (uv < 15.5)).all(-1)  # away from the image's zero-padded border
+    rgb, u = rgb[inside], uv[inside, 0]
     assert (u < 7.5).sum() > 50 and (u > 8.5).sum() > 50
     torch.testing.assert_close(rgb[u < 7.5], colour.expand(int((u < 7.5).sum()), 3), atol=1e-5, rtol=0)
     mixed = (u > 7.6) & (u < 8.4)
     torch.testing.assert_close(rgb[mixed], colour.expand(int(mixed.sum()), 3), atol=1e-4, rtol=0)
     torch.testing.assert_close(rgb[u > 8.5], torch.full((int((u > 8.5).sum()), 3), 0.5))
+
+
+def test_amortised_mesh_vertices_take_the_colour_of_the_context_pixels_under_them():
+    """Before any training (the colour MLPs start at zero) each vertex's colour is the object's colour in the
+    context views at its projection (see half_coloured_views). With the gain at 0 (runs from before it) every
+    vertex is neutral."""
+    from scene3d.autoencoders import MeshDecoder
+
+    torch.manual_seed(0)
+    images, cams, bg, colour = half_coloured_views()
+    dec = MeshDecoder(4, -4.0, 4.0, lift=4, background=tuple(bg.tolist()))
+    out = dec(torch.randn(1, 4), dec.context(images, cams))
+    assert_half_coloured(out["verts"], out["rgb"][0].detach(), cams, colour)
     with torch.no_grad():
         dec.view_colour.zero_()
     neutral = dec(torch.randn(1, 4), dec.context(images, cams))["rgb"]
     torch.testing.assert_close(neutral, torch.full_like(neutral, 0.5))
+
+
+def test_amortised_voxel_cells_add_the_colour_of_the_context_pixels_to_their_colour_logit():
+    """The VoxelAE's cells read the same colour (see half_coloured_views), and the decoder adds its logit with
+    the gain: the output colour's logit moves by exactly gain * that logit."""
+    from scene3d.autoencoders import VoxelDecoder
+    from scene3d.geometry_metrics import voxel_centers
+
+    torch.manual_seed(0)
+    images, cams, bg, colour = half_coloured_views()
+    dec = VoxelDecoder(4, -4.0, 4.0, res=16, lift=4, background=tuple(bg.tolist()))
+    logit = dec.context_colour(images, cams)
+    cells = voxel_centers(16, -4.0, 4.0).reshape(1, -1, 3)
+    assert_half_coloured(cells, torch.sigmoid(logit).permute(0, 2, 3, 4, 1).reshape(-1, 3), cams, colour)
+    z, lifted = torch.randn(1, 4), torch.randn(1, 4, 8, 8, 8)
+    with torch.no_grad():
+        dec.view_colour.fill_(0.7)
+        plain, read = dec(z, lifted)["rgb"], dec(z, lifted, logit)["rgb"]
+    torch.testing.assert_close(torch.logit(read) - torch.logit(plain), 0.7 * logit, atol=2e-4, rtol=0)
