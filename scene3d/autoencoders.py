@@ -636,8 +636,9 @@ class SceneAE(nn.Module):
         if calib.is_file():
             ae["level_scale"] = float(json.loads(calib.read_text())["level_scale"])
         model = cls(AEConfig(**ae), per_scene=bool(settings.get("per_scene")))
-        if isinstance(getattr(model.decoder, "view_colour", None), nn.Parameter):
-            ckpt["model"].setdefault("decoder.view_colour", torch.zeros(()))  # runs from before it: off
+        for name, _ in model.named_parameters():  # runs from before the direct colour read: off
+            if name.endswith("view_colour"):
+                ckpt["model"].setdefault(name, torch.zeros(()))
         model.load_state_dict(ckpt["model"])
         return model.eval().to(device), settings
 

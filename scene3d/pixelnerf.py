@@ -5,7 +5,10 @@ For a sample point p seen along direction d, each context view contributes an ML
     [its features at p's projection (``scene3d.views``), its colour and foreground mask there,
      gamma(p in that camera's axes, box half-sizes), d in that camera's axes];
 the views' outputs are averaged (any k), joined with the latent z and gamma(p), and a second MLP gives the
-density (1 / world units) and the colour.
+density (1 / world units) and the colour. The colour's logit also adds, with a learned gain ``view_colour`` (1 at
+the start; runs from before it load with 0), the object's colour in the context views at p
+(``scene3d.views.object_colour_logit``). Why: see ``scene3d.autoencoders.MeshDecoder``; the MLP, although it
+reads each view's colour, gave every sample the mean colour.
 
 Empty space is skipped per scene: a point that lands on the background of any context view that sees it lies
 outside the views' visual hull, has no density, and the MLPs are not evaluated there.
@@ -19,7 +22,7 @@ from torch import Tensor, nn
 
 from renderers.cameras import Camera
 from renderers.nerf import PositionalEncoding
-from scene3d.views import ContextViews, ViewFeatures, context_views, sample_views
+from scene3d.views import ContextViews, ViewFeatures, context_views, object_colour_logit, sample_views
 
 HULL_LEVEL = 0.5  # a point with a bilinear foreground reading below this in a view that sees it is carved away
 
@@ -37,6 +40,7 @@ class PixelField(nn.Module):
         self.per_view = nn.Sequential(nn.Linear(view_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU())
         self.head = nn.Sequential(nn.Linear(width + latent_dim + self.pos_enc.out_dim, width), nn.ReLU(),
                                   nn.Linear(width, width), nn.ReLU(), nn.Linear(width, 4))
+        self.view_colour = nn.Parameter(torch.ones(()))
         self.register_buffer("background", torch.as_tensor(background, dtype=torch.float32), persistent=False)
         self.center, self.scale = (lo + hi) / 2, (hi - lo) / 2
         # density = softplus(raw - 4) * 2 / (a 32^3 cell): a raw 0 is a faint fog (about 0.45 opacity across the hull
@@ -72,6 +76,7 @@ class PixelField(nn.Module):
         h = self.per_view(torch.cat([f, self.pos_enc(local), self.dir_enc(d_local)], -1)).view(M, k, -1).mean(1)
         out = self.head(torch.cat([h, z[b_idx], self.pos_enc((p - self.center) / self.scale)], -1))
         sigma = sigma.index_put((b_idx, n_idx), F.softplus(out[:, 0] - 4.0) * self.density_unit)
-        rgb = rgb.index_put((b_idx, n_idx), torch.sigmoid(out[:, 1:]))
+        seen_colour = object_colour_logit(views.maps[-2:], views.cameras, k, points, self.background)  # (B, N, 3)
+        rgb = rgb.index_put((b_idx, n_idx), torch.sigmoid(out[:, 1:] + self.view_colour * seen_colour[b_idx, n_idx]))
         return sigma, rgb
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from renderers.cameras import Camera, look_at
@@ -448,3 +449,32 @@ def test_amortised_voxel_cells_add_the_colour_of_the_context_pixels_to_their_col
         dec.view_colour.fill_(0.7)
         plain, read = dec(z, lifted)["rgb"], dec(z, lifted, logit)["rgb"]
     torch.testing.assert_close(torch.logit(read) - torch.logit(plain), 0.7 * logit, atol=2e-4, rtol=0)
+
+
+def test_amortised_nerf_samples_add_the_colour_of_the_context_pixels_to_their_colour_logit():
+    """The NeRF-AE's field reads the same colour at each ray sample (one context view, the half-coloured one of
+    half_coloured_views). With its head's last layer at zero, samples over the coloured half have exactly that
+    colour; samples over the background are carved (no density, no colour); with the gain at 0, 0.5."""
+    from scene3d.pixelnerf import PixelField
+
+    torch.manual_seed(0)
+    images, cams, bg, colour = half_coloured_views()
+    images, cams = images[:, :1], cams[torch.tensor([0])]
+    field = PixelField(4, -4.0, 4.0, tuple(bg.tolist()), channels=4)
+    with torch.no_grad():
+        field.head[-1].weight.zero_()
+        field.head[-1].bias.zero_()
+    pts = torch.rand(1, 3000, 3) * 6 - 3
+    dirs = F.normalize(torch.randn(1, 3000, 3), dim=-1)
+    views = field.context(images, cams)
+    sigma, rgb = field(pts, dirs, torch.randn(1, 4), views)
+    uv = cams.project(pts)[0][0]
+    inside = ((uv > 0.5) & (uv < 15.5)).all(-1)
+    left, right = inside & (uv[:, 0] < 7.5), inside & (uv[:, 0] > 8.5)
+    assert left.sum() > 300 and right.sum() > 300
+    torch.testing.assert_close(rgb[0, left].detach(), colour.expand(int(left.sum()), 3), atol=1e-5, rtol=0)
+    assert sigma[0, right].max() == 0 and rgb[0, right].abs().max() == 0
+    with torch.no_grad():
+        field.view_colour.zero_()
+    torch.testing.assert_close(field(pts, dirs, torch.randn(1, 4), views)[1][0, left],
+                               torch.full((int(left.sum()), 3), 0.5))
