@@ -559,9 +559,9 @@ class AEConfig:
     background: tuple[float, float, float] = setting((0.0, 0.0, 0.0), "background colour (from the data)",
                                                      cli=False)
     silhouette_weight: float = setting(1.0, "voxel, mesh, amortised NeRF: silhouette loss weight", cli=False)
-    laplacian_weight: float = setting(0.1, "mesh regulariser, in units of the per-pixel loss", cli=False)
-    edge_weight: float = setting(0.1, "mesh regulariser, in units of the per-pixel loss", cli=False)
-    normal_weight: float = setting(0.01, "mesh regulariser, in units of the per-pixel loss", cli=False)
+    laplacian_weight: float = setting(0.1, "mesh regulariser, in units of the per-pixel loss")
+    edge_weight: float = setting(0.1, "mesh regulariser, in units of the per-pixel loss")
+    normal_weight: float = setting(0.01, "mesh regulariser, in units of the per-pixel loss")
     encoder_width: int = setting(32, "channels of the encoder's first stage", cli=False)
     binary_weight: float = setting(0.0, "voxel: push cells to be empty or opaque (weight, in units of the "
                                         "per-pixel loss)")
