@@ -223,7 +223,8 @@ def posterior_means(model, ds, refine: bool | None = None, progress: bool = True
 
 
 def encode_all(model, ds, batch_size: int = 128, progress: bool = True) -> np.ndarray:
-    """Posterior means (N, zdim) of every particle, in the input particle order."""
+    """Posterior means (N, zdim) of every particle, in the input particle order (``AtomVAE.posterior_mean``:
+    the Laplace approximation, then importance sampling)."""
     import torch
     from tqdm import tqdm
 
@@ -232,7 +233,7 @@ def encode_all(model, ds, batch_size: int = 128, progress: bool = True) -> np.nd
         for i in tqdm(range(0, len(ds), batch_size), desc="encode", disable=not progress, unit="batch"):
             idx = np.arange(i, min(i + batch_size, len(ds)))
             batch = {k: v.to(model.log_scale.device) for k, v in ds.read_batch(idx).items()}
-            mu, _ = model.encode(batch)
+            mu = model.posterior_mean(batch) if hasattr(model, "posterior_mean") else model.encode(batch)[0]
             out.append(mu.cpu().numpy())
     return np.concatenate(out)
 

@@ -132,6 +132,8 @@ class AtomVAEConfig:
 MAX_STALE_WHITENS = 5  # a stored posterior mean older than this many re-expressions is not used (AtomVAE.fresh)
 WHITEN_EARLY_STEPS = 1000  # re-express every whiten_every steps up to here; after it, at most ...
 WHITENS_PER_EPOCH = MAX_STALE_WHITENS - 1  # ... this many times per epoch, so a mean stored once per epoch stays fresh
+POSTERIOR_SAMPLES = 32  # draws per particle of AtomVAE.importance_mean
+TEMPER = 64  # its wide proposal: the likelihood tempered by 1 / TEMPER (8 times wider where the image decides)
 
 
 def enc_pooling(box: int, target: int = 32) -> int:
@@ -472,6 +474,66 @@ class AtomVAE(nn.Module):
             mu, precision, _ = self.laplace(batch, self.search(batch, self.warm_start(batch, mu)))
             return mu, torch.linalg.inv(precision).diagonal(dim1=-2, dim2=-1).log()
         return mu, logvar
+
+    @torch.no_grad()
+    def posterior_mean(self, batch: dict, samples: int = POSTERIOR_SAMPLES) -> Tensor:
+        """Each particle's posterior mean (B, zdim): the Laplace approximation as :meth:`encode` finds it, then
+        self-normalised importance sampling (:meth:`importance_mean`). Without the Laplace posterior, the encoder's
+        mean."""
+        if self.cfg.posterior != "laplace":
+            return self.encode(batch)[0]
+        batch = self.with_poses(batch)
+        guess, _ = self._encode(batch)
+        mu, precision, nu = self.laplace(batch, self.search(batch, self.warm_start(batch, guess)))
+        return self.importance_mean(batch, mu, precision, nu, samples)
+
+    @torch.no_grad()
+    def importance_mean(self, batch: dict, mu: Tensor, precision: Tensor, nuisance: Tensor | None,
+                        samples: int = POSTERIOR_SAMPLES, chunk: int = 2048) -> Tensor:
+        """E[z | image] (B, zdim) by self-normalised importance sampling, from the Laplace mode ``mu`` (B, K), its
+        precision A (B, K, K) and the particles' nuisance (B, 2) or None.
+
+        The proposal is an equal mixture of N(mu, A^-1) and N(mu, A_t^-1), A_t = (A - P) / ``TEMPER`` + P (P the
+        prior's precision): the likelihood tempered, so that the second component is wider where the image decides
+        and as wide as the prior where it does not. Each of ``samples`` draws is rendered at the particle's pose,
+        CTF and nuisance; its weight is the likelihood times the prior over the proposal's density. The draws are
+        seeded, so that encoding is repeatable. ``chunk``: images rendered at once.
+
+        Why: the Laplace mode is the mode of one local maximum, and along a weakly determined motion the posterior
+        is wide, skewed or has several maxima. Measured on the two-hinge case after 10 minutes (600 particles, R²
+        of each true hinge coordinate from the latents): Laplace modes 0.948 / 0.622; the posterior mean by
+        quadrature over a 25 x 25 grid of the latent's two leading axes 0.961 / 0.746; this estimate with 16, 32, 64
+        and 256 draws 0.950 / 0.623, 0.953 / 0.689, 0.958 / 0.680 and 0.960 / 0.752 (2-D). On the morph at SNR
+        0.01 (30 minutes), 0.684 against 0.725 with 64 draws. A draw costs one rendering.
+        """
+        B, K = mu.shape
+        dt = torch.float64
+        P = torch.diag(1 / self.prior_var.to(dt))
+        A = 0.5 * (precision.to(dt) + precision.to(dt).transpose(1, 2))
+        L = torch.stack([torch.linalg.cholesky(A), torch.linalg.cholesky((A - P) / TEMPER + P)], 1)  # (B, 2, K, K)
+        gen = torch.Generator(device=mu.device).manual_seed(0)
+        eps = torch.randn(B, samples, K, 1, generator=gen, dtype=dt, device=mu.device)
+        which = torch.arange(samples, device=mu.device) % 2  # half the draws from each component
+        z = mu.to(dt)[:, None] + torch.linalg.solve_triangular(L[:, which].transpose(-1, -2), eps, upper=True)[..., 0]
+        d = z[:, :, None] - mu.to(dt)[:, None, None]  # (B, S, 2, K)
+        y = (d[..., None, :] @ L[:, None])[..., 0, :]  # (z - mu)^T L for each component
+        log_det = torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)  # (B, 2): log det(A)^1/2
+        log_q = torch.logsumexp(-0.5 * (y**2).sum(-1) + log_det[:, None], 2) - math.log(2)
+        log_prior = -0.5 * (z**2 / self.prior_var.to(dt)).sum(-1)
+        nll = torch.empty(B, samples, dtype=dt, device=mu.device)
+        per = max(1, chunk // samples)
+        for i in range(0, B, per):
+            j = slice(i, i + per)
+
+            def rep(t: Tensor | None) -> Tensor | None:
+                return None if t is None else t[j].repeat_interleave(samples, 0)
+
+            n = len(z[j])
+            img = self.render(self.decoder.units(z[j].reshape(-1, K).to(mu.dtype)), rep(batch["R"]),
+                              rep(batch["shift_A"]), rep(batch["ctf"]), rep(batch.get("index")), None, rep(nuisance))
+            nll[j] = self.reconstruction(rep(batch["image"]), img, None).to(dt).view(n, samples)
+        w = torch.softmax(-nll + log_prior - log_q, 1)
+        return (w[..., None] * z).sum(1).to(mu.dtype)
 
     @torch.no_grad()
     def laplace(self, batch: dict, z: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:

@@ -294,6 +294,20 @@ class VoxelDecoder(nn.Module):
         return c, torch.full((3,), self.hi - self.lo, dtype=like.dtype, device=like.device)
 
 
+def smooth_modes(faces: Tensor, n_verts: int, k: int) -> Tensor:
+    """(V, k) the ``k`` smoothest modes of a mesh: eigenvectors of its uniform graph Laplacian (D - W over the
+    edges of ``faces`` (F, 3)) with the smallest eigenvalues, each scaled to norm sqrt(V / k), so that k
+    coefficients that each change by about 1 move a vertex by about 1 (as a free per-vertex offset would).
+    On an ico-sphere these are its spherical harmonics: the first 121 reach degree 10."""
+    k = min(k, n_verts)
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).long()
+    W = torch.zeros(n_verts, n_verts, dtype=torch.float64)
+    W[edges[:, 0], edges[:, 1]] = 1.0
+    W = torch.maximum(W, W.T)
+    _, vecs = torch.linalg.eigh(torch.diag(W.sum(1)) - W)
+    return (vecs[:, :k] * math.sqrt(n_verts / k)).float()
+
+
 class MeshDecoder(nn.Module):
     """z (B, L) -> verts (B, V, 3) = template + offsets and colours (B, V, 3) of an ico-sphere.
 
@@ -318,7 +332,8 @@ class MeshDecoder(nn.Module):
 
     def __init__(self, latent_dim: int, lo: float, hi: float, subdivisions: int = 3, radius: float | None = None,
                  hidden: int = 256, background=(0.0, 0.0, 0.0), faces_per_pixel: int = 4, sigma: float = 1e-4,
-                 light_direction=(0.3, -0.5, 1.0), max_offset: float | None = None, lift: int = 0):
+                 light_direction=(0.3, -0.5, 1.0), max_offset: float | None = None, lift: int = 0,
+                 basis: int = 0):
         super().__init__()
         self.latent_dim, self.lo, self.hi = latent_dim, lo, hi
         radius = radius or 0.3 * (hi - lo)
@@ -327,9 +342,11 @@ class MeshDecoder(nn.Module):
         self.register_buffer("faces", faces)
         self.max_offset = max_offset or 0.5 * (hi - lo)
         V = len(verts)
+        self.register_buffer("basis", smooth_modes(faces, V, basis) if latent_dim and basis else None)
         if latent_dim:
+            outputs = V * 6 if self.basis is None else 3 * self.basis.shape[1] + V * 3
             self.net = nn.Sequential(nn.Linear(latent_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                     nn.Linear(hidden, V * 6))
+                                     nn.Linear(hidden, outputs))
             nn.init.zeros_(self.net[-1].weight)
             nn.init.zeros_(self.net[-1].bias)
         else:
@@ -355,14 +372,32 @@ class MeshDecoder(nn.Module):
         return context_views(self.features, images, cameras, self.background, rgb=True)
 
     def forward(self, z: Tensor | None, views: ContextViews | None = None) -> dict:
-        raw = self.net(z).reshape(len(z), -1, 6) if self.latent_dim else self.params
+        raw = self._raw(z)
         verts = self.template + self.max_offset * torch.tanh(raw[..., :3])
         if views is not None:
-            raw = raw + self._refine(verts, views)
+            raw = raw + self._smooth(self._refine(verts, views))
             verts = self.template + self.max_offset * torch.tanh(raw[..., :3])
             seen = object_colour_logit(views.maps[-2:], views.cameras, views.k, verts, self.background)
             raw = torch.cat([raw[..., :3], raw[..., 3:] + self.view_colour * seen], -1)
         return {"verts": verts, "rgb": torch.sigmoid(raw[..., 3:])}
+
+    def _raw(self, z: Tensor | None) -> Tensor:
+        """(B, V, 6) raw offsets (before the tanh) and colour logits of the first stage."""
+        if not self.latent_dim:
+            return self.params
+        out = self.net(z)
+        if self.basis is None:
+            return out.reshape(len(z), -1, 6)
+        K = self.basis.shape[1]
+        offsets = self.basis @ out[:, :3 * K].reshape(len(z), K, 3)  # (B, V, 3): a sum of smooth modes
+        return torch.cat([offsets, out[:, 3 * K:].reshape(len(z), -1, 3)], -1)
+
+    def _smooth(self, raw: Tensor) -> Tensor:
+        """(B, V, 6) raw offsets and colours with the offsets projected onto the smooth modes (unchanged without)."""
+        if self.basis is None:
+            return raw
+        unit = self.basis / self.basis[:, 0].norm()  # the modes, orthonormal
+        return torch.cat([unit @ (unit.T @ raw[..., :3]), raw[..., 3:]], -1)
 
     def _refine(self, verts: Tensor, views: ContextViews) -> Tensor:
         """(B, V, 6) additions to the raw offsets and colours from the context views at ``verts`` (B, V, 3)."""
@@ -565,6 +600,8 @@ class AEConfig:
     encoder_width: int = setting(32, "channels of the encoder's first stage", cli=False)
     binary_weight: float = setting(0.0, "voxel: push cells to be empty or opaque (weight, in units of the "
                                         "per-pixel loss)")
+    mesh_basis: int = setting(128, "mesh, amortised: the decoder moves the vertices through this many smoothest "
+                                   "modes of the template (see MeshDecoder); 0: each vertex on its own")
     lift: int = setting(16, "voxel, nerf: channels of the pixel-aligned context features (per cell, or per pyramid "
                             "level at each NeRF sample; 0: the latent alone)")
     level_scale: float = setting(1.0, "occupancy threshold as a multiple of the half-opaque level (see "
@@ -583,7 +620,8 @@ def make_decoder(cfg: AEConfig, per_scene: bool = False) -> nn.Module:
     if cfg.kind == "voxel":
         return VoxelDecoder(L, cfg.lo, cfg.hi, background=cfg.background, lift=cfg.lift if L else 0)
     if cfg.kind == "mesh":
-        return MeshDecoder(L, cfg.lo, cfg.hi, background=cfg.background, lift=cfg.lift if L else 0)
+        return MeshDecoder(L, cfg.lo, cfg.hi, background=cfg.background, lift=cfg.lift if L else 0,
+                           basis=cfg.mesh_basis)
     if cfg.kind == "nerf":
         return FieldDecoder(L, cfg.lo, cfg.hi, background=cfg.background, field=cfg.field,
                             occupancy_res=cfg.occupancy_res if per_scene else 0, samples=cfg.samples,
@@ -629,6 +667,7 @@ class SceneAE(nn.Module):
         known = {f.name for f in fields(AEConfig)}
         ae = {k: (tuple(v) if isinstance(v, list) else v) for k, v in settings["ae"].items() if k in known}
         ae.setdefault("lift", 0)  # runs from before the pixel-aligned features
+        ae.setdefault("mesh_basis", 0)  # mesh runs from before the smooth modes: a free offset per vertex
         feature_keys = {"nerf": "decoder.pixel.", "mesh": "decoder.features."}
         if ae.get("kind") in feature_keys and not any(k.startswith(feature_keys[ae["kind"]]) for k in ckpt["model"]):
             ae["lift"] = 0  # NeRF and mesh runs from before their pixel features recorded a lift they did not use

@@ -28,6 +28,7 @@ from scene3d.autoencoders import (
     occupancy_level,
     predicted_occupancy,
     resize_views,
+    smooth_modes,
     view_index,
 )
 from scene3d.data import MultiViewDataset, camera_arrays
@@ -478,3 +479,30 @@ def test_amortised_nerf_samples_add_the_colour_of_the_context_pixels_to_their_co
         field.view_colour.zero_()
     torch.testing.assert_close(field(pts, dirs, torch.randn(1, 4), views)[1][0, left],
                                torch.full((int(left.sum()), 3), 0.5))
+
+
+def test_smooth_modes_of_the_ico_sphere_are_its_spherical_harmonics():
+    """The graph Laplacian's smoothest modes on an ico-sphere: mode 0 is constant, modes 1-3 span the coordinate
+    functions x, y, z (degree 1) up to the graph's unequal edges (2 % of their norm: the subdivided icosahedron's edges
+    differ in length, which the uniform Laplacian ignores), and the modes are orthogonal with norm sqrt(V / k).
+    An amortised MeshDecoder's first-stage offsets lie in their span."""
+    from renderers.mesh import ico_sphere
+    from scene3d.autoencoders import MeshDecoder
+
+    verts, faces = ico_sphere(3)
+    V, k = len(verts), 16
+    modes = smooth_modes(faces, V, k).double()
+    unit = modes / math.sqrt(V / k)
+    torch.testing.assert_close(unit.T @ unit, torch.eye(k, dtype=torch.float64), atol=1e-5, rtol=0)
+    assert modes[:, 0].std() < 1e-6
+    x = verts.double()
+    fit = unit[:, 1:4] @ (unit[:, 1:4].T @ x)
+    assert (fit - x).norm() / x.norm() < 0.03
+    assert (unit[:, 4:].T @ x).norm() / x.norm() < 0.03  # and the higher modes hardly hold them
+    dec = MeshDecoder(4, -4.0, 4.0, basis=k)
+    with torch.no_grad():
+        dec.net[-1].weight.normal_(std=0.01)
+        raw = dec._raw(torch.randn(3, 4))
+    offsets = raw[..., :3].double()
+    torch.testing.assert_close(unit @ (unit.T @ offsets), offsets, atol=1e-5, rtol=0)
+    assert offsets.abs().max() > 1e-3
