@@ -522,16 +522,15 @@ class AtomVAE(nn.Module):
         log_prior = -0.5 * (z**2 / self.prior_var.to(dt)).sum(-1)
         nll = torch.empty(B, samples, dtype=dt, device=mu.device)
         per = max(1, chunk // samples)
+        def rep(t: Tensor | None, j: slice) -> Tensor | None:
+            return None if t is None else t[j].repeat_interleave(samples, 0)
+
         for i in range(0, B, per):
             j = slice(i, i + per)
-
-            def rep(t: Tensor | None) -> Tensor | None:
-                return None if t is None else t[j].repeat_interleave(samples, 0)
-
-            n = len(z[j])
-            img = self.render(self.decoder.units(z[j].reshape(-1, K).to(mu.dtype)), rep(batch["R"]),
-                              rep(batch["shift_A"]), rep(batch["ctf"]), rep(batch.get("index")), None, rep(nuisance))
-            nll[j] = self.reconstruction(rep(batch["image"]), img, None).to(dt).view(n, samples)
+            img = self.render(self.decoder.units(z[j].reshape(-1, K).to(mu.dtype)), rep(batch["R"], j),
+                              rep(batch["shift_A"], j), rep(batch["ctf"], j), rep(batch.get("index"), j), None,
+                              rep(nuisance, j))
+            nll[j] = self.reconstruction(rep(batch["image"], j), img, None).to(dt).view(-1, samples)
         w = torch.softmax(-nll + log_prior - log_q, 1)
         return (w[..., None] * z).sum(1).to(mu.dtype)
 

@@ -688,12 +688,12 @@ def test_posterior_mean_of_a_one_sided_decoder_matches_quadrature():
         grid = torch.linspace(-6, 6, 2001)[:, None]
         exact = []
         for i in range(8):
-            img = model.render(model.decode(grid), batch["R"][i].expand(2001, 3, 3), batch["shift_A"][i].expand(2001, 2),
-                               batch["ctf"][i].expand(2001, -1))
-            log_post = -model.reconstruction(batch["image"][i].expand(2001, -1, -1, -1), img, None) - 0.5 * grid[:, 0] ** 2
+            one = {k: batch[k][i].expand(2001, *batch[k].shape[1:]) for k in ("image", "R", "shift_A", "ctf")}
+            img = model.render(model.decode(grid), one["R"], one["shift_A"], one["ctf"])
+            log_post = -model.reconstruction(one["image"], img, None) - 0.5 * grid[:, 0] ** 2
             exact.append(float((torch.softmax(log_post.double(), 0) * grid[:, 0]).sum()))
     exact = torch.tensor(exact)[:, None]
     off = (mode - exact).abs()
     assert off.mean() > 0.3, (mode, exact)  # the mode is not the mean here
-    err = (mean - exact).abs()  # Monte Carlo error of 32 draws: most particles within 0.1, the average a third of the mode's
+    err = (mean - exact).abs()  # the Monte Carlo error of 32 draws: most within 0.1, on average a third of the mode's
     assert err.median() < 0.1 and err.mean() < off.mean() / 3, (mean, mode, exact)
