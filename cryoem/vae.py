@@ -489,7 +489,7 @@ class AtomVAE(nn.Module):
 
     @torch.no_grad()
     def importance_mean(self, batch: dict, mu: Tensor, precision: Tensor, nuisance: Tensor | None,
-                        samples: int = POSTERIOR_SAMPLES, chunk: int = 2048) -> Tensor:
+                        samples: int = POSTERIOR_SAMPLES, chunk: int = 512) -> Tensor:
         """E[z | image] (B, zdim) by self-normalised importance sampling, from the Laplace mode ``mu`` (B, K), its
         precision A (B, K, K) and the particles' nuisance (B, 2) or None.
 

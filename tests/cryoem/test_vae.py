@@ -628,7 +628,7 @@ def test_stale_stored_means_are_neither_warm_starts_nor_search_candidates(monkey
     encoded = []
     monkeypatch.setattr(cryoem.particles, "ParticleSubset", lambda ds, idx: idx)
     monkeypatch.setattr(analyze, "encode_all",
-                        lambda m, idx, progress=True: encoded.append(idx) or np.zeros((len(idx), 1)))
+                        lambda m, idx, progress=True, sample=True: encoded.append(idx) or np.zeros((len(idx), 1)))
     z, how = analyze.posterior_means(model, range(256), refine=False, progress=False)
     assert len(encoded[0]) == 255 and 100 not in encoded[0] and z[100, 0] == -3.0 and "re-expressions" in how
     before = int(model.n_whiten)
