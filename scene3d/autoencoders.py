@@ -333,7 +333,7 @@ class MeshDecoder(nn.Module):
     Shepard-Metzler scenes, the normals of neighbouring faces differed by 1.56 in 1 - cos on average, and the
     winding number reached -14 to 17 inside: the surface wrapped the same point many times), and their inside,
     by ray parity, missed the object (IoU 0.253 at k = 1). Measured side by side, 30 minutes each (IoU k = 1 /
-    k = 3): weights 10x and 50x alone 0.26 / 0.28; 128 modes 0.264 / 0.302; 128 modes and weights 1 and 1
+    k = 3): weights 50x (5 and 0.5) alone 0.260 / 0.280; 128 modes 0.264 / 0.302; 128 modes and weights 1 and 1
     0.290 / 0.313, with SSIM 0.15 -> 0.28 and Chamfer 0.164 -> 0.162. The meshes still fold (normal consistency
     0.44): a sharp surface cannot show the uncertainty of one view, and folding can (a soft, grey silhouette).
     """
