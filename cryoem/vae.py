@@ -524,6 +524,7 @@ class AtomVAE(nn.Module):
         log_prior = -0.5 * (z**2 / self.prior_var.to(dt)).sum(-1)
         nll = torch.empty(B, samples, dtype=dt, device=mu.device)
         per = max(1, chunk // samples)
+
         def rep(t: Tensor | None, j: slice) -> Tensor | None:
             return None if t is None else t[j].repeat_interleave(samples, 0)
 
