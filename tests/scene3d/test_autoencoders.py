@@ -506,3 +506,77 @@ def test_smooth_modes_of_the_ico_sphere_are_its_spherical_harmonics():
     offsets = raw[..., :3].double()
     torch.testing.assert_close(unit @ (unit.T @ offsets), offsets, atol=1e-5, rtol=0)
     assert offsets.abs().max() > 1e-3
+
+
+class _BallBranch(torch.nn.Module):
+    """A stand-in voxel branch: a ball of ``radius`` in one colour, whatever the latent and the views. Its density
+    falls linearly through the half-opaque level at the radius (by one level per cell, clamped at 0), so that
+    marching cubes, which interpolates linearly along the grid's edges, puts the surface at the radius."""
+
+    def __init__(self, res: int, radius: float, colour):
+        super().__init__()
+        cells = voxel_centers(res, -4.0, 4.0)
+        cell = 8.0 / res
+        level = math.log(2) / cell
+        self.density = (level * (1 + (radius - cells.norm(dim=-1)) / cell).clamp_min(0))[None, None]
+        self.rgb = torch.tensor(colour)[None, :, None, None, None].expand(1, 3, res, res, res)
+
+    def forward(self, z, lifted, colour):
+        return {"density": self.density.expand(len(z), -1, -1, -1, -1), "rgb": self.rgb.expand(len(z), -1, -1, -1, -1)}
+
+
+def test_voxel_mesh_decoder_starts_from_the_closed_iso_surface_of_its_voxel_branch():
+    """Before any training (the refinement's last layer is zero) the mesh is the voxel branch's half-opaque
+    iso-surface: for a branch predicting a ball of radius 2.5, the mesh is closed, its inside by ray parity is
+    the ball (IoU > 0.95 against |p| < 2.5 at 24^3), its vertices lie within a tenth of a cell (0.025) of radius
+    2.5 (the sphere's curvature between grid edges), and each vertex has the branch's colour."""
+    from scene3d.autoencoders import VoxelMeshDecoder
+
+    torch.manual_seed(0)
+    images, cams, bg, _ = half_coloured_views()
+    dec = VoxelMeshDecoder(4, -4.0, 4.0, background=tuple(bg.tolist()), lift=4)
+    dec.voxel.forward = _BallBranch(dec.res, 2.5, (0.2, 0.6, 0.9)).forward
+    with torch.no_grad():
+        state = dec(torch.randn(1, 4), dec.context(images, cams))
+        occ = dec.occupancy(state, voxel_centers(24, -4, 4).reshape(-1, 3), 0.0).reshape(24, 24, 24)
+    verts, faces, rgb = dec.surface(state, 0, 0.0)
+    assert voxel_iou(occ, voxel_centers(24, -4, 4).norm(dim=-1) < 2.5).item() > 0.95
+    assert (verts.norm(dim=-1) - 2.5).abs().max() < 0.025
+    torch.testing.assert_close(rgb, torch.tensor([[0.2, 0.6, 0.9]]).expand(len(verts), 3), atol=1e-4, rtol=0)
+    edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(1).values
+    assert (torch.unique(edges, dim=0, return_counts=True)[1] == 2).all()  # closed: two faces at every edge
+
+
+def test_amortised_mesh_trains_its_voxel_branch_on_the_same_views():
+    """The amortised mesh's loss fits the query views with the mesh and with the voxel branch it comes from: the
+    refinement and the branch get gradients, and the branch's density (whose iso-surface has no gradient) learns
+    from the branch's own images alone: without them its output layer's density weights get none."""
+    torch.manual_seed(0)
+    cfg = AEConfig(kind="mesh", latent_dim=8, image_size=16, contexts=(1,), queries=2, encoder_width=8)
+    model = SceneAE(cfg)
+    batch = tiny_batch()
+    model.loss(batch, 0)["loss"].backward()
+    for part in (model.decoder.voxel, model.decoder.refine):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    density_weights = lambda: model.decoder.voxel.up[-1].weight.grad[:, 0]  # noqa: E731 (in, out, k, k, k)
+    assert density_weights().abs().sum() > 0
+    model.zero_grad()
+    model.decoder.auxiliary_render = None
+    model.loss(batch, 0)["loss"].backward()
+    assert density_weights().abs().sum() == 0
+
+
+def test_mesh_runs_from_before_the_voxel_branch_load_their_sphere(tmp_path):
+    """A mesh run whose settings have no ``mesh_template`` (older runs) loads as the ico-sphere MeshDecoder it was
+    trained as, with its weights."""
+    from dataclasses import asdict
+
+    from scene3d.autoencoders import MeshDecoder
+
+    cfg = AEConfig(kind="mesh", latent_dim=8, image_size=16, encoder_width=8, mesh_template="sphere")
+    model = SceneAE(cfg)
+    ae = {k: v for k, v in asdict(cfg).items() if k != "mesh_template"}
+    torch.save({"settings": {"ae": ae, "per_scene": False}, "model": model.state_dict()}, tmp_path / "checkpoint.pt")
+    loaded, _ = SceneAE.from_run(tmp_path)
+    assert isinstance(loaded.decoder, MeshDecoder) and loaded.cfg.mesh_template == "sphere"
+    torch.testing.assert_close(loaded.decoder.net[-1].weight, model.decoder.net[-1].weight)
