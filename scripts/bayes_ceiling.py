@@ -2,7 +2,7 @@
 morph or hinge coordinate (an ensemble: by their model's score on the ensemble's PC1), knowing the true
 structures, poses, shifts, CTFs, per-particle B-factors and noise?
 
-    python scripts/bayes_ceiling.py SIM_DIR [--n 1000] [--grid 31] [--bfactors B.npy]
+    python scripts/bayes_ceiling.py SIM_DIR [--n 1000] [--grid 31] [--bfactors B.npy] [--linear K]
 
 For each of the first ``--n`` particles: render the true structure at ``--grid`` values of t (a grid per hinge for
 several hinges) at the particle's pose, shift, CTF and B-factor; weigh them by the Gaussian likelihood of its
@@ -10,6 +10,12 @@ noisy image and by the simulated distribution of t; print the Spearman rho and R
 the truth. Compare with the atom VAE's |rho| (``python -m cryoem.evaluate RUN --sim SIM_DIR``). ``--bfactors``:
 per-particle B (Å²) for simulations made before ``ground_truth.npz`` recorded ``particle_bfactor``. A diagnostic,
 not a test; about 5 minutes for 1,000 particles of 6,000 atoms on one core.
+
+``--linear K`` (ensembles): the ceiling of a *continuous* model instead, one that knows the ensemble's mean and
+its top K principal components exactly and puts a Gaussian prior on the K scores (their variances over the
+models), as a latent-variable model with a continuous latent would at best; the grid is ``--grid`` values per
+score over +-3 standard deviations. Knowing that the structures are exactly the ensemble's models (the default)
+is far more than any continuous latent can know.
 """
 
 from __future__ import annotations
@@ -52,12 +58,26 @@ def log_prior(t: np.ndarray, dist: str) -> np.ndarray:
     return np.log(p + 1e-300).sum(1)
 
 
-def posterior_means(sim: Path, n: int, grid_n: int, bfactors: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-    """Posterior means (n, H) of t for the first ``n`` particles, and their true t (n, H)."""
+def posterior_means(sim: Path, n: int, grid_n: int, bfactors: np.ndarray | None,
+                    linear: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Posterior means (n, H) of t for the first ``n`` particles, and their true t (n, H); ``linear``: see
+    ``--linear``."""
     cfg = json.loads((sim / "config.json").read_text())["settings"]
     gt = np.load(sim / "ground_truth.npz")
     conf, key = conformations(cfg)
-    if conf.mode == "ensemble":  # the grid is every model; the coordinate its PC1 score (as cryoem.evaluate)
+    if conf.mode == "ensemble" and linear:  # a Gaussian over the top PC scores; the coordinate the PC1 score
+        xyz = conf.states.reshape(conf.states.shape[0], -1).double().numpy()
+        mean = xyz.mean(0)
+        score, fit = pca(xyz - mean, linear)  # (K, linear) scores on the unit axes (linear, 3N)
+        axes = fit.components_
+        sd = score.std(0)
+        truth = score[gt[key][:n], :1]
+        axis = np.linspace(-3, 3, grid_n)
+        grid = np.stack(np.meshgrid(*[axis] * linear, indexing="ij"), -1).reshape(-1, linear) * sd
+        coords = torch.as_tensor((mean + grid @ axes).reshape(len(grid), -1, 3)).float()
+        lp = -0.5 * ((grid / sd) ** 2).sum(1)
+        grid = torch.as_tensor(grid[:, :1])
+    elif conf.mode == "ensemble":  # the grid is every model; the coordinate its PC1 score (as cryoem.evaluate)
         xyz = conf.states.reshape(conf.states.shape[0], -1).double().numpy()
         score = pca(xyz - xyz.mean(0), 1)[0][:, :1]  # (K, 1)
         truth, grid = score[gt[key][:n]], torch.as_tensor(score)
@@ -95,9 +115,11 @@ def main() -> None:
     p.add_argument("--n", type=int, default=1000, help="particles (the first N)")
     p.add_argument("--grid", type=int, default=31, help="values of t per coordinate")
     p.add_argument("--bfactors", type=Path, help="per-particle B (Å², .npy) for simulations that lack them")
+    p.add_argument("--linear", type=int, default=0, metavar="K",
+                   help="ensembles: the ceiling of a continuous model of the top K principal components")
     a = p.parse_args()
     torch.set_num_threads(1)
-    est, truth = posterior_means(a.sim, a.n, a.grid, None if a.bfactors is None else np.load(a.bfactors))
+    est, truth = posterior_means(a.sim, a.n, a.grid, None if a.bfactors is None else np.load(a.bfactors), a.linear)
     for h in range(truth.shape[1]):
         rho = spearmanr(est[:, h], truth[:, h])[0]
         r2 = 1 - np.var(est[:, h] - truth[:, h]) / np.var(truth[:, h])
