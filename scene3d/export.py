@@ -52,9 +52,10 @@ def marching_cubes(volume: Tensor, level: float, lo: float = -1.0, hi: float = 1
 
 def _edge_interpolation(volume: Tensor, index: Tensor, level: float, outside: float) -> Tensor:
     """Marching-cubes vertices (V, 3), as (x, y, z) index coordinates of ``volume`` (D, H, W), recomputed from
-    the volume with gradients: each lies on the grid edge from corner a to the next corner b along one axis, at a + t, t = (level - f(a)) / (f(b) - f(a)) (the linear interpolation marching cubes
-    uses). The edge's axis is the coordinate that is not an integer (any, at a corner). Cells beyond the volume
-    read ``outside``, as :func:`marching_cubes` pads it."""
+    the volume with gradients: each lies on the grid edge from corner a to the next corner b along one axis, at
+    a + t, t = (level - f(a)) / (f(b) - f(a)) (the linear interpolation marching cubes uses). The edge's axis is
+    the coordinate that is not an integer (any, at a corner). Cells beyond the volume read ``outside``, as
+    :func:`marching_cubes` pads it."""
     idx = index.to(volume.device, torch.float64)
     axis = (idx - idx.round()).abs().argmax(1)  # (V,)
     a = idx.round()
