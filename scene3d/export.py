@@ -29,9 +29,7 @@ def marching_cubes(volume: Tensor, level: float, lo: float = -1.0, hi: float = 1
     The grid is padded by one cell of zeros (as the voxel renderer's field outside the box), or of
     ``level - 1`` when ``level <= 0``, so a surface that reaches the box is closed there.
     Returns ``verts (V, 3)`` float32 and ``faces (F, 3)`` long; both empty when the grid never
-    crosses ``level``. When ``volume`` requires grad, ``verts`` are differentiable with respect to it
-    (:func:`_edge_interpolation`; as in Deep Marching Cubes and MeshSDF): a surface rendered and compared with
-    images then trains the grid that it comes from.
+    crosses ``level``.
     """
     from pytorch3d.ops.marching_cubes import marching_cubes as p3d_marching_cubes
 
@@ -44,29 +42,8 @@ def marching_cubes(volume: Tensor, level: float, lo: float = -1.0, hi: float = 1
     if len(f) == 0:
         return torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.long)
     size = torch.tensor(vol.shape[::-1], dtype=torch.float32)  # (W, H, D) cells along (x, y, z)
-    if volume.requires_grad:
-        v = _edge_interpolation(volume, v - 1, float(level), float(pad[0, 0, 0, 0])).cpu() + 1
     world = lo + (v - 1 + 0.5) * (hi - lo) / size  # pytorch3d gives (x, y, z) index coordinates of the padded grid
     return world, f[:, [0, 2, 1]].long()  # pytorch3d winds faces towards higher values; flip to point outwards
-
-
-def _edge_interpolation(volume: Tensor, index: Tensor, level: float, outside: float) -> Tensor:
-    """Marching-cubes vertices (V, 3), as (x, y, z) index coordinates of ``volume`` (D, H, W), recomputed from
-    the volume with gradients: each lies on the grid edge from corner a to the next corner b along one axis, at
-    a + t, t = (level - f(a)) / (f(b) - f(a)) (the linear interpolation marching cubes uses). The edge's axis is
-    the coordinate that is not an integer (any, at a corner). Cells beyond the volume read ``outside``, as
-    :func:`marching_cubes` pads it."""
-    idx = index.to(volume.device, torch.float64)
-    axis = (idx - idx.round()).abs().argmax(1)  # (V,)
-    a = idx.round()
-    a[torch.arange(len(a)), axis] = idx[torch.arange(len(a)), axis].floor()
-    step = torch.nn.functional.one_hot(axis, 3).to(a.dtype)
-    padded = torch.nn.functional.pad(volume, (1, 1) * 3, value=outside)
-    read = lambda p: padded[p[:, 2].long() + 1, p[:, 1].long() + 1, p[:, 0].long() + 1]  # noqa: E731 (x, y, z)
-    fa, fb = read(a), read(a + step)
-    diff = fb - fa
-    t = (level - fa) / torch.where(diff.abs() > 1e-12, diff, torch.full_like(diff, 1e-12))
-    return a.to(volume.dtype) + step.to(volume.dtype) * t.clamp(0, 1)[:, None]
 
 
 def evaluate_grid(fn: Callable[[Tensor], Tensor], res: int, lo: float = -1.0, hi: float = 1.0,

@@ -51,30 +51,6 @@ def test_marching_cubes_box_touching_the_grid_is_closed():
     assert v.shape == (0, 3) and f.shape == (0, 3)
 
 
-def test_marching_cubes_vertices_are_differentiable_in_the_grid():
-    """With a grid that requires grad, the vertices are where marching cubes put them (an anisotropic blob that
-    touches the box, so edges along all three axes and the padding take part), and their gradient with respect to
-    the grid matches central finite differences of the vertices themselves."""
-    torch.manual_seed(0)
-    p = voxel_centers(12, -1, 1)
-    grid = (1.2 - ((p - torch.tensor([0.3, -0.1, 0.2])) / torch.tensor([1.0, 0.6, 0.8])).norm(dim=-1)).double()
-    plain, faces = marching_cubes(grid, 0.3)
-    g = grid.clone().requires_grad_(True)
-    verts, faces2 = marching_cubes(g, 0.3)
-    assert torch.equal(faces, faces2) and len(faces) > 100
-    torch.testing.assert_close(verts.detach(), plain.to(verts.dtype), atol=1e-5, rtol=0)
-    w = torch.randn_like(verts)
-    (grad,) = torch.autograd.grad((verts * w).sum(), g)
-    cells = grad.flatten().abs().argsort(descending=True)[:6]
-    for c in cells.tolist():
-        eps = torch.zeros_like(grid).flatten()
-        eps[c] = 1e-4
-        up, _ = marching_cubes(grid + eps.view_as(grid), 0.3)
-        down, _ = marching_cubes(grid - eps.view_as(grid), 0.3)
-        fd = ((up.double() - down.double()) * w.detach()).sum() / 2e-4  # the plain path is float32
-        assert fd.item() == pytest.approx(grad.flatten()[c].item(), rel=1e-2, abs=1e-2)
-
-
 def test_density_to_mesh_axis_order():
     # an ellipsoid with semi-axes (0.8, 0.4, 0.2) along (x, y, z): the mesh's extent shows the axis order
     def density(p):
