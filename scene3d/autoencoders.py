@@ -19,8 +19,12 @@ Decoders (one interface, :class:`SceneDecoder`: ``forward(z) -> state``, ``rende
   (Rezende et al. 2016). With ``lift`` (the default), a :class:`PixelLifter` also gives every cell the
   context images' features at its projection, so the grid starts from the views' silhouettes and the
   global latent only has to add what the views do not show (the cell-wise view of pixelNeRF, in voxels).
-* :class:`MeshDecoder`: z -> offsets + colours of an ico-sphere template -> ``renderers.mesh.MeshRenderer``
-  (soft silhouette + shaded), with PyTorch3D's Laplacian, edge and normal-consistency regularisers.
+* :class:`VoxelMeshDecoder` (the amortised mesh's default): a voxel branch (the VoxelAE's decoder and lifter,
+  trained on its own images) whose iso-surface, refined per vertex from the context views, is each scene's mesh
+  -> ``renderers.mesh.MeshRenderer`` (soft silhouette + shaded), with PyTorch3D's Laplacian, edge and
+  normal-consistency regularisers (Mesh R-CNN's design).
+* :class:`MeshDecoder`: z -> offsets + colours of an ico-sphere template -> the same renderer and regularisers
+  (the per-scene mesh fit, and ``--mesh-template sphere``).
 * :class:`FieldDecoder`: a latent-conditioned ``renderers.nerf.RadianceMLP`` (CodeNeRF-style conditioning)
   -> ``renderers.nerf.NeRFRenderer`` on random rays clipped to the scene box. Fitted to one scene it is an
   MLP or a ``renderers.gridfield.FeatureGridField``, with a ``renderers.occupancy.OccupancyGrid`` that
