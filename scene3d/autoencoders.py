@@ -529,7 +529,7 @@ class VoxelMeshDecoder(nn.Module):
                 "rgb": [rgb[i, :n[i]] for i in range(B)]}
 
     def _iso(self, density: Tensor) -> tuple[Tensor, Tensor]:
-        """One scene's grid (G, G, G) -> its half-opaque iso-surface (V, 3), (F, 3), or the fallback sphere."""
+        """One scene's grid (G, G, G) -> its iso-surface at ``level`` (V, 3), (F, 3), or the fallback sphere."""
         verts, faces = marching_cubes(density.detach(), self.level, self.lo, self.hi)
         if len(faces) == 0:
             return self.fallback_verts, self.fallback_faces
