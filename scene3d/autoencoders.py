@@ -479,7 +479,7 @@ class VoxelMeshDecoder(nn.Module):
     kind = "mesh"
 
     def __init__(self, latent_dim: int, lo: float, hi: float, background=(0.0, 0.0, 0.0), lift: int = 16,
-                 hidden: int = 256, reach: float = 2.0, faces_per_pixel: int = 4, sigma: float = 1e-4,
+                 hidden: int = 256, reach: float = 0.0, faces_per_pixel: int = 4, sigma: float = 1e-4,
                  light_direction=(0.3, -0.5, 1.0)):
         super().__init__()
         if not latent_dim or not lift:
@@ -520,7 +520,7 @@ class VoxelMeshDecoder(nn.Module):
         half = 0.5 * (self.hi - self.lo)
         h = pool_views(self.per_view, views, padded, half)
         raw = self.refine(torch.cat([h, padded / half], -1))  # (B, P, 6)
-        verts = padded + self.reach * torch.tanh(raw[..., :3])
+        verts = padded + self.reach * torch.tanh(raw[..., :3]) if self.reach else padded
         c, s = self.voxel._box(verts)
         base_rgb = sample_grid(grid["rgb"], verts, c, s).transpose(1, 2)  # (B, P, 3)
         rgb = torch.sigmoid(torch.logit(base_rgb.clamp(1e-4, 1 - 1e-4)) + raw[..., 3:])
@@ -554,6 +554,8 @@ class VoxelMeshDecoder(nn.Module):
         return state["verts"][i].detach(), state["faces"][i], state["rgb"][i].detach()
 
     def regularisers(self, state: dict) -> dict:
+        if not self.reach:  # the vertices are the iso-surface's, with no gradient: nothing to regularise
+            return {}
         return mesh_regularisers(state["verts"], state["faces"])
 
 
@@ -744,6 +746,9 @@ class AEConfig:
                                           "voxel branch, refined; see VoxelMeshDecoder) | sphere (an ico-sphere "
                                           "deformed through its smooth modes; see MeshDecoder)",
                                  choices=("voxel", "sphere"))
+    mesh_reach: float = setting(0.0, "mesh, voxel template: how far (cells) the per-vertex MLP may move each vertex "
+                                     "of the iso-surface (see VoxelMeshDecoder; 0: it refines the colours only)",
+                                cli=False)
     lift: int = setting(16, "voxel, mesh, nerf: channels of the pixel-aligned context features (per cell, or per "
                             "pyramid level at each NeRF sample; 0: the latent alone)")
     level_scale: float = setting(1.0, "occupancy threshold as a multiple of the half-opaque level (see "
@@ -762,7 +767,7 @@ def make_decoder(cfg: AEConfig, per_scene: bool = False) -> nn.Module:
     if cfg.kind == "voxel":
         return VoxelDecoder(L, cfg.lo, cfg.hi, background=cfg.background, lift=cfg.lift if L else 0)
     if cfg.kind == "mesh" and L and cfg.lift and cfg.mesh_template == "voxel":
-        return VoxelMeshDecoder(L, cfg.lo, cfg.hi, background=cfg.background, lift=cfg.lift)
+        return VoxelMeshDecoder(L, cfg.lo, cfg.hi, background=cfg.background, lift=cfg.lift, reach=cfg.mesh_reach)
     if cfg.kind == "mesh":
         return MeshDecoder(L, cfg.lo, cfg.hi, background=cfg.background, lift=cfg.lift if L else 0,
                            basis=cfg.mesh_basis)
@@ -813,6 +818,8 @@ class SceneAE(nn.Module):
         ae.setdefault("lift", 0)  # runs from before the pixel-aligned features
         ae.setdefault("mesh_basis", 0)  # mesh runs from before the smooth modes: a free offset per vertex
         ae.setdefault("mesh_template", "sphere")  # mesh runs from before the voxel branch
+        if ae.get("kind") == "mesh" and ae["mesh_template"] == "voxel":
+            ae.setdefault("mesh_reach", 2.0)  # voxel-branch meshes from before the colour-only refinement
         feature_keys = {"nerf": "decoder.pixel.", "mesh": "decoder.features."}
         if ae["mesh_template"] == "voxel":
             feature_keys["mesh"] = "decoder.lifter."

@@ -524,11 +524,12 @@ class _BallBranch(torch.nn.Module):
         return {"density": self.density.expand(len(z), -1, -1, -1, -1), "rgb": self.rgb.expand(len(z), -1, -1, -1, -1)}
 
 
-def test_voxel_mesh_decoder_starts_from_the_closed_iso_surface_of_its_voxel_branch():
-    """Before any training (the refinement's last layer is zero) the mesh is the voxel branch's iso-surface: for
-    a branch predicting a ball of radius 2.5, the mesh is closed, its inside by ray parity is the ball (IoU > 0.95
-    against |p| < 2.5 at 24^3), its vertices lie within a tenth of a cell (0.025) of radius 2.5 (the sphere's
-    curvature between grid edges), and each vertex has the branch's colour."""
+def test_voxel_mesh_decoder_is_the_closed_iso_surface_of_its_voxel_branch():
+    """The mesh is the voxel branch's iso-surface: for a branch predicting a ball of radius 2.5, the mesh is
+    closed, its inside by ray parity is the ball (IoU > 0.95 against |p| < 2.5 at 24^3), its vertices lie within a
+    tenth of a cell (0.025) of radius 2.5 (the sphere's curvature between grid edges), and before any training (the
+    refinement's last layer is zero) each vertex has the branch's colour. With the default reach (0) a trained
+    refinement changes the colours only: with random weights in its last layer the vertices stay on the ball."""
     from scene3d.autoencoders import VoxelMeshDecoder
 
     torch.manual_seed(0)
@@ -544,6 +545,12 @@ def test_voxel_mesh_decoder_starts_from_the_closed_iso_surface_of_its_voxel_bran
     torch.testing.assert_close(rgb, torch.tensor([[0.2, 0.6, 0.9]]).expand(len(verts), 3), atol=1e-4, rtol=0)
     edges = torch.cat([faces[:, [0, 1]], faces[:, [1, 2]], faces[:, [2, 0]]]).sort(1).values
     assert (torch.unique(edges, dim=0, return_counts=True)[1] == 2).all()  # closed: two faces at every edge
+    torch.nn.init.normal_(dec.refine[-1].weight)
+    with torch.no_grad():
+        state = dec(torch.randn(1, 4), dec.context(images, cams))
+    moved, _, rgb = dec.surface(state, 0, 0.0)
+    assert (moved.norm(dim=-1) - 2.5).abs().max() < 0.025
+    assert (rgb - torch.tensor([0.2, 0.6, 0.9])).abs().max() > 0.01  # the colours did change
 
 
 def test_amortised_mesh_trains_its_voxel_branch_on_the_same_views():
@@ -583,6 +590,12 @@ def test_mesh_runs_load_with_the_template_they_were_trained_with(tmp_path):
     base = dict(kind="mesh", latent_dim=8, image_size=16, encoder_width=8)
     model, loaded = round_trip(AEConfig(**base))
     assert isinstance(loaded.decoder, VoxelMeshDecoder) and loaded.cfg.mesh_template == "voxel"
+    assert loaded.decoder.reach == 0  # the default: colours refined, vertices where the iso-surface puts them
+    old = tmp_path / "old"
+    old.mkdir()
+    torch.save({"settings": {"ae": {k: v for k, v in asdict(AEConfig(**base)).items() if k != "mesh_reach"},
+                             "per_scene": False}, "model": model.state_dict()}, old / "checkpoint.pt")
+    assert SceneAE.from_run(old)[0].decoder.reach == 2 * loaded.decoder.voxel.cell  # as it was trained
     torch.testing.assert_close(loaded.decoder.per_view[0].weight, model.decoder.per_view[0].weight)
     model, loaded = round_trip(AEConfig(**base, mesh_template="sphere"), drop="mesh_template")
     assert isinstance(loaded.decoder, MeshDecoder) and loaded.cfg.mesh_template == "sphere"
