@@ -240,6 +240,11 @@ def _downsample(images: np.ndarray, size: int) -> np.ndarray:
     return np.round(x).astype(np.uint8)
 
 
+RENEW_EVERY = 2  # scenes per open3d renderer. Why: on a 2-core machine with Mesa's llvmpipe Vulkan driver, one
+# renderer hung inside render_to_image after 45-300 views (3-20 scenes of 15 views; 2026-12-07); a new renderer
+# every 2 scenes rendered 200 scenes.
+
+
 def generate(kind: str, out: str | Path, scenes: int, views: int | None = None, size: int = 64, seed: int = 0,
              n_cubes: int = 7, shard_size: int = 500, meshes: bool = True, progress: bool = True,
              renderer: str = "open3d") -> Path:
@@ -289,6 +294,9 @@ def generate(kind: str, out: str | Path, scenes: int, views: int | None = None, 
             if r is None:
                 images = render_pytorch3d(room + objs, cams, bg)
             else:
+                if i and i % RENEW_EVERY == 0:
+                    r.close()
+                    r = Offscreen(RENDER, RENDER, background=bg)
                 r.clear()
                 for k, m in enumerate(room + objs):
                     r.add_geometry(f"m{k}", m)
