@@ -739,7 +739,9 @@ class AEConfig:
     background: tuple[float, float, float] = setting((0.0, 0.0, 0.0), "background colour (from the data)",
                                                      cli=False)
     silhouette_weight: float = setting(1.0, "voxel, mesh, amortised NeRF: silhouette loss weight", cli=False)
-    laplacian_weight: float = setting(1.0, "mesh regulariser, in units of the per-pixel loss (see MeshDecoder)")
+    laplacian_weight: float = setting(1.0, "mesh regulariser, in units of the per-pixel loss (see MeshDecoder; the "
+                                           "three regularisers act on meshes whose vertices move: the sphere "
+                                           "template and per-scene fits, not the voxel template's iso-surface)")
     edge_weight: float = setting(0.1, "mesh regulariser, in units of the per-pixel loss")
     normal_weight: float = setting(1.0, "mesh regulariser (normal consistency), in units of the per-pixel loss")
     encoder_width: int = setting(32, "channels of the encoder's first stage", cli=False)
@@ -748,8 +750,8 @@ class AEConfig:
     mesh_basis: int = setting(128, "mesh, amortised: the decoder moves the vertices through this many smoothest "
                                    "modes of the template (see MeshDecoder); 0: each vertex on its own")
     mesh_template: str = setting("voxel", "mesh, amortised: voxel (each scene's mesh is the iso-surface of a "
-                                          "voxel branch, refined; see VoxelMeshDecoder) | sphere (an ico-sphere "
-                                          "deformed through its smooth modes; see MeshDecoder)",
+                                          "voxel branch, its colours refined; see VoxelMeshDecoder) | sphere (an "
+                                          "ico-sphere deformed through its smooth modes; see MeshDecoder)",
                                  choices=("voxel", "sphere"))
     mesh_reach: float = setting(0.0, "mesh, voxel template: how far (cells) the per-vertex MLP may move each vertex "
                                      "of the iso-surface (see VoxelMeshDecoder; 0: it refines the colours only)",
