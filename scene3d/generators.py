@@ -240,22 +240,125 @@ def _downsample(images: np.ndarray, size: int) -> np.ndarray:
     return np.round(x).astype(np.uint8)
 
 
-RENEW_EVERY = 2  # scenes per open3d renderer. Why: on a 2-core machine with Mesa's llvmpipe Vulkan driver, one
-# renderer hung inside render_to_image after 45-300 views (3-20 scenes of 15 views; 2026-12-07); a new renderer
-# every 2 scenes rendered 200 scenes.
+RENEW_EVERY = 2  # scenes per open3d renderer: on a 2-core machine with Mesa's llvmpipe Vulkan driver one renderer
+# hung inside render_to_image after 45-300 views (2026-12-07). Renewing helped, but a run still hung on its 8th
+# scene (2026-12-08), spinning one core, so the renders also run in a watched child process (_WatchedRenderer).
+STALL_S = 60.0  # seconds a scene's render may take (after start-up) before its process is killed and restarted
+START_S = 180.0  # seconds a fresh render process may take to start and render its first scene
+RETRIES = 3  # restarts per scene before generation gives up
+
+
+def _scene(kind: str, seed: int, i: int, views: int, n_cubes: int):
+    """Scene ``i``: (room meshes, object meshes, cameras at RENDER px, factors, occupancy)."""
+    rng = np.random.default_rng([seed, i])
+    room = []
+    if kind == "shepard-metzler":
+        parts, factors, occ = shepard_metzler_scene(rng, n_cubes)
+        cams = sphere_cameras(views, rng, SM_DIST, SM_FOV, RENDER)
+    else:
+        parts, factors, occ, (floor, wall) = room_scene(rng)
+        cams = ring_cameras(views, rng, RENDER)
+        room = room_meshes(floor, wall)
+    return room, [part_mesh(*p) for p in parts], cams, factors, occ
+
+
+def _render_child(conn, kind: str, seed: int, views: int, n_cubes: int, bg) -> None:
+    """Child process of :class:`_WatchedRenderer`: receives scene indices, sends back (V, 64, 64, 3) uint8 images."""
+    import os
+    import time
+
+    from scene3d.viz import Offscreen
+
+    r, done = None, 0
+    while (i := conn.recv()) is not None:
+        stall = os.environ.get("PLATO_TEST_STALL_ONCE")  # tests: a file whose presence makes one render hang
+        if stall and done and os.path.exists(stall):  # not a fresh process's first scene
+            os.remove(stall)
+            time.sleep(3600)
+        if r is None or done % RENEW_EVERY == 0:
+            if r is not None:
+                r.close()
+            r = Offscreen(RENDER, RENDER, background=bg)
+        room, objs, cams = _scene(kind, seed, i, views, n_cubes)[:3]
+        r.clear()
+        for k, m in enumerate(room + objs):
+            r.add_geometry(f"m{k}", m)
+        conn.send(r.render(cams))
+        done += 1
+
+
+class _WatchedRenderer:
+    """open3d renders in a child process that is killed and restarted when a scene stalls (``STALL_S``).
+
+    Scenes are rebuilt in the child from ``(seed, i)``, so a restart renders exactly what the hung process would
+    have. Raises RuntimeError after ``RETRIES`` restarts on one scene.
+    """
+
+    def __init__(self, kind: str, seed: int, views: int, n_cubes: int, bg, stall_s: float = STALL_S,
+                 start_s: float = START_S):
+        import multiprocessing as mp
+
+        self.args, self.stall_s, self.start_s = (kind, seed, views, n_cubes, tuple(bg)), stall_s, start_s
+        self.ctx, self.proc, self.conn, self.fresh = mp.get_context("spawn"), None, None, True
+
+    def _start(self) -> None:
+        self.conn, child = self.ctx.Pipe()
+        self.proc = self.ctx.Process(target=_render_child, args=(child, *self.args), daemon=True)
+        self.proc.start()
+        child.close()
+        self.fresh = True
+
+    def render(self, i: int, log=print) -> np.ndarray:
+        for attempt in range(RETRIES + 1):
+            if self.proc is None:
+                self._start()
+            self.conn.send(i)
+            if self.conn.poll(self.start_s if self.fresh else self.stall_s):
+                try:
+                    images = self.conn.recv()
+                    self.fresh = False
+                    return images
+                except EOFError:
+                    pass  # the child died; restart it below
+            log(f"open3d render of scene {i} stalled or failed (attempt {attempt + 1}); restarting its process")
+            self.close(kill=True)
+        raise RuntimeError(f"open3d could not render scene {i} in {RETRIES + 1} attempts; "
+                           "try --renderer pytorch3d")
+
+    def close(self, kill: bool = False) -> None:
+        if self.proc is None:
+            return
+        if not kill:
+            try:
+                self.conn.send(None)
+                self.proc.join(10)
+            except (BrokenPipeError, OSError):
+                pass
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.conn.close()
+        self.proc = self.conn = None
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    from tqdm import tqdm
+
+    tqdm.write(message, file=sys.stderr)
 
 
 def generate(kind: str, out: str | Path, scenes: int, views: int | None = None, size: int = 64, seed: int = 0,
              n_cubes: int = 7, shard_size: int = 500, meshes: bool = True, progress: bool = True,
-             renderer: str = "open3d") -> Path:
+             renderer: str = "open3d", stall_s: float = STALL_S) -> Path:
     """Render ``scenes`` procedural scenes of ``kind`` ('shepard-metzler' | 'rooms') into the folder ``out``.
 
-    ``renderer``: 'open3d' (headless Filament, the default) or 'pytorch3d' (see the module docstring).
+    ``renderer``: 'open3d' (headless Filament in a watched child process, the default) or 'pytorch3d' (see the
+    module docstring). ``stall_s``: seconds an open3d scene may take before its process is restarted.
     """
     import open3d as o3d
     from tqdm import tqdm
-
-    from scene3d.viz import Offscreen
 
     if kind not in ("shepard-metzler", "rooms"):
         raise UserError(f"kind: expected shepard-metzler or rooms, got {kind!r}")
@@ -278,29 +381,11 @@ def generate(kind: str, out: str | Path, scenes: int, views: int | None = None, 
     writer = ShardWriter(out, shard_size)
     if meshes:
         (out / "meshes").mkdir(parents=True, exist_ok=True)
-    r = Offscreen(RENDER, RENDER, background=bg) if renderer == "open3d" else None
+    r = _WatchedRenderer(kind, seed, views, n_cubes, bg, stall_s) if renderer == "open3d" else None
     try:
         for i in tqdm(range(scenes), desc=f"rendering {kind}", disable=not progress, unit="scene"):
-            rng = np.random.default_rng([seed, i])
-            room = []
-            if kind == "shepard-metzler":
-                parts, factors, occ = shepard_metzler_scene(rng, n_cubes)
-                cams = sphere_cameras(views, rng, SM_DIST, SM_FOV, RENDER)
-            else:
-                parts, factors, occ, (floor, wall) = room_scene(rng)
-                cams = ring_cameras(views, rng, RENDER)
-                room = room_meshes(floor, wall)
-            objs = [part_mesh(*p) for p in parts]
-            if r is None:
-                images = render_pytorch3d(room + objs, cams, bg)
-            else:
-                if i and i % RENEW_EVERY == 0:
-                    r.close()
-                    r = Offscreen(RENDER, RENDER, background=bg)
-                r.clear()
-                for k, m in enumerate(room + objs):
-                    r.add_geometry(f"m{k}", m)
-                images = r.render(cams)
+            room, objs, cams, factors, occ = _scene(kind, seed, i, views, n_cubes)
+            images = render_pytorch3d(room + objs, cams, bg) if r is None else r.render(i, log=_warn)
             if size != RENDER:
                 images = _downsample(images, size)
             cams_out = Camera.create(cams.R, cams.t, (size, size), fov=fov)

@@ -221,3 +221,16 @@ def test_import_gqn_takes_the_background_from_the_borders(tmp_path, capsys):
     assert MultiViewDataset.load(tmp_path / "room").background is None
     assert main(["data", "import-gqn", "--out", str(tmp_path / "none")]) == 2
     assert main(["data", "import-gqn", str(tmp_path / "sm.tfrecord"), "--out", str(tmp_path / "imp")]) == 2
+
+
+def test_open3d_generator_restarts_a_stalled_render(tmp_path, monkeypatch):
+    """A render that hangs (as Filament on llvmpipe did) is killed and redone, giving the same images."""
+    generate("shepard-metzler", tmp_path / "plain", 2, views=2, size=32, seed=5, progress=False, meshes=False)
+    stall = tmp_path / "stall"
+    stall.touch()
+    monkeypatch.setenv("PLATO_TEST_STALL_ONCE", str(stall))
+    generate("shepard-metzler", tmp_path / "stalled", 2, views=2, size=32, seed=5, progress=False, meshes=False,
+             stall_s=5.0)
+    assert not stall.exists()  # the hook fired: scene 1's first render hung
+    a, b = (MultiViewDataset.load(tmp_path / k).images for k in ("plain", "stalled"))
+    np.testing.assert_array_equal(a, b)
