@@ -20,7 +20,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     scenes = 1000 if args.scenes is None else args.scenes
     out = generate(args.kind, args.out, scenes, args.views, args.size or 64, args.seed, n_cubes=args.cubes,
                    shard_size=args.shard_size, meshes=not args.no_meshes, renderer=args.renderer,
-                   progress=not args.quiet)
+                   specular=args.specular, progress=not args.quiet)
     print(f"wrote {scenes} scenes to {out}")
     return 0
 
@@ -163,6 +163,9 @@ def _add_data(sub) -> None:
     s.add_argument("--cubes", type=int, default=7, help="Shepard-Metzler cubes: 5 or 7")
     s.add_argument("--renderer", choices=["open3d", "pytorch3d"], default="open3d",
                    help="open3d offscreen (default) or PyTorch3D's rasteriser (faster on a busy CPU)")
+    s.add_argument("--specular", type=float, default=0.0,
+                   help="pytorch3d: Phong shading (smooth normals) with a white highlight of this strength, "
+                        "e.g. 0.3 (default 0: flat shading)")
     s.add_argument("--shard-size", type=int, default=500)
     s.add_argument("--no-meshes", action="store_true", help="skip the per-scene ground-truth .ply meshes")
     s.add_argument("--quiet", action="store_true")

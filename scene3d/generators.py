@@ -351,11 +351,12 @@ def _warn(message: str) -> None:
 
 def generate(kind: str, out: str | Path, scenes: int, views: int | None = None, size: int = 64, seed: int = 0,
              n_cubes: int = 7, shard_size: int = 500, meshes: bool = True, progress: bool = True,
-             renderer: str = "open3d", stall_s: float = STALL_S) -> Path:
+             renderer: str = "open3d", specular: float = 0.0, stall_s: float = STALL_S) -> Path:
     """Render ``scenes`` procedural scenes of ``kind`` ('shepard-metzler' | 'rooms') into the folder ``out``.
 
     ``renderer``: 'open3d' (headless Filament in a watched child process, the default) or 'pytorch3d' (see the
-    module docstring). ``stall_s``: seconds an open3d scene may take before its process is restarted.
+    module docstring). ``specular`` (pytorch3d only): Phong shading with a highlight of that strength
+    (:func:`render_pytorch3d`). ``stall_s``: seconds an open3d scene may take before its process is restarted.
     """
     import open3d as o3d
     from tqdm import tqdm
@@ -370,6 +371,8 @@ def generate(kind: str, out: str | Path, scenes: int, views: int | None = None, 
         raise UserError(f"--renderer: expected open3d or pytorch3d, got {renderer!r}")
     if scenes < 1:
         raise UserError(f"--scenes {scenes}: expected at least 1")
+    if specular < 0 or (specular > 0 and renderer != "pytorch3d"):
+        raise UserError(f"--specular {specular}: expected a value >= 0, and only with --renderer pytorch3d")
     views = views or (15 if kind == "shepard-metzler" else 10)
     out = Path(out)
     if (out / "meta.json").exists():
@@ -377,7 +380,7 @@ def generate(kind: str, out: str | Path, scenes: int, views: int | None = None, 
     bg = (0.0, 0.0, 0.0) if kind == "shepard-metzler" else (1.0, 1.0, 1.0)
     fov = SM_FOV if kind == "shepard-metzler" else ROOM_FOV
     settings = {"kind": kind, "scenes": scenes, "views": views, "size": size, "seed": seed, "n_cubes": n_cubes,
-                "renderer": renderer}
+                "renderer": renderer, **({"specular": specular} if specular else {})}
     writer = ShardWriter(out, shard_size)
     if meshes:
         (out / "meshes").mkdir(parents=True, exist_ok=True)
@@ -385,7 +388,7 @@ def generate(kind: str, out: str | Path, scenes: int, views: int | None = None, 
     try:
         for i in tqdm(range(scenes), desc=f"rendering {kind}", disable=not progress, unit="scene"):
             room, objs, cams, factors, occ = _scene(kind, seed, i, views, n_cubes)
-            images = render_pytorch3d(room + objs, cams, bg) if r is None else r.render(i, log=_warn)
+            images = render_pytorch3d(room + objs, cams, bg, specular) if r is None else r.render(i, log=_warn)
             if size != RENDER:
                 images = _downsample(images, size)
             cams_out = Camera.create(cams.R, cams.t, (size, size), fov=fov)
