@@ -234,3 +234,17 @@ def test_open3d_generator_restarts_a_stalled_render(tmp_path, monkeypatch):
     assert not stall.exists()  # the hook fired: scene 1's first render hung
     a, b = (MultiViewDataset.load(tmp_path / k).images for k in ("plain", "stalled"))
     np.testing.assert_array_equal(a, b)
+
+
+def test_specular_shading_keeps_silhouettes_and_adds_highlights(tmp_path):
+    kw = dict(views=4, size=32, seed=2, renderer="pytorch3d", progress=False, meshes=False)
+    generate("shepard-metzler", tmp_path / "flat", 1, **kw)
+    generate("shepard-metzler", tmp_path / "shiny", 1, specular=0.6, **kw)
+    a, b = (MultiViewDataset.load(tmp_path / k).images[0].astype(int) for k in ("flat", "shiny"))
+    ma, mb = a.max(-1) > 10, b.max(-1) > 10
+    assert (ma & mb).sum() / (ma | mb).sum() > 0.97  # the same rasteriser and cameras: the same objects
+    assert np.abs(a - b)[ma].mean() > 2  # shaded differently
+    # a white highlight: Phong adds the same amount to every channel, so the brightest pixels turn grey-white
+    assert (b.min(-1)[mb].max()) > (a.min(-1)[ma].max()) + 20
+    with pytest.raises(UserError, match="specular"):
+        generate("shepard-metzler", tmp_path / "o3d", 1, views=2, size=32, specular=0.3, progress=False)
