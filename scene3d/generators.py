@@ -291,7 +291,7 @@ class _WatchedRenderer:
     """open3d renders in a child process that is killed and restarted when a scene stalls (``STALL_S``).
 
     Scenes are rebuilt in the child from ``(seed, i)``, so a restart renders exactly what the hung process would
-    have. Raises RuntimeError after ``RETRIES`` restarts on one scene.
+    have. Raises UserError after ``RETRIES`` restarts on one scene.
     """
 
     def __init__(self, kind: str, seed: int, views: int, n_cubes: int, bg, stall_s: float = STALL_S,
@@ -322,7 +322,7 @@ class _WatchedRenderer:
                     pass  # the child died; restart it below
             log(f"open3d render of scene {i} stalled or failed (attempt {attempt + 1}); restarting its process")
             self.close(kill=True)
-        raise RuntimeError(f"open3d could not render scene {i} in {RETRIES + 1} attempts; "
+        raise UserError(f"open3d could not render scene {i} in {RETRIES + 1} attempts (it stalls on some machines); "
                            "try --renderer pytorch3d")
 
     def close(self, kill: bool = False) -> None:
