@@ -14,6 +14,8 @@ A model may also define ``check_batch(batch)``, called once before training, tha
 ``plato_core.runinfo.UserError`` when data and model disagree (image size, channels ...), and
 ``after_step(step, optimizer)``, called after each optimiser step (``step`` counts the steps done)
 to reparameterise the model between steps; it drops the optimiser state of parameters it changes.
+A model with ``set_progress(fraction)`` is told, before each step, the fraction of the budget spent
+(:meth:`Trainer.progress`), for schedules that span the budget whatever the machine's speed.
 
 A model that others should reload (``plato_core.runinfo.load_run``) also has a ``kind`` (written to
 ``config.json``), ``run_settings() -> dict`` (its settings, recorded in config.json and the checkpoint
@@ -437,6 +439,9 @@ class Trainer:
         """One optimisation step; returns the loss terms averaged over DDP processes."""
         batch = _to_device(batch, self.device)
         self.net.train()
+        set_progress = getattr(self.model, "set_progress", None)
+        if set_progress is not None:
+            set_progress(self.progress(self.step))
         with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
             terms = self.net(batch, self.step)
         if "loss" not in terms:

@@ -188,7 +188,8 @@ def _add_train(sub):
     opt.add_argument("--lr-final", type=float, default=1e-4, help="final learning rate [5e-5]")
     opt.add_argument("--lr-schedule", choices=["constant", "linear", "cosine"], default="linear",
                      help="linear = the paper's annealing form")
-    opt.add_argument("--lr-anneal-steps", type=int, default=4500, help="[1.6e6]")
+    opt.add_argument("--lr-anneal-steps", type=int, default=None,
+                     help="steps of the lr annealing [1.6e6] (default: the whole budget, however many steps that is)")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     opt.add_argument("--ckpt-every", type=int, default=200, help="checkpoint interval in steps")
     add_settings(g.add_argument_group("model (GQNConfig; CPU defaults, the paper's values in brackets)"), GQNConfig)

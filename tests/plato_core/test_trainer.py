@@ -194,6 +194,18 @@ def test_after_step_hook_sees_each_step_and_can_reset_optimizer_state(tmp_path):
     assert all(n == 2 for _, n in calls)  # Adam re-creates the state it lost: weight and bias both present
 
 
+def test_set_progress_tells_the_model_the_share_of_the_budget_spent(tmp_path):
+    seen = []
+
+    class Told(Toy):
+        def set_progress(self, progress):
+            seen.append(progress)
+
+    cfg = TrainConfig(out=str(tmp_path / "r"), steps=4, batch_size=8, lr=0.1, progress=False, tensorboard=False)
+    Trainer(Told(), ToyData(), cfg).fit()
+    assert seen == pytest.approx([0.0, 0.25, 0.5, 0.75])  # before each step: steps done / steps budgeted
+
+
 def snapshot(folder):
     """{relative path: bytes} of every file under ``folder``: to show that nothing was written."""
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}

@@ -10,7 +10,7 @@ import torch
 
 from plato_core.runinfo import UserError
 from scene3d.cli import main
-from scene3d.gqn import GQN, Epipolar, GQNConfig, Pool, Pyramid, Tower, extended_viewpoints
+from scene3d.gqn import GQN, SIGMA_SHARE, Epipolar, GQNConfig, Pool, Pyramid, Tower, extended_viewpoints
 from scene3d.gqn_eval import nearest_context
 
 TINY = dict(image_size=16, r_channels=8, hidden=8, z_channels=2, canvas_channels=8, gen_steps=2, kernel=3,
@@ -60,6 +60,17 @@ def test_loss_terms_and_sigma_annealing(rep):
     out["loss"].backward()
     assert all(p.grad is not None for p in model.rep.parameters())
     assert model.sigma(0) == 2.0 and model.sigma(5) == pytest.approx(1.35) and model.sigma(100) == 0.7
+
+
+def test_sigma_anneals_over_a_share_of_the_budget_by_default():
+    model = GQN(GQNConfig(**{**TINY, "sigma_anneal_steps": None}))
+    assert model.sigma(10_000) == 2.0  # nothing of the budget spent yet, whatever the step
+    model.set_progress(SIGMA_SHARE / 2)
+    assert model.sigma(0) == pytest.approx(1.35)
+    model.set_progress(SIGMA_SHARE)
+    assert model.sigma(0) == pytest.approx(0.7)
+    model.set_progress(1.0)
+    assert model.sigma(0) == pytest.approx(0.7)
 
 
 def test_check_batch_names_the_mismatch():
