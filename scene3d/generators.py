@@ -262,13 +262,17 @@ def _scene(kind: str, seed: int, i: int, views: int, n_cubes: int):
     return room, [part_mesh(*p) for p in parts], cams, factors, occ
 
 
-def _render_child(conn, kind: str, seed: int, views: int, n_cubes: int, bg) -> None:
-    """Child process of :class:`_WatchedRenderer`: receives scene indices, sends back (V, 64, 64, 3) uint8 images."""
+def _render_child(fd: int) -> None:
+    """Child process of :class:`_WatchedRenderer`, on the socket ``fd``: receives (kind, seed, views, n_cubes,
+    background), then scene indices, and sends back each scene's (V, 64, 64, 3) uint8 images."""
     import os
     import time
+    from multiprocessing.connection import Connection
 
     from scene3d.viz import Offscreen
 
+    conn = Connection(fd)
+    kind, seed, views, n_cubes, bg = conn.recv()
     r, done = None, 0
     while (i := conn.recv()) is not None:
         stall = os.environ.get("PLATO_TEST_STALL_ONCE")  # tests: a file whose presence makes one render hang
@@ -291,52 +295,62 @@ class _WatchedRenderer:
     """open3d renders in a child process that is killed and restarted when a scene stalls (``STALL_S``).
 
     Scenes are rebuilt in the child from ``(seed, i)``, so a restart renders exactly what the hung process would
-    have. Raises UserError after ``RETRIES`` restarts on one scene.
+    have. The child is a fresh interpreter (not multiprocessing's, which re-imports the caller's main script)
+    talking over a socket; its stdout, where Filament logs each engine it creates, is discarded. Raises
+    UserError after ``RETRIES`` restarts on one scene.
     """
 
     def __init__(self, kind: str, seed: int, views: int, n_cubes: int, bg, stall_s: float = STALL_S,
                  start_s: float = START_S):
-        import multiprocessing as mp
-
         self.args, self.stall_s, self.start_s = (kind, seed, views, n_cubes, tuple(bg)), stall_s, start_s
-        self.ctx, self.proc, self.conn, self.fresh = mp.get_context("spawn"), None, None, True
+        self.proc, self.conn, self.fresh = None, None, True
 
     def _start(self) -> None:
-        self.conn, child = self.ctx.Pipe()
-        self.proc = self.ctx.Process(target=_render_child, args=(child, *self.args), daemon=True)
-        self.proc.start()
-        child.close()
+        import socket
+        import subprocess
+        import sys
+        from multiprocessing.connection import Connection
+
+        mine, theirs = socket.socketpair()
+        code = "import sys; from scene3d.generators import _render_child; _render_child(int(sys.argv[1]))"
+        self.proc = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno())], pass_fds=(theirs.fileno(),),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        theirs.close()
+        self.conn = Connection(mine.detach())
+        self.conn.send(self.args)
         self.fresh = True
 
     def render(self, i: int, log=print) -> np.ndarray:
         for attempt in range(RETRIES + 1):
             if self.proc is None:
                 self._start()
-            self.conn.send(i)
-            if self.conn.poll(self.start_s if self.fresh else self.stall_s):
-                try:
+            try:
+                self.conn.send(i)
+                if self.conn.poll(self.start_s if self.fresh else self.stall_s):
                     images = self.conn.recv()
                     self.fresh = False
                     return images
-                except EOFError:
-                    pass  # the child died; restart it below
+            except (EOFError, OSError):
+                pass  # the child died; restart it below
             log(f"open3d render of scene {i} stalled or failed (attempt {attempt + 1}); restarting its process")
             self.close(kill=True)
         raise UserError(f"open3d could not render scene {i} in {RETRIES + 1} attempts (it stalls on some machines); "
-                           "try --renderer pytorch3d")
+                        "try --renderer pytorch3d")
 
     def close(self, kill: bool = False) -> None:
+        import subprocess
+
         if self.proc is None:
             return
         if not kill:
             try:
                 self.conn.send(None)
-                self.proc.join(10)
-            except (BrokenPipeError, OSError):
+                self.proc.wait(10)
+            except (OSError, subprocess.TimeoutExpired):
                 pass
-        if self.proc.is_alive():
+        if self.proc.poll() is None:
             self.proc.kill()
-            self.proc.join()
+            self.proc.wait()
         self.conn.close()
         self.proc = self.conn = None
 

@@ -89,6 +89,9 @@ class Offscreen:
             raise ValueError(f"camera: image_size {(H, W)} does not match the renderer's {(self.height, self.width)}")
         o3d = _o3d()
         R, t, K = (x.detach().double().cpu().numpy() for x in camera.to_opencv())
+        # Filament puts the optical axis at continuous pixel coordinate (cx, cy), centres at +0.5 like ours, not at
+        # OpenCV's integer-centred cx: with OpenCV's K every image came out half a pixel up and left (2026-12-08)
+        K[:, :2, 2] += 0.5
         out = np.empty((len(camera), H, W, 3), np.uint8)
         for b in range(len(camera)):  # open3d draws one view at a time
             E = np.eye(4)

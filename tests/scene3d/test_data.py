@@ -81,7 +81,7 @@ def test_open3d_generator_agrees_with_pytorch3d_on_silhouettes(tmp_path):
     generate("shepard-metzler", tmp_path / "p3d", 1, views=2, size=32, seed=5, renderer="pytorch3d",
              progress=False, meshes=False)
     a, b = (MultiViewDataset.load(tmp_path / k).images[0].max(-1) > 10 for k in ("o3d", "p3d"))
-    assert (a & b).sum() / (a | b).sum() > 0.8
+    assert (a & b).sum() / (a | b).sum() > 0.97  # 0.93 when open3d was half a pixel off (scene3d.viz)
 
 
 def test_gqn_tfrecord_reader(tmp_path):
