@@ -243,7 +243,8 @@ def _downsample(images: np.ndarray, size: int) -> np.ndarray:
 RENEW_EVERY = 2  # scenes per open3d renderer: on a 2-core machine with Mesa's llvmpipe Vulkan driver one renderer
 # hung inside render_to_image after 45-300 views (2026-12-07). Renewing helped, but a run still hung on its 8th
 # scene (2026-12-08), spinning one core, so the renders also run in a watched child process (_WatchedRenderer).
-STALL_S = 60.0  # seconds a scene's render may take (after start-up) before its process is killed and restarted
+STALL_S = 30.0  # seconds a scene's render may take (after start-up) before its process is killed and restarted;
+# a 15-view 64² scene took 0.5-10 s beside a training run (2026-12-08)
 START_S = 180.0  # seconds a fresh render process may take to start and render its first scene
 RETRIES = 3  # restarts per scene before generation gives up
 
