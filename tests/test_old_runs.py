@@ -94,7 +94,9 @@ def test_a_new_run_records_its_kind_and_format(tmp_path):
     # the epipolar defaults changed since (32 -> 16 features and points per ray): the old run keeps what it had
     assert (old.cfg.depth_samples, old.cfg.epipolar_features) == (32, 32)
     assert (model.cfg.depth_samples, model.cfg.epipolar_features) == (16, 16)
-    changed = {"depth_samples": 16, "epipolar_features": 16}
+    # and the pixel sigma's annealing (2,000 steps -> the first 55% of the budget): the old run keeps its steps
+    assert (old.cfg.sigma_anneal_steps, model.cfg.sigma_anneal_steps) == (2000, None)
+    changed = {"depth_samples": 16, "epipolar_features": 16, "sigma_anneal_steps": None}
     assert model.cfg == dataclasses.replace(old.cfg, **changed) and model.cfg.gen_steps == 2
     assert settings["data"] == str(OLD / "sm")
 
