@@ -242,9 +242,10 @@ def _downsample(images: np.ndarray, size: int) -> np.ndarray:
     return np.round(x).astype(np.uint8)
 
 
-RENEW_EVERY = 2  # scenes per open3d renderer: on a 2-core machine with Mesa's llvmpipe Vulkan driver one renderer
-# hung inside render_to_image after 45-300 views (2026-12-07). Renewing helped, but a run still hung on its 8th
-# scene (2026-12-08), spinning one core, so the renders also run in a watched child process (_WatchedRenderer).
+# open3d renders in a watched child process (_WatchedRenderer): on a 2-core machine with Mesa's llvmpipe Vulkan
+# driver, a renderer hung inside render_to_image after 45-300 views (2026-12-07), spinning one core. Opening a new
+# renderer every 2 scenes did not stop the hangs and made them more frequent: 20 scenes on an idle machine took 141 s
+# with 3 restarts, against 44 s and 60 s (two seeds), 1 restart each, keeping one renderer per process (2026-12-08).
 STALL_S = 30.0  # seconds a scene's render may take (after start-up) before its process is killed and restarted;
 # a 15-view 64² scene took 0.5-10 s beside a training run (2026-12-08)
 START_S = 180.0  # seconds a fresh render process may take to start and render its first scene
@@ -282,9 +283,7 @@ def _render_child(fd: int) -> None:
         if stall and done and os.path.exists(stall):  # not a fresh process's first scene
             os.remove(stall)
             time.sleep(3600)
-        if r is None or done % RENEW_EVERY == 0:
-            if r is not None:
-                r.close()
+        if r is None:
             r = Offscreen(RENDER, RENDER, background=bg)
         room, objs, cams = _scene(kind, seed, i, views, n_cubes)[:3]
         r.clear()
