@@ -244,12 +244,14 @@ def _downsample(images: np.ndarray, size: int) -> np.ndarray:
 
 # open3d renders in a watched child process (_WatchedRenderer): on a 2-core machine with Mesa's llvmpipe Vulkan
 # driver, a renderer hung inside render_to_image after 45-300 views (2026-12-07), spinning one core. Opening a new
-# renderer every 2 scenes did not stop the hangs and made them more frequent: 20 scenes on an idle machine took 141 s
-# with 3 restarts, against 44 s and 60 s (two seeds), 1 restart each, keeping one renderer per process (2026-12-08).
-STALL_S = 30.0  # seconds a scene's render may take (after start-up) before its process is killed and restarted;
-# a 15-view 64² scene took 0.5-10 s beside a training run (2026-12-08)
-START_S = 180.0  # seconds a fresh render process may take to start and render its first scene
-RETRIES = 3  # restarts per scene before generation gives up
+# renderer every 2 scenes did not stop the hangs and made them more frequent (2026-12-08). A healthy 15-view 64² scene
+# takes 0.23-0.5 s; a process that falls into the slow state takes 17 s or more for every later scene and does not
+# recover. So the limit follows the scenes' own pace: 60 scenes beside a training run took 48 s with a 3 s limit
+# (6 restarts) against 334 s with a fixed 30 s limit (5 restarts; 2026-12-08).
+STALL_MIN_S = 3.0  # seconds a scene's render may always take before its process is killed and restarted
+STALL_PACE = 10.0  # ... or this many times the median of the last scenes, if longer (a slow or busy machine)
+START_S = 180.0  # seconds the first render process may take to start and render its first scene
+RETRIES = 6  # restarts per scene before generation gives up; each retry doubles the scene's time limit
 
 
 def _scene(kind: str, seed: int, i: int, views: int, n_cubes: int):
@@ -294,18 +296,23 @@ def _render_child(fd: int) -> None:
 
 
 class _WatchedRenderer:
-    """open3d renders in a child process that is killed and restarted when a scene stalls (``STALL_S``).
+    """open3d renders in a child process that is killed and restarted when a scene stalls.
 
-    Scenes are rebuilt in the child from ``(seed, i)``, so a restart renders exactly what the hung process would
-    have. The child is a fresh interpreter (not multiprocessing's, which re-imports the caller's main script)
-    talking over a socket; its stdout, where Filament logs each engine it creates, is discarded. Raises
-    UserError after ``RETRIES`` restarts on one scene.
+    A scene stalls when it takes longer than ``stall_s`` (default: the larger of ``STALL_MIN_S`` and ``STALL_PACE``
+    times the median of the last 20 scenes); a fresh process's first scene may take ``start_s`` the first time and
+    4× the first start-up (at least 20 s) afterwards. Each retry of one scene doubles its limit. Scenes are rebuilt
+    in the child from ``(seed, i)``, so a restart renders exactly what the hung process would have. The child is a
+    fresh interpreter (not multiprocessing's, which re-imports the caller's main script) talking over a socket; its
+    stdout, where Filament logs each engine it creates, is discarded. Raises UserError after ``RETRIES`` restarts
+    on one scene.
     """
 
-    def __init__(self, kind: str, seed: int, views: int, n_cubes: int, bg, stall_s: float = STALL_S,
+    def __init__(self, kind: str, seed: int, views: int, n_cubes: int, bg, stall_s: float | None = None,
                  start_s: float = START_S):
         self.args, self.stall_s, self.start_s = (kind, seed, views, n_cubes, tuple(bg)), stall_s, start_s
         self.proc, self.conn, self.fresh = None, None, True
+        self.paces: list[float] = []  # seconds per scene of the last healthy scenes
+        self.first, self.restarts = True, 0
 
     def _start(self) -> None:
         import socket
@@ -322,19 +329,40 @@ class _WatchedRenderer:
         self.conn.send(self.args)
         self.fresh = True
 
+    def _limit(self, attempt: int) -> float:
+        """Seconds the next scene may take on this attempt (0-based)."""
+        if self.fresh:
+            base = self.start_s
+        elif self.stall_s is not None:
+            base = self.stall_s
+        else:
+            base = max(STALL_MIN_S, STALL_PACE * float(np.median(self.paces))) if self.paces else self.start_s
+        return base * 2 ** attempt
+
     def render(self, i: int, log=print) -> np.ndarray:
+        import time
+
         for attempt in range(RETRIES + 1):
             if self.proc is None:
                 self._start()
+            limit, t0 = self._limit(attempt), time.perf_counter()
             try:
                 self.conn.send(i)
-                if self.conn.poll(self.start_s if self.fresh else self.stall_s):
+                if self.conn.poll(limit):
                     images = self.conn.recv()
+                    took = time.perf_counter() - t0
+                    if self.first:  # later fresh starts may take 4x this one, at least 20 s
+                        self.first, self.start_s = False, max(20.0, 4 * took)
+                    elif not self.fresh:
+                        self.paces = (self.paces + [took])[-20:]
                     self.fresh = False
                     return images
             except (EOFError, OSError):
                 pass  # the child died; restart it below
-            log(f"open3d render of scene {i} stalled or failed (attempt {attempt + 1}); restarting its process")
+            self.restarts += 1
+            if attempt:  # the first restart of a scene is routine (see STALL_MIN_S); a repeat is worth a line
+                log(f"open3d render of scene {i} stalled or failed again (attempt {attempt + 1}, "
+                    f"limit {limit:.0f} s); restarting its process")
             self.close(kill=True)
         raise UserError(f"open3d could not render scene {i} in {RETRIES + 1} attempts (it stalls on some machines); "
                         "try --renderer pytorch3d")
@@ -367,12 +395,13 @@ def _warn(message: str) -> None:
 
 def generate(kind: str, out: str | Path, scenes: int, views: int | None = None, size: int = 64, seed: int = 0,
              n_cubes: int = 7, shard_size: int = 500, meshes: bool = True, progress: bool = True,
-             renderer: str = "open3d", specular: float = 0.0, stall_s: float = STALL_S) -> Path:
+             renderer: str = "open3d", specular: float = 0.0, stall_s: float | None = None) -> Path:
     """Render ``scenes`` procedural scenes of ``kind`` ('shepard-metzler' | 'rooms') into the folder ``out``.
 
     ``renderer``: 'open3d' (headless Filament in a watched child process, the default) or 'pytorch3d' (see the
     module docstring). ``specular`` (pytorch3d only): Phong shading with a highlight of that strength
-    (:func:`render_pytorch3d`). ``stall_s``: seconds an open3d scene may take before its process is restarted.
+    (:func:`render_pytorch3d`). ``stall_s``: seconds an open3d scene may take before its process is restarted
+    (default: from the scenes' own pace, :class:`_WatchedRenderer`).
     """
     import open3d as o3d
     from tqdm import tqdm
@@ -418,6 +447,8 @@ def generate(kind: str, out: str | Path, scenes: int, views: int | None = None, 
     finally:
         if r is not None:
             r.close()
+            if r.restarts:
+                _warn(f"open3d: restarted the render process {r.restarts} times after stalls (the images are exact)")
     bounds = SM_BOUNDS if kind == "shepard-metzler" else ROOM_BOUNDS
     meta = {"generator": kind, "settings": settings, "background": list(bg), "world_up": [0, 0, 1],
             "fov": fov,

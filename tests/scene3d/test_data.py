@@ -236,6 +236,22 @@ def test_open3d_generator_restarts_a_stalled_render(tmp_path, monkeypatch):
     np.testing.assert_array_equal(a, b)
 
 
+def test_open3d_stall_limit_follows_the_scenes_pace():
+    """A stalled open3d process is cut short relative to the scenes' own pace, and each retry doubles the limit."""
+    from scene3d.generators import STALL_MIN_S, STALL_PACE, START_S, _WatchedRenderer
+
+    r = _WatchedRenderer("shepard-metzler", 0, 2, 7, (0, 0, 0))
+    assert r._limit(0) == START_S  # the first process: start-up included
+    r.fresh, r.paces = False, [0.25, 0.3, 0.2]
+    assert r._limit(0) == STALL_MIN_S
+    assert r._limit(2) == 4 * STALL_MIN_S
+    r.paces = [1.0, 2.0, 30.0]  # a busy machine: the median, not the outlier
+    assert r._limit(0) == STALL_PACE * 2.0
+    fixed = _WatchedRenderer("rooms", 0, 2, 7, (1, 1, 1), stall_s=5.0)
+    fixed.fresh, fixed.paces = False, [0.25]
+    assert fixed._limit(1) == 10.0  # an explicit limit overrides the pace
+
+
 def test_specular_shading_keeps_silhouettes_and_adds_highlights(tmp_path):
     kw = dict(views=4, size=32, seed=2, renderer="pytorch3d", progress=False, meshes=False)
     generate("shepard-metzler", tmp_path / "flat", 1, **kw)
