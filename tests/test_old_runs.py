@@ -96,7 +96,9 @@ def test_a_new_run_records_its_kind_and_format(tmp_path):
     assert (model.cfg.depth_samples, model.cfg.epipolar_features) == (16, 16)
     # and the pixel sigma's annealing (2,000 steps -> the first 55% of the budget): the old run keeps its steps
     assert (old.cfg.sigma_anneal_steps, model.cfg.sigma_anneal_steps) == (2000, None)
-    changed = {"depth_samples": 16, "epipolar_features": 16, "sigma_anneal_steps": None}
+    # and one query ray per 4x4 pixels instead of 2x2: the old run keeps its finer rays
+    assert (old.cfg.ray_cell, model.cfg.ray_cell) == (2, 4)
+    changed = {"depth_samples": 16, "epipolar_features": 16, "sigma_anneal_steps": None, "ray_cell": 4}
     assert model.cfg == dataclasses.replace(old.cfg, **changed) and model.cfg.gen_steps == 2
     assert settings["data"] == str(OLD / "sm")
 
