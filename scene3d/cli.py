@@ -67,6 +67,8 @@ def cmd_train_gqn(args: argparse.Namespace) -> int:
     data = MultiViewDataset.load(args.data)
     if data.views < 2:
         raise UserError(f"{args.data}: scenes have {data.views} view(s); GQN needs at least 2")
+    if args.image_size is None:
+        args.image_size = data.image_size[0]
     gcfg = settings_from_args(GQNConfig, args, **data_scales(data))
     if args.resume:  # the model is the one in the checkpoint, whatever the model flags say
         gcfg = GQN.from_run(args.out)[0].cfg
@@ -192,7 +194,9 @@ def _add_train(sub):
                      help="steps of the lr annealing [1.6e6] (default: the whole budget, however many steps that is)")
     opt.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0 = off)")
     opt.add_argument("--ckpt-every", type=int, default=200, help="checkpoint interval in steps")
-    add_settings(g.add_argument_group("model (GQNConfig; CPU defaults, the paper's values in brackets)"), GQNConfig)
+    model = g.add_argument_group("model (GQNConfig; CPU defaults, the paper's values in brackets)")
+    add_settings(model, GQNConfig, skip=("image_size",))
+    model.add_argument("--image-size", type=int, help="image side in pixels [64] (default: the data's)")
     g.add_argument("--unshared-cores", dest="share_cores", action="store_false", help=argparse.SUPPRESS)  # old name
     g.set_defaults(func=cmd_train_gqn)
     return s

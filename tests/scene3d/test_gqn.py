@@ -105,6 +105,10 @@ def test_cli_data_train_eval_probe(tmp_path, capsys):
     wrong = [a if a != "16" else "32" for a in args]
     wrong[wrong.index(str(run))] = str(tmp_path / "run2")
     assert main(wrong) == 2  # data / model image size disagree
+    guess = [a for a in args if a not in ("--image-size", "16")]
+    guess[guess.index(str(run))] = str(tmp_path / "run3")
+    assert main(guess) == 0  # no --image-size: the data's 16 px
+    assert json.loads((tmp_path / "run3" / "config.json").read_text())["settings"]["gqn"]["image_size"] == 16
     assert main(["eval", str(run), "--data", str(d), "--contexts", "1", "3"]) == 0
     m = json.loads((run / "metrics.json").read_text())["metrics"]
     assert set(m) == {"1", "3"} and {"gqn", "mean_image", "nearest_context"} == set(m["3"])
