@@ -70,7 +70,8 @@ def test_the_atom_vae_flags_are_its_config():
 
 
 @pytest.mark.parametrize("argv,cls,fixed", [
-    (["train", "gqn", "--data", "d", "--out", "o"], "scene3d.gqn:GQNConfig", {}),
+    # GQN's image size comes from the data when --image-size is not given (tests/scene3d/test_gqn.py)
+    (["train", "gqn", "--data", "d", "--out", "o"], "scene3d.gqn:GQNConfig", {"image_size": 64}),
     (["train", "voxel", "--data", "d", "--out", "o"], "scene3d.autoencoders:AEConfig", {"kind": "voxel"}),
 ])
 def test_the_scene_model_flags_are_their_configs(argv, cls, fixed):
@@ -82,6 +83,8 @@ def test_the_scene_model_flags_are_their_configs(argv, cls, fixed):
     module, name = cls.split(":")
     Config = getattr(importlib.import_module(module), name)
     assert settings_from_args(Config, build_parser().parse_args(argv), **fixed) == Config(**fixed)
+    if name == "GQNConfig":
+        assert build_parser().parse_args(argv).image_size is None  # left to the data
     if name == "AEConfig":
         args = build_parser().parse_args([*argv, "--contexts", "1", "3", "--latent", "7"])
         cfg = settings_from_args(Config, args)
